@@ -1,0 +1,3 @@
+from cis490fleet import cli
+
+raise SystemExit(cli.main())

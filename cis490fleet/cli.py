@@ -1,0 +1,106 @@
+"""The command line: one entry point that dispatches to each shell's ``main(argv) -> int``.
+
+Logging is configured here and nowhere else. An expected failure (FleetError)
+is one line on stderr and an exit code; a traceback only with ``--debug``.
+Subcommand modules are imported lazily so ``jobs`` and ``manifest check`` start
+fast and never import what they do not use (torch above all).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+from cis490fleet import __version__
+from cis490fleet.errors import FleetError
+
+# Exit codes shared by every subcommand (documented in the README).
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_UNAUTHORISED = 4
+EXIT_UNREACHABLE = 5
+
+COMMANDS = {
+    "serve": ("cis490fleet.coordinator", "run the coordinator: manifest, queue, artifact store, HTTP API, dashboard"),
+    "work": ("cis490fleet.worker", "run the worker daemon on a training host"),
+    "jobs": ("cis490fleet.ops", "operator CLI: status list show cancel requeue reload workers logs fetch watch peers"),
+    "enroll": ("cis490fleet.enroll", "install this file as a service on this host (systemd / Scheduled Task)"),
+    "train": ("cis490fleet.trainer", "the built-in example trainer (needs torch)"),
+    "manifest": ("cis490fleet.manifest_cmd", "check a training manifest, list its job ids"),
+    "capability": ("cis490fleet.capability", "print this host's detected capability as JSON"),
+}
+
+USAGE = "usage: cis490fleet [--version] [--debug] COMMAND [ARGS...]\n\ncommands:\n" + "".join(
+    f"  {name:<11} {help_}\n" for name, (_, help_) in COMMANDS.items()
+) + "\nRun 'cis490fleet COMMAND --help' for a command's options."
+
+
+def version_string() -> str:
+    try:
+        from cis490fleet import _build  # written by build_zipapp.py
+        return f"cis490fleet {__version__} ({_build.GIT_COMMIT})"
+    except ImportError:
+        return f"cis490fleet {__version__}"
+
+
+def setup_logging(debug: bool = False, level: str | None = None) -> None:
+    level = level or os.environ.get("CIS490_LOG_LEVEL") or ("DEBUG" if debug else "INFO")
+    logging.basicConfig(
+        level=getattr(logging, str(level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = False
+    while argv and argv[0].startswith("-"):
+        flag = argv.pop(0)
+        if flag == "--version":
+            print(version_string())
+            return EXIT_OK
+        if flag == "--debug":
+            debug = True
+        elif flag in ("-h", "--help"):
+            print(USAGE)
+            return EXIT_OK
+        else:
+            print(f"cis490fleet: unknown option {flag}\n{USAGE}", file=sys.stderr)
+            return EXIT_USAGE
+    if not argv:
+        print(USAGE, file=sys.stderr)
+        return EXIT_USAGE
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"cis490fleet: unknown command {name!r}\n{USAGE}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(debug)
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except FleetError as err:
+        if debug:
+            raise
+        print(f"cis490fleet {name}: {err}", file=sys.stderr)
+        return exit_code_for(err)
+
+
+def exit_code_for(err: BaseException) -> int:
+    from cis490fleet import errors
+
+    if isinstance(err, (errors.NotFound, errors.AmbiguousId)):
+        return EXIT_NOT_FOUND
+    if isinstance(err, (errors.Unauthorized, errors.Forbidden)):
+        return EXIT_UNAUTHORISED
+    if isinstance(err, errors.Unavailable):
+        return EXIT_UNREACHABLE
+    if isinstance(err, (errors.ConfigError, errors.BadRequest)):
+        return EXIT_USAGE
+    return EXIT_FAILED

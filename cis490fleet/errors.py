@@ -1,0 +1,163 @@
+"""The error tree: every expected failure is a FleetError carrying what a caller needs.
+
+Pure core: no I/O. The HTTP layer maps each class to a status code and a short
+code in one table (``http_api.ERROR_TABLE``); the CLI prints ``str(err)`` as one
+line and maps the class to an exit code. Messages name what is wrong and how to
+fix it.
+"""
+
+from __future__ import annotations
+
+
+class FleetError(Exception):
+    """Root of every expected failure. ``code`` is the short wire code."""
+
+    code = "error"
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class ManifestError(FleetError):
+    """The manifest is invalid; ``problems`` lists every error found, one line each."""
+
+    code = "bad_manifest"
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class BadRequest(FleetError):
+    """The request is malformed; the detail names the field and what was expected."""
+
+    code = "bad_request"
+
+
+class NotFound(FleetError):
+    code = "not_found"
+
+
+class AmbiguousId(FleetError):
+    """An id prefix matches more than one job."""
+
+    code = "ambiguous_id"
+
+    def __init__(self, prefix: str, matches: list[str]):
+        self.prefix = prefix
+        self.matches = list(matches)
+        shown = ", ".join(m[:12] for m in self.matches[:5])
+        super().__init__(f"id prefix {prefix!r} matches {len(self.matches)} jobs ({shown}...); give more characters")
+
+
+class StaleLease(FleetError):
+    """The caller no longer holds the job: its lease expired, or the job went to another host."""
+
+    code = "stale_lease"
+
+    def __init__(self, job_id: str, holder: str | None, detail: str | None = None):
+        self.job_id = job_id
+        self.holder = holder
+        super().__init__(
+            detail
+            or f"job {job_id[:12]} is not held by this caller (current holder: {holder or 'none'}); "
+            "stop working on it, another attempt owns it now"
+        )
+
+
+class InvalidTransition(FleetError):
+    """The job's status does not allow this operation (e.g. requeue of a running job)."""
+
+    code = "conflict"
+
+    def __init__(self, job_id: str, status: str, action: str):
+        self.job_id = job_id
+        self.status = status
+        self.action = action
+        super().__init__(f"cannot {action} job {job_id[:12]}: it is {status}")
+
+
+class Unauthorized(FleetError):
+    """No operator token was sent, or the host identity is missing."""
+
+    code = "unauthorized"
+
+
+class Forbidden(FleetError):
+    """The token is wrong, operator actions are disabled, or the TLS identity does not match."""
+
+    code = "forbidden"
+
+
+class TooLarge(FleetError):
+    code = "too_large"
+
+
+class IntegrityError(FleetError):
+    """An upload's sha256 or length does not match what was declared."""
+
+    code = "integrity"
+
+
+class NotLeader(FleetError):
+    """This peer is not the leader; ``leader_url`` says where to go, when known."""
+
+    code = "not_leader"
+
+    def __init__(self, leader_url: str | None, detail: str | None = None):
+        self.leader_url = leader_url
+        super().__init__(detail or f"this peer is not the leader; the leader is {leader_url or 'unknown (election in progress)'}")
+
+
+class Unavailable(FleetError):
+    """The coordinator cannot answer now (no leader, shutting down, unreachable)."""
+
+    code = "unavailable"
+
+
+class ConfigError(FleetError):
+    """A command-line flag, environment variable or config file is wrong."""
+
+    code = "bad_config"
+
+
+# One table for the wire: error class -> HTTP status. The short code is the class's ``code``.
+# The server maps raised errors through it; the client maps a response's code back to the class.
+HTTP_STATUS: dict[type[FleetError], int] = {
+    ManifestError: 400,
+    BadRequest: 400,
+    IntegrityError: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    AmbiguousId: 400,
+    StaleLease: 409,
+    InvalidTransition: 409,
+    TooLarge: 413,
+    NotLeader: 503,
+    Unavailable: 503,
+    ConfigError: 500,
+    FleetError: 500,
+}
+
+
+def http_status(err: FleetError) -> int:
+    for cls in type(err).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return 500
+
+
+def error_from_wire(status: int, code: str, detail: str) -> FleetError:
+    """Rebuild the FleetError a server sent, so callers catch the same classes on both sides."""
+    for cls in HTTP_STATUS:
+        if cls.code == code and cls not in (FleetError,):
+            err = cls.__new__(cls)
+            FleetError.__init__(err, detail)
+            return err
+    if status in (502, 503, 504):
+        return Unavailable(detail)
+    if status == 404:
+        return NotFound(detail)
+    return FleetError(detail)
