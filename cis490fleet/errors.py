@@ -71,11 +71,11 @@ class InvalidTransition(FleetError):
 
     code = "conflict"
 
-    def __init__(self, job_id: str, status: str, action: str):
+    def __init__(self, job_id: str, status: str, action: str, hint: str | None = None):
         self.job_id = job_id
         self.status = status
         self.action = action
-        super().__init__(f"cannot {action} job {job_id[:12]}: it is {status}")
+        super().__init__(f"cannot {action} job {job_id[:12]}: it is {status}" + (f"; {hint}" if hint else ""))
 
 
 class Unauthorized(FleetError):
