@@ -1,0 +1,189 @@
+"""Model bundles: a deterministic tar (zstd-compressed when available) of a trainer's output folder.
+
+The same folder content gives the same bundle bytes whatever the files' mtimes,
+owners or umask, so bit-identical re-runs deduplicate in the artifact store.
+Extraction refuses anything that would land outside the destination. Never
+reads the whole bundle into memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import stat
+import tarfile
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from cis490fleet import errors
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+ZSTD_LEVEL = 3
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _zstandard():
+    try:
+        import zstandard
+    except ImportError:
+        return None
+    return zstandard
+
+
+def bundle_suffix(first_bytes: bytes) -> str:
+    """``.tar.zst``, ``.tar.gz`` or ``.tar``, from a bundle's first (at least 4) bytes."""
+    if first_bytes[:4] == ZSTD_MAGIC:
+        return ".tar.zst"
+    if first_bytes[:2] == GZIP_MAGIC:
+        return ".tar.gz"
+    return ".tar"
+
+
+class _HashingWriter(io.RawIOBase):
+    """Writes through to a file while hashing and counting, so the bundle is read once."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.raw.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+        return len(data)
+
+
+def _entries(src: Path) -> list[tuple[str, Path]]:
+    """(archive name, path) of everything under ``src``, sorted, parents before children."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(src)
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            arcname = (rel / name).as_posix()
+            out.append((arcname, path))
+    out.sort(key=lambda e: PurePosixPath(e[0]).parts)
+    return out
+
+
+def _tarinfo(arcname: str, path: Path, src: Path) -> tarfile.TarInfo:
+    st = path.lstat()
+    info = tarfile.TarInfo(arcname)
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    if stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+        info.mode = 0o755
+    elif stat.S_ISREG(st.st_mode):
+        info.type = tarfile.REGTYPE
+        info.size = st.st_size
+        info.mode = 0o755 if st.st_mode & 0o111 else 0o644
+    elif stat.S_ISLNK(st.st_mode):
+        target = os.readlink(path)
+        resolved = (path.parent / target).resolve()
+        if os.path.isabs(target) or not resolved.is_relative_to(src.resolve()):
+            raise errors.BadRequest(
+                f"cannot bundle {path}: it is a symbolic link to {target}, outside {src}; "
+                "write the file itself into the output folder")
+        info.type = tarfile.SYMTYPE
+        info.linkname = PurePosixPath(*Path(target).parts).as_posix()
+        info.mode = 0o777
+    else:
+        raise errors.BadRequest(f"cannot bundle {path}: not a regular file, folder or link; remove it from the output folder")
+    return info
+
+
+def make_bundle(src_dir: str | os.PathLike, dest_path_without_ext: str | os.PathLike) -> tuple[Path, str, int]:
+    """Bundle ``src_dir`` into ``dest + suffix``; returns (path, sha256, size)."""
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise errors.BadRequest(f"cannot bundle {src}: not a folder")
+    zstd = _zstandard()
+    dest = Path(str(dest_path_without_ext) + (".tar.zst" if zstd else ".tar"))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with open(tmp, "wb") as raw:
+            sink = _HashingWriter(raw)
+            out = zstd.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(sink, closefd=False) if zstd else sink
+            with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8") as tar:
+                for arcname, path in _entries(src):
+                    info = _tarinfo(arcname, path, src)
+                    if info.isreg():
+                        with open(path, "rb") as f:
+                            tar.addfile(info, f)
+                    else:
+                        tar.addfile(info)
+            if zstd:
+                out.close()
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest, sink.sha.hexdigest(), sink.size
+
+
+def _open_stream(f: BinaryIO, path: Path) -> BinaryIO:
+    head = f.read(4)
+    f.seek(0)
+    suffix = bundle_suffix(head)
+    if suffix == ".tar.zst":
+        zstd = _zstandard()
+        if zstd is None:
+            raise errors.ConfigError(
+                f"{path} is zstd-compressed but the zstandard package is not installed; pip install zstandard")
+        return zstd.ZstdDecompressor().stream_reader(f, read_size=CHUNK)
+    if suffix == ".tar.gz":
+        import gzip
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    return f
+
+
+def _check_member(member: tarfile.TarInfo, dest: Path, path: Path) -> None:
+    name = PurePosixPath(member.name)
+    target = (dest / member.name).resolve()
+    if name.is_absolute() or ".." in name.parts or not target.is_relative_to(dest):
+        raise errors.IntegrityError(f"bundle {path} holds {member.name!r}, which would land outside {dest}; refusing it")
+    if member.issym():
+        link = PurePosixPath(member.linkname)
+        resolved = (target.parent / member.linkname).resolve()
+        if link.is_absolute() or not resolved.is_relative_to(dest):
+            raise errors.IntegrityError(
+                f"bundle {path} holds a link {member.name!r} -> {member.linkname!r} pointing outside {dest}; refusing it")
+    elif not (member.isreg() or member.isdir()):
+        raise errors.IntegrityError(
+            f"bundle {path} holds {member.name!r}, which is not a file, folder or symbolic link; refusing it")
+
+
+def extract_bundle(path: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Extract a bundle (any of the three formats) into ``dest``; returns ``dest``."""
+    path, dest = Path(path), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    dest = dest.resolve()
+    with open(path, "rb") as f:
+        stream = _open_stream(f, path)
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    _check_member(member, dest, path)
+                    tar.extract(member, dest, filter="data")
+        except tarfile.TarError as err:
+            raise errors.IntegrityError(f"bundle {path} is not a readable tar archive ({err})") from None
+        finally:
+            if stream is not f:
+                stream.close()
+    return dest
