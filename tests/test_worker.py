@@ -1,0 +1,278 @@
+"""The worker daemon: its config, the trainer process it manages, and single steps against a real coordinator."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from cis490fleet import errors, worker
+from cis490fleet.worker import Slot, TrainerRun, WorkerConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB_ID = "ab" * 32
+
+
+def args(**kw) -> argparse.Namespace:
+    ns = worker.parse_args([])
+    for k, v in kw.items():
+        setattr(ns, k, v)
+    return ns
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+# -- config --------------------------------------------------------------------------------
+
+
+def test_flags_override_the_config_file(tmp_path):
+    cfg = write(tmp_path / "worker.toml", """
+        receiver = ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+        host_id = "ws1"
+        work_dir = "work"
+        slots = 2
+        grace_s = 7
+        [capability]
+        cuda = false
+    """)
+    c = worker.build_config(args(config=str(cfg)), {})
+    assert c.receivers == ("http://127.0.0.1:1", "http://127.0.0.1:2")
+    assert (c.host_id, c.slots, c.grace_s, c.wait_s) == ("ws1", 2, 7.0, 20.0)
+    assert c.capability == {"cuda": False}
+    c = worker.build_config(args(config=str(cfg), receiver=["http://10.0.0.9:8445/"], host_id="ws2", slots=3,
+                                 grace=1.5, wait=0.5, work_dir=str(tmp_path / "w")), {})
+    assert c.receivers == ("http://10.0.0.9:8445",)
+    assert (c.host_id, c.slots, c.grace_s, c.wait_s, c.work_dir) == ("ws2", 3, 1.5, 0.5, tmp_path / "w")
+
+
+def test_receiver_from_the_environment_beats_the_file(tmp_path):
+    cfg = write(tmp_path / "worker.toml", 'receiver = "http://a:1"\nhost_id = "h"\n')
+    c = worker.build_config(args(config=str(cfg)), {"CIS490_RECEIVER": "http://b:2, http://c:3"})
+    assert c.receivers == ("http://b:2", "http://c:3")
+
+
+@pytest.mark.parametrize("text, flags, needle", [
+    ('recever = "http://a:1"\n', {}, "did you mean 'receiver'?"),
+    ('receiver = "ftp://a"\n', {}, "is not an http:// or https:// URL"),
+    ("receiver = 3\n", {}, "expected a URL or a list of URLs"),
+    ('receiver = "http://a:1"\nslots = 0\n', {}, "slots: expected an integer >= 1, got 0"),
+    ('receiver = "http://a:1"\ngrace_s = "soon"\n', {}, "grace_s: expected a number >= 0"),
+    ('receiver = "http://a:1"\nhost_id = "bad host"\n', {}, "host id 'bad host' is not valid"),
+    ('receiver = "http://a:1"\ncert = "CERT"\n', {}, "cert file CERT does not exist"),
+    ('receiver = "http://a:1"\ncapability = 1\n', {}, "expected a table"),
+    ("receiver = [\n", {}, "not valid TOML"),
+    ('host_id = "h"\n', {}, "no coordinator URL: pass --receiver URL, set CIS490_RECEIVER"),
+    ('receiver = "http://a:1"\n', {"slots": -1}, "--slots: expected an integer >= 1, got -1"),
+])
+def test_bad_config_names_what_is_wrong(tmp_path, text, flags, needle):
+    cfg = write(tmp_path / "worker.toml", text)
+    with pytest.raises(errors.ConfigError) as info:
+        worker.build_config(args(config=str(cfg), **flags), {})
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(errors.ConfigError, match="no such file"):
+        worker.build_config(args(config=str(tmp_path / "nope.toml")), {})
+
+
+def test_example_config_parses(tmp_path):
+    data = worker.read_config_file(ROOT / "etc" / "worker.toml.example")
+    assert data["receiver"] and data["host_id"]
+
+
+def test_bad_flag_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cis490fleet", "work", "--receiver", "ftp://nowhere",
+                           "--work-dir", str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "CIS490_RECEIVER": ""})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not an http:// or https:// URL" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# -- small pure helpers --------------------------------------------------------------------
+
+
+def test_fill_command_replaces_known_placeholders_only():
+    argv = worker.fill_command(["{python}", "-c", "{not_one}", "--hyper={hyper}", "{out}/x"],
+                               {"python": "py", "hyper": '{"lr":0.1}', "out": "/o", "model": "m", "mode": "a",
+                                "seed": "1", "split_recipe": "d", "train_hosts": "[]"})
+    assert argv == ["py", "-c", "{not_one}", '--hyper={"lr":0.1}', "/o/x"]
+
+
+def test_plan_slots_one_per_gpu_else_one():
+    cpu = {"cuda": False, "gpus": []}
+    two = {"cuda": True, "gpus": [{"index": 0}, {"index": 3}]}
+    assert worker.plan_slots(cpu, None) == [Slot(0, "")]
+    assert worker.plan_slots(cpu, 2) == [Slot(0, ""), Slot(1, "")]
+    assert worker.plan_slots(two, None) == [Slot(0, "0"), Slot(1, "3")]
+    assert worker.plan_slots(two, 3) == [Slot(0, "0"), Slot(1, "3"), Slot(2, "0")]
+    assert worker.plan_slots({"cuda": False, "gpus": [{"index": 0}]}, None) == [Slot(0, "")]
+
+
+def test_signal_name():
+    assert worker.signal_name(3) == "exit code 3"
+    assert worker.signal_name(-9) == "killed by SIGKILL"
+
+
+def test_progress_reads_the_last_complete_json_line(tmp_path):
+    p = tmp_path / "progress.jsonl"
+    assert worker.read_progress(p) is None
+    p.write_text('{"epoch": 1, "fraction": 0.25}\n{"epoch": 2, "fraction": 0.5, "loss": 0.5}\n{"epo')
+    got = worker.read_progress(p)
+    assert got == {"epoch": 2, "fraction": 0.5, "loss": 0.5}
+    text = worker.describe_progress({"fraction": 0.5, "epoch": 2, "epochs": 4, "loss": 0.5}, 10.0)
+    assert text == " 50% epoch 2/4 loss 0.5 ETA 10s"
+
+
+# -- the trainer process -------------------------------------------------------------------
+
+
+def claim_for(tmp_path: Path, script: str, *, hyper: dict | None = None, heartbeat_s: float = 0.2) -> dict:
+    path = write(tmp_path / "trainer.py", script)
+    return {"job_id": JOB_ID, "lease": "L1", "attempt": 2, "heartbeat_s": heartbeat_s,
+            "job": {"model": "mlp", "mode": "fast", "hyper": hyper or {"lr": 0.1}, "seed": 7,
+                    "split_recipe": "default", "train_hosts": ["a", "b"]},
+            "trainer": {"command": ["{python}", str(path), "--model", "{model}", "--hyper", "{hyper}",
+                                    "--seed", "{seed}", "--hosts", "{train_hosts}", "--out", "{out}"]}}
+
+
+def wait_exit(run: TrainerRun, limit: float = 30.0) -> int:
+    deadline = time.monotonic() + limit
+    while (code := run.poll()) is None:
+        assert time.monotonic() < deadline, "trainer did not exit"
+        time.sleep(0.05)
+    return code
+
+
+def test_trainer_gets_its_arguments_environment_and_log(tmp_path):
+    claim = claim_for(tmp_path, """
+        import json, os, sys
+        out = sys.argv[sys.argv.index("--out") + 1]
+        env = {k: os.environ.get(k) for k in ("CIS490_JOB_ID", "CIS490_ATTEMPT", "CIS490_OUT",
+                                              "CIS490_PROGRESS", "CUDA_VISIBLE_DEVICES")}
+        json.dump({"argv": sys.argv[1:], "env": env}, open(os.path.join(out, "seen.json"), "w"))
+        with open(os.environ["CIS490_PROGRESS"], "a") as f:
+            f.write(json.dumps({"epoch": 1, "epochs": 1, "fraction": 1.0, "loss": 0.25}) + "\\n")
+        print("to stdout")
+        print("to stderr", file=sys.stderr)
+    """)
+    run = TrainerRun(claim, Slot(1, "3"), tmp_path / "work", now=0.0)
+    run.spawn()
+    assert wait_exit(run) == 0
+    seen = json.loads((run.out / "seen.json").read_text())
+    assert seen["argv"] == ["--model", "mlp", "--hyper", '{"lr":0.1}', "--seed", "7", "--hosts", '["a", "b"]',
+                            "--out", str(run.out)]
+    assert seen["env"] == {"CIS490_JOB_ID": JOB_ID, "CIS490_ATTEMPT": "2", "CIS490_OUT": str(run.out),
+                           "CIS490_PROGRESS": str(run.progress_path), "CUDA_VISIBLE_DEVICES": "3"}
+    assert run.dir == tmp_path / "work" / JOB_ID / "attempt-2"
+    assert run.stderr_tail() == "to stderr\n"
+    assert "to stdout" in run.log_tail() and "to stderr" in run.log_tail()
+    assert run.progress()["loss"] == 0.25
+
+
+def test_cpu_slot_hides_gpus(tmp_path):
+    claim = claim_for(tmp_path, """
+        import os, sys
+        sys.exit(0 if os.environ["CUDA_VISIBLE_DEVICES"] == "" else 5)
+    """)
+    run = TrainerRun(claim, Slot(0, ""), tmp_path / "work", now=0.0)
+    run.spawn()
+    assert wait_exit(run) == 0
+
+
+def test_stderr_tail_keeps_the_last_4_kib_of_a_noisy_trainer(tmp_path):
+    claim = claim_for(tmp_path, """
+        import sys
+        for i in range(20000):
+            print(f"out line {i}")
+            print(f"err line {i}", file=sys.stderr)
+        sys.exit(3)
+    """)
+    run = TrainerRun(claim, Slot(0, ""), tmp_path / "work", now=0.0)
+    run.spawn()
+    assert wait_exit(run) == 3
+    tail = run.stderr_tail()
+    assert tail.endswith("err line 19999\n") and "out line" not in tail
+    assert len(tail.encode()) <= worker.TAIL_BYTES
+    log = run.log_path.read_text()
+    assert "out line 19999" in log and "err line 0\n" in log
+
+
+@pytest.mark.skipif(os.name == "nt", reason="process groups via signals are POSIX")
+def test_stop_kills_the_whole_process_group_after_the_grace(tmp_path):
+    claim = claim_for(tmp_path, """
+        import os, signal, subprocess, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        open(os.path.join(os.environ["CIS490_OUT"], "child.pid"), "w").write(str(child.pid))
+        time.sleep(600)
+    """)
+    run = TrainerRun(claim, Slot(0, ""), tmp_path / "work", now=0.0)
+    run.spawn()
+    pid_file = run.out / "child.pid"
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    assert run.stop(grace_s=0.5) == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while pid_alive(child):
+        assert time.monotonic() < deadline, "the trainer's child outlived it"
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="signals are POSIX")
+def test_stop_sends_sigterm_first(tmp_path):
+    claim = claim_for(tmp_path, """
+        import os, signal, sys, time
+        def bye(*_):
+            open(os.path.join(os.environ["CIS490_OUT"], "saved"), "w").write("yes")
+            sys.exit(143)
+        signal.signal(signal.SIGTERM, bye)
+        open(os.path.join(os.environ["CIS490_OUT"], "ready"), "w").close()
+        time.sleep(600)
+    """)
+    run = TrainerRun(claim, Slot(0, ""), tmp_path / "work", now=0.0)
+    run.spawn()
+    deadline = time.monotonic() + 30
+    while not (run.out / "ready").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert run.stop(grace_s=30) == 143
+    assert (run.out / "saved").read_text() == "yes"
+
+
+def test_a_missing_trainer_program_is_a_clear_error(tmp_path):
+    claim = claim_for(tmp_path, "")
+    claim["trainer"]["command"] = [str(tmp_path / "no-such-trainer")]
+    run = TrainerRun(claim, Slot(0, ""), tmp_path / "work", now=0.0)
+    with pytest.raises(errors.FleetError, match="cannot start the trainer .*check \\[trainer\\].command"):
+        run.spawn()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes: it runs nothing.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
