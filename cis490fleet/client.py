@@ -1,0 +1,530 @@
+"""HTTP client for the coordinator's wire API: keep-alive connections, peer failover, retries, streamed transfers.
+
+Adapter: owns the client side of the sockets and nothing else. One persistent
+connection per thread and coordinator URL (a TLS handshake per request costs
+several times the request). Every method returns the server's JSON unchanged
+(except ``metrics`` and the downloads); a server error comes back as the
+FleetError subclass the server raised, so callers catch ``StaleLease``,
+``NotFound``, ``Forbidden``... on both sides of the wire.
+
+Retries: a request that never reached a server (refused, reset before it was
+sent, a kept-alive socket the server had closed) is always tried again, on the
+next URL. A request that was sent but got no answer, or got 502/503, is tried
+again only when repeating it is harmless (reads, heartbeat, register, upload,
+complete, fail, release, reload); ``claim``, ``cancel`` and ``requeue`` are not,
+because a second delivery could act twice. Bundles are never read into memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import logging
+import os
+import random
+import select
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Callable
+
+from cis490fleet import errors
+
+log = logging.getLogger(__name__)
+
+ENV_RECEIVER = "CIS490_RECEIVER"
+ENV_TOKEN = "CIS490_OPERATOR_TOKEN"
+CHUNK = 1 << 20
+MAX_ERROR_BODY = 1 << 20
+RETRY_STATUSES = frozenset({502, 503})
+_HEX64 = frozenset("0123456789abcdef")
+
+
+class _NotSent(Exception):
+    """The request never reached the server; sending it again is always safe."""
+
+
+class _NoAnswer(Exception):
+    """The request was sent but no complete answer came back; ``reused`` when on a kept-alive socket."""
+
+    def __init__(self, message: str, reused: bool):
+        super().__init__(message)
+        self.reused = reused
+
+
+def parse_urls(urls: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """Coordinator base URLs from an argument or CIS490_RECEIVER (comma-separated), normalised, in order."""
+    if urls is None:
+        urls = os.environ.get(ENV_RECEIVER, "")
+    if isinstance(urls, str):
+        urls = [urls]
+    out: list[str] = []
+    for item in urls:
+        for raw in str(item).split(","):
+            raw = raw.strip()
+            if raw:
+                url = normalize_url(raw)
+                if url not in out:
+                    out.append(url)
+    if not out:
+        raise errors.ConfigError(
+            f"no coordinator URL given; pass --receiver URL (e.g. http://127.0.0.1:8445) or set {ENV_RECEIVER}")
+    return out
+
+
+def normalize_url(raw: str) -> str:
+    parts = urllib.parse.urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise errors.ConfigError(
+            f"coordinator URL {raw!r} is not an http:// or https:// URL with a host; "
+            f"write it like http://127.0.0.1:8445 in --receiver or {ENV_RECEIVER}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise errors.ConfigError(f"coordinator URL {raw!r} has a bad port; write it like https://coord.lab:8445") from None
+    if parts.query or parts.fragment or parts.username:
+        raise errors.ConfigError(f"coordinator URL {raw!r} must not carry a query, fragment or user name")
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port else host
+    return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+def _quote(segment: str) -> str:
+    return urllib.parse.quote(str(segment), safe="")
+
+
+def _check_sha256(value: str, what: str) -> str:
+    if not isinstance(value, str) or len(value) != 64 or not set(value) <= _HEX64:
+        raise errors.BadRequest(f"{what} must be 64 lowercase hex characters (a sha256), got {value!r}")
+    return value
+
+
+def _fill_attributes(err: errors.FleetError) -> errors.FleetError:
+    """Give a FleetError rebuilt from the wire the attributes its class promises."""
+    if isinstance(err, errors.StaleLease):
+        err.__dict__.setdefault("job_id", None)
+        err.__dict__.setdefault("holder", None)
+    if isinstance(err, errors.NotLeader):
+        err.__dict__.setdefault("leader_url", None)
+    if isinstance(err, errors.AmbiguousId):
+        err.__dict__.setdefault("prefix", None)
+        err.__dict__.setdefault("matches", [])
+    if isinstance(err, errors.InvalidTransition):
+        for name in ("job_id", "status", "action"):
+            err.__dict__.setdefault(name, None)
+    if isinstance(err, errors.ManifestError):
+        err.__dict__.setdefault("problems", err.detail.splitlines())
+    return err
+
+
+class _Counting:
+    """Mixin that reports each new socket, so reuse is observable (``Client.connections_opened``)."""
+
+    on_connect: Callable[[], None] = staticmethod(lambda: None)
+
+    def connect(self):
+        super().connect()
+        self.on_connect()
+
+
+class _HTTPConnection(_Counting, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_Counting, http.client.HTTPSConnection):
+    pass
+
+
+def _connection_dropped(conn: http.client.HTTPConnection) -> bool:
+    """True when a kept-alive socket was closed by the server (readable while idle means EOF or junk)."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+class Client:
+    """Talks to one coordinator group through any of its peers' URLs."""
+
+    def __init__(self, urls: str | list[str] | None = None, *, host_id: str | None = None,
+                 operator_token: str | None = None, ca=None, cert=None, key=None,
+                 timeout: float = 30.0, retries: int = 5, backoff_s: float = 0.25, backoff_max_s: float = 5.0):
+        self.urls = parse_urls(urls)
+        self.host_id = host_id
+        self.operator_token = operator_token if operator_token is not None else (os.environ.get(ENV_TOKEN) or None)
+        self.timeout = float(timeout)
+        self.retries = max(0, int(retries))
+        self.backoff_s = float(backoff_s)
+        self.backoff_max_s = float(backoff_max_s)
+        self._tls = (ca, cert, key)
+        self._ssl_context = None
+        self._preferred = 0
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all_conns: list[http.client.HTTPConnection] = []
+        self.connections_opened = 0
+        self._rng = random.Random()
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _context(self):
+        if self._ssl_context is None:
+            ca, cert, key = self._tls
+            try:
+                from cis490fleet import tls
+            except ImportError:  # pragma: no cover - tls.py ships with the package
+                import ssl
+                ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+                if cert:
+                    ctx.load_cert_chain(str(cert), str(key) if key else None)
+                self._ssl_context = ctx
+            else:
+                self._ssl_context = tls.client_context(ca, cert, key)
+        return self._ssl_context
+
+    def _counted(self) -> None:
+        with self._lock:
+            self.connections_opened += 1
+
+    def _connection(self, url: str) -> http.client.HTTPConnection:
+        conns = getattr(self._local, "conns", None)
+        if conns is None:
+            conns = self._local.conns = {}
+        conn = conns.get(url)
+        if conn is None:
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme == "https":
+                conn = _HTTPSConnection(parts.hostname, parts.port or 443, timeout=self.timeout,
+                                        context=self._context())
+            else:
+                conn = _HTTPConnection(parts.hostname, parts.port or 80, timeout=self.timeout)
+            conn.on_connect = self._counted
+            conns[url] = conn
+            with self._lock:
+                self._all_conns.append(conn)
+        return conn
+
+    def close(self) -> None:
+        """Close every connection this client opened, in every thread."""
+        with self._lock:
+            conns, self._all_conns = self._all_conns, []
+        for conn in conns:
+            conn.close()
+        self._local = threading.local()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- one exchange ----------------------------------------------------------------------
+
+    def _headers(self, extra: dict | None) -> dict:
+        headers = {"accept": "application/json"}
+        if self.host_id:
+            headers["x-lab-host"] = self.host_id
+        if self.operator_token:
+            headers["x-operator-token"] = self.operator_token
+        if extra:
+            headers.update({k: str(v) for k, v in extra.items() if v is not None})
+        return headers
+
+    def _once(self, url: str, method: str, path: str, headers: dict, body: bytes | None,
+              body_path: Path | None, timeout: float, sink: Callable | None):
+        """One request on this thread's connection to ``url``: (status, headers, body bytes or sink's result)."""
+        conn = self._connection(url)
+        if _connection_dropped(conn):
+            conn.close()
+        reused = conn.sock is not None
+        target = urllib.parse.urlsplit(url).path + path
+        resp = None
+        try:
+            if conn.sock is None:
+                conn.connect()
+            conn.sock.settimeout(timeout)
+            if body_path is None:
+                conn.request(method, target, body=body, headers=headers)
+            else:
+                resp = self._send_file(conn, method, target, headers, body_path)
+        except (OSError, http.client.HTTPException) as err:  # OSError includes ssl.SSLError and timeouts
+            conn.close()
+            raise _NotSent(f"{type(err).__name__}: {err}") from err
+        except BaseException:
+            conn.close()
+            raise
+        try:
+            if resp is None:
+                resp = conn.getresponse()
+            if 200 <= resp.status < 300 and sink is not None:
+                result = sink(resp)
+            elif resp.status >= 300:
+                result = resp.read(MAX_ERROR_BODY)
+                if not resp.isclosed():
+                    conn.close()
+            else:
+                result = resp.read()
+            return resp.status, resp.headers, result
+        except (OSError, http.client.HTTPException) as err:
+            conn.close()
+            raise _NoAnswer(f"{type(err).__name__}: {err}", reused) from err
+        except BaseException:
+            conn.close()
+            raise
+
+    def _once_reconnecting(self, url: str, retry_sent: bool, *args):
+        """``_once``, repeated at once on a new socket when a kept-alive one died under a repeatable request.
+
+        The server may close an idle connection just as a request is sent on it;
+        the check in ``_once`` narrows that window but cannot close it.
+        """
+        try:
+            return self._once(url, *args)
+        except _NoAnswer as err:
+            if not (err.reused and retry_sent):
+                raise
+            log.debug("kept-alive connection to %s closed under us (%s); reconnecting", url, err)
+            return self._once(url, *args)
+
+    def _send_file(self, conn, method: str, target: str, headers: dict, body_path: Path):
+        """Send headers, then the file in chunks; returns an early answer (e.g. 413) when the server cut us off."""
+        conn.putrequest(method, target, skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        sent = 0
+        with open(body_path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                try:
+                    conn.send(chunk)
+                except OSError:
+                    try:
+                        return conn.getresponse()
+                    except (OSError, http.client.HTTPException):
+                        pass
+                    raise
+                sent += len(chunk)
+        if sent != int(headers["content-length"]):
+            raise errors.IntegrityError(
+                f"{body_path} changed while it was being uploaded ({sent} bytes sent, "
+                f"{headers['content-length']} declared); upload it again once nothing writes to it")
+        return None
+
+    def _backoff(self, round_: int) -> None:
+        delay = min(self.backoff_max_s, self.backoff_s * (2 ** round_))
+        time.sleep(delay * (0.5 + self._rng.random() / 2))
+
+    def _exchange(self, method: str, path: str, *, payload: Any = None, headers: dict | None = None,
+                  body_path: Path | None = None, retry_sent: bool = True, timeout: float | None = None,
+                  sink: Callable | None = None) -> tuple[int, Any, Any, bool]:
+        """Send one request to the first peer that answers; returns (status, headers, body, resent)."""
+        extra = dict(headers or {})
+        body = None
+        if payload is not None:
+            body = json.dumps(payload).encode()
+            extra["content-type"] = "application/json"
+        elif method in ("POST", "PUT") and body_path is None:
+            body = b"{}"
+            extra["content-type"] = "application/json"
+        all_headers = self._headers(extra)
+        timeout = self.timeout if timeout is None else timeout
+        n = len(self.urls)
+        last_problem = "no attempt made"
+        last_reply = None
+        sent_before = False
+        for round_ in range(self.retries + 1):
+            if round_:
+                self._backoff(round_ - 1)
+            start = self._preferred
+            for k in range(n):
+                i = (start + k) % n
+                url = self.urls[i]
+                try:
+                    status, resp_headers, data = self._once_reconnecting(
+                        url, retry_sent, method, path, all_headers, body, body_path, timeout, sink)
+                except _NotSent as err:
+                    last_problem = f"{url}: {err}"
+                    log.debug("%s %s not sent to %s: %s", method, path, url, err)
+                    continue
+                except _NoAnswer as err:
+                    last_problem = f"{url}: sent, but no answer ({err})"
+                    log.debug("%s %s got no answer from %s: %s", method, path, url, err)
+                    if not retry_sent:
+                        raise errors.Unavailable(
+                            f"{method} {path} was sent to {url} but no answer came back ({err}); "
+                            "it was not repeated because repeating it could act twice") from None
+                    sent_before = True
+                    continue
+                if status in RETRY_STATUSES and retry_sent:
+                    last_reply = (url, status, resp_headers, data)
+                    last_problem = f"{url}: HTTP {status}"
+                    sent_before = True
+                    continue
+                self._preferred = i
+                return status, resp_headers, data, sent_before
+        if last_reply is not None:
+            url, status, resp_headers, data = last_reply
+            raise self._error(url, method, path, status, data)
+        tried = ", ".join(self.urls)
+        raise errors.Unavailable(
+            f"cannot reach the coordinator at {tried} ({last_problem}); "
+            f"check that it runs, or point --receiver / {ENV_RECEIVER} at a running peer")
+
+    def _error(self, url: str, method: str, path: str, status: int, data: bytes) -> errors.FleetError:
+        try:
+            doc = json.loads(data)
+            code, detail = str(doc["error"]), str(doc.get("detail") or doc["error"])
+        except (ValueError, TypeError, KeyError):
+            text = data.decode("utf-8", "replace").strip().splitlines()
+            code, detail = "", f"{method} {url}{path}: HTTP {status}" + (f": {text[0][:200]}" if text else "")
+        return _fill_attributes(errors.error_from_wire(status, code, detail))
+
+    def _call(self, method: str, path: str, **kw) -> Any:
+        return self._call_resent(method, path, **kw)[0]
+
+    def _call_resent(self, method: str, path: str, **kw) -> tuple[Any, bool]:
+        status, _, data, resent = self._exchange(method, path, **kw)
+        if status >= 300:
+            raise self._error(self.urls[self._preferred], method, path, status, data)
+        try:
+            return json.loads(data), resent
+        except ValueError:
+            raise errors.FleetError(
+                f"{method} {self.urls[self._preferred]}{path} answered HTTP {status} with a body that is not JSON; "
+                "is that URL a cis490fleet coordinator?") from None
+
+    # -- the wire API ------------------------------------------------------------------------
+
+    def health(self) -> dict:
+        return self._call("GET", "/v1/health")
+
+    def claim(self, capability: dict, wait: float | None = None) -> dict:
+        """``{"job": None}`` or the claim (job_id, job, lease, attempt, heartbeat_s, stale_after_s, trainer)."""
+        payload: dict = {"capability": capability}
+        if wait:
+            payload["wait"] = wait
+        return self._call("POST", "/v1/job/claim", payload=payload, retry_sent=False,
+                          timeout=self.timeout + (wait or 0))
+
+    def register(self, capability: dict) -> dict:
+        return self._call("POST", "/v1/worker/register", payload={"capability": capability})
+
+    def heartbeat(self, job_id: str, lease, progress: dict | None = None, log_tail: str | None = None) -> dict:
+        payload = {k: v for k, v in (("progress", progress), ("log_tail", log_tail)) if v is not None}
+        return self._call("POST", f"/v1/job/{_quote(job_id)}/heartbeat", payload=payload,
+                          headers={"x-lease": lease})
+
+    def complete(self, job_id: str, lease, artifact_id: str) -> dict:
+        try:
+            result, _ = self._call_resent("POST", f"/v1/job/{_quote(job_id)}/complete",
+                                          payload={"artifact_id": artifact_id}, headers={"x-lease": lease})
+            return result
+        except (errors.StaleLease, errors.InvalidTransition):
+            # A repeat of a completion whose answer was lost meets a finished job: that is success.
+            job = self.job(job_id).get("job") or {}
+            if job.get("status") == "completed" and job.get("artifact_id") == artifact_id:
+                return {"ok": True}
+            raise
+
+    def fail(self, job_id: str, lease, error: str) -> dict:
+        return self._call("POST", f"/v1/job/{_quote(job_id)}/fail", payload={"error": error},
+                          headers={"x-lease": lease})
+
+    def release(self, job_id: str, lease) -> dict:
+        return self._call("POST", f"/v1/job/{_quote(job_id)}/release", headers={"x-lease": lease})
+
+    def upload(self, job_id: str, lease, path: str | Path) -> dict:
+        """Stream the bundle at ``path`` (1 MiB chunks, never all in memory): ``{"artifact_id", "path", "deduplicated"}``."""
+        path = Path(path)
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except OSError as err:
+            raise errors.ConfigError(f"cannot read bundle {path}: {err.strerror or err}") from None
+        headers = {"x-lease": lease, "x-content-sha256": digest.hexdigest(), "content-length": size,
+                   "content-type": "application/octet-stream"}
+        return self._call("PUT", f"/v1/model/{_quote(job_id)}", headers=headers, body_path=path,
+                          timeout=max(self.timeout, 120.0))
+
+    def jobs(self, status: str | None = None, model: str | None = None, host: str | None = None,
+             limit: int | None = None, offset: int = 0) -> dict:
+        query = {k: v for k, v in (("status", status), ("model", model), ("host", host), ("limit", limit),
+                                   ("offset", offset or None)) if v is not None}
+        qs = ("?" + urllib.parse.urlencode(query)) if query else ""
+        return self._call("GET", "/v1/jobs" + qs)
+
+    def job(self, id_or_prefix: str) -> dict:
+        """``{"job": detail}``; a prefix matching several jobs raises AmbiguousId."""
+        if not id_or_prefix:
+            raise errors.BadRequest("a job id (or a unique prefix of one) is required")
+        return self._call("GET", f"/v1/job/{_quote(id_or_prefix)}")
+
+    def workers(self) -> dict:
+        return self._call("GET", "/v1/workers")
+
+    def cancel(self, job_id: str) -> dict:
+        return self._call("POST", f"/v1/job/{_quote(job_id)}/cancel", retry_sent=False)
+
+    def requeue(self, job_id: str) -> dict:
+        return self._call("POST", f"/v1/job/{_quote(job_id)}/requeue", retry_sent=False)
+
+    def reload(self) -> dict:
+        return self._call("POST", "/v1/manifest/reload")
+
+    def metrics(self) -> str:
+        status, _, data, _ = self._exchange("GET", "/metrics", headers={"accept": "text/plain"})
+        if status >= 300:
+            raise self._error(self.urls[self._preferred], "GET", "/metrics", status, data)
+        return data.decode("utf-8")
+
+    def download_artifact(self, artifact_id: str, dest_path: str | Path) -> Path:
+        """Stream an artifact to ``dest_path`` through a temporary file; its sha256 must equal the id."""
+        _check_sha256(artifact_id, "artifact id")
+        return self._download(f"/v1/artifact/{artifact_id}", Path(dest_path), expect=artifact_id)
+
+    def download_zipapp(self, dest_path: str | Path) -> Path:
+        """Fetch the coordinator's zipapp; verified against its x-content-sha256 header when sent."""
+        return self._download("/v1/zipapp", Path(dest_path), expect=None)
+
+    def _download(self, path: str, dest: Path, expect: str | None) -> Path:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}-{threading.get_ident()}")
+
+        def sink(resp) -> str:
+            digest = hashlib.sha256()
+            with open(tmp, "wb") as f:
+                while chunk := resp.read(CHUNK):
+                    digest.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            return digest.hexdigest()
+
+        try:
+            status, headers, result, _ = self._exchange("GET", path, sink=sink,
+                                                        headers={"accept": "application/octet-stream"},
+                                                        timeout=max(self.timeout, 120.0))
+            if status >= 300:
+                raise self._error(self.urls[self._preferred], "GET", path, status, result)
+            declared = headers.get("x-content-sha256")
+            for want in (expect, declared):
+                if want and want != result:
+                    raise errors.IntegrityError(
+                        f"download of {path} has sha256 {result}, expected {want}; "
+                        "the transfer or the stored file is damaged, try again")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
