@@ -293,6 +293,7 @@ class TrainerRun:
         self.out = self.dir / "out"
         self.log_path = self.dir / "train.log"
         self.progress_path = self.dir / "progress.jsonl"
+        self.pid_path = self.dir / "trainer.pid"
         self.started = now
         self.proc: subprocess.Popen | None = None
         self._stderr_tail: deque[bytes] = deque()
@@ -340,6 +341,7 @@ class TrainerRun:
             except OSError as err:
                 raise errors.FleetError(f"cannot start the trainer {argv[0]!r}: {err.strerror or err}; "
                                         "check [trainer].command in the manifest") from None
+        self.pid_path.write_text(str(self.proc.pid))
         self._reader = threading.Thread(target=self._pump_stderr, name=f"stderr-{self.job_id[:8]}", daemon=True)
         self._reader.start()
         log.info("job %s attempt %d: started trainer pid %d on slot %d: %s",
@@ -372,7 +374,10 @@ class TrainerRun:
         return read_progress(self.progress_path)
 
     def poll(self) -> int | None:
-        return self.proc.poll() if self.proc else None
+        code = self.proc.poll() if self.proc else None
+        if code is not None:
+            self.pid_path.unlink(missing_ok=True)
+        return code
 
     def _signal_group(self, sig: int) -> None:
         assert self.proc
@@ -400,7 +405,34 @@ class TrainerRun:
                             self.label, self.proc.pid, grace_s)
         # The group may hold children that outlived the trainer; they go too.
         self._signal_group(signal.SIGKILL)
-        return self.proc.wait()
+        code = self.proc.wait()
+        self.pid_path.unlink(missing_ok=True)
+        return code
+
+
+def kill_orphans(work_dir: Path) -> int:
+    """Kill trainers a killed worker left behind (their jobs go to others); returns how many.
+
+    A pid is trusted only when /proc shows that process runs with that job's id in
+    CIS490_JOB_ID, so a reused pid is never hit; elsewhere the pid file is only dropped.
+    """
+    killed = 0
+    for pid_file in work_dir.glob("*/attempt-*/trainer.pid"):
+        job_id = pid_file.parent.parent.name
+        try:
+            pid = int(pid_file.read_text().strip())
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except (OSError, ValueError):
+            environ = b""
+        if f"CIS490_JOB_ID={job_id}".encode() in environ.split(b"\0"):
+            log.warning("killing trainer pid %d of job %s left by an earlier run of this worker", pid, job_id[:12])
+            try:
+                os.killpg(pid, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+        pid_file.unlink(missing_ok=True)
+    return killed
 
 
 class Worker:
@@ -466,6 +498,8 @@ class Worker:
     def start(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.pending_dir.mkdir(parents=True, exist_ok=True)
+        if os.name != "nt":
+            kill_orphans(self.work_dir)
         self.detect_capability()
         self.register()
         self.flush_pending()

@@ -276,3 +276,24 @@ def pid_alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to check a pid's identity")
+def test_start_up_kills_trainers_left_by_a_killed_worker(tmp_path):
+    claim = claim_for(tmp_path, "import time; time.sleep(600)\n")
+    run = TrainerRun(claim, Slot(0, ""), tmp_path / "work", now=0.0)
+    run.spawn()
+    pid = run.proc.pid
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        # A stale pid file naming an unrelated process must not hurt it.
+        other = tmp_path / "work" / ("cd" * 32) / "attempt-1"
+        other.mkdir(parents=True)
+        (other / "trainer.pid").write_text(str(stranger.pid))
+        assert worker.kill_orphans(tmp_path / "work") == 1
+        assert run.proc.wait(timeout=10) == -signal.SIGKILL
+        assert stranger.poll() is None
+        assert not (other / "trainer.pid").exists() and not run.pid_path.exists()
+    finally:
+        stranger.kill()
+        stranger.wait()

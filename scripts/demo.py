@@ -1,0 +1,305 @@
+#!/usr/bin/env python3
+"""The Quickstart demo: a coordinator and two workers on loopback train etc/demo_manifest.toml.
+
+    python3 make.py demo [--keep] [--timeout S] [--manifest FILE]
+
+Builds dist/cis490fleet.pyz, starts `serve` from it with its data under demo-run/,
+starts two workers (`work --once`, distinct host ids), shows each job's progress
+until every job is final, fetches every model into demo-run/models/ with
+`jobs fetch`, and stops everything it started (also on Ctrl-C or an error).
+Exit 0 only when every job completed. `--keep` leaves the coordinator running
+(until Ctrl-C) so the printed `jobs` commands can be tried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+FINAL = ("completed", "failed", "cancelled")
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+class Fleet:
+    """Every process the demo starts, so that all of them stop together."""
+
+    def __init__(self, run_dir: Path, pyz: Path):
+        self.run_dir = run_dir
+        self.pyz = pyz
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.url = ""
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        logf = open(self.run_dir / f"{name}.log", "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("CIS490_RECEIVER", None)
+        kwargs = {"start_new_session": True} if os.name != "nt" else {
+            "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        proc = subprocess.Popen([sys.executable, str(self.pyz), *args], cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=logf, stderr=subprocess.STDOUT, env=env, **kwargs)
+        logf.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def serve(self, manifest: Path, timeout: float = 60.0) -> str:
+        port_file = self.run_dir / "serve.port"
+        proc = self.start("serve", "serve", "--data", str(self.run_dir / "data"), "--manifest", str(manifest),
+                          "--bind", "127.0.0.1:0", "--port-file", str(port_file))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"demo: the coordinator exited with code {proc.returncode}; "
+                                 f"see {self.run_dir / 'serve.log'}:\n{tail(self.run_dir / 'serve.log')}")
+            text = port_file.read_text().strip() if port_file.exists() else ""
+            if text:
+                self.url = text if "://" in text else f"http://127.0.0.1:{text}"
+                if self.healthy():
+                    return self.url
+            time.sleep(0.1)
+        raise SystemExit(f"demo: the coordinator did not answer within {timeout:.0f}s; see {self.run_dir / 'serve.log'}")
+
+    def healthy(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.url + "/v1/health", timeout=2) as resp:
+                return json.load(resp).get("ok") is True
+        except (OSError, ValueError):
+            return False
+
+    def jobs_cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(self.pyz), "jobs", "--receiver", self.url, *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    def stop(self, grace: float = 15.0) -> None:
+        for _, proc in self.procs:
+            if proc.poll() is None:
+                _signal(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for name, proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                say(f"demo: {name} did not stop within {grace:.0f}s; killing it")
+                _signal(proc, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        if os.name == "nt":
+            proc.send_signal(signal.CTRL_BREAK_EVENT) if sig == signal.SIGTERM else proc.kill()
+        else:
+            os.kill(proc.pid, sig)
+    except (ProcessLookupError, OSError):
+        pass
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def fetch_jobs(url: str) -> list[dict]:
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/v1/jobs", timeout=10) as resp:
+        return json.load(resp)["jobs"]
+
+
+def progress_text(job: dict) -> str:
+    p = job.get("progress") or {}
+    if job.get("status") not in ("claimed", "running") or not isinstance(p, dict):
+        return ""
+    parts = []
+    frac = p.get("fraction")
+    if isinstance(frac, (int, float)) and not isinstance(frac, bool):
+        frac = max(0.0, min(1.0, float(frac)))
+        parts.append("[" + "#" * int(frac * 16) + "." * (16 - int(frac * 16)) + f"] {100 * frac:3.0f}%")
+    if p.get("epoch") is not None:
+        parts.append(f"epoch {p['epoch']}" + (f"/{p['epochs']}" if p.get("epochs") is not None else ""))
+    if isinstance(p.get("loss"), (int, float)):
+        parts.append(f"loss {p['loss']:.4f}")
+    return " ".join(parts)
+
+
+def job_name(job: dict) -> str:
+    return job.get("name") or job["id"][:12]
+
+
+class View:
+    """A compact live table on a terminal; one line per change otherwise."""
+
+    def __init__(self, tty: bool):
+        self.tty = tty
+        self.drawn = 0
+        self.seen: dict[str, tuple] = {}
+
+    def show(self, jobs: list[dict], elapsed: float) -> None:
+        if self.tty:
+            counts: dict[str, int] = {}
+            for j in jobs:
+                counts[j["status"]] = counts.get(j["status"], 0) + 1
+            lines = [f"{elapsed:5.0f}s  " + "  ".join(f"{k} {v}" for k, v in sorted(counts.items()))]
+            for j in jobs:
+                lines.append(f"  {job_name(j):<18} {j['model'] + '/' + j['mode']:<20} {j['status']:<10} "
+                             f"{j.get('host') or '':<8} {progress_text(j)}")
+            sys.stdout.write("\x1b[1A\x1b[2K" * self.drawn + "\n".join(lines) + "\n")
+            sys.stdout.flush()
+            self.drawn = len(lines)
+            return
+        for j in jobs:
+            p = j.get("progress") if isinstance(j.get("progress"), dict) else {}
+            key = (j["status"], j.get("host"), p.get("epoch"))
+            if self.seen.get(j["id"]) != key:
+                self.seen[j["id"]] = key
+                extra = progress_text(j)
+                say(f"{elapsed:5.0f}s  {job_name(j):<18} {j['status']:<10} {j.get('host') or ''}"
+                    + (f"  {extra}" if extra else ""))
+
+
+def build_zipapp(dest: Path) -> None:
+    say("demo: building the zipapp")
+    proc = subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "-o", str(dest)], cwd=ROOT,
+                          capture_output=True, text=True)
+    if proc.returncode != 0 or not dest.is_file():
+        raise SystemExit(f"demo: building the zipapp failed:\n{proc.stdout}{proc.stderr}")
+    say(f"      {proc.stdout.strip()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--manifest", default=str(ROOT / "etc" / "demo_manifest.toml"))
+    ap.add_argument("--run-dir", default=str(ROOT / "demo-run"), help="everything the demo writes (wiped first)")
+    ap.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    ap.add_argument("--keep", action="store_true", help="leave the coordinator running after the demo")
+    opts = ap.parse_args(argv)
+
+    run_dir = Path(opts.run_dir).resolve()
+    manifest = Path(opts.manifest).resolve()
+    if not manifest.is_file():
+        say(f"demo: manifest {manifest} not found; pass --manifest FILE")
+        return 2
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    pyz = ROOT / "dist" / "cis490fleet.pyz"
+    build_zipapp(pyz)
+
+    fleet = Fleet(run_dir, pyz)
+    if os.name != "nt":
+        signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        url = fleet.serve(manifest)
+        say(f"demo: coordinator at {url} (data in {run_dir / 'data'}, log {run_dir / 'serve.log'})")
+        for host in ("demo-a", "demo-b"):
+            fleet.start(f"worker-{host}", "work", "--receiver", url, "--host-id", host,
+                        "--work-dir", str(run_dir / f"work-{host}"), "--once", "--wait", "5", "--grace", "10")
+        say(f"demo: workers demo-a and demo-b started (logs {run_dir}/worker-*.log)")
+        code = watch(fleet, run_dir, opts.timeout)
+        if code != 0:
+            return code
+        code = fetch_models(fleet, run_dir)
+        if code != 0:
+            return code
+        advise(fleet, run_dir, manifest, opts.keep)
+        if opts.keep:
+            say("demo: the coordinator keeps running; Ctrl-C stops it")
+            while True:
+                time.sleep(3600)
+        return 0
+    except KeyboardInterrupt:
+        say("\ndemo: interrupted; stopping everything it started")
+        return 0 if opts.keep else 130
+    finally:
+        fleet.stop()
+
+
+def watch(fleet: Fleet, run_dir: Path, timeout: float) -> int:
+    view = View(sys.stdout.isatty())
+    started = time.monotonic()
+    while True:
+        elapsed = time.monotonic() - started
+        try:
+            jobs = fetch_jobs(fleet.url)
+        except OSError as err:
+            say(f"demo: cannot list jobs ({err})")
+            return 1
+        view.show(jobs, elapsed)
+        if jobs and all(j["status"] in FINAL for j in jobs):
+            break
+        workers = [p for name, p in fleet.procs if name.startswith("worker")]
+        if all(p.poll() is not None for p in workers):
+            time.sleep(1)
+            if not all(j["status"] in FINAL for j in fetch_jobs(fleet.url)):
+                say("demo: both workers exited but some jobs are not finished; worker logs:")
+                for log in sorted(run_dir.glob("worker-*.log")):
+                    say(f"--- {log.name}\n{tail(log)}")
+                return 1
+        if elapsed > timeout:
+            say(f"demo: not finished after {timeout:.0f}s; giving up")
+            return 1
+        time.sleep(0.5)
+    bad = [j for j in jobs if j["status"] != "completed"]
+    say(f"demo: all {len(jobs)} jobs final in {time.monotonic() - started:.0f}s")
+    if bad:
+        for j in bad:
+            say(f"demo: job {job_name(j)} {j['status']}: {j.get('last_error') or ''}")
+            detail = fleet.jobs_cli("show", j["id"])
+            say(detail.stdout + detail.stderr)
+        return 1
+    return 0
+
+
+def fetch_models(fleet: Fleet, run_dir: Path) -> int:
+    models = run_dir / "models"
+    models.mkdir(exist_ok=True)
+    for job in fetch_jobs(fleet.url):
+        proc = fleet.jobs_cli("fetch", job["id"], "-o", str(models))
+        if proc.returncode != 0:
+            say(f"demo: jobs fetch {job['id'][:12]} failed ({proc.returncode}): {proc.stderr.strip()}")
+            return 1
+        say(f"demo: fetched {job_name(job):<18} -> {proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else models}")
+    return 0
+
+
+def advise(fleet: Fleet, run_dir: Path, manifest: Path, keep: bool) -> None:
+    rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
+    pyz = f"python3 {rel(fleet.pyz)}"
+    say("")
+    say(f"Models: {rel(run_dir / 'models')}/   (the coordinator's store: {rel(run_dir / 'data' / 'models')}/)")
+    if not keep:
+        say("To look around, start the coordinator again on the demo's data:")
+        say(f"  {pyz} serve --data {rel(run_dir / 'data')} --manifest {rel(manifest)} --bind 127.0.0.1:8445 &")
+        say("  export CIS490_RECEIVER=http://127.0.0.1:8445")
+    else:
+        say(f"  export CIS490_RECEIVER={fleet.url}")
+    say(f"  {pyz} jobs status          # counts, workers, running jobs")
+    say(f"  {pyz} jobs list            # every job with its host and artifact")
+    say(f"  {pyz} jobs show ID         # one job: spec, attempts, log tail (an id prefix will do)")
+    say(f"  {pyz} jobs fetch ID -o DIR # download and verify a job's model")
+    say(f"  or open the dashboard at {'http://127.0.0.1:8445' if not keep else fleet.url}/")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
