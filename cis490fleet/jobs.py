@@ -1,0 +1,208 @@
+"""Job state rules: every transition of one job as a pure function of its record, the command and ``now``.
+
+Never touches SQLite, clocks or randomness: ``jobstore`` loads a ``JobState``,
+calls one function here and writes back the ``Step`` it returns. A function
+that refuses raises (``StaleLease``, ``InvalidTransition``) before anything
+changes.
+
+Status flow: pending -> claimed (claim) -> running (first heartbeat) ->
+completed | failed; cancelled from any non-final status. Counting: ``attempts``
+counts the claims that used up a try since the last requeue (a release gives its
+try back); ``tries`` numbers every attempt record ever made for the job.
+
+Fencing: ``host`` and ``lease`` name the current holder. They stay set on a
+completed job (who trained it, and so a repeated ``complete`` is harmless), on
+a job failed by its holder (a repeated ``fail`` too) and on a job cancelled
+while held (its holder's next heartbeat answers ``cancel: true``). They are
+cleared whenever the job may go to someone else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from cis490fleet.errors import InvalidTransition, StaleLease
+from cis490fleet.model import (CANCELLED, CLAIMED, COMPLETED, FAILED, FINAL_STATUSES, HELD_STATUSES, PENDING,
+                               RUNNING)
+
+MAX_BACKOFF_S = 3600.0
+
+# Attempt outcomes.
+OUT_COMPLETED = "completed"
+OUT_FAILED = "failed"
+OUT_RELEASED = "released"
+OUT_STALE = "stale"
+OUT_CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class JobState:
+    """The mutable part of one job."""
+
+    id: str
+    status: str = PENDING
+    attempts: int = 0
+    tries: int = 0
+    host: str | None = None
+    lease: str | None = None
+    lease_expires: float | None = None
+    not_before: float | None = None
+    artifact_id: str | None = None
+    last_error: str | None = None
+    updated: float = 0.0
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt record; ``number`` is 1-based and unique per job."""
+
+    number: int
+    host: str
+    lease: str
+    started: float
+    ended: float | None = None
+    outcome: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class AttemptEnd:
+    """Closes attempt ``number``."""
+
+    number: int
+    ended: float
+    outcome: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a transition produced: the new state and the attempt records to write."""
+
+    job: JobState
+    opened: Attempt | None = None
+    closed: AttemptEnd | None = None
+    cancel: bool = False  # heartbeat answer: the holder must stop
+
+
+def backoff_s(failures: int, retry_backoff_s: float) -> float:
+    """Wait before the next try after ``failures`` counted attempts: doubling, capped at one hour."""
+    if failures < 1:
+        return 0.0
+    return min(MAX_BACKOFF_S, retry_backoff_s * 2 ** min(failures - 1, 64))
+
+
+def claimable(job: JobState, now: float) -> bool:
+    return job.status == PENDING and (job.not_before is None or job.not_before <= now)
+
+
+def check_holder(job: JobState, host: str, lease: str | None) -> None:
+    """Raise StaleLease unless (host, lease) is the current holder; ``lease=None`` fences by host alone."""
+    if job.host is None or job.host != host or (lease is not None and lease != job.lease):
+        raise StaleLease(job.id, job.host)
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+def claim(job: JobState, *, host: str, lease: str, now: float, stale_after_s: float) -> Step:
+    if job.status != PENDING:
+        raise InvalidTransition(job.id, job.status, "claim")
+    if job.not_before is not None and job.not_before > now:
+        raise InvalidTransition(job.id, "waiting for its retry backoff", "claim")
+    number = job.tries + 1
+    new = replace(job, status=CLAIMED, attempts=job.attempts + 1, tries=number, host=host, lease=lease,
+                  lease_expires=now + stale_after_s, not_before=None, updated=now)
+    return Step(new, opened=Attempt(number=number, host=host, lease=lease, started=now))
+
+
+def heartbeat(job: JobState, *, host: str, lease: str | None, now: float, stale_after_s: float) -> Step:
+    check_holder(job, host, lease)
+    if job.status == CANCELLED:
+        return Step(job, cancel=True)
+    if job.status not in HELD_STATUSES:
+        raise InvalidTransition(job.id, job.status, "heartbeat")
+    return Step(replace(job, status=RUNNING, lease_expires=now + stale_after_s, updated=now))
+
+
+def complete(job: JobState, *, host: str, lease: str | None, artifact_id: str, now: float) -> Step:
+    check_holder(job, host, lease)
+    if job.status == COMPLETED and job.artifact_id == artifact_id:
+        return Step(job)  # a retried complete whose first answer was lost
+    if job.status not in HELD_STATUSES:
+        raise InvalidTransition(job.id, job.status, "complete")
+    new = replace(job, status=COMPLETED, artifact_id=artifact_id, lease_expires=None, not_before=None, updated=now)
+    return Step(new, closed=AttemptEnd(job.tries, now, OUT_COMPLETED))
+
+
+def fail(job: JobState, *, host: str, lease: str | None, error: str, now: float, max_attempts: int,
+         retry_backoff_s: float) -> Step:
+    """Back to pending after a backoff while tries remain, else failed for good."""
+    check_holder(job, host, lease)
+    if job.status in (CANCELLED, FAILED):
+        return Step(job)  # the holder reporting after a cancel, or a retried fail
+    if job.status not in HELD_STATUSES:
+        raise InvalidTransition(job.id, job.status, "fail")
+    closed = AttemptEnd(job.tries, now, OUT_FAILED, error)
+    if job.attempts >= max_attempts:
+        new = replace(job, status=FAILED, lease_expires=None, last_error=error, updated=now)
+    else:
+        new = replace(job, status=PENDING, host=None, lease=None, lease_expires=None, last_error=error,
+                      not_before=now + backoff_s(job.attempts, retry_backoff_s), updated=now)
+    return Step(new, closed=closed)
+
+
+def release(job: JobState, *, host: str, lease: str | None, now: float) -> Step:
+    """The holder gives the job back untried (e.g. shutting down): the attempt does not count."""
+    check_holder(job, host, lease)
+    if job.status == CANCELLED:
+        return Step(job)
+    if job.status not in HELD_STATUSES:
+        raise InvalidTransition(job.id, job.status, "release")
+    new = replace(job, status=PENDING, attempts=max(0, job.attempts - 1), host=None, lease=None,
+                  lease_expires=None, updated=now)
+    return Step(new, closed=AttemptEnd(job.tries, now, OUT_RELEASED))
+
+
+def cancel(job: JobState, *, now: float) -> Step:
+    """Cancel from any non-final status; a holder keeps its lease only to hear ``cancel: true``."""
+    if job.status == CANCELLED:
+        return Step(job)
+    if job.status in FINAL_STATUSES:
+        raise InvalidTransition(job.id, job.status, "cancel")
+    closed = AttemptEnd(job.tries, now, OUT_CANCELLED) if job.status in HELD_STATUSES else None
+    return Step(replace(job, status=CANCELLED, lease_expires=None, not_before=None, updated=now), closed=closed)
+
+
+def requeue(job: JobState, *, now: float) -> Step:
+    """A failed or cancelled job starts over with every try available again."""
+    if job.status == PENDING:
+        return Step(job)
+    if job.status == COMPLETED:
+        raise InvalidTransition(job.id, job.status, "requeue",
+                                "a completed job is never trained again; change its seed to train a new one")
+    if job.status in HELD_STATUSES:
+        raise InvalidTransition(job.id, job.status, "requeue", "cancel it first")
+    new = replace(job, status=PENDING, attempts=0, host=None, lease=None, lease_expires=None, not_before=None,
+                  updated=now)
+    return Step(new)
+
+
+def is_stale(job: JobState, now: float) -> bool:
+    return job.status in HELD_STATUSES and job.lease_expires is not None and job.lease_expires <= now
+
+
+def expire(job: JobState, *, now: float, max_attempts: int, stale_after_s: float) -> Step | None:
+    """A holder that stopped heartbeating loses the job: pending again, or failed after the last try."""
+    if not is_stale(job, now):
+        return None
+    error = f"no heartbeat for {_fmt_s(stale_after_s)}"
+    closed = AttemptEnd(job.tries, now, OUT_STALE, error)
+    if job.attempts >= max_attempts:
+        error = f"no heartbeat for {_fmt_s(stale_after_s)} on {job.attempts} attempts"
+        new = replace(job, status=FAILED, host=None, lease=None, lease_expires=None, last_error=error, updated=now)
+    else:
+        new = replace(job, status=PENDING, host=None, lease=None, lease_expires=None,
+                      last_error=f"attempt {job.tries}: {error} from {job.host}", updated=now)
+    return Step(new, closed=closed)
