@@ -1,0 +1,841 @@
+"""The job queue on SQLite: applies queue commands with the ``jobs`` rules, and answers reads for the API.
+
+Every write is one command dict (see docs/INTERNALS.md, "Queue commands")
+carrying its own ``now`` and lease: the store reads no clock and draws no
+randomness, so the same command list gives the same database on every peer.
+A command that raises a FleetError changes nothing.
+
+Claiming stays fast however long the queue: jobs are grouped into constraint
+classes (``JobSpec.constraint_key``; few rows), eligibility is decided per
+class in Python with ``policy``, and each eligible class gives its best job
+through one index seek (``CLAIM_SQL`` on ``jobs_claim``). A job waiting for
+dependencies carries ``blocked = 1`` until every job it names in ``after`` has
+completed.
+
+Jobs that leave the manifest stay in the queue, still claimable, flagged
+``in_manifest = 0``, until an operator cancels them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from cis490fleet import db, jobs, policy
+from cis490fleet.errors import AmbiguousId, BadRequest, FleetError, InvalidTransition, NotFound, Unavailable
+from cis490fleet.model import (CANCELLED, COMPLETED, FAILED, HOST_ID_RE, JOB_ID_RE, PENDING, SHA256_RE, STATUSES,
+                               FleetConfig, HostSpec, JobSpec, TrainerConfig, normalize_capability)
+
+log = logging.getLogger(__name__)
+
+LOG_TAIL_MAX = 64 * 1024
+ERROR_MAX = 64 * 1024
+PREFIX_MIN = 4
+
+MIGRATIONS = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE classes (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE);
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL UNIQUE,
+        cls INTEGER NOT NULL REFERENCES classes(id),
+        name TEXT,
+        model TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        retries INTEGER,
+        spec TEXT NOT NULL,
+        spec_hash TEXT NOT NULL,
+        status TEXT NOT NULL,
+        blocked INTEGER NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        tries INTEGER NOT NULL DEFAULT 0,
+        host TEXT,
+        lease TEXT,
+        lease_expires REAL,
+        not_before REAL,
+        progress TEXT,
+        last_error TEXT,
+        artifact_id TEXT,
+        in_manifest INTEGER NOT NULL DEFAULT 1,
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+    );
+    CREATE INDEX jobs_claim ON jobs(cls, status, blocked, priority DESC, seq);
+    CREATE INDEX jobs_status ON jobs(status, seq);
+    CREATE INDEX jobs_held ON jobs(host) WHERE status IN ('claimed', 'running');
+    CREATE INDEX jobs_lease ON jobs(lease_expires) WHERE status IN ('claimed', 'running');
+    CREATE INDEX jobs_name ON jobs(name) WHERE name IS NOT NULL;
+    CREATE INDEX jobs_blocked ON jobs(blocked) WHERE blocked = 1;
+    CREATE TABLE job_deps (
+        job TEXT NOT NULL REFERENCES jobs(id),
+        dep_name TEXT NOT NULL,
+        PRIMARY KEY (job, dep_name)
+    ) WITHOUT ROWID;
+    CREATE INDEX job_deps_name ON job_deps(dep_name);
+    CREATE TABLE attempts (
+        job TEXT NOT NULL REFERENCES jobs(id),
+        number INTEGER NOT NULL,
+        host TEXT NOT NULL,
+        lease TEXT NOT NULL,
+        started REAL NOT NULL,
+        ended REAL,
+        outcome TEXT,
+        error TEXT,
+        log_tail TEXT,
+        PRIMARY KEY (job, number)
+    );
+    CREATE TABLE workers (host TEXT PRIMARY KEY, capability TEXT NOT NULL, last_seen REAL NOT NULL);
+    CREATE TABLE artifacts (
+        artifact_id TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        host TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        created REAL NOT NULL
+    );
+    """,
+]
+
+# The claim seek: the best claimable job of one class. Its WHERE and ORDER BY
+# match jobs_claim column for column, so SQLite walks the index in order and
+# stops at the first row not in backoff: no sort, no scan of other classes.
+CLAIM_SQL = ("SELECT id, priority, seq FROM jobs INDEXED BY jobs_claim "
+             "WHERE cls = ? AND status = 'pending' AND blocked = 0 AND (not_before IS NULL OR not_before <= ?) "
+             "ORDER BY priority DESC, seq LIMIT 1")
+
+HELD_SQL = "SELECT count(*) FROM jobs WHERE host = ? AND status IN ('claimed', 'running')"
+HELD_BY_HOST_SQL = "SELECT host, count(*) FROM jobs WHERE status IN ('claimed', 'running') GROUP BY host"
+
+STATE_COLUMNS = "id, status, attempts, tries, host, lease, lease_expires, not_before, artifact_id, last_error, updated"
+
+SUMMARY_COLUMNS = ("id, name, model, mode, status, priority, attempts, host, progress, updated, created, "
+                   "in_manifest, last_error, artifact_id, spec")
+
+# Dependencies are satisfied when a job of that name has completed.
+REFRESH_BLOCKED_SQL = """
+    UPDATE jobs SET blocked = EXISTS (
+        SELECT 1 FROM job_deps d WHERE d.job = jobs.id AND NOT EXISTS (
+            SELECT 1 FROM jobs j2 WHERE j2.name = d.dep_name AND j2.status = 'completed'))
+"""
+
+
+# ---------------------------------------------------------------- validation at the edge
+
+def _bad(op: str, name: str, expected: str, value: object) -> BadRequest:
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return BadRequest(f"{op}: field {name!r} must be {expected}; got {shown}")
+
+
+def _number(op, name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _bad(op, name, "a finite number (seconds since the epoch)", v)
+    return float(v)
+
+
+def _host(op, name, v):
+    if not isinstance(v, str) or not HOST_ID_RE.match(v):
+        raise _bad(op, name, "a host id (letters, digits, '.', '_', '-'; at most 63 characters)", v)
+    return v
+
+
+def _lease(op, name, v):
+    if not isinstance(v, str) or not v or len(v) > 200:
+        raise _bad(op, name, "a non-empty lease string of at most 200 characters", v)
+    return v
+
+
+def _opt_lease(op, name, v):
+    return None if v is None else _lease(op, name, v)
+
+
+def _job_id(op, name, v):
+    if not isinstance(v, str) or not JOB_ID_RE.match(v):
+        raise _bad(op, name, "a full job id (64 lowercase hex digits); resolve prefixes first", v)
+    return v
+
+
+def _sha(op, name, v):
+    if not isinstance(v, str) or not SHA256_RE.match(v):
+        raise _bad(op, name, "a sha256 (64 lowercase hex digits)", v)
+    return v
+
+
+def _dict(op, name, v):
+    if not isinstance(v, dict):
+        raise _bad(op, name, "an object", v)
+    return v
+
+
+def _opt_dict(op, name, v):
+    return None if v is None else _dict(op, name, v)
+
+
+def _text(limit):
+    def check(op, name, v):
+        if not isinstance(v, str):
+            raise _bad(op, name, "a string", v)
+        return v[-limit:]
+    return check
+
+
+def _opt_text(limit):
+    check = _text(limit)
+    return lambda op, name, v: None if v is None else check(op, name, v)
+
+
+def _short_text(op, name, v):
+    if not isinstance(v, str) or not v or len(v) > 4096:
+        raise _bad(op, name, "a non-empty string", v)
+    return v
+
+
+def _size(op, name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise _bad(op, name, "a whole number of bytes >= 0", v)
+    return v
+
+
+_REQUIRED = object()
+
+# op -> {field: (checker, default)}; every op also takes "now".
+OPS: dict[str, dict[str, tuple]] = {
+    "sync_manifest": {"manifest": (_dict, _REQUIRED)},
+    "register_worker": {"host": (_host, _REQUIRED), "capability": (_dict, _REQUIRED)},
+    "claim": {"host": (_host, _REQUIRED), "capability": (_dict, _REQUIRED), "lease": (_lease, _REQUIRED)},
+    "heartbeat": {"job_id": (_job_id, _REQUIRED), "host": (_host, _REQUIRED), "lease": (_opt_lease, None),
+                  "progress": (_opt_dict, None), "log_tail": (_opt_text(LOG_TAIL_MAX), None)},
+    "record_artifact": {"artifact_id": (_sha, _REQUIRED), "job_id": (_job_id, _REQUIRED), "host": (_host, _REQUIRED),
+                        "lease": (_opt_lease, None), "model": (_short_text, _REQUIRED),
+                        "mode": (_short_text, _REQUIRED), "size": (_size, _REQUIRED), "path": (_short_text, _REQUIRED)},
+    "complete": {"job_id": (_job_id, _REQUIRED), "host": (_host, _REQUIRED), "lease": (_opt_lease, None),
+                 "artifact_id": (_sha, _REQUIRED)},
+    "fail": {"job_id": (_job_id, _REQUIRED), "host": (_host, _REQUIRED), "lease": (_opt_lease, None),
+             "error": (_text(ERROR_MAX), _REQUIRED)},
+    "release": {"job_id": (_job_id, _REQUIRED), "host": (_host, _REQUIRED), "lease": (_opt_lease, None)},
+    "cancel": {"job_id": (_job_id, _REQUIRED)},
+    "requeue": {"job_id": (_job_id, _REQUIRED)},
+    "sweep_stale": {},
+}
+
+
+def validate_command(cmd: object) -> tuple[str, dict]:
+    """(op, arguments) of a command, or BadRequest naming the unknown op or the bad field."""
+    if not isinstance(cmd, dict):
+        raise BadRequest(f"a queue command must be an object with 'op' and 'now'; got {type(cmd).__name__}")
+    op = cmd.get("op")
+    if op not in OPS:
+        raise BadRequest(f"unknown queue command op {op!r}; expected one of {', '.join(sorted(OPS))}")
+    if "now" not in cmd:
+        raise BadRequest(f"{op}: missing field 'now' (seconds since the epoch, from the caller)")
+    args = {"now": _number(op, "now", cmd["now"])}
+    for name, (check, default) in OPS[op].items():
+        if name not in cmd or (cmd[name] is None and default is _REQUIRED):
+            if default is _REQUIRED:
+                raise BadRequest(f"{op}: missing field {name!r}")
+            args[name] = default
+        else:
+            args[name] = check(op, name, cmd[name])
+    return op, args
+
+
+# ---------------------------------------------------------------- helpers
+
+def _dumps(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _loads(text):
+    return None if text is None else json.loads(text)
+
+
+def _state(row) -> jobs.JobState:
+    return jobs.JobState(id=row[0], status=row[1], attempts=row[2], tries=row[3], host=row[4], lease=row[5],
+                         lease_expires=row[6], not_before=row[7], artifact_id=row[8], last_error=row[9],
+                         updated=row[10])
+
+
+def _first_line(text: str | None) -> str | None:
+    if text is None:
+        return None
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+class _Meta:
+    """The manifest's fleet, trainer and hosts as stored by the last sync."""
+
+    def __init__(self, fleet: FleetConfig, trainer: TrainerConfig, hosts: tuple[HostSpec, ...]):
+        self.fleet = fleet
+        self.trainer = trainer
+        self.hosts = hosts
+        self.by_host = {h.id: h for h in hosts}
+
+
+class _Worker:
+    __slots__ = ("host", "cap", "spec", "held")
+
+    def __init__(self, host, cap, spec, held):
+        self.host, self.cap, self.spec, self.held = host, cap, spec, held
+
+
+def _probe(key: str) -> JobSpec:
+    """A stand-in job carrying exactly one class's constraints, for the eligibility checks."""
+    c = json.loads(key)
+    return JobSpec(model=c["model"], mode="*", require_cuda=c["require_cuda"], prefer_cuda=c["prefer_cuda"],
+                   min_vram_gib=float(c["min_vram_gib"]), min_ram_gib=float(c["min_ram_gib"]),
+                   allowed_hosts=tuple(c["allowed_hosts"]))
+
+
+# ---------------------------------------------------------------- the store
+
+class JobStore:
+    """The queue in one SQLite file; one connection per thread, shared by any number of processes."""
+
+    def __init__(self, path, *, synchronous: str = "FULL"):
+        self.path = str(path)
+        self._synchronous = synchronous
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: list[sqlite3.Connection] = []
+        self._closed = False
+        self._meta_cache: tuple[tuple, _Meta] | None = None
+        self._probes: dict[str, JobSpec] = {}
+        db.migrate(self._conn(), MIGRATIONS, what=f"job queue {Path(self.path).name}")
+
+    # -------------------------------------------------------- connections
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        with self._lock:
+            if self._closed:
+                raise Unavailable("the job queue is closed (the coordinator is shutting down)")
+            conn = db.connect(self.path, synchronous=self._synchronous)
+            self._conns.append(conn)
+        self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.close()
+            except sqlite3.Error as err:  # pragma: no cover - closing is best effort
+                log.debug("closing a queue connection: %s", err)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction, so a read made of several queries sees one state."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    # -------------------------------------------------------- writes
+
+    def execute(self, cmd: dict) -> dict:
+        """Apply one command in its own transaction; raises the command's FleetError."""
+        op, args = validate_command(cmd)
+        conn = self._conn()
+        with db.transaction(conn):
+            return getattr(self, "_op_" + op)(conn, **args)
+
+    def execute_batch(self, cmds: list[dict]) -> list:
+        """Group commit: one transaction, each command in its own savepoint.
+
+        A command that raises FleetError is undone alone and its error takes its
+        slot in the result; any other exception undoes the whole batch and propagates.
+        """
+        conn = self._conn()
+        results: list = []
+        with db.transaction(conn):
+            for cmd in cmds:
+                try:
+                    op, args = validate_command(cmd)
+                except FleetError as err:
+                    results.append(err)
+                    continue
+                conn.execute("SAVEPOINT cmd")
+                try:
+                    result = getattr(self, "_op_" + op)(conn, **args)
+                except FleetError as err:
+                    conn.execute("ROLLBACK TO cmd")
+                    conn.execute("RELEASE cmd")
+                    results.append(err)
+                else:
+                    conn.execute("RELEASE cmd")
+                    results.append(result)
+        return results
+
+    # -------------------------------------------------------- meta
+
+    def _meta(self, conn) -> _Meta:
+        rows = tuple(conn.execute("SELECT key, value FROM meta WHERE key IN ('fleet', 'trainer', 'hosts') "
+                                  "ORDER BY key").fetchall())
+        cached = self._meta_cache
+        if cached is not None and cached[0] == rows:
+            return cached[1]
+        values = dict(rows)
+        meta = _Meta(FleetConfig.from_json(json.loads(values.get("fleet", "{}"))),
+                     TrainerConfig.from_json(json.loads(values.get("trainer", "{}"))),
+                     tuple(HostSpec.from_json(h) for h in json.loads(values.get("hosts", "[]"))))
+        self._meta_cache = (rows, meta)
+        return meta
+
+    def _probe(self, key: str) -> JobSpec:
+        probe = self._probes.get(key)
+        if probe is None:
+            probe = self._probes[key] = _probe(key)
+        return probe
+
+    # -------------------------------------------------------- job rows
+
+    def _load(self, conn, job_id: str) -> tuple[jobs.JobState, sqlite3.Row | tuple]:
+        row = conn.execute(f"SELECT {STATE_COLUMNS}, retries, name FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no job {job_id[:12]} in the queue; list jobs with 'cis490fleet jobs list'")
+        return _state(row), row
+
+    @staticmethod
+    def _max_attempts(retries: int | None, fleet: FleetConfig) -> int:
+        return fleet.max_attempts if retries is None else retries + 1
+
+    def _save(self, conn, step: jobs.Step) -> None:
+        j = step.job
+        conn.execute(
+            "UPDATE jobs SET status = ?, attempts = ?, tries = ?, host = ?, lease = ?, lease_expires = ?, "
+            "not_before = ?, artifact_id = ?, last_error = ?, updated = ? WHERE id = ?",
+            (j.status, j.attempts, j.tries, j.host, j.lease, j.lease_expires, j.not_before, j.artifact_id,
+             j.last_error, j.updated, j.id))
+        if step.opened is not None:
+            a = step.opened
+            conn.execute("INSERT INTO attempts (job, number, host, lease, started) VALUES (?, ?, ?, ?, ?)",
+                         (j.id, a.number, a.host, a.lease, a.started))
+        if step.closed is not None:
+            c = step.closed
+            conn.execute("UPDATE attempts SET ended = ?, outcome = ?, error = ? WHERE job = ? AND number = ?",
+                         (c.ended, c.outcome, c.error, j.id, c.number))
+
+    @staticmethod
+    def _refresh_blocked(conn, name: str | None = None) -> None:
+        """Recompute ``blocked`` for the jobs that wait on ``name`` (all waiting jobs when None)."""
+        if name is not None:
+            conn.execute(REFRESH_BLOCKED_SQL + " WHERE id IN (SELECT job FROM job_deps WHERE dep_name = ?)", (name,))
+            return
+        conn.execute(REFRESH_BLOCKED_SQL + " WHERE id IN (SELECT job FROM job_deps)")
+        conn.execute("UPDATE jobs SET blocked = 0 WHERE blocked = 1 AND id NOT IN (SELECT job FROM job_deps)")
+
+    def _touch_worker(self, conn, host: str, now: float) -> None:
+        conn.execute("UPDATE workers SET last_seen = max(last_seen, ?) WHERE host = ?", (now, host))
+
+    # -------------------------------------------------------- ops
+
+    def _op_sync_manifest(self, conn, now: float, manifest: dict) -> dict:
+        try:
+            fleet = FleetConfig.from_json(manifest.get("fleet") or {})
+            trainer = TrainerConfig.from_json(manifest.get("trainer") or {})
+            hosts = [HostSpec.from_json(h) for h in manifest.get("hosts") or ()]
+            job_dicts = list(manifest.get("jobs") or ())
+        except (TypeError, KeyError, ValueError, AttributeError) as err:
+            raise BadRequest(f"sync_manifest: the manifest is not a Manifest.to_json() object ({err})") from None
+        for key, value in (("fleet", fleet.to_json()), ("trainer", trainer.to_json()),
+                           ("hosts", [h.to_json() for h in hosts])):
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                         (key, _dumps(value)))
+
+        by_hash: dict[str, str] = {}
+        present: dict[str, int] = {}
+        for job_id, spec_hash, in_manifest in conn.execute("SELECT id, spec_hash, in_manifest FROM jobs"):
+            by_hash[spec_hash] = job_id
+            present[job_id] = in_manifest
+        classes = dict(conn.execute("SELECT key, id FROM classes").fetchall())
+        next_seq = (conn.execute("SELECT max(seq) FROM jobs").fetchone()[0] or 0) + 1
+
+        seen: dict[str, None] = {}
+        inserts, updates, deps = [], [], []
+        changed_ids = []
+        for index, d in enumerate(job_dicts):
+            try:
+                text = _dumps(d)
+            except (TypeError, ValueError) as err:
+                raise BadRequest(f"sync_manifest: jobs[{index}] is not plain JSON ({err})") from None
+            spec_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
+            job_id = by_hash.get(spec_hash)
+            if job_id is not None:
+                seen.setdefault(job_id)
+                continue
+            try:
+                spec = JobSpec.from_json(d)
+                job_id = spec.id
+                key = spec.constraint_key()
+            except (TypeError, ValueError, KeyError) as err:
+                raise BadRequest(f"sync_manifest: jobs[{index}] is not a valid job ({err})") from None
+            if job_id in seen:
+                continue
+            seen[job_id] = None
+            by_hash[spec_hash] = job_id
+            cls = classes.get(key)
+            if cls is None:
+                cls = conn.execute("INSERT INTO classes (key) VALUES (?)", (key,)).lastrowid
+                classes[key] = cls
+            deps += [(job_id, name) for name in dict.fromkeys(spec.after)]
+            if job_id in present:
+                changed_ids.append((job_id,))
+                updates.append((cls, spec.name, spec.priority, spec.retries, text, spec_hash, now, job_id))
+            else:
+                inserts.append((job_id, next_seq, cls, spec.name, spec.model, spec.mode, spec.priority, spec.retries,
+                                text, spec_hash, PENDING, now, now))
+                next_seq += 1
+        if inserts:
+            conn.executemany(
+                "INSERT INTO jobs (id, seq, cls, name, model, mode, priority, retries, spec, spec_hash, status, "
+                "created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", inserts)
+        if updates:
+            conn.executemany("UPDATE jobs SET cls = ?, name = ?, priority = ?, retries = ?, spec = ?, spec_hash = ?, "
+                             "in_manifest = 1, updated = ? WHERE id = ?", updates)
+            conn.executemany("DELETE FROM job_deps WHERE job = ?", changed_ids)
+        if deps:
+            conn.executemany("INSERT OR IGNORE INTO job_deps (job, dep_name) VALUES (?, ?)", deps)
+        back = sorted(job_id for job_id in seen if present.get(job_id) == 0)
+        gone = sorted(job_id for job_id, flag in present.items() if flag == 1 and job_id not in seen)
+        conn.executemany("UPDATE jobs SET in_manifest = 1 WHERE id = ?", [(j,) for j in back])
+        conn.executemany("UPDATE jobs SET in_manifest = 0 WHERE id = ?", [(j,) for j in gone])
+        self._refresh_blocked(conn)
+        total = len(present) + len(inserts)
+        kept = len(seen) - len(inserts)
+        return {"added": len(inserts), "kept": kept, "removed": total - len(seen), "total": total}
+
+    def _upsert_worker(self, conn, host: str, cap: dict, now: float) -> None:
+        conn.execute("INSERT INTO workers (host, capability, last_seen) VALUES (?, ?, ?) ON CONFLICT (host) DO UPDATE "
+                     "SET capability = excluded.capability, last_seen = max(last_seen, excluded.last_seen)",
+                     (host, _dumps(cap), now))
+
+    def _op_register_worker(self, conn, now: float, host: str, capability: dict) -> dict:
+        self._upsert_worker(conn, host, normalize_capability(capability), now)
+        return {"ok": True}
+
+    def _live_workers(self, conn, meta: _Meta, now: float) -> list[_Worker]:
+        held = dict(conn.execute(HELD_BY_HOST_SQL).fetchall())
+        out = []
+        for host, cap_text, last_seen in conn.execute(
+                "SELECT host, capability, last_seen FROM workers WHERE last_seen >= ? ORDER BY host",
+                (now - meta.fleet.worker_timeout_s,)):
+            spec = meta.by_host.get(host)
+            out.append(_Worker(host, policy.effective_capability(json.loads(cap_text), spec), spec, held.get(host, 0)))
+        return out
+
+    @staticmethod
+    def _cuda_host_available(probe: JobSpec, workers: list[_Worker], exclude: str) -> bool:
+        """Whether a live CUDA host other than ``exclude`` could take a job of this class now."""
+        return any(w.host != exclude and w.cap.get("cuda") and w.held < w.cap["slots"]
+                   and not policy.static_refusals(probe, w.host, w.cap, w.spec) for w in workers)
+
+    def _op_claim(self, conn, now: float, host: str, capability: dict, lease: str) -> dict:
+        detected = normalize_capability(capability)
+        self._upsert_worker(conn, host, detected, now)
+        meta = self._meta(conn)
+        spec = meta.by_host.get(host)
+        cap = policy.effective_capability(detected, spec)
+        if policy.slot_refusal(host, conn.execute(HELD_SQL, (host,)).fetchone()[0], cap["slots"]):
+            return {"job": None}
+        workers = None
+        best = None
+        for cls, key in conn.execute("SELECT id, key FROM classes ORDER BY id").fetchall():
+            probe = self._probe(key)
+            if policy.static_refusals(probe, host, cap, spec):
+                continue
+            if probe.prefer_cuda and not cap.get("cuda"):
+                if workers is None:
+                    workers = self._live_workers(conn, meta, now)
+                if policy.prefer_cuda_refusal(probe, host, cap, self._cuda_host_available(probe, workers, host)):
+                    continue
+            row = conn.execute(CLAIM_SQL, (cls, now)).fetchone()
+            if row is not None and (best is None or (-row[1], row[2]) < (-best[1], best[2])):
+                best = row
+        if best is None:
+            return {"job": None}
+        state, row = self._load(conn, best[0])
+        step = jobs.claim(state, host=host, lease=lease, now=now, stale_after_s=meta.fleet.stale_after_s)
+        self._save(conn, step)
+        conn.execute("UPDATE jobs SET progress = NULL WHERE id = ?", (state.id,))
+        spec_json = json.loads(conn.execute("SELECT spec FROM jobs WHERE id = ?", (state.id,)).fetchone()[0])
+        return {"job_id": state.id, "job": {**spec_json, "id": state.id}, "lease": lease,
+                "attempt": step.opened.number, "heartbeat_s": meta.fleet.heartbeat_s,
+                "stale_after_s": meta.fleet.stale_after_s, "trainer": meta.trainer.to_json()}
+
+    def _op_heartbeat(self, conn, now: float, job_id: str, host: str, lease: str | None,
+                      progress: dict | None, log_tail: str | None) -> dict:
+        state, _ = self._load(conn, job_id)
+        step = jobs.heartbeat(state, host=host, lease=lease, now=now,
+                              stale_after_s=self._meta(conn).fleet.stale_after_s)
+        self._touch_worker(conn, host, now)
+        if step.cancel:
+            return {"ok": True, "cancel": True}
+        self._save(conn, step)
+        if progress is not None:
+            try:
+                conn.execute("UPDATE jobs SET progress = ? WHERE id = ?", (_dumps(progress), job_id))
+            except (TypeError, ValueError):
+                raise BadRequest("heartbeat: field 'progress' must be plain JSON (numbers, strings, lists, objects)") from None
+        if log_tail is not None:
+            conn.execute("UPDATE attempts SET log_tail = ? WHERE job = ? AND number = ?", (log_tail, job_id, state.tries))
+        return {"ok": True, "cancel": False}
+
+    def _op_record_artifact(self, conn, now: float, artifact_id: str, job_id: str, host: str, lease: str | None,
+                            model: str, mode: str, size: int, path: str) -> dict:
+        state, _ = self._load(conn, job_id)
+        jobs.check_holder(state, host, lease)
+        if state.status not in ("claimed", "running") and not (
+                state.status == COMPLETED and state.artifact_id == artifact_id):
+            raise InvalidTransition(job_id, state.status, "record an artifact for")
+        conn.execute("INSERT OR IGNORE INTO artifacts (artifact_id, job_id, model, mode, host, size, path, created) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (artifact_id, job_id, model, mode, host, size, path, now))
+        return {"ok": True}
+
+    def _op_complete(self, conn, now: float, job_id: str, host: str, lease: str | None, artifact_id: str) -> dict:
+        state, row = self._load(conn, job_id)
+        jobs.check_holder(state, host, lease)
+        if conn.execute("SELECT 1 FROM artifacts WHERE artifact_id = ?", (artifact_id,)).fetchone() is None:
+            raise NotFound(f"artifact {artifact_id[:12]} is not stored; upload the bundle "
+                           f"(PUT /v1/model/{artifact_id}) before completing job {job_id[:12]}")
+        step = jobs.complete(state, host=host, lease=lease, artifact_id=artifact_id, now=now)
+        if step.job is not state:
+            self._save(conn, step)
+            self._touch_worker(conn, host, now)
+            if row[-1] is not None:
+                self._refresh_blocked(conn, row[-1])
+        return {"ok": True}
+
+    def _op_fail(self, conn, now: float, job_id: str, host: str, lease: str | None, error: str) -> dict:
+        state, row = self._load(conn, job_id)
+        fleet = self._meta(conn).fleet
+        step = jobs.fail(state, host=host, lease=lease, error=error, now=now,
+                         max_attempts=self._max_attempts(row[-2], fleet), retry_backoff_s=fleet.retry_backoff_s)
+        if step.job is not state:
+            self._save(conn, step)
+            self._touch_worker(conn, host, now)
+        return {"ok": True, "status": step.job.status, "retry_at": step.job.not_before}
+
+    def _op_release(self, conn, now: float, job_id: str, host: str, lease: str | None) -> dict:
+        state, _ = self._load(conn, job_id)
+        step = jobs.release(state, host=host, lease=lease, now=now)
+        if step.job is not state:
+            self._save(conn, step)
+        return {"ok": True}
+
+    def _op_cancel(self, conn, now: float, job_id: str) -> dict:
+        state, _ = self._load(conn, job_id)
+        step = jobs.cancel(state, now=now)
+        if step.job is not state:
+            self._save(conn, step)
+        return {"ok": True}
+
+    def _op_requeue(self, conn, now: float, job_id: str) -> dict:
+        state, _ = self._load(conn, job_id)
+        step = jobs.requeue(state, now=now)
+        if step.job is not state:
+            self._save(conn, step)
+        return {"ok": True}
+
+    def _op_sweep_stale(self, conn, now: float) -> dict:
+        fleet = self._meta(conn).fleet
+        recovered = failed = 0
+        rows = conn.execute(f"SELECT {STATE_COLUMNS}, retries FROM jobs WHERE status IN ('claimed', 'running') "
+                            "AND lease_expires <= ? ORDER BY lease_expires, id", (now,)).fetchall()
+        for row in rows:
+            step = jobs.expire(_state(row), now=now, max_attempts=self._max_attempts(row[-1], fleet),
+                               stale_after_s=fleet.stale_after_s)
+            if step is None:
+                continue
+            self._save(conn, step)
+            if step.job.status == FAILED:
+                failed += 1
+            else:
+                recovered += 1
+            log.info("job %s: no heartbeat from %s; %s", row[0][:12], row[4], step.job.status)
+        return {"recovered": recovered, "failed": failed}
+
+    # -------------------------------------------------------- reads
+
+    def resolve(self, id_or_prefix: str) -> str:
+        """The full job id for an id or a unique hex prefix of at least 4 characters."""
+        text = str(id_or_prefix).strip().lower()
+        if not text or any(ch not in "0123456789abcdef" for ch in text) or len(text) > 64:
+            raise BadRequest(f"{id_or_prefix!r} is not a job id: give the id or its first {PREFIX_MIN}+ hex digits")
+        if len(text) < PREFIX_MIN:
+            raise BadRequest(f"job id prefix {text!r} is too short: give at least {PREFIX_MIN} hex digits")
+        rows = self._conn().execute("SELECT id FROM jobs WHERE id >= ? AND id < ? ORDER BY id LIMIT 6",
+                                    (text, text + "g")).fetchall()
+        if not rows:
+            raise NotFound(f"no job id starts with {text!r}; list jobs with 'cis490fleet jobs list'")
+        if len(rows) > 1:
+            raise AmbiguousId(text, [r[0] for r in rows])
+        return rows[0][0]
+
+    @staticmethod
+    def _summary(row) -> dict:
+        spec = json.loads(row[14])
+        return {"id": row[0], "name": row[1], "model": row[2], "mode": row[3], "status": row[4],
+                "priority": row[5], "attempts": row[6], "host": row[7], "progress": _loads(row[8]),
+                "updated": row[9], "created": row[10], "in_manifest": bool(row[11]),
+                "last_error": _first_line(row[12]), "artifact_id": row[13], "seed": spec.get("seed"),
+                "hyper": spec.get("hyper", {})}
+
+    def job(self, job_id: str, now: float) -> dict:
+        """Everything ``jobs show`` prints about one job."""
+        if not (isinstance(job_id, str) and JOB_ID_RE.match(job_id)):
+            job_id = self.resolve(job_id)
+        with self._snapshot() as conn:
+            row = conn.execute(f"SELECT {SUMMARY_COLUMNS}, not_before, retries, blocked, tries FROM jobs "
+                               "WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no job {job_id[:12]} in the queue; list jobs with 'cis490fleet jobs list'")
+            out = self._summary(row)
+            meta = self._meta(conn)
+            spec = JobSpec.from_json(json.loads(row[14]))
+            attempts = [
+                {"number": a[0], "host": a[1], "lease": a[2][:8], "started": a[3], "ended": a[4], "outcome": a[5],
+                 "error": a[6]}
+                for a in conn.execute("SELECT number, host, lease, started, ended, outcome, error FROM attempts "
+                                      "WHERE job = ? ORDER BY number", (job_id,))]
+            tail = conn.execute("SELECT log_tail FROM attempts WHERE job = ? AND log_tail IS NOT NULL "
+                                "ORDER BY number DESC LIMIT 1", (job_id,)).fetchone()
+            out.update({
+                "spec": spec.to_json(), "attempts": attempts, "attempt_count": row[6],
+                "max_attempts": self._max_attempts(row[16], meta.fleet), "last_error": row[12],
+                "log_tail": tail[0] if tail else None, "not_before": row[15],
+                "why_pending": self._why_pending(conn, meta, spec, row[4], row[15], now),
+            })
+        return out
+
+    def _dep_status(self, conn, names) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for name in names:
+            statuses = [r[0] for r in conn.execute("SELECT status FROM jobs WHERE name = ?", (name,))]
+            out[name] = COMPLETED if COMPLETED in statuses else (statuses[0] if statuses else None)
+        return out
+
+    def _why_pending(self, conn, meta: _Meta, spec: JobSpec, status: str, not_before: float | None,
+                     now: float) -> list[str]:
+        if status != PENDING:
+            return []
+        reasons = []
+        if not_before is not None and not_before > now:
+            reasons.append(f"waiting {not_before - now:.0f}s more before its next try (retry backoff after a failure)")
+        reasons += policy.dependency_refusals(spec, self._dep_status(conn, spec.after))
+        workers = self._live_workers(conn, meta, now)
+        if not workers:
+            reasons.append("no live worker: none has claimed or heartbeated in the last "
+                           f"{meta.fleet.worker_timeout_s:g}s")
+        for w in workers:
+            refused = policy.static_refusals(spec, w.host, w.cap, w.spec)
+            if not refused:
+                prefer = policy.prefer_cuda_refusal(spec, w.host, w.cap,
+                                                    self._cuda_host_available(spec, workers, w.host))
+                if prefer:
+                    refused.append(prefer)
+                slot = policy.slot_refusal(w.host, w.held, w.cap["slots"])
+                if slot:
+                    refused.append(slot)
+            if refused:
+                reasons += [f"{w.host}: {r}" for r in refused]
+            else:
+                reasons.append(f"{w.host}: eligible; it takes the job at its next claim unless jobs of higher "
+                               "priority (or older ones) come first")
+        return reasons
+
+    def jobs(self, *, status: str | None = None, model: str | None = None, host: str | None = None,
+             limit: int | None = None, offset: int = 0) -> tuple[list[dict], int]:
+        """Job summaries in queue order (manifest order), and the total matching the filters."""
+        where, params = [], []
+        if status is not None:
+            if status not in STATUSES:
+                raise BadRequest(f"unknown status {status!r}; use one of {', '.join(STATUSES)}")
+            where.append("status = ?")
+            params.append(status)
+        if model is not None:
+            where.append("model = ?")
+            params.append(model)
+        if host is not None:
+            where.append("host = ?")
+            params.append(host)
+        for name, value in (("limit", limit), ("offset", offset)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise BadRequest(f"{name} must be a whole number >= 0; got {value!r}")
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        with self._snapshot() as conn:
+            total = conn.execute(f"SELECT count(*) FROM jobs{clause}", params).fetchone()[0]
+            rows = conn.execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs{clause} ORDER BY seq LIMIT ? OFFSET ?",
+                                params + [-1 if limit is None else limit, offset or 0]).fetchall()
+        return [self._summary(r) for r in rows], total
+
+    def workers(self, now: float) -> list[dict]:
+        with self._snapshot() as conn:
+            meta = self._meta(conn)
+            running: dict[str, list[str]] = {}
+            for job_id, host in conn.execute("SELECT id, host FROM jobs WHERE status IN ('claimed', 'running') "
+                                             "ORDER BY seq"):
+                running.setdefault(host, []).append(job_id)
+            out = []
+            for host, cap_text, last_seen in conn.execute("SELECT host, capability, last_seen FROM workers "
+                                                          "ORDER BY host"):
+                cap = json.loads(cap_text)
+                out.append({"host": host, "capability": cap, "last_seen": last_seen,
+                            "live": now - last_seen <= meta.fleet.worker_timeout_s,
+                            "running": running.get(host, []),
+                            "slots": policy.effective_capability(cap, meta.by_host.get(host))["slots"]})
+        return out
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(STATUSES, 0)
+        for status, n in self._conn().execute("SELECT status, count(*) FROM jobs GROUP BY status"):
+            out[status] = n
+        return out
+
+    def artifact(self, artifact_id: str) -> dict | None:
+        row = self._conn().execute("SELECT artifact_id, job_id, model, mode, host, size, path, created FROM artifacts "
+                                   "WHERE artifact_id = ?", (artifact_id,)).fetchone()
+        if row is None:
+            return None
+        return dict(zip(("artifact_id", "job_id", "model", "mode", "host", "size", "path", "created"), row))
+
+    def fleet(self) -> FleetConfig:
+        return self._meta(self._conn()).fleet
+
+    def trainer(self) -> TrainerConfig:
+        return self._meta(self._conn()).trainer
+
+    def hosts(self) -> list[HostSpec]:
+        return list(self._meta(self._conn()).hosts)
+
+    def total_artifact_bytes(self) -> int:
+        return self._conn().execute("SELECT coalesce(sum(size), 0) FROM artifacts").fetchone()[0]
+
+    def pending_claimable_count(self, now: float, limit: int | None = None) -> int:
+        """Pending jobs out of backoff and not waiting on dependencies (counting stops at ``limit``)."""
+        return self._conn().execute(
+            "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE status = 'pending' AND blocked = 0 "
+            "AND (not_before IS NULL OR not_before <= ?) LIMIT ?)", (now, -1 if limit is None else limit)).fetchone()[0]
