@@ -1,0 +1,666 @@
+"""``serve``: wires the queue, the artifact store and the HTTP API into one coordinator process.
+
+Shell. Owns the threads of a coordinator: the group-commit writer (the one
+thread that writes the queue), the long-poll waiters, the stale sweeper, the
+systemd watchdog pings, signal handling and the orderly stop. Reads the clock
+and draws leases here, so the commands the store applies carry ``now`` and
+``lease`` as data. Never decides a job transition itself: that is ``jobs`` via
+``jobstore``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import ipaddress
+import logging
+import os
+import queue
+import secrets
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from cis490fleet import __version__, errors, model
+from cis490fleet.model import FleetConfig, Manifest
+
+log = logging.getLogger(__name__)
+
+ENV_DATA = "CIS490_DATA"
+ENV_TOKEN = "CIS490_OPERATOR_TOKEN"
+DEFAULT_BIND = "127.0.0.1:8445"
+MAX_BATCH = 1024
+STOP_GRACE_S = 30.0
+READERS = 4
+# Commands after which a job may have become claimable: waiting claims retry after each.
+WAKE_OPS = frozenset({"sync_manifest", "complete", "fail", "cancel", "requeue", "release", "sweep_stale"})
+LATENCY_BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 60000)
+
+
+def default_data_dir(env: dict | None = None) -> Path:
+    """``$CIS490_DATA``, else the per-user state folder (XDG_STATE_HOME, ~/.local/state, %LOCALAPPDATA%)."""
+    env = os.environ if env is None else env
+    if env.get(ENV_DATA):
+        return Path(env[ENV_DATA]).expanduser()
+    if os.name == "nt":
+        base = env.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / "cis490fleet"
+    if env.get("XDG_STATE_HOME"):
+        return Path(env["XDG_STATE_HOME"]) / "cis490fleet"
+    return Path.home() / ".local" / "state" / "cis490fleet"
+
+
+# -- counters for /metrics -------------------------------------------------------------------------
+
+
+class Counters:
+    """Monotonic counters and a request-latency histogram; ``snapshot()`` is what the metrics page reads.
+
+    Counter names: claims (jobs handed out), empty_claims, completions, failures,
+    stale_recoveries, stale_failures, commands, batches, requests, errors_4xx, errors_5xx.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counters: dict[str, int] = {k: 0 for k in (
+            "claims", "empty_claims", "completions", "failures", "stale_recoveries", "stale_failures",
+            "commands", "batches", "requests", "errors_4xx", "errors_5xx")}
+        self.latency_buckets_ms = LATENCY_BUCKETS_MS
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)  # the last is +Inf
+        self.latency_sum_ms = 0.0
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] = self.counters.get(name, 0) + n
+
+    def observe_request(self, status: int, ms: float) -> None:
+        with self._lock:
+            self.counters["requests"] += 1
+            if 400 <= status < 500:
+                self.counters["errors_4xx"] += 1
+            elif status >= 500:
+                self.counters["errors_5xx"] += 1
+            self.latency_sum_ms += ms
+            for i, bound in enumerate(self.latency_buckets_ms):
+                if ms <= bound:
+                    self.latency_counts[i] += 1
+                    break
+            else:
+                self.latency_counts[-1] += 1
+
+    def snapshot(self) -> dict:
+        """``{"counters": {...}, "latency_ms": {"buckets": [(le, cumulative count)...], "sum", "count"}}``."""
+        with self._lock:
+            cumulative, total = [], 0
+            for bound, n in zip(list(self.latency_buckets_ms) + [float("inf")], self.latency_counts):
+                total += n
+                cumulative.append((bound, total))
+            return {"counters": dict(self.counters),
+                    "latency_ms": {"buckets": cumulative, "sum": self.latency_sum_ms, "count": total}}
+
+
+# -- the group-commit writer ------------------------------------------------------------------------
+
+
+_STOP = object()
+
+
+class GroupCommitWriter:
+    """The one thread that writes the queue: applies every command waiting in line in one transaction.
+
+    Under load many claims share one commit (one fsync with synchronous=FULL);
+    each caller still gets its own result or error through a Future. A failing
+    command changes nothing and fails only its own caller.
+    """
+
+    def __init__(self, store, *, max_batch: int = MAX_BATCH, on_applied=None):
+        self.store = store
+        self.max_batch = max_batch
+        self.on_applied = on_applied
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
+        self._closed = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, cmd: dict) -> Future:
+        fut: Future = Future()
+        if self._closed:
+            fut.set_exception(errors.Unavailable("the coordinator is shutting down; retry on another peer or later"))
+            return fut
+        self._queue.put((cmd, fut))
+        return fut
+
+    def execute(self, cmd: dict) -> dict:
+        return self.submit(cmd).result()
+
+    def stop(self, timeout: float = STOP_GRACE_S) -> None:
+        """Apply what is queued, then end the thread."""
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._apply(batch)
+        # Anything submitted after the stop marker is refused, not left hanging.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                item[1].set_exception(errors.Unavailable("the coordinator is shutting down; retry later"))
+
+    def _apply(self, batch: list[tuple[dict, Future]]) -> None:
+        cmds = [cmd for cmd, _ in batch]
+        try:
+            results = self.store.execute_batch(cmds)
+        except Exception as err:  # the whole transaction failed: every caller gets the error
+            if not isinstance(err, errors.FleetError):
+                log.exception("the queue could not apply %d command(s)", len(cmds))
+            for _, fut in batch:
+                fut.set_exception(err)
+            return
+        for (cmd, fut), result in zip(batch, results):
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+        if self.on_applied is not None:
+            try:
+                self.on_applied(cmds, results)
+            except Exception:
+                log.exception("after-commit hook failed")
+
+
+# -- sd_notify ----------------------------------------------------------------------------------------
+
+
+def sd_notify(message: str, env: dict | None = None) -> bool:
+    """Send ``message`` to systemd's NOTIFY_SOCKET (abstract '@' names too); False when there is none."""
+    env = os.environ if env is None else env
+    address = env.get("NOTIFY_SOCKET")
+    if not address or not hasattr(socket, "AF_UNIX"):
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except OSError as err:
+        log.warning("could not notify systemd at %s: %s", env.get("NOTIFY_SOCKET"), err)
+        return False
+
+
+def watchdog_interval(env: dict | None = None) -> float | None:
+    """Half of WATCHDOG_USEC in seconds when the watchdog is meant for this process."""
+    env = os.environ if env is None else env
+    usec = env.get("WATCHDOG_USEC")
+    pid = env.get("WATCHDOG_PID")
+    if not usec or (pid and pid.strip() != str(os.getpid())):
+        return None
+    try:
+        value = int(usec)
+    except ValueError:
+        return None
+    return value / 2e6 if value > 0 else None
+
+
+# -- the coordinator ----------------------------------------------------------------------------------
+
+
+class Coordinator:
+    """One coordinator peer: the queue, the artifact store, the manifest file and the writer.
+
+    ``http_api`` calls the methods below; each turns a request into a command
+    (with ``now`` and, for claims, a fresh lease) or a read.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, *, manifest_path: str | os.PathLike | None = None,
+                 operator_token: str | None = None, synchronous: str = "FULL", node_id: str | None = None,
+                 sweep_interval: float | None = None):
+        from cis490fleet.artifacts import ArtifactStore
+        from cis490fleet.jobstore import JobStore
+
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.manifest_path = Path(manifest_path) if manifest_path else None
+        self.operator_token = operator_token or None
+        self.node_id = node_id or socket.gethostname() or "coordinator"
+        self.counters = Counters()
+        self.manifest: Manifest | None = None
+        self.url: str | None = None
+        self._sweep_interval = sweep_interval
+        self._stopping = threading.Event()
+        self._wake = threading.Condition()
+        self._generation = 0
+        self._zipapp: tuple[bytes, str] | None = None
+        self._zipapp_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.server = None
+        self.store = JobStore(self.data_dir / "queue.sqlite3", synchronous=synchronous)
+        self.artifacts = ArtifactStore(self.data_dir)
+        self.artifacts.clean_tmp()
+        self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="queue-read")
+        self.writer = GroupCommitWriter(self.store, on_applied=self._after_commit)
+        self.writer.start()
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def execute(self, cmd: dict) -> dict:
+        """Apply one command through the group-commit writer; raises the FleetError it failed with."""
+        cmd = dict(cmd)
+        cmd.setdefault("now", time.time())
+        return self.writer.execute(cmd)
+
+    def _after_commit(self, cmds: list[dict], results: list) -> None:
+        wake = False
+        c = self.counters
+        c.add("batches")
+        c.add("commands", len(cmds))
+        for cmd, result in zip(cmds, results):
+            if isinstance(result, BaseException):
+                continue
+            op = cmd.get("op")
+            if op == "claim":
+                c.add("claims" if result.get("job") is not None else "empty_claims")
+            elif op == "complete":
+                c.add("completions")
+            elif op == "fail":
+                c.add("failures")
+            elif op == "sweep_stale":
+                c.add("stale_recoveries", int(result.get("recovered", 0) or 0))
+                c.add("stale_failures", int(result.get("failed", 0) or 0))
+            if op in WAKE_OPS:
+                wake = True
+        if wake:
+            self.wake_waiters()
+
+    def wake_waiters(self) -> None:
+        with self._wake:
+            self._generation += 1
+            self._wake.notify_all()
+
+    def claim(self, host: str, capability: dict, wait: float = 0.0) -> dict:
+        """A claim for ``host``; with ``wait``, hold on until a job is eligible or the wait ends."""
+        deadline = time.monotonic() + max(0.0, wait)
+        while True:
+            with self._wake:
+                generation = self._generation
+            result = self.execute({"op": "claim", "host": host, "capability": capability,
+                                   "lease": secrets.token_hex(16)})
+            if result.get("job") is not None or wait <= 0:
+                return result
+            with self._wake:
+                while self._generation == generation and not self._stopping.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return result
+                    self._wake.wait(left)
+                if self._stopping.is_set() or time.monotonic() >= deadline:
+                    return result
+
+    # -- reads ---------------------------------------------------------------------------------------
+
+    def _read(self, fn, *args, **kw):
+        """Run a store read on the reader pool: a few long-lived threads, so a few SQLite connections,
+        however many client connections come and go."""
+        try:
+            future = self._readers.submit(fn, *args, **kw)
+        except RuntimeError:  # the pool is shut down
+            raise errors.Unavailable("the coordinator is shutting down; retry later") from None
+        return future.result()
+
+    def resolve_job_id(self, ref: str) -> str:
+        return self._read(self.store.resolve, ref)
+
+    def job_detail(self, ref: str) -> dict:
+        return self._read(self.store.job, ref, time.time())
+
+    def list_jobs(self, *, status=None, model=None, host=None, limit=1000, offset=0) -> tuple[list, int]:
+        return self._read(self.store.jobs, status=status, model=model, host=host, limit=limit, offset=offset)
+
+    def workers(self) -> list:
+        return self._read(self.store.workers, time.time())
+
+    def fleet(self) -> FleetConfig:
+        return self._read(self.store.fleet)
+
+    def max_artifact_bytes(self) -> int:
+        return int(self.fleet().max_artifact_bytes)
+
+    def health(self) -> dict:
+        peers = [{"id": pid, "url": url} for pid, url in self.fleet().peers]
+        return {"ok": True, "role": "leader", "leader": self.node_id, "term": 1, "node_id": self.node_id,
+                "version": __version__, "url": self.url, "jobs": self._read(self.store.counts), "peers": peers}
+
+    # -- artifacts ----------------------------------------------------------------------------------
+
+    def _holder_job(self, job_id: str, host: str, lease: str | None) -> dict:
+        """The job's detail when (host, lease) looks like its holder; StaleLease otherwise.
+
+        Only the early refusal of an upload: ``record_artifact`` fences with the full lease afterwards.
+        """
+        job = self.job_detail(job_id)
+        attempts = job.get("attempts") or []
+        shown = (attempts[-1].get("lease") or "") if attempts else ""
+        if (job.get("status") not in model.HELD_STATUSES or job.get("host") != host
+                or (lease is not None and not str(lease).startswith(shown))):
+            raise errors.StaleLease(job_id, job.get("host") if job.get("status") in model.HELD_STATUSES else None)
+        return job
+
+    def store_artifact(self, job_id: str, host: str, lease: str | None, body, sha256: str, length: int) -> dict:
+        """Check the holder before reading a byte, stream the bundle to the store, then record it on the job."""
+        job = self._holder_job(job_id, host, lease)
+        result = self.artifacts.put(body, sha256=sha256, length=length, model=job["model"], mode=job["mode"],
+                                    job_id=job_id, host=host, now=time.time())
+        self.execute({"op": "record_artifact", "artifact_id": result["artifact_id"], "job_id": job_id, "host": host,
+                      "lease": lease, "model": job["model"], "mode": job["mode"], "size": result["size"],
+                      "path": result["path"]})
+        return result
+
+    def open_artifact(self, sha256: str):
+        return self.artifacts.open_artifact(sha256)
+
+    def zipapp(self) -> tuple[bytes, str]:
+        """The running zipapp's bytes, else one built from these sources (built once, then cached)."""
+        with self._zipapp_lock:
+            if self._zipapp is None:
+                data = _running_zipapp_bytes()
+                if data is None:
+                    from cis490fleet import zipbuild
+
+                    data = zipbuild.build()
+                self._zipapp = (data, hashlib.sha256(data).hexdigest())
+            return self._zipapp
+
+    # -- the manifest ------------------------------------------------------------------------------
+
+    def load_manifest(self, *, at_start: bool = False) -> dict | None:
+        """Read the manifest file and sync the queue with it; a missing file at start-up is an empty queue."""
+        from cis490fleet import manifest as manifest_mod
+
+        if self.manifest_path is None:
+            if at_start:
+                log.warning("no --manifest given: the queue holds only what earlier runs put there")
+                return None
+            raise errors.BadRequest("this coordinator was started without --manifest; restart it with "
+                                    "--manifest FILE to reload one")
+        if at_start and not self.manifest_path.exists():
+            log.warning("manifest %s does not exist yet: starting with the queue as it is; create it and run "
+                        "'jobs reload'", self.manifest_path)
+            return None
+        loaded = manifest_mod.load(self.manifest_path)
+        result = self.execute({"op": "sync_manifest", "manifest": loaded.to_json()})
+        self.manifest = loaded
+        log.info("manifest %s: %s added, %s kept, %s removed, %s total", self.manifest_path, result.get("added"),
+                 result.get("kept"), result.get("removed"), result.get("total"))
+        return result
+
+    def reload_manifest(self) -> dict:
+        result = self.load_manifest()
+        return {"added": result.get("added", 0), "kept": result.get("kept", 0), "removed": result.get("removed", 0),
+                "total": result.get("total", 0), **result}
+
+    def sync(self, manifest: Manifest) -> dict:
+        """Sync an in-memory manifest (tests and embedding); same effect as a reload."""
+        result = self.execute({"op": "sync_manifest", "manifest": manifest.to_json()})
+        self.manifest = manifest
+        return result
+
+    # -- threads and lifecycle ------------------------------------------------------------------
+
+    def sweep_interval(self) -> float:
+        if self._sweep_interval:
+            return self._sweep_interval
+        return max(0.05, min(self.fleet().heartbeat_s, 10.0))
+
+    def sweep_once(self) -> dict:
+        result = self.execute({"op": "sweep_stale"})
+        if result.get("recovered") or result.get("failed"):
+            log.info("stale sweep: %s job(s) back to pending, %s failed", result.get("recovered", 0),
+                     result.get("failed", 0))
+        return result
+
+    def _sweeper(self) -> None:
+        while not self._stopping.wait(self.sweep_interval()):
+            try:
+                self.sweep_once()
+            except errors.Unavailable:
+                return
+            except Exception:
+                log.exception("stale sweep failed; trying again in %.1f s", self.sweep_interval())
+
+    def _watchdog(self, interval: float) -> None:
+        while not self._stopping.wait(interval):
+            if self.writer.alive:
+                sd_notify("WATCHDOG=1")
+
+    def start_background(self) -> None:
+        """Start the sweeper and, under systemd with a watchdog, the watchdog pings."""
+        threads = [threading.Thread(target=self._sweeper, name="stale-sweeper", daemon=True)]
+        interval = watchdog_interval()
+        if interval:
+            threads.append(threading.Thread(target=self._watchdog, args=(interval,), name="watchdog", daemon=True))
+        for t in threads:
+            t.start()
+        self._threads += threads
+
+    def listen(self, host: str, port: int, ssl_context=None):
+        """Bind the HTTP server (not yet serving); sets ``url``."""
+        from cis490fleet.http_api import FleetHTTPServer
+
+        self.server = FleetHTTPServer((host, port), self, ssl_context=ssl_context)
+        scheme = "https" if ssl_context is not None else "http"
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"{scheme}://{shown}:{self.server.port}"
+        return self.server
+
+    def close(self, grace: float = STOP_GRACE_S) -> None:
+        """Stop accepting, let requests in flight finish, stop the writer, close the database."""
+        self._stopping.set()
+        self.wake_waiters()
+        if self.server is not None:
+            self.server.shutdown()
+            if not self.server.wait_idle(grace):
+                log.warning("requests still running after %.0f s; stopping anyway", grace)
+            self.server.server_close()
+        for t in self._threads:
+            t.join(5)
+        self._readers.shutdown(wait=True)
+        self.writer.stop(grace)
+        self.store.close()
+        log.info("database closed")
+
+
+def _running_zipapp_bytes() -> bytes | None:
+    """The bytes of the .pyz this process runs from, when it runs from one."""
+    import cis490fleet
+
+    loader = getattr(cis490fleet, "__loader__", None)
+    archive = getattr(loader, "archive", None)
+    candidates = [archive] if archive else []
+    if sys.argv and sys.argv[0].endswith(".pyz"):
+        candidates.append(sys.argv[0])
+    for path in candidates:
+        try:
+            return Path(path).read_bytes()
+        except OSError:
+            continue
+    return None
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+
+def parse_bind(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` -> (host, port)."""
+    text = value.strip()
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise errors.ConfigError(f"--bind {value!r} is not HOST:PORT; e.g. --bind 127.0.0.1:8445 (port 0 picks one)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise errors.ConfigError(f"--bind {value!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise errors.ConfigError(f"--bind {value!r}: port {port} is out of range 0..65535")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(path: str | None, env: dict) -> str | None:
+    if path:
+        p = Path(path)
+        try:
+            token = p.read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise errors.ConfigError(f"--operator-token-file {path}: cannot read it ({err.strerror or err})") from None
+        if not token:
+            raise errors.ConfigError(f"--operator-token-file {path} is empty; put the operator token in it")
+        if os.name != "nt":
+            mode = p.stat().st_mode
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                log.warning("operator token file %s is readable by others; chmod 600 it", path)
+        return token
+    token = (env.get(ENV_TOKEN) or "").strip()
+    return token or None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cis490fleet serve", description="Run a coordinator: manifest, queue, "
+                                "artifact store, HTTP API.")
+    p.add_argument("--data", help=f"data folder (default ${ENV_DATA}, else the per-user state folder)")
+    p.add_argument("--manifest", help="training manifest (TOML); loaded and synced at start, re-read on reload")
+    p.add_argument("--bind", default=DEFAULT_BIND, help=f"HOST:PORT to listen on (default {DEFAULT_BIND}; port 0 "
+                   "picks a free one)")
+    p.add_argument("--port-file", help="also write the URL this coordinator listens on to this file")
+    p.add_argument("--operator-token-file", help=f"file holding the operator token (else ${ENV_TOKEN})")
+    p.add_argument("--cert", help="TLS certificate (PEM)")
+    p.add_argument("--key", help="TLS private key (PEM)")
+    p.add_argument("--client-ca", help="CA (PEM) that signs worker certificates: turns on mutual TLS")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plain HTTP on a non-loopback address (only on a network you trust)")
+    p.add_argument("--sweep-interval", type=float, help="seconds between stale sweeps (default min(heartbeat_s, 10))")
+    p.add_argument("--synchronous", default="FULL", type=str.upper, choices=("FULL", "EXTRA", "NORMAL"),
+                   help="SQLite synchronous mode (default FULL: every acknowledged claim survives a power cut)")
+    p.add_argument("--node-id", help="this peer's id in health answers (default: the host name)")
+    return p
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    env = os.environ
+    host, port = parse_bind(args.bind)
+    if args.sweep_interval is not None and not args.sweep_interval > 0:
+        raise errors.ConfigError(f"--sweep-interval {args.sweep_interval} must be a number of seconds > 0")
+    if (args.key or args.client_ca) and not args.cert:
+        raise errors.ConfigError("--key and --client-ca need --cert: give the server's certificate too")
+    if not args.cert and not is_loopback(host) and not args.insecure:
+        raise errors.ConfigError(
+            f"refusing to listen on {host}:{port} without TLS: anyone on that network could claim jobs and "
+            "upload models; give --cert and --key (and --client-ca for mutual TLS), bind 127.0.0.1, or pass "
+            "--insecure if the network is trusted")
+    ssl_context = None
+    if args.cert:
+        from cis490fleet import tls
+
+        ssl_context = tls.server_context(args.cert, args.key, args.client_ca)
+    token = read_token(args.operator_token_file, env)
+    data_dir = Path(args.data).expanduser() if args.data else default_data_dir(env)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as err:
+        raise errors.ConfigError(f"cannot create data folder {data_dir}: {err.strerror or err}; pass --data DIR") from None
+
+    coord = Coordinator(data_dir, manifest_path=args.manifest, operator_token=token, synchronous=args.synchronous,
+                        node_id=args.node_id, sweep_interval=args.sweep_interval)
+    try:
+        coord.load_manifest(at_start=True)
+        try:
+            server = coord.listen(host, port, ssl_context)
+        except OSError as err:
+            raise errors.ConfigError(f"cannot listen on {args.bind}: {err.strerror or err}; pick another --bind "
+                                     "(port 0 picks a free one)") from None
+    except BaseException:
+        coord.writer.stop()
+        coord.store.close()
+        raise
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    if not token:
+        log.warning("no operator token: cancel, requeue and reload are refused; set %s or --operator-token-file",
+                    ENV_TOKEN)
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http-accept",
+                               daemon=True)
+    serving.start()
+    coord.start_background()
+    (data_dir / "serve.url").unlink(missing_ok=True)
+    _write_atomic(data_dir / "serve.url", coord.url + "\n")
+    if args.port_file:
+        _write_atomic(Path(args.port_file), coord.url + "\n")
+    print(f"listening on {coord.url}", flush=True)
+    log.info("listening on %s (data %s, node %s)", coord.url, data_dir, coord.node_id)
+    sd_notify("READY=1\nSTATUS=listening on " + coord.url)
+
+    while not stop.wait(1.0):
+        if not serving.is_alive() or not coord.writer.alive:
+            log.error("a coordinator thread died; stopping")
+            break
+    sd_notify("STOPPING=1")
+    coord.close()
+    (data_dir / "serve.url").unlink(missing_ok=True)
+    return 0

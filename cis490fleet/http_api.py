@@ -1,0 +1,839 @@
+"""The coordinator's HTTP wire API: server, route table, request parsing and limits, error mapping.
+
+Shell. Owns the sockets of ``serve``: HTTP/1.1 keep-alive on a threading server,
+each response written in one send, TCP_NODELAY, a bound on handler threads, a
+socket timeout, bodies bounded and validated before anything acts on them.
+Every decision about jobs and artifacts is the application's (``server.app``,
+a ``coordinator.Coordinator`` or anything with the same methods); this module
+only translates between the wire and those calls. Tokens never reach a log.
+
+Routes live in one table (``make_router``). Other modules add pages without
+touching this file: a module named in ``EXTENSIONS`` that exists defines
+``register(router)`` and calls ``router.add(method, template, handler)``; its
+handler gets a ``Request`` and returns a ``Response``, a dict (JSON 200) or a
+``(status, content_type, body_bytes)`` tuple. That is how the dashboard (GET /)
+and the Prometheus page (GET /metrics) replace the placeholders here.
+"""
+
+from __future__ import annotations
+
+import hmac
+import http.client
+import http.server
+import importlib
+import json
+import logging
+import re
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Callable
+
+from cis490fleet import __version__, errors, model, openapi, tls
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger(__name__ + ".access")
+
+MAX_JSON_BYTES = 1 << 20
+MAX_WAIT_S = 60.0
+SOCKET_TIMEOUT_S = 60.0
+MAX_HANDLERS = 512
+MAX_LEASE_CHARS = 128
+MAX_ERROR_TEXT = 64 * 1024
+MAX_LOG_TAIL = 256 * 1024
+EXTENSIONS = ("cis490fleet.dashboard", "cis490fleet.metrics")
+_PREFIX_RE = re.compile(r"^[0-9a-f]{4,64}$")
+_SECRET_QUERY_KEYS = re.compile(r"token|secret|key|pass|auth|lease", re.I)
+
+
+class MethodNotAllowed(errors.BadRequest):
+    code = "method_not_allowed"
+
+    def __init__(self, method: str, path: str, allowed: list[str]):
+        self.allowed = allowed
+        super().__init__(f"{method} is not supported on {path}; use {' or '.join(allowed)}")
+
+
+class LengthRequired(errors.BadRequest):
+    code = "length_required"
+
+
+# Statuses of the errors this layer adds; everything else goes through errors.http_status().
+_LOCAL_STATUS = {MethodNotAllowed: 405, LengthRequired: 411}
+
+
+def status_of(err: errors.FleetError) -> int:
+    for cls in type(err).__mro__:
+        if cls in _LOCAL_STATUS:
+            return _LOCAL_STATUS[cls]
+    return errors.http_status(err)
+
+
+# -- requests and responses ---------------------------------------------------------------------
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    stream: BinaryIO | None = None  # sent after the headers, ``length`` bytes; closed afterwards
+    length: int = 0
+    close: bool = False
+
+
+def json_response(obj: Any, status: int = 200, headers: dict | None = None) -> Response:
+    body = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    return Response(status=status, body=body, headers=dict(headers or {}))
+
+
+def error_response(err: errors.FleetError) -> Response:
+    resp = json_response({"error": err.code, "detail": err.detail}, status_of(err))
+    if isinstance(err, MethodNotAllowed):
+        resp.headers["Allow"] = ", ".join(err.allowed)
+    if isinstance(err, errors.NotLeader) and err.leader_url:
+        resp.headers["x-leader"] = err.leader_url
+    return resp
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+class Request:
+    """One parsed request as handlers see it. The body is read only when a handler asks for it."""
+
+    def __init__(self, handler: "Handler", method: str, path: str, query: dict[str, list[str]],
+                 params: dict[str, str]):
+        self.handler = handler
+        self.app = handler.server.app
+        self.server = handler.server
+        self.method = method
+        self.path = path
+        self.query = query
+        self.params = params
+        self.headers = handler.headers
+        self.peer_host = handler.peer_host
+        self._length = handler.body_length
+        self.remaining = self._length or 0
+
+    def header(self, name: str) -> str | None:
+        value = self.headers.get(name)
+        return value.strip() if isinstance(value, str) else None
+
+    @property
+    def content_length(self) -> int | None:
+        return self._length
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes of the body (the rest with -1); never reads past content-length."""
+        if self.remaining <= 0:
+            return b""
+        self.handler.send_continue()
+        n = self.remaining if n < 0 else min(n, self.remaining)
+        data = self.handler.rfile.read(n)
+        self.remaining -= len(data)
+        if not data:
+            self.remaining = 0
+            self.handler.close_connection = True
+        return data
+
+    def body_bytes(self, limit: int = MAX_JSON_BYTES) -> bytes:
+        if self._length is not None and self._length > limit:
+            raise errors.TooLarge(f"request body of {self._length} bytes is over the limit of {limit} bytes")
+        data = self.read()
+        if self._length is not None and len(data) < self._length:
+            raise errors.BadRequest(f"request body ended after {len(data)} of {self._length} bytes")
+        return data
+
+    def json(self) -> Any:
+        """The JSON body; None for an empty body."""
+        raw = self.body_bytes()
+        if not raw.strip():
+            return None
+        try:
+            return json.loads(raw, parse_constant=_reject_constant)
+        except UnicodeDecodeError:
+            raise errors.BadRequest("request body is not UTF-8 text; send JSON encoded as UTF-8") from None
+        except RecursionError:
+            raise errors.BadRequest("request body is nested too deeply; send a flat JSON object") from None
+        except ValueError as err:
+            raise errors.BadRequest(f"request body is not valid JSON ({err}); send a JSON object") from None
+
+    def json_object(self) -> dict:
+        body = self.json()
+        if body is None:
+            return {}
+        if not isinstance(body, dict):
+            raise errors.BadRequest(f"request body must be a JSON object, got {_json_type(body)}")
+        return body
+
+    def host_id(self) -> str:
+        """The worker's identity: ``x-lab-host``, checked against the TLS client certificate when there is one."""
+        sent = self.header("x-lab-host")
+        if not sent:
+            if self.peer_host:
+                return self.peer_host
+            raise errors.Unauthorized("missing x-lab-host header: send x-lab-host: <host id> to say which worker "
+                                      "is asking")
+        if self.peer_host is not None and sent != self.peer_host:
+            raise errors.Forbidden(f"x-lab-host {sent!r} does not match the TLS client certificate, which names "
+                                   f"{self.peer_host!r}; send x-lab-host: {self.peer_host} or use that host's "
+                                   "certificate")
+        if not model.HOST_ID_RE.match(sent):
+            raise errors.BadRequest(f"x-lab-host {sent[:80]!r} is not a valid host id: use 1-63 letters, digits, "
+                                    "'.', '_' or '-', starting with a letter or digit")
+        return sent
+
+    def lease(self) -> str | None:
+        """The ``x-lease`` header; None means 'fence by host identity' (the original client sends none)."""
+        value = self.header("x-lease")
+        if value is None or value == "":
+            return None
+        if len(value) > MAX_LEASE_CHARS or not value.isprintable() or not value.isascii():
+            raise errors.BadRequest(f"x-lease is not a valid lease: expected the lease token from the claim "
+                                    f"(at most {MAX_LEASE_CHARS} printable characters)")
+        return value
+
+    def require_operator(self) -> None:
+        token = getattr(self.app, "operator_token", None)
+        if not token:
+            raise errors.Forbidden("operator actions are disabled: this coordinator has no operator token; start "
+                                   "serve with CIS490_OPERATOR_TOKEN set or with --operator-token-file FILE")
+        sent = self.headers.get("x-operator-token")
+        if sent is None or sent == "":
+            raise errors.Unauthorized("missing x-operator-token header: send the operator token "
+                                      "(CIS490_OPERATOR_TOKEN) in x-operator-token")
+        if not hmac.compare_digest(sent.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")):
+            raise errors.Forbidden("wrong operator token in x-operator-token; use the token the coordinator was "
+                                   "started with")
+
+    def query_one(self, name: str) -> str | None:
+        values = self.query.get(name)
+        if not values:
+            return None
+        if len(values) > 1:
+            raise errors.BadRequest(f"query parameter {name!r} is given {len(values)} times; give it once")
+        return values[0]
+
+    def query_int(self, name: str, default: int, lo: int, hi: int) -> int:
+        raw = self.query_one(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise errors.BadRequest(f"query parameter {name}={raw[:40]!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise errors.BadRequest(f"query parameter {name}={value} is out of range: expected {lo}..{hi}")
+        return value
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def field_object(body: dict, name: str, required: bool = False) -> dict | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise errors.BadRequest(f"field {name!r} is required: send a JSON object")
+        return None
+    if not isinstance(value, dict):
+        raise errors.BadRequest(f"field {name!r} must be a JSON object, got {_json_type(value)}")
+    return value
+
+
+def field_string(body: dict, name: str, required: bool = False, max_chars: int = MAX_ERROR_TEXT) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise errors.BadRequest(f"field {name!r} is required: send a string")
+        return None
+    if not isinstance(value, str):
+        raise errors.BadRequest(f"field {name!r} must be a string, got {_json_type(value)}")
+    if len(value) > max_chars:
+        raise errors.BadRequest(f"field {name!r} has {len(value)} characters; at most {max_chars} are accepted")
+    return value
+
+
+def field_number(body: dict, name: str, lo: float, hi: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise errors.BadRequest(f"field {name!r} must be a number of seconds, got {_json_type(value)}")
+    if not lo <= value <= hi:
+        raise errors.BadRequest(f"field {name!r} = {value} is out of range: expected {lo:g}..{hi:g}")
+    return float(value)
+
+
+def job_id_param(value: str) -> str:
+    """A full job id, as workers send it."""
+    if not model.JOB_ID_RE.match(value):
+        raise errors.BadRequest(f"job id {value[:80]!r} is not valid: expected 64 lowercase hex digits")
+    return value
+
+
+def job_ref_param(value: str) -> str:
+    """A job id or an operator's unique prefix (at least 4 hex digits)."""
+    value = value.lower()
+    if not _PREFIX_RE.match(value):
+        raise errors.BadRequest(f"job id {value[:80]!r} is not valid: expected 64 hex digits or a unique prefix "
+                                "of at least 4")
+    return value
+
+
+def sha_param(value: str, what: str = "artifact id") -> str:
+    if not model.SHA256_RE.match(value):
+        raise errors.BadRequest(f"{what} {value[:80]!r} is not valid: expected 64 lowercase hex digits (a sha256)")
+    return value
+
+
+# -- the route table ------------------------------------------------------------------------------
+
+Handler_ = Callable[[Request], Any]
+
+
+@dataclass
+class Route:
+    method: str
+    template: str
+    handler: Handler_
+    regex: re.Pattern = field(repr=False, default=None)
+
+    def __post_init__(self):
+        pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(self.template))
+        self.regex = re.compile(f"^{pattern}$")
+
+
+class Router:
+    """Method + path template -> handler. ``{name}`` in a template matches one path segment."""
+
+    def __init__(self):
+        self.routes: list[Route] = []
+
+    def add(self, method: str, template: str, handler: Handler_) -> None:
+        """Register ``handler``; an existing route with the same method and template is replaced."""
+        method = method.upper()
+        self.routes = [r for r in self.routes if (r.method, r.template) != (method, template)]
+        self.routes.append(Route(method, template, handler))
+
+    def table(self) -> list[tuple[str, str]]:
+        return [(r.method, r.template) for r in self.routes]
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        allowed = []
+        for route in self.routes:
+            m = route.regex.match(path)
+            if m is None:
+                continue
+            if route.method == method or (method == "HEAD" and route.method == "GET"):
+                return route, {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
+            allowed.append(route.method)
+        if allowed:
+            raise MethodNotAllowed(method, path, sorted(set(allowed)))
+        raise errors.NotFound(f"no such endpoint: {method} {path[:200]}; see GET /v1/openapi.json")
+
+
+def _as_response(result: Any) -> Response:
+    if isinstance(result, Response):
+        return result
+    if isinstance(result, tuple) and len(result) == 3:
+        status, ctype, body = result
+        return Response(status=status, body=body if isinstance(body, bytes) else str(body).encode(),
+                        content_type=ctype)
+    return json_response(result)
+
+
+# -- endpoint handlers ----------------------------------------------------------------------------
+
+
+def h_health(req: Request):
+    return req.app.health()
+
+
+def h_openapi(req: Request):
+    return openapi.document()
+
+
+def h_claim(req: Request):
+    host = req.host_id()
+    body = req.json_object()
+    capability = field_object(body, "capability") or {}
+    wait = field_number(body, "wait", 0, MAX_WAIT_S) or 0.0
+    return req.app.claim(host, capability, wait)
+
+
+def h_heartbeat(req: Request):
+    job_id = job_id_param(req.params["id"])
+    host = req.host_id()
+    lease = req.lease()
+    body = req.json()
+    if isinstance(body, list):
+        if not all(isinstance(item, dict) for item in body):
+            raise errors.BadRequest("heartbeat body must be a JSON object or an array of objects")
+        body = body[-1] if body else {}
+    elif body is None:
+        body = {}
+    elif not isinstance(body, dict):
+        raise errors.BadRequest(f"heartbeat body must be a JSON object or an array of objects, got {_json_type(body)}")
+    cmd = {"op": "heartbeat", "job_id": job_id, "host": host, "lease": lease}
+    progress = field_object(body, "progress")
+    if progress is not None:
+        cmd["progress"] = progress
+    log_tail = field_string(body, "log_tail", max_chars=MAX_LOG_TAIL)
+    if log_tail is not None:
+        cmd["log_tail"] = log_tail
+    result = req.app.execute(cmd)
+    return {"ok": True, "cancel": bool(result.get("cancel", False))}
+
+
+def h_complete(req: Request):
+    job_id = job_id_param(req.params["id"])
+    host = req.host_id()
+    lease = req.lease()
+    artifact_id = field_string(req.json_object(), "artifact_id", required=True)
+    sha_param(artifact_id)
+    req.app.execute({"op": "complete", "job_id": job_id, "host": host, "lease": lease, "artifact_id": artifact_id})
+    return {"ok": True}
+
+
+def h_fail(req: Request):
+    job_id = job_id_param(req.params["id"])
+    host = req.host_id()
+    lease = req.lease()
+    error = field_string(req.json_object(), "error", required=True)
+    result = req.app.execute({"op": "fail", "job_id": job_id, "host": host, "lease": lease, "error": error})
+    return {**result, "ok": True}
+
+
+def h_release(req: Request):
+    job_id = job_id_param(req.params["id"])
+    host = req.host_id()
+    lease = req.lease()
+    req.json()  # an optional, ignored body is read so the connection stays usable
+    req.app.execute({"op": "release", "job_id": job_id, "host": host, "lease": lease})
+    return {"ok": True}
+
+
+def h_cancel(req: Request):
+    req.require_operator()
+    job_id = req.app.resolve_job_id(job_ref_param(req.params["id"]))
+    req.app.execute({"op": "cancel", "job_id": job_id})
+    return {"ok": True}
+
+
+def h_requeue(req: Request):
+    req.require_operator()
+    job_id = req.app.resolve_job_id(job_ref_param(req.params["id"]))
+    req.app.execute({"op": "requeue", "job_id": job_id})
+    return {"ok": True}
+
+
+def h_reload(req: Request):
+    req.require_operator()
+    return req.app.reload_manifest()
+
+
+def h_job(req: Request):
+    return {"job": req.app.job_detail(job_ref_param(req.params["id"]))}
+
+
+def h_jobs(req: Request):
+    status = req.query_one("status") or None
+    if status is not None:
+        for s in status.split(","):
+            if s not in model.STATUSES:
+                raise errors.BadRequest(f"status {s[:40]!r} is not a job status: use one of {', '.join(model.STATUSES)}")
+    model_name = req.query_one("model") or None
+    if model_name is not None and not model.NAME_RE.match(model_name):
+        raise errors.BadRequest(f"model {model_name[:80]!r} is not a valid model name")
+    host = req.query_one("host") or None
+    if host is not None and not model.HOST_ID_RE.match(host):
+        raise errors.BadRequest(f"host {host[:80]!r} is not a valid host id")
+    limit = req.query_int("limit", 1000, 1, 10000)
+    offset = req.query_int("offset", 0, 0, 10**9)
+    jobs, total = req.app.list_jobs(status=status, model=model_name, host=host, limit=limit, offset=offset)
+    return {"jobs": jobs, "total": total}
+
+
+def h_workers(req: Request):
+    return {"workers": req.app.workers()}
+
+
+def h_register(req: Request):
+    host = req.host_id()
+    capability = field_object(req.json_object(), "capability", required=True)
+    result = req.app.execute({"op": "register_worker", "host": host, "capability": capability})
+    return {**result, "ok": True}
+
+
+def h_upload(req: Request):
+    job_id = job_id_param(req.params["job_id"])
+    host = req.host_id()
+    lease = req.lease()
+    declared = req.header("x-content-sha256")
+    if not declared:
+        raise errors.BadRequest("missing x-content-sha256 header: send the sha256 of the bundle (64 hex digits)")
+    sha_param(declared.lower(), "x-content-sha256")
+    length = req.content_length
+    if length is None:
+        raise LengthRequired("missing content-length header: send the bundle's size in bytes")
+    limit = req.app.max_artifact_bytes()
+    if length > limit:
+        raise errors.TooLarge(f"bundle of {length} bytes is over this fleet's max_artifact_bytes ({limit}); "
+                              "raise [fleet] max_artifact_bytes in the manifest or make the bundle smaller")
+    result = req.app.store_artifact(job_id, host, lease, req, declared.lower(), length)
+    return json_response({"artifact_id": result["artifact_id"], "path": result["path"],
+                          "deduplicated": bool(result["deduplicated"])}, 201)
+
+
+def h_artifact(req: Request):
+    sha = sha_param(req.params["sha256"])
+    f, size = req.app.open_artifact(sha)
+    return Response(status=200, content_type="application/octet-stream", stream=f, length=size,
+                    headers={"x-content-sha256": sha})
+
+
+def h_zipapp(req: Request):
+    data, sha = req.app.zipapp()
+    return Response(status=200, body=data, content_type="application/zip",
+                    headers={"x-content-sha256": sha,
+                             "content-disposition": 'attachment; filename="cis490fleet.pyz"'})
+
+
+_PLACEHOLDER_PAGE = b"""<!doctype html>
+<html><head><meta charset="utf-8"><title>cis490fleet</title></head>
+<body><h1>cis490fleet coordinator</h1>
+<p>The dashboard is not part of this build. See <a href="/v1/jobs">/v1/jobs</a>,
+<a href="/v1/workers">/v1/workers</a>, <a href="/v1/health">/v1/health</a> and
+<a href="/v1/openapi.json">/v1/openapi.json</a>.</p></body></html>
+"""
+
+
+def h_index(req: Request):
+    return Response(body=_PLACEHOLDER_PAGE, content_type="text/html; charset=utf-8")
+
+
+def h_metrics(req: Request):
+    snapshot = req.app.counters.snapshot()
+    lines = []
+    for name, value in sorted(snapshot["counters"].items()):
+        lines.append(f"# TYPE cis490fleet_{name}_total counter")
+        lines.append(f"cis490fleet_{name}_total {value}")
+    return Response(body=("\n".join(lines) + "\n").encode(), content_type="text/plain; version=0.0.4")
+
+
+def make_router() -> Router:
+    """The route table: every endpoint of the wire API, then the extensions' pages."""
+    router = Router()
+    for method, template, handler in (
+        ("GET", "/", h_index),
+        ("GET", "/metrics", h_metrics),
+        ("GET", "/v1/health", h_health),
+        ("GET", "/v1/openapi.json", h_openapi),
+        ("POST", "/v1/job/claim", h_claim),
+        ("POST", "/v1/job/{id}/heartbeat", h_heartbeat),
+        ("POST", "/v1/job/{id}/complete", h_complete),
+        ("POST", "/v1/job/{id}/fail", h_fail),
+        ("POST", "/v1/job/{id}/release", h_release),
+        ("POST", "/v1/job/{id}/cancel", h_cancel),
+        ("POST", "/v1/job/{id}/requeue", h_requeue),
+        ("GET", "/v1/job/{id}", h_job),
+        ("GET", "/v1/jobs", h_jobs),
+        ("GET", "/v1/workers", h_workers),
+        ("POST", "/v1/worker/register", h_register),
+        ("PUT", "/v1/model/{job_id}", h_upload),
+        ("GET", "/v1/artifact/{sha256}", h_artifact),
+        ("GET", "/v1/zipapp", h_zipapp),
+        ("POST", "/v1/manifest/reload", h_reload),
+    ):
+        router.add(method, template, handler)
+    for name in EXTENSIONS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise
+            continue
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(router)
+    return router
+
+
+# -- the server -----------------------------------------------------------------------------------
+
+
+def _safe_target(path: str, query: str) -> str:
+    """The request target for the access log, with the values of secret-looking query keys removed."""
+    if not query:
+        return path[:300]
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    shown = "&".join(f"{k}={'***' if _SECRET_QUERY_KEYS.search(k) else v}" for k, v in pairs)
+    return f"{path[:300]}?{shown[:300]}"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"cis490fleet/{__version__}"
+    sys_version = ""
+    server: "FleetHTTPServer"
+
+    def setup(self):
+        self.peer_host = None
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()
+            self.peer_host = tls.peer_host_id(self.request)
+        super().setup()
+
+    def __getattr__(self, name: str):
+        # Any method reaches the route table, so unknown ones get a JSON 405/404 instead of an HTML 501.
+        if name.startswith("do_"):
+            return self._dispatch
+        raise AttributeError(name)
+
+    def handle_expect_100(self):
+        # The 100 goes out only when a handler starts reading the body, so an upload refused
+        # on its headers (wrong holder, too large) is never sent.
+        self._continue_pending = True
+        return True
+
+    def send_continue(self) -> None:
+        if getattr(self, "_continue_pending", False):
+            self._continue_pending = False
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def log_message(self, format, *args):
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def send_error(self, code, message=None, explain=None):
+        """Errors found by http.server while parsing (bad request line, huge headers): JSON, then close."""
+        short = {400: "bad_request", 414: "too_large", 431: "too_large", 501: "method_not_allowed"}.get(code, "error")
+        phrase = http.client.responses.get(code, "Error")
+        detail = f"{message or phrase}; send a well-formed HTTP/1.1 request"
+        self.close_connection = True
+        try:
+            self._write(json_response({"error": short, "detail": detail}, code), head=False)
+        except OSError:
+            pass
+        access_log.info("%s %s %d - host=-", getattr(self, "command", None) or "-", "-", code)
+
+    def _body_length(self) -> int | None:
+        if self.headers.get("transfer-encoding"):
+            raise LengthRequired("chunked request bodies are not supported; send content-length instead")
+        values = self.headers.get_all("content-length") or []
+        if not values:
+            return None
+        if len(set(v.strip() for v in values)) != 1:
+            raise errors.BadRequest("conflicting content-length headers; send one")
+        raw = values[0].strip()
+        if not raw.isdigit() or not raw.isascii() or len(raw) > 18:
+            raise errors.BadRequest(f"content-length {raw[:40]!r} is not a byte count")
+        return int(raw)
+
+    def _dispatch(self):
+        t0 = time.perf_counter()
+        self._continue_pending = getattr(self, "_continue_pending", False)
+        self.body_length = None
+        self.server.request_started()
+        method = self.command
+        parsed = urllib.parse.urlsplit(self.path)
+        path = parsed.path or "/"
+        host_for_log = self.headers.get("x-lab-host") or self.peer_host or "-"
+        req = None
+        try:
+            try:
+                self.body_length = self._body_length()
+                route, params = self.server.router.match(method, path)
+                try:
+                    query = urllib.parse.parse_qs(parsed.query, keep_blank_values=True, strict_parsing=False,
+                                                  max_num_fields=50)
+                except ValueError:
+                    raise errors.BadRequest("too many query parameters; send at most 50") from None
+                req = Request(self, method, path, query, params)
+                resp = _as_response(route.handler(req))
+            except errors.FleetError as err:
+                resp = error_response(err)
+            except (ConnectionError, TimeoutError, socket.timeout):
+                self.close_connection = True
+                access_log.info("%s %s aborted by the client host=%s", method, _safe_target(path, parsed.query),
+                                str(host_for_log)[:64])
+                return
+            except Exception:
+                log.exception("internal error handling %s %s", method, path[:200])
+                resp = json_response({"error": "internal", "detail": "the coordinator hit an unexpected error; "
+                                      "see the server log"}, 500)
+            if self.body_length and (req is None or req.remaining > 0):
+                # Unread body bytes would be taken for the next request: drop the connection instead.
+                resp.close = True
+            try:
+                self._write(resp, head=(method == "HEAD"))
+            except OSError:
+                self.close_connection = True
+                return
+            finally:
+                if resp.stream is not None:
+                    resp.stream.close()
+            ms = (time.perf_counter() - t0) * 1000
+            self.server.observe(resp.status, ms)
+            access_log.info("%s %s %d %.1fms host=%s", method, _safe_target(path, parsed.query), resp.status, ms,
+                            str(host_for_log)[:64])
+        finally:
+            self.server.request_finished()
+
+    def _write(self, resp: Response, head: bool) -> None:
+        if resp.close:
+            self.close_connection = True
+        length = resp.length if resp.stream is not None else len(resp.body)
+        lines = [f"HTTP/1.1 {resp.status} {http.client.responses.get(resp.status, 'Unknown')}",
+                 f"Server: {self.server_version}",
+                 f"Date: {self.date_time_string()}",
+                 f"Content-Type: {resp.content_type}",
+                 f"Content-Length: {length}"]
+        if self.close_connection:
+            lines.append("Connection: close")
+        lines += [f"{k}: {v}" for k, v in resp.headers.items()]
+        head_bytes = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if head:
+            self.wfile.write(head_bytes)
+        elif resp.stream is None:
+            self.wfile.write(head_bytes + resp.body)
+        else:
+            self.wfile.write(head_bytes)
+            sent = self.connection.sendfile(resp.stream, 0, resp.length) if resp.length else 0
+            if sent != resp.length:
+                self.close_connection = True
+
+
+class FleetHTTPServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer with bounded handler threads, TCP_NODELAY, socket timeouts and optional TLS.
+
+    ``accept_hook(sock)``, when set, is called with every accepted socket (tests check its options).
+    """
+
+    daemon_threads = True
+    request_queue_size = 1024
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], app, *, ssl_context: ssl.SSLContext | None = None,
+                 router: Router | None = None, max_handlers: int = MAX_HANDLERS,
+                 socket_timeout: float = SOCKET_TIMEOUT_S):
+        self.app = app
+        self.router = router or make_router()
+        self.ssl_context = ssl_context
+        self.socket_timeout = socket_timeout
+        self.accept_hook: Callable | None = None
+        self._slots = threading.BoundedSemaphore(max_handlers)
+        self._inflight = 0
+        self._inflight_cond = threading.Condition()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, Handler)
+
+    def server_bind(self):
+        # HTTPServer.server_bind resolves the fully qualified host name, which can stall on a bad resolver.
+        import socketserver
+
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = host
+        self.server_port = port
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def get_request(self):
+        sock, addr = self.socket.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self.socket_timeout)
+        if self.ssl_context is not None:
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        if self.accept_hook is not None:
+            self.accept_hook(sock)
+        return sock, addr
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self._refuse_busy(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse_busy(self, sock) -> None:
+        log.warning("refusing a connection from %s: all handler threads are busy", sock.getpeername()[0]
+                    if not isinstance(sock, ssl.SSLSocket) else "a TLS client")
+        if not isinstance(sock, ssl.SSLSocket):
+            body = json.dumps({"error": "unavailable", "detail": "the coordinator is busy: every handler thread "
+                               "is in use; retry in a moment"}).encode()
+            try:
+                sock.settimeout(1.0)
+                sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                             b"Connection: close\r\nRetry-After: 1\r\nContent-Length: "
+                             + str(len(body)).encode() + b"\r\n\r\n" + body)
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        self.shutdown_request(sock)
+
+    def handle_error(self, request, client_address):
+        import sys
+
+        err = sys.exc_info()[1]
+        if isinstance(err, (OSError, ssl.SSLError)):
+            log.debug("connection from %s ended: %s", client_address[0], err)
+        else:
+            log.exception("unexpected error on the connection from %s", client_address[0])
+
+    # -- request accounting, for a graceful stop and the metrics ------------------------------
+
+    def request_started(self) -> None:
+        with self._inflight_cond:
+            self._inflight += 1
+
+    def request_finished(self) -> None:
+        with self._inflight_cond:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._inflight_cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is being handled; False when ``timeout`` ran out first."""
+        deadline = time.monotonic() + timeout
+        with self._inflight_cond:
+            while self._inflight > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._inflight_cond.wait(left)
+        return True
+
+    def observe(self, status: int, ms: float) -> None:
+        counters = getattr(self.app, "counters", None)
+        if counters is not None:
+            counters.observe_request(status, ms)

@@ -1,0 +1,209 @@
+"""The OpenAPI 3.1 document of the coordinator's wire API (served at GET /v1/openapi.json).
+
+Adapter layer, data only: a function returning a dict. tests/test_http_api.py
+checks that every route in ``http_api``'s table appears here with its method,
+and that nothing here is missing from the table.
+"""
+
+from __future__ import annotations
+
+from cis490fleet import __version__
+
+_HEX64 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict, description: str = "OK") -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict:
+    text = {
+        400: "malformed request: the detail names the field and what was expected",
+        401: "identity or operator token missing",
+        403: "wrong operator token, operator actions disabled, or TLS identity mismatch",
+        404: "no such job, artifact or route",
+        405: "the path exists but not for this method",
+        409: "the caller no longer holds the job (stale lease) or its status forbids the action",
+        411: "content-length is required",
+        413: "body too large",
+        503: "busy, shutting down, or not the leader",
+    }
+    return {str(s): _json(_ref("Error"), text[s]) for s in statuses}
+
+
+_ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+             "description": "a job id (64 hex digits); operator endpoints and GET also take a unique prefix"}
+_JOB_ID_PARAM = {"name": "job_id", "in": "path", "required": True, "schema": _HEX64}
+_SHA_PARAM = {"name": "sha256", "in": "path", "required": True, "schema": _HEX64}
+_HOST_HEADER = {"name": "x-lab-host", "in": "header", "required": False, "schema": {"type": "string"},
+                "description": "the worker's host id; required unless a TLS client certificate names it"}
+_LEASE_HEADER = {"name": "x-lease", "in": "header", "required": False, "schema": {"type": "string"},
+                 "description": "the lease from the claim; without it the job is fenced by host identity"}
+_WORKER = [{"labHost": []}, {"mutualTLS": []}]
+_OPERATOR = [{"operatorToken": []}]
+
+
+def _body(schema: dict, required: bool = True) -> dict:
+    return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+
+def _worker_op(summary: str, body: dict | None, ok: dict, *errors: int) -> dict:
+    op = {"summary": summary, "security": _WORKER, "parameters": [_ID_PARAM, _HOST_HEADER, _LEASE_HEADER],
+          "responses": {"200": _json(ok), **_errors(400, 401, 403, 404, 409, *errors)}}
+    if body is not None:
+        op["requestBody"] = body
+    return op
+
+
+def _operator_op(summary: str, ok: dict, params: list | None = None, body: dict | None = None) -> dict:
+    op = {"summary": summary, "security": _OPERATOR, "parameters": list(params or []),
+          "responses": {"200": _json(ok), **_errors(400, 401, 403, 404, 409)}}
+    if body is not None:
+        op["requestBody"] = body
+    return op
+
+
+_OK = {"type": "object", "required": ["ok"], "properties": {"ok": {"const": True}}}
+
+SCHEMAS = {
+    "Error": {"type": "object", "required": ["error", "detail"],
+              "properties": {"error": {"type": "string", "description": "short code, e.g. stale_lease"},
+                             "detail": {"type": "string", "description": "a sentence a person can act on"}}},
+    "Capability": {"type": "object", "additionalProperties": True,
+                   "properties": {"host": {"type": ["string", "null"]}, "os": {"type": ["string", "null"]},
+                                  "python": {"type": ["string", "null"]}, "cores": {"type": "integer"},
+                                  "ram_gib": {"type": "number"}, "cuda": {"type": "boolean"},
+                                  "gpus": {"type": "array", "items": {"type": "object"}},
+                                  "vram_gib": {"type": "number"}, "torch": {"type": ["string", "null"]},
+                                  "git_commit": {"type": ["string", "null"]}, "disk_free_gib": {"type": "number"},
+                                  "slots": {"type": "integer", "minimum": 1}}},
+    "JobSpec": {"type": "object", "additionalProperties": True,
+                "properties": {"id": _HEX64, "model": {"type": "string"}, "mode": {"type": "string"},
+                               "hyper": {"type": "object"}, "split_recipe": {"type": "string"},
+                               "train_hosts": {"type": "array", "items": {"type": "string"}},
+                               "seed": {"type": "integer"}}},
+    "Job": {"type": "object", "additionalProperties": True,
+            "properties": {"id": _HEX64, "status": {"enum": ["pending", "claimed", "running", "completed",
+                                                               "failed", "cancelled"]},
+                           "model": {"type": "string"}, "mode": {"type": "string"},
+                           "host": {"type": ["string", "null"]}, "attempt": {"type": "integer"},
+                           "artifact_id": {"type": ["string", "null"]}}},
+    "Claim": {"type": "object", "required": ["job"],
+              "properties": {"job": {"oneOf": [{"type": "null"}, _ref("JobSpec")]}, "job_id": _HEX64,
+                             "lease": {"type": ["string", "integer"]}, "attempt": {"type": "integer"},
+                             "heartbeat_s": {"type": "number"}, "stale_after_s": {"type": "number"},
+                             "trainer": {"type": "object"}}},
+    "Progress": {"type": "object", "properties": {"progress": {"type": "object"}, "log_tail": {"type": "string"}}},
+}
+
+PATHS = {
+    "/": {"get": {"summary": "the dashboard page", "responses": {
+        "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+    "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+        "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+    "/v1/health": {"get": {"summary": "liveness, role and queue counts", "responses": {"200": _json({
+        "type": "object", "required": ["ok", "role", "leader", "term", "node_id", "version", "jobs"],
+        "properties": {"ok": {"type": "boolean"}, "role": {"enum": ["leader", "follower", "candidate"]},
+                       "leader": {"type": ["string", "null"]}, "term": {"type": "integer"},
+                       "node_id": {"type": "string"}, "version": {"type": "string"},
+                       "jobs": {"type": "object", "additionalProperties": {"type": "integer"}},
+                       "peers": {"type": "array"}}})}}},
+    "/v1/openapi.json": {"get": {"summary": "this document", "responses": {"200": _json({"type": "object"})}}},
+    "/v1/job/claim": {"post": {
+        "summary": "claim one eligible job, optionally waiting up to `wait` seconds for one",
+        "security": _WORKER, "parameters": [_HOST_HEADER],
+        "requestBody": _body({"type": "object", "properties": {
+            "capability": _ref("Capability"), "wait": {"type": "number", "minimum": 0, "maximum": 60}}}, False),
+        "responses": {"200": _json(_ref("Claim")), **_errors(400, 401, 403, 413, 503)}}},
+    "/v1/job/{id}/heartbeat": {"post": _worker_op(
+        "report progress; the answer says whether to cancel",
+        _body({"oneOf": [_ref("Progress"), {"type": "array", "items": _ref("Progress")}]}, False),
+        {"type": "object", "required": ["ok", "cancel"],
+         "properties": {"ok": {"const": True}, "cancel": {"type": "boolean"}}})},
+    "/v1/job/{id}/complete": {"post": _worker_op(
+        "finish the job with an uploaded artifact",
+        _body({"type": "object", "required": ["artifact_id"], "properties": {"artifact_id": _HEX64}}), _OK)},
+    "/v1/job/{id}/fail": {"post": _worker_op(
+        "report that this attempt failed; the job is retried until max_attempts",
+        _body({"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}),
+        {"type": "object", "required": ["ok", "status"],
+         "properties": {"ok": {"const": True}, "status": {"type": "string"},
+                        "retry_at": {"type": ["number", "null"]}}})},
+    "/v1/job/{id}/release": {"post": _worker_op("give the job back (worker shutting down)", None, _OK)},
+    "/v1/job/{id}/cancel": {"post": _operator_op("cancel the job; a running worker is told by its heartbeat", _OK,
+                                                 [_ID_PARAM])},
+    "/v1/job/{id}/requeue": {"post": _operator_op("put a finished or failed job back in the queue", _OK,
+                                                  [_ID_PARAM])},
+    "/v1/job/{id}": {"get": {"summary": "job detail with attempt history and log tail", "parameters": [_ID_PARAM],
+                             "responses": {"200": _json({"type": "object", "required": ["job"],
+                                                         "properties": {"job": _ref("Job")}}),
+                                           **_errors(400, 404)}}},
+    "/v1/jobs": {"get": {"summary": "list jobs", "parameters": [
+        {"name": "status", "in": "query", "schema": {"type": "string"}},
+        {"name": "model", "in": "query", "schema": {"type": "string"}},
+        {"name": "host", "in": "query", "schema": {"type": "string"}},
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 10000}},
+        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}}],
+        "responses": {"200": _json({"type": "object", "required": ["jobs", "total"], "properties": {
+            "jobs": {"type": "array", "items": _ref("Job")}, "total": {"type": "integer"}}}), **_errors(400)}}},
+    "/v1/workers": {"get": {"summary": "known workers and when they were last seen", "responses": {
+        "200": _json({"type": "object", "required": ["workers"],
+                      "properties": {"workers": {"type": "array", "items": {"type": "object"}}}})}}},
+    "/v1/worker/register": {"post": {
+        "summary": "announce a worker and its capability", "security": _WORKER, "parameters": [_HOST_HEADER],
+        "requestBody": _body({"type": "object", "required": ["capability"],
+                              "properties": {"capability": _ref("Capability")}}),
+        "responses": {"200": _json(_OK), **_errors(400, 401, 403, 413)}}},
+    "/v1/model/{job_id}": {"put": {
+        "summary": "upload the job's model bundle (streamed, verified, content-addressed)", "security": _WORKER,
+        "parameters": [_JOB_ID_PARAM, _HOST_HEADER, _LEASE_HEADER,
+                       {"name": "x-content-sha256", "in": "header", "required": True, "schema": _HEX64},
+                       {"name": "content-length", "in": "header", "required": True,
+                        "schema": {"type": "integer", "minimum": 0}}],
+        "requestBody": {"required": True, "content": {"application/octet-stream": {
+            "schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}},
+        "responses": {"201": _json({"type": "object", "required": ["artifact_id", "path", "deduplicated"],
+                                    "properties": {"artifact_id": _HEX64, "path": {"type": "string"},
+                                                   "deduplicated": {"type": "boolean"}}}, "stored"),
+                      **_errors(400, 401, 403, 404, 409, 411, 413)}}},
+    "/v1/artifact/{sha256}": {"get": {
+        "summary": "download a model bundle", "parameters": [_SHA_PARAM],
+        "responses": {"200": {"description": "the bundle; header x-content-sha256 repeats the id",
+                              "content": {"application/octet-stream": {"schema": {
+                                  "type": "string", "contentMediaType": "application/octet-stream"}}}},
+                      **_errors(400, 404)}}},
+    "/v1/zipapp": {"get": {
+        "summary": "this coordinator's cis490fleet.pyz, for copy-one-file enrollment",
+        "responses": {"200": {"description": "the zipapp; header x-content-sha256 is its sha256",
+                              "content": {"application/zip": {"schema": {
+                                  "type": "string", "contentMediaType": "application/zip"}}}}}}},
+    "/v1/manifest/reload": {"post": _operator_op(
+        "re-read the manifest file and sync the queue (idempotent)",
+        {"type": "object", "required": ["added", "kept", "removed", "total"],
+         "properties": {k: {"type": "integer"} for k in ("added", "kept", "removed", "total")}})},
+}
+
+
+def document() -> dict:
+    """A fresh copy of the OpenAPI document."""
+    import copy
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "cis490fleet coordinator", "version": __version__,
+                 "description": "Coordinates training jobs across a lab fleet; every job is trained at most once. "
+                                "Every error body is {\"error\": code, \"detail\": sentence}."},
+        "paths": copy.deepcopy(PATHS),
+        "components": {
+            "schemas": copy.deepcopy(SCHEMAS),
+            "securitySchemes": {
+                "labHost": {"type": "apiKey", "in": "header", "name": "x-lab-host"},
+                "operatorToken": {"type": "apiKey", "in": "header", "name": "x-operator-token"},
+                "mutualTLS": {"type": "mutualTLS"},
+            },
+        },
+    }

@@ -1,0 +1,272 @@
+"""Shared fixtures: a real coordinator, in a subprocess or in this process, and raw HTTP helpers.
+
+- ``serve_process`` — a factory that starts ``python -m cis490fleet serve`` on
+  127.0.0.1:0 with a temp data folder (and manifest, if given), waits for
+  /v1/health, and kills whatever is left at teardown. Use it for what needs a
+  real process: signals, kill -9, exit codes, sd_notify, the command line.
+- ``live_server`` — a factory for an in-process ``Coordinator`` + HTTP server
+  on 127.0.0.1:0 (served by a thread). Faster; use it for the API itself.
+- ``http_call`` / ``Conn`` — raw ``http.client`` requests that return
+  ``(status, headers, json-or-bytes)``; no project code in the way.
+- ``manifest_toml(n_jobs, ...)`` — manifest text with ``n_jobs`` jobs (a seed sweep).
+
+Both servers get the operator token ``OPERATOR_TOKEN`` unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+OPERATOR_TOKEN = "test-operator-token-0123456789"
+
+
+def manifest_toml(n_jobs: int = 3, *, model: str = "mlp", mode: str = "train", heartbeat_s: float = 30,
+                  stale_after_s: float = 600, max_attempts: int = 3, max_artifact_bytes: int | None = None,
+                  extra: str = "") -> str:
+    """A manifest with ``n_jobs`` jobs of one model (seeds 0..n-1), plus ``extra`` TOML appended."""
+    lines = ["[fleet]", f"heartbeat_s = {heartbeat_s}", f"stale_after_s = {stale_after_s}",
+             f"max_attempts = {max_attempts}"]
+    if max_artifact_bytes is not None:
+        lines.append(f"max_artifact_bytes = {max_artifact_bytes}")
+    if n_jobs:
+        lines += ["", "[[sweeps]]", f'model = "{model}"', f'mode = "{mode}"',
+                  f"seed = [{', '.join(str(i) for i in range(n_jobs))}]"]
+    return "\n".join(lines) + "\n" + extra
+
+
+def decode(headers, data: bytes) -> Any:
+    ctype = headers.get("content-type", "") if headers is not None else ""
+    if ctype.startswith("application/json"):
+        return json.loads(data)
+    return data
+
+
+def http_call(url: str, method: str, path: str, body: Any = None, headers: dict | None = None,
+              timeout: float = 30, context=None) -> tuple[int, Any, Any]:
+    """One request on a fresh connection; a dict/list body is sent as JSON."""
+    with Conn(url, timeout=timeout, context=context) as conn:
+        return conn.call(method, path, body, headers)
+
+
+class Conn:
+    """One kept-alive ``http.client`` connection to ``url``."""
+
+    def __init__(self, url: str, timeout: float = 30, context=None):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme == "https":
+            self.conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=context)
+        else:
+            self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+
+    def call(self, method: str, path: str, body: Any = None, headers: dict | None = None) -> tuple[int, Any, Any]:
+        headers = dict(headers or {})
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+            headers.setdefault("content-type", "application/json")
+        self.conn.request(method, path, body=body, headers=headers)
+        resp = self.conn.getresponse()
+        data = resp.read()
+        return resp.status, resp.headers, decode(resp.headers, data)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Conn":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def wait_health(url: str, timeout: float = 30, proc: subprocess.Popen | None = None, context=None) -> dict:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"serve exited with {proc.returncode} before answering /v1/health")
+        try:
+            status, _, body = http_call(url, "GET", "/v1/health", timeout=5, context=context)
+            if status == 200:
+                return body
+        except OSError as err:
+            last = err
+        time.sleep(0.05)
+    raise TimeoutError(f"{url}/v1/health did not answer within {timeout} s (last error: {last})")
+
+
+@dataclass
+class ServeProcess:
+    """A running ``serve`` subprocess. ``log_text()`` is its stderr so far."""
+
+    proc: subprocess.Popen
+    url: str
+    data_dir: Path
+    log_path: Path
+    argv: list[str]
+    env: dict
+    ssl_context: Any = None
+
+    @property
+    def port(self) -> int:
+        return urllib.parse.urlsplit(self.url).port
+
+    def call(self, method: str, path: str, body: Any = None, headers: dict | None = None, timeout: float = 30):
+        return http_call(self.url, method, path, body, headers, timeout, context=self.ssl_context)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Send ``sig`` and wait for the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """kill -9, as a power cut would."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+
+
+def serve_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cis490fleet", "serve", *args]
+
+
+def serve_env(extra: dict | None = None, token: str | None = OPERATOR_TOKEN) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CIS490_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    if token:
+        env["CIS490_OPERATOR_TOKEN"] = token
+    env.update(extra or {})
+    return env
+
+
+@pytest.fixture
+def serve_process(tmp_path_factory):
+    """Factory: ``start(data_dir=None, manifest=None, args=(), env=None, token=..., wait=True) -> ServeProcess``.
+
+    ``manifest`` is TOML text (written to a file next to the data folder) or a path.
+    Pass the same ``data_dir`` again to restart on the same state.
+    """
+    started: list[ServeProcess] = []
+
+    def start(data_dir: Path | None = None, manifest: str | Path | None = None, args=(), env: dict | None = None,
+              token: str | None = OPERATOR_TOKEN, wait: bool = True, timeout: float = 60,
+              ssl_context=None) -> ServeProcess:
+        base = tmp_path_factory.mktemp("serve")
+        data_dir = Path(data_dir) if data_dir else base / "data"
+        argv = serve_command("--data", str(data_dir), "--bind", "127.0.0.1:0", "--port-file", str(base / "url"),
+                             *args)
+        if manifest is not None:
+            path = Path(manifest) if isinstance(manifest, Path) else base / "manifest.toml"
+            if not isinstance(manifest, Path):
+                path.write_text(manifest, encoding="utf-8")
+            argv += ["--manifest", str(path)]
+        log_path = base / "serve.log"
+        full_env = serve_env(env, token)
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen(argv, cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+        sp = ServeProcess(proc, "", data_dir, log_path, argv, full_env, ssl_context)
+        started.append(sp)
+        if not wait:
+            return sp
+        deadline = time.monotonic() + timeout
+        url_file = base / "url"
+        while not url_file.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {proc.returncode}:\n{sp.log_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"serve did not start within {timeout} s:\n{sp.log_text()}")
+            time.sleep(0.05)
+        sp.url = url_file.read_text().strip()
+        wait_health(sp.url, timeout=max(1.0, deadline - time.monotonic()), proc=proc, context=ssl_context)
+        return sp
+
+    yield start
+    for sp in started:
+        if sp.proc.poll() is None:
+            sp.proc.kill()
+            sp.proc.wait(30)
+
+
+@dataclass
+class LiveServer:
+    """An in-process coordinator serving on 127.0.0.1; ``coordinator`` is the ``Coordinator``."""
+
+    coordinator: Any
+    server: Any
+    url: str
+    thread: threading.Thread
+    manifest_path: Path | None = None
+    ssl_context: Any = None
+    closed: bool = field(default=False)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def call(self, method: str, path: str, body: Any = None, headers: dict | None = None, timeout: float = 30):
+        return http_call(self.url, method, path, body, headers, timeout, context=self.ssl_context)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.coordinator.close(grace=10)
+
+
+@pytest.fixture
+def live_server(tmp_path_factory):
+    """Factory: ``start(manifest=None, token=OPERATOR_TOKEN, server_context=None, client_context=None,
+    synchronous="NORMAL", data_dir=None) -> LiveServer``.
+
+    ``manifest`` is TOML text or a path; it is written to a file and passed as
+    --manifest would be, so reload works. Closed at teardown.
+    """
+    from cis490fleet.coordinator import Coordinator
+
+    servers: list[LiveServer] = []
+
+    def start(manifest: str | Path | None = None, token: str | None = OPERATOR_TOKEN, server_context=None,
+              client_context=None, synchronous: str = "NORMAL", data_dir: Path | None = None,
+              sweep_interval: float | None = None) -> LiveServer:
+        base = tmp_path_factory.mktemp("live")
+        manifest_path = None
+        if manifest is not None:
+            manifest_path = Path(manifest) if isinstance(manifest, Path) else base / "manifest.toml"
+            if not isinstance(manifest, Path):
+                manifest_path.write_text(manifest, encoding="utf-8")
+        coord = Coordinator(data_dir or base / "data", manifest_path=manifest_path, operator_token=token,
+                            synchronous=synchronous, node_id="test-node", sweep_interval=sweep_interval)
+        try:
+            coord.load_manifest(at_start=True)
+            server = coord.listen("127.0.0.1", 0, server_context)
+        except BaseException:
+            coord.close()
+            raise
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        coord.start_background()
+        live = LiveServer(coord, server, coord.url, thread, manifest_path, client_context)
+        servers.append(live)
+        return live
+
+    yield start
+    for live in servers:
+        live.close()
