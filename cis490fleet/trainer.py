@@ -1,0 +1,299 @@
+"""The built-in example trainer (``train``): the reference for the trainer contract.
+
+The contract a worker relies on, for this trainer and any other:
+
+- arguments ``--model M --mode MODE --hyper JSON --seed N --split-recipe R --out DIR``
+  (``--out`` defaults to ``$CIS490_OUT``); also set: ``CIS490_JOB_ID``,
+  ``CIS490_ATTEMPT``, ``CIS490_PROGRESS`` and ``CUDA_VISIBLE_DEVICES``;
+- everything the job produces goes into the output folder, which the worker
+  bundles and uploads; the same job on the same host should give bit-identical
+  files (no timestamps, no attempt numbers) so re-runs deduplicate;
+- one JSON line per step appended to ``$CIS490_PROGRESS``:
+  ``{"step", "epoch", "epochs", "loss", "metrics": {...}, "fraction"}``;
+- exit 0 on success, 2 for bad arguments (a one-line message), and on SIGTERM
+  save what there is and exit 143;
+- ``--describe`` prints ``{model: [hyper keys]}`` as JSON, quickly.
+
+This is the only module that imports torch, and only inside ``_train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import os
+import random
+import re
+import signal
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EXIT_USAGE = 2
+EXIT_TERMINATED = 128 + 15
+
+# Defaults per model; the keys are what `--describe` reports.
+HYPER_DEFAULTS: dict[str, dict[str, float | int]] = {
+    "logreg": {"lr": 0.1, "epochs": 10, "batch_size": 32, "weight_decay": 0.0},
+    "mlp": {"lr": 0.05, "epochs": 10, "hidden": 32, "batch_size": 32, "weight_decay": 0.0},
+}
+INT_KEYS = {"epochs", "hidden", "batch_size"}
+
+SAMPLES = 512
+FEATURES = 8
+CLASSES = 2
+RECIPE_RE = re.compile(r"^holdout-(\d{1,2})$")
+
+
+class UsageError(Exception):
+    """Bad arguments: printed as one line, exit 2."""
+
+
+@dataclass(frozen=True)
+class Job:
+    model: str
+    mode: str
+    hyper: dict
+    seed: int
+    split_recipe: str
+    holdout: float
+    out: Path
+    progress: Path | None
+    device_requested: bool
+
+
+def describe() -> dict[str, list[str]]:
+    return {name: sorted(keys) for name, keys in sorted(HYPER_DEFAULTS.items())}
+
+
+def validate_hyper(model_name: str, raw: object) -> dict:
+    """Defaults filled in; every problem named in one message."""
+    if not isinstance(raw, dict):
+        raise UsageError(f"--hyper must be a JSON object like '{{\"lr\": 0.01}}', got {json.dumps(raw)}")
+    accepted = HYPER_DEFAULTS[model_name]
+    unknown = sorted(set(raw) - set(accepted))
+    if unknown:
+        raise UsageError(f"unknown hyper key(s) {', '.join(map(repr, unknown))} for model {model_name}; "
+                         f"accepted: {', '.join(sorted(accepted))}")
+    hyper = dict(accepted)
+    for key, value in raw.items():
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key in INT_KEYS:
+            if not (is_number and float(value).is_integer() and value >= 1):
+                raise UsageError(f"hyper {key} must be a whole number >= 1, got {json.dumps(value)}")
+            value = int(value)
+        elif key == "lr":
+            if not (is_number and math.isfinite(value) and value > 0):
+                raise UsageError(f"hyper lr must be a number > 0, got {json.dumps(value)}")
+        elif not (is_number and math.isfinite(value) and value >= 0):
+            raise UsageError(f"hyper {key} must be a number >= 0, got {json.dumps(value)}")
+        hyper[key] = value if key in INT_KEYS else float(value)
+    return hyper
+
+
+def holdout_fraction(recipe: str) -> float:
+    if recipe == "default":
+        return 0.2
+    if recipe == "full":
+        return 0.0
+    match = RECIPE_RE.match(recipe)
+    if match and 1 <= int(match.group(1)) <= 90:
+        return int(match.group(1)) / 100
+    raise UsageError(f"unknown split recipe {recipe!r}; use 'default' (20% held out), 'full' (none) "
+                     "or 'holdout-N' with N from 1 to 90")
+
+
+def make_dataset(seed: int, holdout: float) -> tuple[list, list, list, list]:
+    """A synthetic, non-linear two-class problem drawn from ``seed`` alone (no download, any platform)."""
+    rng = random.Random(f"cis490fleet-data-{seed}")
+    xs, ys = [], []
+    for _ in range(SAMPLES):
+        x = [rng.gauss(0.0, 1.0) for _ in range(FEATURES)]
+        score = math.sin(2 * x[0]) + x[1] * x[2] - 0.5 * x[3] + 0.25 * x[4] + rng.gauss(0.0, 0.2)
+        xs.append(x)
+        ys.append(1 if score > 0 else 0)
+    order = list(range(SAMPLES))
+    rng.shuffle(order)
+    n_val = int(round(SAMPLES * holdout))
+    val, train = order[:n_val], order[n_val:]
+    return [xs[i] for i in train], [ys[i] for i in train], [xs[i] for i in val], [ys[i] for i in val]
+
+
+def parse_args(argv: list[str]) -> Job | None:
+    parser = argparse.ArgumentParser(prog="cis490fleet train", description="The built-in example trainer.")
+    parser.add_argument("--describe", action="store_true", help="print the accepted hyper keys per model as JSON")
+    parser.add_argument("--model", choices=sorted(HYPER_DEFAULTS))
+    parser.add_argument("--mode", default="default", help="a label for the variant; recorded in metrics.json")
+    parser.add_argument("--hyper", default="{}", help="JSON object of hyper-parameters")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split-recipe", default="default")
+    parser.add_argument("--train-hosts", default="[]", help="accepted for the contract; unused here")
+    parser.add_argument("--out", default=os.environ.get("CIS490_OUT"), help="output folder (default: $CIS490_OUT)")
+    args = parser.parse_args(argv)
+    if args.describe:
+        return None
+    if not args.model:
+        raise UsageError(f"--model is required; one of {', '.join(sorted(HYPER_DEFAULTS))}")
+    if not args.out:
+        raise UsageError("no output folder: pass --out DIR or set CIS490_OUT")
+    try:
+        raw = json.loads(args.hyper)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--hyper is not valid JSON ({err.msg} at character {err.pos}): {args.hyper}") from None
+    cuda = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    progress = os.environ.get("CIS490_PROGRESS")
+    return Job(model=args.model, mode=args.mode, hyper=validate_hyper(args.model, raw), seed=args.seed,
+               split_recipe=args.split_recipe, holdout=holdout_fraction(args.split_recipe), out=Path(args.out),
+               progress=Path(progress) if progress else None,
+               device_requested=bool(cuda) and cuda not in ("-1", "none", "NoDevFiles"))
+
+
+class _Stop:
+    """Set by SIGTERM; the training loop checks it between batches."""
+
+    requested = False
+
+    def __call__(self, signum, frame) -> None:
+        self.requested = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        job = parse_args(argv)
+    except UsageError as err:
+        print(f"cis490fleet train: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    if job is None:
+        print(json.dumps(describe(), sort_keys=True))
+        return 0
+    stop = _Stop()
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: the caller owns signals
+        previous = None
+    try:
+        return _train(job, stop)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _train(job: Job, stop: _Stop) -> int:
+    # cuBLAS is only deterministic with a fixed workspace; it must be set before CUDA starts.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # torch warns on stderr when numpy is absent; this trainer never uses numpy.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    try:
+        import torch
+    except ImportError:
+        print("cis490fleet train: torch is not installed; install it (pip install torch) or use another trainer",
+              file=sys.stderr)
+        return 1
+    if stop.requested:
+        return EXIT_TERMINATED
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.manual_seed(job.seed)
+    device = torch.device("cuda" if job.device_requested and torch.cuda.is_available() else "cpu")
+
+    x_train, y_train, x_val, y_val = make_dataset(job.seed, job.holdout)
+    xt = torch.tensor(x_train, dtype=torch.float32, device=device)
+    yt = torch.tensor(y_train, dtype=torch.long, device=device)
+    xv = torch.tensor(x_val, dtype=torch.float32, device=device)
+    yv = torch.tensor(y_val, dtype=torch.long, device=device)
+
+    h = job.hyper
+    if job.model == "mlp":
+        net = torch.nn.Sequential(torch.nn.Linear(FEATURES, h["hidden"]), torch.nn.ReLU(),
+                                  torch.nn.Linear(h["hidden"], CLASSES))
+    else:
+        net = torch.nn.Linear(FEATURES, CLASSES)
+    net.to(device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=h["lr"], momentum=0.9, weight_decay=h["weight_decay"])
+    loss_fn = torch.nn.CrossEntropyLoss()
+    shuffle = torch.Generator().manual_seed(job.seed)
+
+    job.out.mkdir(parents=True, exist_ok=True)
+    lines = [f"train {job.model} mode={job.mode} seed={job.seed} split={job.split_recipe} device={device.type} "
+             f"hyper={json.dumps(h, sort_keys=True)} train={len(y_train)} val={len(y_val)}"]
+    print(lines[0], flush=True)
+    history: list[dict] = []
+    step = 0
+    epochs = h["epochs"]
+    n = len(y_train)
+    for epoch in range(1, epochs + 1):
+        net.train()
+        total, seen = 0.0, 0
+        order = torch.randperm(n, generator=shuffle).to(device)
+        for start in range(0, n, h["batch_size"]):
+            if stop.requested:
+                break
+            idx = order[start:start + h["batch_size"]]
+            optimizer.zero_grad()
+            loss = loss_fn(net(xt[idx]), yt[idx])
+            loss.backward()
+            optimizer.step()
+            step += 1
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        if stop.requested:
+            break
+        metrics = _evaluate(torch, net, loss_fn, xv, yv, "val") if len(y_val) else \
+            _evaluate(torch, net, loss_fn, xt, yt, "train")
+        entry = {"epoch": epoch, "train_loss": total / seen, **metrics}
+        history.append(entry)
+        line = f"epoch {epoch}/{epochs} loss {entry['train_loss']:.6f} " + " ".join(
+            f"{k} {v:.6f}" for k, v in sorted(metrics.items()))
+        lines.append(line)
+        print(line, flush=True)
+        _report(job.progress, {"step": step, "epoch": epoch, "epochs": epochs, "loss": entry["train_loss"],
+                               "metrics": metrics, "fraction": epoch / epochs})
+
+    interrupted = stop.requested
+    if interrupted:
+        lines.append(f"stopped by SIGTERM after {len(history)} of {epochs} epochs; saving what there is")
+        print(lines[-1], flush=True)
+    _save(torch, job, net, history, lines, device.type, interrupted)
+    return EXIT_TERMINATED if interrupted else 0
+
+
+def _evaluate(torch, net, loss_fn, x, y, split: str) -> dict:
+    net.eval()
+    with torch.no_grad():
+        logits = net(x)
+        loss = loss_fn(logits, y).item()
+        accuracy = (logits.argmax(dim=1) == y).float().mean().item()
+    return {f"{split}_loss": loss, f"{split}_accuracy": accuracy}
+
+
+def _report(progress: Path | None, row: dict) -> None:
+    if progress is None:
+        return
+    try:
+        with open(progress, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+    except OSError as err:
+        print(f"cis490fleet train: cannot write progress to {progress}: {err}", file=sys.stderr)
+
+
+def _save(torch, job: Job, net, history: list[dict], lines: list[str], device: str, interrupted: bool) -> None:
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, buffer)
+    (job.out / "model.pt").write_bytes(buffer.getvalue())
+    final = history[-1] if history else {}
+    metrics = {
+        "model": job.model, "mode": job.mode, "seed": job.seed, "split_recipe": job.split_recipe,
+        "hyper": job.hyper, "device": device, "torch": torch.__version__.split("+")[0],
+        "epochs": job.hyper["epochs"], "epochs_done": len(history), "interrupted": interrupted,
+        "history": history, **{k: v for k, v in final.items() if k != "epoch"},
+    }
+    (job.out / "metrics.json").write_text(json.dumps(metrics, sort_keys=True, indent=2) + "\n", encoding="utf-8")
+    (job.out / "train.log").write_text("\n".join(lines) + "\n", encoding="utf-8")

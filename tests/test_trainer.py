@@ -1,0 +1,218 @@
+"""The example trainer keeps the trainer contract; so do the fixture trainers in tests/trainers/."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "trainers"
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def needs_torch(test):
+    return pytest.mark.torch(pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")(test))
+
+
+def env_for(tmp_path: Path, **extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CIS490_PROGRESS=str(tmp_path / "progress.jsonl"),
+               CIS490_JOB_ID="ab" * 32, CIS490_ATTEMPT="1", CUDA_VISIBLE_DEVICES="")
+    env.update(extra)
+    return env
+
+
+def train_argv(model: str, hyper: dict, out: Path, seed: int = 7, recipe: str = "default") -> list[str]:
+    return [sys.executable, "-m", "cis490fleet", "train", "--model", model, "--mode", "baseline",
+            "--hyper", json.dumps(hyper), "--seed", str(seed), "--split-recipe", recipe, "--out", str(out)]
+
+
+def train(tmp_path: Path, model: str, hyper: dict, out: Path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(train_argv(model, hyper, out, **kw), env=env_for(tmp_path), capture_output=True, text=True,
+                          cwd=tmp_path, timeout=240)
+
+
+def progress_rows(tmp_path: Path) -> list[dict]:
+    path = tmp_path / "progress.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_describe_lists_hyper_keys_without_importing_torch(tmp_path):
+    code = ("import json, sys\nfrom cis490fleet import trainer\nrc = trainer.main(['--describe'])\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(rc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env_for(tmp_path), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"logreg": ["batch_size", "epochs", "lr", "weight_decay"],
+                                       "mlp": ["batch_size", "epochs", "hidden", "lr", "weight_decay"]}
+    via_cli = subprocess.run([sys.executable, "-m", "cis490fleet", "train", "--describe"], env=env_for(tmp_path),
+                             capture_output=True, text=True, timeout=60)
+    assert via_cli.returncode == 0 and json.loads(via_cli.stdout) == json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("hyper,recipe,message", [
+    ({"lrr": 0.1}, "default", "unknown hyper key(s) 'lrr' for model mlp; accepted: batch_size, epochs, hidden, lr"),
+    ({"epochs": 0}, "default", "hyper epochs must be a whole number >= 1, got 0"),
+    ({"lr": "fast"}, "default", 'hyper lr must be a number > 0, got "fast"'),
+    ({"hidden": True}, "default", "hyper hidden must be a whole number >= 1, got true"),
+    ({}, "holdout-95", "unknown split recipe 'holdout-95'"),
+    ([1], "default", "--hyper must be a JSON object"),
+])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, hyper, recipe, message):
+    proc = train(tmp_path, "mlp", hyper, tmp_path / "out", recipe=recipe)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_hyper_that_is_not_json(tmp_path):
+    argv = train_argv("mlp", {}, tmp_path / "out")
+    argv[argv.index("--hyper") + 1] = "{lr: 1}"
+    proc = subprocess.run(argv, env=env_for(tmp_path), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--hyper is not valid JSON" in proc.stderr
+
+
+def test_out_defaults_to_the_environment(tmp_path, monkeypatch):
+    from cis490fleet import trainer
+
+    monkeypatch.setenv("CIS490_OUT", str(tmp_path / "from-env"))
+    assert trainer.parse_args(["--model", "logreg"]).out == tmp_path / "from-env"
+    monkeypatch.delenv("CIS490_OUT")
+    with pytest.raises(trainer.UsageError, match="pass --out DIR or set CIS490_OUT"):
+        trainer.parse_args(["--model", "logreg"])
+
+
+def test_dataset_depends_on_seed_and_recipe_only():
+    from cis490fleet import trainer
+
+    a = trainer.make_dataset(3, 0.2)
+    assert a == trainer.make_dataset(3, 0.2)
+    assert a != trainer.make_dataset(4, 0.2)
+    assert len(a[2]) == round(trainer.SAMPLES * 0.2) and len(trainer.make_dataset(3, 0.0)[2]) == 0
+    assert set(a[1]) == {0, 1}
+
+
+@needs_torch
+def test_mlp_trains_reports_progress_and_is_bit_identical(tmp_path):
+    hyper = {"epochs": 4, "hidden": 16}
+    first = train(tmp_path, "mlp", hyper, tmp_path / "run1")
+    assert first.returncode == 0, first.stderr
+    rows = progress_rows(tmp_path)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["fraction"] == 1.0 and rows[-1]["epochs"] == 4
+    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows) and rows[0]["step"] > 0
+    assert set(rows[0]) == {"step", "epoch", "epochs", "loss", "metrics", "fraction"}
+    assert set(rows[0]["metrics"]) == {"val_accuracy", "val_loss"}
+    metrics = json.loads((tmp_path / "run1" / "metrics.json").read_text())
+    assert metrics["epochs_done"] == 4 and metrics["interrupted"] is False and metrics["device"] == "cpu"
+    assert metrics["hyper"] == {"lr": 0.05, "epochs": 4, "hidden": 16, "batch_size": 32, "weight_decay": 0.0}
+    assert 0.5 < metrics["val_accuracy"] <= 1.0
+
+    second = train(tmp_path, "mlp", hyper, tmp_path / "run2")
+    assert second.returncode == 0, second.stderr
+    names = sorted(p.name for p in (tmp_path / "run1").iterdir())
+    assert names == ["metrics.json", "model.pt", "train.log"]
+    assert names == sorted(p.name for p in (tmp_path / "run2").iterdir())
+    for name in names:
+        assert (tmp_path / "run1" / name).read_bytes() == (tmp_path / "run2" / name).read_bytes(), name
+
+    other_seed = train(tmp_path, "mlp", hyper, tmp_path / "run3", seed=8)
+    assert other_seed.returncode == 0
+    assert (tmp_path / "run3" / "model.pt").read_bytes() != (tmp_path / "run1" / "model.pt").read_bytes()
+
+
+@needs_torch
+def test_logreg_trains_and_saves_a_loadable_state_dict(tmp_path):
+    proc = train(tmp_path, "logreg", {"epochs": 3, "lr": 0.2}, tmp_path / "out", recipe="holdout-30")
+    assert proc.returncode == 0, proc.stderr
+    assert len(progress_rows(tmp_path)) == 3
+    check = ("import sys, torch\nsd = torch.load(sys.argv[1], weights_only=True)\n"
+             "assert sorted(sd) == ['bias', 'weight'], sorted(sd)\nassert tuple(sd['weight'].shape) == (2, 8)\n")
+    loaded = subprocess.run([sys.executable, "-W", "ignore", "-c", check, str(tmp_path / "out" / "model.pt")],
+                            capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    log = (tmp_path / "out" / "train.log").read_text()
+    assert "train logreg mode=baseline seed=7 split=holdout-30" in log and "epoch 3/3" in log
+    assert "train=358 val=154" in log
+
+
+@needs_torch
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_sigterm_saves_what_it_has_and_exits_non_zero(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(train_argv("mlp", {"epochs": 1_000_000}, out), env=env_for(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        for _ in range(1200):
+            if progress_rows(tmp_path) or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert progress_rows(tmp_path), "the trainer never reported progress"
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["interrupted"] is True and 1 <= metrics["epochs_done"] < 1_000_000
+    assert (out / "model.pt").stat().st_size > 0
+    assert "stopped by SIGTERM" in stdout
+
+
+# Fixture trainers: tiny stdlib scripts the worker's tests run as real subprocesses.
+
+def fixture(tmp_path: Path, name: str, hyper: dict | None = None, **popen) -> subprocess.Popen:
+    argv = [sys.executable, str(FIXTURES / name), "--model", "mlp", "--mode", "m", "--hyper", json.dumps(hyper or {}),
+            "--seed", "1", "--split-recipe", "default", "--out", str(tmp_path / "out")]
+    return subprocess.Popen(argv, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
+
+
+def test_fixture_ok(tmp_path):
+    stdout, _ = (p := fixture(tmp_path, "ok.py")).communicate(timeout=60)
+    assert p.returncode == 0 and "ok: trained mlp" in stdout
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["model"] == "mlp"
+    assert [r["step"] for r in progress_rows(tmp_path)] == [1, 2, 3]
+
+
+def test_fixture_crash(tmp_path):
+    _, stderr = (p := fixture(tmp_path, "crash.py")).communicate(timeout=60)
+    assert p.returncode == 3 and stderr.startswith("boom: ")
+    assert len(progress_rows(tmp_path)) == 1
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_fixture_hang_dies_on_sigterm(tmp_path):
+    p = fixture(tmp_path, "hang.py")
+    try:
+        assert p.stdout.readline().startswith("hanging, pid")
+        assert p.poll() is None
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_fixture_slow(tmp_path):
+    stdout, _ = (p := fixture(tmp_path, "slow.py", {"steps": 3, "sleep": 0.01})).communicate(timeout=60)
+    assert p.returncode == 0 and stdout.splitlines() == ["step 1/3", "step 2/3", "step 3/3"]
+    assert [r["fraction"] for r in progress_rows(tmp_path)][-1] == 1.0
+
+
+def test_fixture_noisy(tmp_path):
+    stdout, stderr = (p := fixture(tmp_path, "noisy.py", {"lines": 5000})).communicate(timeout=60)
+    assert p.returncode == 0
+    assert len(stdout.splitlines()) == 5001 and len(stderr.splitlines()) == 5000
+    assert (tmp_path / "out" / "result.json").exists()
