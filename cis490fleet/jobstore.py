@@ -318,7 +318,7 @@ class JobStore:
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        if conn is not None and not self._closed:
             return conn
         with self._lock:
             if self._closed:
