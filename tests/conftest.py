@@ -50,7 +50,7 @@ def manifest_toml(n_jobs: int = 3, *, model: str = "mlp", mode: str = "train", h
 
 def decode(headers, data: bytes) -> Any:
     ctype = headers.get("content-type", "") if headers is not None else ""
-    if ctype.startswith("application/json"):
+    if data and ctype.startswith("application/json"):
         return json.loads(data)
     return data
 
