@@ -207,8 +207,8 @@ class _Parser:
             return _BAD
         return value
 
-    def tables(self, key: str, value: Any) -> list[dict]:
-        """The entries of an array of tables such as [[jobs]]; non-tables are reported."""
+    def tables(self, key: str, value: Any) -> list[dict | None]:
+        """The entries of an array of tables such as [[jobs]]; non-tables are reported and become None."""
         if isinstance(value, dict):
             self.problem(key, f"expected an array of tables ([[{key}]]), got a single table ([{key}]); "
                               f"write [[{key}]] above each entry")
@@ -222,7 +222,7 @@ class _Parser:
                 out.append(item)
             else:
                 self.problem(f"{key}[{i}]", f"expected a table, got {_show(item)}")
-                out.append({"\0bad": True})
+                out.append(None)
         return out
 
     def string(self, where: str, value: Any, *, pattern: re.Pattern | None = None, rule: str = "") -> Any:
@@ -365,7 +365,7 @@ class _Parser:
         peers = []
         for i, entry in enumerate(self.tables("fleet.peers", raw)):
             where = _label("fleet.peers", i, entry, "id")
-            if "\0bad" in entry:
+            if entry is None:
                 continue
             self.known_keys(where, entry, PEER_KEYS)
             pid = self.host_id(f"{where}.id", entry["id"]) if "id" in entry else self.missing(where, "id")
@@ -415,11 +415,11 @@ class _Parser:
 
     def hosts(self, raw: Any) -> list[HostSpec]:
         entries = self.tables("hosts", raw)
-        self.declared_hosts = list(dict.fromkeys(e["id"] for e in entries if isinstance(e.get("id"), str)))
+        self.declared_hosts = list(dict.fromkeys(e["id"] for e in entries if e and isinstance(e.get("id"), str)))
         seen: dict[str, str] = {}
         hosts = []
         for i, entry in enumerate(entries):
-            if "\0bad" in entry:
+            if entry is None:
                 continue
             where = _label("hosts", i, entry, "id")
             self.known_keys(where, entry, HOST_KEYS)
@@ -504,8 +504,8 @@ class _Parser:
         checked = check(where, value)
         return _BAD if checked is _BAD else [checked]
 
-    def entry(self, kind: str, index: int, raw: dict, trainer: TrainerConfig) -> _Entry | None:
-        if "\0bad" in raw:
+    def entry(self, kind: str, index: int, raw: dict | None, trainer: TrainerConfig) -> _Entry | None:
+        if raw is None:
             return None
         sweep = kind == "sweeps"
         label = _label(kind, index, raw, "model", "name")
