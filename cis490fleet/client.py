@@ -93,6 +93,14 @@ def normalize_url(raw: str) -> str:
     return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
 
 
+def _describe(err: BaseException) -> str:
+    if isinstance(err, TimeoutError) or type(err).__name__ == "timeout":
+        return "timed out"
+    if isinstance(err, OSError) and err.strerror and not hasattr(err, "reason"):
+        return err.strerror.lower() if isinstance(err, ConnectionError) else err.strerror
+    return str(err) or type(err).__name__
+
+
 def _quote(segment: str) -> str:
     return urllib.parse.quote(str(segment), safe="")
 
@@ -257,7 +265,7 @@ class Client:
                 resp = self._send_file(conn, method, target, headers, body_path)
         except (OSError, http.client.HTTPException) as err:  # OSError includes ssl.SSLError and timeouts
             conn.close()
-            raise _NotSent(f"{type(err).__name__}: {err}") from err
+            raise _NotSent(_describe(err)) from err
         except BaseException:
             conn.close()
             raise
@@ -275,7 +283,7 @@ class Client:
             return resp.status, resp.headers, result
         except (OSError, http.client.HTTPException) as err:
             conn.close()
-            raise _NoAnswer(f"{type(err).__name__}: {err}", reused) from err
+            raise _NoAnswer(_describe(err), reused) from err
         except BaseException:
             conn.close()
             raise
@@ -337,6 +345,7 @@ class Client:
         all_headers = self._headers(extra)
         timeout = self.timeout if timeout is None else timeout
         n = len(self.urls)
+        where = (lambda url: f"{url}: ") if n > 1 else (lambda url: "")
         last_problem = "no attempt made"
         last_reply = None
         sent_before = False
@@ -351,11 +360,11 @@ class Client:
                     status, resp_headers, data = self._once_reconnecting(
                         url, retry_sent, method, path, all_headers, body, body_path, timeout, sink)
                 except _NotSent as err:
-                    last_problem = f"{url}: {err}"
+                    last_problem = f"{where(url)}{err}"
                     log.debug("%s %s not sent to %s: %s", method, path, url, err)
                     continue
                 except _NoAnswer as err:
-                    last_problem = f"{url}: sent, but no answer ({err})"
+                    last_problem = f"{where(url)}sent, but no answer ({err})"
                     log.debug("%s %s got no answer from %s: %s", method, path, url, err)
                     if not retry_sent:
                         raise errors.Unavailable(
@@ -365,7 +374,7 @@ class Client:
                     continue
                 if status in RETRY_STATUSES and retry_sent:
                     last_reply = (url, status, resp_headers, data)
-                    last_problem = f"{url}: HTTP {status}"
+                    last_problem = f"{where(url)}HTTP {status}"
                     sent_before = True
                     continue
                 self._preferred = i

@@ -1,0 +1,700 @@
+"""The ``jobs`` operator CLI: status, list, show, cancel, requeue, reload, workers, logs, fetch, watch, peers.
+
+Shell over ``client.Client``: every command is a few requests and a rendering.
+Read commands print the server's JSON unchanged with ``--json``; tables are
+aligned and coloured only on a terminal. Expected failures are one line on
+stderr and an exit code; nothing heavy is imported at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from cis490fleet import errors
+from cis490fleet.client import ENV_RECEIVER, Client
+
+log = logging.getLogger(__name__)
+
+# The exit codes of cli.EXIT_* (cli sits above this module, so they are repeated; a test keeps them equal).
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_UNAUTHORISED = 4
+EXIT_UNREACHABLE = 5
+
+STATUS_ORDER = ("pending", "claimed", "running", "completed", "failed", "cancelled")
+FINAL = frozenset({"completed", "failed", "cancelled"})
+COLORS = {"pending": "33", "claimed": "36", "running": "36;1", "completed": "32", "failed": "31;1",
+          "cancelled": "2", "live": "32", "down": "31", "leader": "32;1", "unreachable": "31;1"}
+
+
+def exit_code(err: BaseException) -> int:
+    if isinstance(err, (errors.NotFound, errors.AmbiguousId)):
+        return EXIT_NOT_FOUND
+    if isinstance(err, (errors.Unauthorized, errors.Forbidden)):
+        return EXIT_UNAUTHORISED
+    if isinstance(err, errors.Unavailable):
+        return EXIT_UNREACHABLE
+    if isinstance(err, (errors.ConfigError, errors.BadRequest)):
+        return EXIT_USAGE
+    return EXIT_FAILED
+
+
+# -- rendering --------------------------------------------------------------------------------------
+
+
+class Out:
+    """stdout with colour decided once: only on a terminal, never with --no-color or NO_COLOR."""
+
+    def __init__(self, stream, color: bool | None):
+        self.stream = stream
+        tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.tty = tty
+        self.color = tty and color is not False and not os.environ.get("NO_COLOR")
+
+    def paint(self, text: str, key: str) -> str:
+        code = COLORS.get(key)
+        return f"\x1b[{code}m{text}\x1b[0m" if self.color and code else text
+
+    def line(self, text: str = "") -> None:
+        self.stream.write(text + "\n")
+
+    def table(self, headers: list[str], rows: list[list[Any]], paint: dict[int, Callable[[str], str]] | None = None,
+              indent: str = "") -> None:
+        cells = [[_cell(v) for v in row] for row in rows]
+        widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+        self.line(indent + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+        for row in cells:
+            parts = []
+            for i, (text, width) in enumerate(zip(row, widths)):
+                padded = text.ljust(width) if i < len(row) - 1 else text
+                if paint and i in paint and text:
+                    padded = padded.replace(text, paint[i](text), 1)
+                parts.append(padded)
+            self.line(indent + "  ".join(parts).rstrip())
+
+    def json(self, value: Any) -> None:
+        self.line(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return str(value).replace("\n", " ")
+
+
+def timestamp(value: Any) -> float | None:
+    """Seconds since the epoch from a number or an ISO 8601 string; None when absent or unreadable."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and value:
+        from datetime import datetime
+
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(max(0, seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def ago(value: Any, now: float) -> str:
+    t = timestamp(value)
+    return "-" if t is None else duration(now - t) + " ago"
+
+
+def when(value: Any, now: float) -> str:
+    t = timestamp(value)
+    if t is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f" ({duration(now - t)} ago)"
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def fraction(progress: dict | None) -> float | None:
+    """How far a job is, 0..1, from ``fraction``, else epoch/epochs or step/steps."""
+    if not isinstance(progress, dict):
+        return None
+    f = _number(progress.get("fraction"))
+    if f is None:
+        for done, total in (("epoch", "epochs"), ("step", "steps")):
+            d, t = _number(progress.get(done)), _number(progress.get(total))
+            if d is not None and t:
+                f = d / t
+                break
+    return None if f is None else max(0.0, min(1.0, f))
+
+
+def describe_progress(progress: dict | None, elapsed: float | None) -> str:
+    """'45% epoch 3/10 loss 0.1234 ETA 1m12s', from the keys the trainer contract names."""
+    if not isinstance(progress, dict) or not progress:
+        return "-"
+    parts = []
+    f = fraction(progress)
+    if f is not None:
+        parts.append(f"{100 * f:.0f}%")
+    if progress.get("epoch") is not None:
+        parts.append(f"epoch {progress['epoch']}" + (f"/{progress['epochs']}" if progress.get("epochs") is not None
+                                                      else ""))
+    loss = _number(progress.get("loss"))
+    if loss is not None:
+        parts.append(f"loss {loss:.4g}")
+    eta = _number(progress.get("eta_s"))
+    if eta is None and f and 0 < f < 1 and elapsed:
+        eta = elapsed * (1 - f) / f
+    if eta is not None:
+        parts.append(f"ETA {duration(eta)}")
+    return " ".join(parts) or _cell(progress)[:60]
+
+
+def bar(f: float | None, width: int = 20) -> str:
+    if f is None:
+        return "[" + "?" * width + "]"
+    filled = int(round(width * f))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def short(job_id: Any) -> str:
+    return str(job_id or "-")[:12]
+
+
+def job_started(job: dict) -> float | None:
+    """When the job's current attempt began: the last attempt's start, else its last update."""
+    attempts = job.get("attempts")
+    if isinstance(attempts, list) and attempts and isinstance(attempts[-1], dict):
+        t = timestamp(attempts[-1].get("started"))
+        if t is not None:
+            return t
+    return timestamp(job.get("started") or job.get("claimed_at") or job.get("updated"))
+
+
+def attempt_number(job: dict) -> Any:
+    attempts = job.get("attempts")
+    if isinstance(attempts, list):
+        return len(attempts) or None
+    return job.get("attempt") or attempts
+
+
+def count(value: Any) -> int:
+    """A worker's running jobs: a list of ids or a number."""
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def log_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return "".join(str(v) if str(v).endswith("\n") else f"{v}\n" for v in value)
+    return str(value)
+
+
+# -- the commands -----------------------------------------------------------------------------------
+
+
+class Ops:
+    """One invocation: parsed options, the client, the output."""
+
+    def __init__(self, args: argparse.Namespace, out: Out, err_stream):
+        self.args = args
+        self.out = out
+        self.err = err_stream
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.args.receiver or None, ca=self.args.ca, cert=self.args.cert,
+                                  key=self.args.key, timeout=self.args.timeout, retries=2)
+        return self._client
+
+    def complain(self, err: BaseException) -> None:
+        self.err.write(f"cis490fleet jobs: {err}\n")
+
+    # status ------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """Health, workers and the held jobs, each held job with ``started`` (its current attempt's start)."""
+        c = self.client
+        held = c.jobs(status="running").get("jobs", []) + c.jobs(status="claimed").get("jobs", [])
+        for job in held:
+            if "started" not in job and job.get("id"):
+                try:
+                    job["started"] = job_started(c.job(job["id"]).get("job") or {})
+                except errors.NotFound:
+                    job["started"] = None
+        return {"health": c.health(), "workers": c.workers().get("workers", []), "running": held}
+
+    def cmd_status(self) -> int:
+        snap = self.snapshot()
+        if self.args.json:
+            self.out.json(snap)
+            return EXIT_OK
+        now = time.time()
+        health, workers, running = snap["health"], snap["workers"], snap["running"]
+        out = self.out
+        role = health.get("role") or "?"
+        out.line(f"coordinator  {self.client.urls[self.client._preferred]}  {out.paint(role, role)}"
+                 f"  term {health.get('term', '?')}  leader {health.get('leader') or '?'}"
+                 f"  version {health.get('version', '?')}")
+        counts = health.get("jobs") or {}
+        shown = [s for s in STATUS_ORDER if s in counts] + sorted(s for s in counts if s not in STATUS_ORDER)
+        total = sum(v for v in counts.values() if isinstance(v, int))
+        out.line("jobs         " + "  ".join(f"{out.paint(str(counts[s]), s) if counts[s] else 0} {s}"
+                                             for s in shown) + f"  ({total} total)")
+        live = [w for w in workers if w.get("live")]
+        names = ", ".join(f"{w.get('host')} ({count(w.get('running'))}/{w.get('slots', '?')})" for w in live)
+        out.line(f"workers      {len(live)} live of {len(workers)}" + (f": {names}" if names else ""))
+        if running:
+            out.line()
+            out.line("running")
+            rows = []
+            for job in running:
+                started = job_started(job)
+                elapsed = now - started if started else None
+                rows.append([short(job.get("id")), job.get("model"), job.get("mode"), job.get("status"),
+                             job.get("host"), describe_progress(job.get("progress"), elapsed), duration(elapsed)])
+            out.table(["ID", "MODEL", "MODE", "STATUS", "HOST", "PROGRESS", "AGE"], rows,
+                      {3: lambda s: out.paint(s, s)}, indent="  ")
+        return EXIT_OK
+
+    # list / show -------------------------------------------------------------------------------
+
+    def cmd_list(self) -> int:
+        a = self.args
+        result = self.client.jobs(status=a.status, model=a.model, host=a.host, limit=a.limit, offset=a.offset)
+        if a.json:
+            self.out.json(result)
+            return EXIT_OK
+        jobs = result.get("jobs", [])
+        now = time.time()
+        rows = [[short(j.get("id")), j.get("status"), j.get("model"), j.get("mode"), j.get("priority"),
+                 j.get("host"), ago(j.get("updated"), now), j.get("name")] for j in jobs]
+        if rows:
+            self.out.table(["ID", "STATUS", "MODEL", "MODE", "PRIO", "HOST", "UPDATED", "NAME"], rows,
+                           {1: lambda s: self.out.paint(s, s)})
+        total = result.get("total", len(jobs))
+        if not jobs:
+            self.out.line("no jobs match" if total == 0 else f"no jobs in this page ({total} in all)")
+        elif isinstance(total, int) and total > len(jobs) + (a.offset or 0):
+            self.out.line(f"({len(jobs)} shown of {total}; see more with --limit/--offset)")
+        return EXIT_OK
+
+    def cmd_show(self) -> int:
+        result = self.client.job(self.args.id)
+        if self.args.json:
+            self.out.json(result)
+            return EXIT_OK
+        job = result.get("job") or {}
+        out, now = self.out, time.time()
+        status = str(job.get("status") or "?")
+        fields = [
+            ("id", job.get("id")),
+            ("name", job.get("name")),
+            ("model", job.get("model")),
+            ("mode", job.get("mode")),
+            ("status", out.paint(status, status)),
+            ("host", job.get("host")),
+            ("priority", job.get("priority")),
+            ("seed", job.get("seed")),
+            ("hyper", job.get("hyper")),
+            ("in manifest", job.get("in_manifest")),
+            ("created", when(job.get("created"), now)),
+            ("updated", when(job.get("updated"), now)),
+        ]
+        if job.get("progress"):
+            started = job_started(job) if status in ("claimed", "running") else None
+            fields.append(("progress", describe_progress(job.get("progress"), now - started if started else None)))
+        if job.get("artifact_id"):
+            fields.append(("artifact", job.get("artifact_id")))
+        spec = job.get("spec")
+        if isinstance(spec, dict):
+            known = {k for k, _ in fields} | {"id", "job_id", "in_manifest"}
+            fields += [(f"spec.{k}", v) for k, v in sorted(spec.items()) if k not in known]
+        width = max(len(k) for k, _ in fields)
+        for key, value in fields:
+            out.line(f"{key.ljust(width)}  {value if key == 'status' else _cell(value)}")
+        why = job.get("why_pending")
+        if why:
+            out.line()
+            out.line("why pending")
+            for reason in why:
+                out.line(f"  - {_cell(reason)}")
+        attempts = job.get("attempts")
+        if isinstance(attempts, list) and attempts:
+            out.line()
+            out.line("attempts")
+            rows = [[a.get("number"), a.get("host"), when(a.get("started"), now), when(a.get("ended"), now),
+                     a.get("outcome") or "(current)", a.get("error")] for a in attempts if isinstance(a, dict)]
+            out.table(["#", "HOST", "STARTED", "ENDED", "OUTCOME", "ERROR"], rows, indent="  ")
+        if job.get("last_error"):
+            out.line()
+            out.line("last error")
+            for line in str(job["last_error"]).splitlines() or [""]:
+                out.line(f"  {line}")
+        tail = log_text(job.get("log_tail"))
+        if tail:
+            out.line()
+            out.line("log tail")
+            for line in tail.splitlines():
+                out.line(f"  {line}")
+        return EXIT_OK
+
+    # writes ------------------------------------------------------------------------------------
+
+    def _each(self, verb: str, act: Callable[[str], dict]) -> int:
+        code = EXIT_OK
+        results = []
+        for ref in self.args.ids:
+            try:
+                job = self.client.job(ref).get("job") or {}
+                job_id = job.get("id") or ref
+                answer = act(job_id)
+            except errors.FleetError as err:
+                if isinstance(err, errors.Unavailable):
+                    raise
+                self.complain(err)
+                code = code or exit_code(err)
+                results.append({"id": ref, "error": err.code, "detail": str(err)})
+                continue
+            results.append({"id": job_id, **answer})
+            if not self.args.json:
+                self.out.line(f"{verb} {short(job_id)}  {job.get('name') or ''}".rstrip())
+        if self.args.json:
+            self.out.json(results)
+        return code
+
+    def cmd_cancel(self) -> int:
+        return self._each("cancelled", self.client.cancel)
+
+    def cmd_requeue(self) -> int:
+        return self._each("requeued", self.client.requeue)
+
+    def cmd_reload(self) -> int:
+        result = self.client.reload()
+        if self.args.json:
+            self.out.json(result)
+        else:
+            self.out.line("manifest reloaded: " + ", ".join(
+                f"{result.get(k, 0)} {k}" for k in ("added", "kept", "removed", "total")))
+        return EXIT_OK
+
+    # workers / peers ---------------------------------------------------------------------------
+
+    def cmd_workers(self) -> int:
+        result = self.client.workers()
+        if self.args.json:
+            self.out.json(result)
+            return EXIT_OK
+        workers = result.get("workers", [])
+        if not workers:
+            self.out.line("no workers have registered yet")
+            return EXIT_OK
+        now = time.time()
+        rows = []
+        for w in sorted(workers, key=lambda w: str(w.get("host"))):
+            cap = w.get("capability") if isinstance(w.get("capability"), dict) else {}
+            gpus = ", ".join(str(g.get("name") or "?") for g in cap.get("gpus") or [] if isinstance(g, dict))
+            rows.append([w.get("host"), "live" if w.get("live") else "down", ago(w.get("last_seen"), now),
+                         f"{count(w.get('running'))}/{w.get('slots', '?')}", cap.get("os"), cap.get("cores"),
+                         cap.get("ram_gib"), "yes" if cap.get("cuda") else "no", gpus or None])
+        self.out.table(["HOST", "STATE", "LAST SEEN", "RUNNING", "OS", "CORES", "RAM GIB", "CUDA", "GPUS"], rows,
+                       {1: lambda s: self.out.paint(s, s)})
+        return EXIT_OK
+
+    def cmd_peers(self) -> int:
+        a = self.args
+        urls = self.client.urls
+        report = []
+        for url in urls:
+            peer = Client([url], ca=a.ca, cert=a.cert, key=a.key, timeout=min(a.timeout, 5.0), retries=0)
+            try:
+                report.append({"url": url, "health": peer.health()})
+            except errors.FleetError as err:
+                report.append({"url": url, "error": err.code, "detail": str(err)})
+            finally:
+                peer.close()
+        reachable = sum(1 for r in report if "health" in r)
+        if a.json:
+            self.out.json(report)
+        else:
+            rows = []
+            for r in report:
+                h = r.get("health")
+                if h is None:
+                    rows.append([r["url"], "unreachable", None, None, None, None, r["detail"]])
+                else:
+                    rows.append([r["url"], h.get("role"), h.get("term"), h.get("leader"), h.get("node_id"),
+                                 h.get("version"), None])
+            self.out.table(["URL", "ROLE", "TERM", "LEADER", "NODE", "VERSION", "PROBLEM"], rows,
+                           {1: lambda s: self.out.paint(s, s)})
+        if reachable == len(report):
+            return EXIT_OK
+        return EXIT_UNREACHABLE if reachable == 0 else EXIT_FAILED
+
+    # logs / fetch ------------------------------------------------------------------------------
+
+    def cmd_logs(self) -> int:
+        a = self.args
+        result = self.client.job(a.id)
+        if a.json and not a.follow:
+            self.out.json(result)
+            return EXIT_OK
+        job = result.get("job") or {}
+        shown = log_text(job.get("log_tail"))
+        self.out.stream.write(shown)
+        self.out.stream.flush()
+        if not a.follow:
+            if not shown:
+                self.err.write(f"job {short(job.get('id'))} has no log yet (it is {job.get('status')})\n")
+            return EXIT_OK
+        job_id = job.get("id") or a.id
+        try:
+            while job.get("status") not in FINAL:
+                time.sleep(a.interval)
+                job = self.client.job(job_id).get("job") or {}
+                text = log_text(job.get("log_tail"))
+                self.out.stream.write(new_log_text(shown, text))
+                self.out.stream.flush()
+                shown = text
+        except KeyboardInterrupt:
+            pass
+        return EXIT_OK
+
+    def cmd_fetch(self) -> int:
+        a = self.args
+        job = self.client.job(a.id).get("job") or {}
+        job_id, artifact_id = job.get("id") or a.id, job.get("artifact_id")
+        if not artifact_id:
+            raise errors.NotFound(f"job {short(job_id)} has no artifact yet (it is {job.get('status')}); "
+                                  "fetch it once it has completed")
+        dest_dir = Path(a.output or ".")
+        stem = "_".join(_safe(job.get(k)) for k in ("model", "mode") if job.get(k)) or "job"
+        stem = f"{stem}-{artifact_id[:12]}"
+        partial = dest_dir / f"{stem}.bundle"
+        self.client.download_artifact(artifact_id, partial)
+        from cis490fleet import bundle
+
+        with open(partial, "rb") as f:
+            suffix = bundle.bundle_suffix(f.read(4))
+        path = dest_dir / f"{stem}{suffix}"
+        os.replace(partial, path)
+        extracted = None
+        if a.extract:
+            bundle.extract_bundle(path, dest_dir / stem)
+            extracted = dest_dir / stem
+        if a.json:
+            self.out.json({"job_id": job_id, "artifact_id": artifact_id, "path": str(path),
+                           "extracted": str(extracted) if extracted else None})
+        else:
+            self.out.line(str(path))
+            if extracted:
+                self.out.line(str(extracted))
+        return EXIT_OK
+
+    # watch -------------------------------------------------------------------------------------
+
+    def cmd_watch(self) -> int:
+        try:
+            return self._watch()
+        except KeyboardInterrupt:
+            return EXIT_OK
+
+    def _watch(self) -> int:
+        a = self.args
+        redraw = self.out.tty and not a.once
+        while True:
+            try:
+                snap = self.snapshot()
+                lines = self.watch_lines(snap, time.time(), bars=self.out.tty)
+            except errors.FleetError as err:
+                if a.once or isinstance(err, (errors.Unauthorized, errors.Forbidden, errors.ConfigError)):
+                    raise
+                lines = [f"{time.strftime('%H:%M:%S')} {err}"]
+            if a.json:
+                self.out.json(snap)
+            elif redraw:
+                self.out.stream.write("\x1b[H\x1b[2J" + "\n".join(lines) + "\n")
+            else:
+                for line in lines:
+                    self.out.line(line)
+            self.out.stream.flush()
+            if a.once:
+                return EXIT_OK
+            time.sleep(a.interval)
+
+    def watch_lines(self, snap: dict, now: float, bars: bool) -> list[str]:
+        counts = snap["health"].get("jobs") or {}
+        paint = self.out.paint
+        head = f"{time.strftime('%H:%M:%S', time.localtime(now))}  " + "  ".join(
+            f"{paint(s, s)} {counts[s]}" for s in STATUS_ORDER if s in counts)
+        live = sum(1 for w in snap["workers"] if w.get("live"))
+        lines = [head + f"  workers {live}/{len(snap['workers'])}"]
+        for job in snap["running"]:
+            progress = job.get("progress")
+            started = job_started(job)
+            elapsed = now - started if started else None
+            label = f"{short(job.get('id'))} {job.get('model')}/{job.get('mode')} on {job.get('host') or '?'}"
+            text = describe_progress(progress, elapsed)
+            if bars:
+                lines.append(f"  {label}  {bar(fraction(progress))} {text}  ({duration(elapsed)})")
+            else:
+                lines.append(f"  {label}  {job.get('status')}  {text}  age {duration(elapsed)}")
+        return lines
+
+
+def _safe(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(value))[:64]
+
+
+def new_log_text(old: str, new: str) -> str:
+    """What ``new`` adds after ``old``, both tails of one growing log (the start of ``new`` may cut a line)."""
+    if not old:
+        return new
+    if new.startswith(old):
+        return new[len(old):]
+    old_lines, new_lines = old.splitlines(keepends=True), new.splitlines(keepends=True)
+    for i in range(max(0, len(old_lines) - len(new_lines)), len(old_lines)):
+        overlap = old_lines[i:]
+        if overlap[0].endswith(new_lines[0]) and new_lines[1:len(overlap)] == overlap[1:]:
+            return "".join(new_lines[len(overlap):])
+    return new
+
+
+# -- arguments --------------------------------------------------------------------------------------
+
+
+def _add_common(p: argparse.ArgumentParser, top: bool) -> None:
+    """The global options, accepted before and after the subcommand."""
+    d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+    p.add_argument("--receiver", action="append", default=d([]), metavar="URL",
+                   help=f"a coordinator peer's URL; repeat for several (default: ${ENV_RECEIVER}, comma-separated)")
+    p.add_argument("--ca", default=d(None), metavar="PEM", help="CA that signed the coordinator's certificate")
+    p.add_argument("--cert", default=d(None), metavar="PEM", help="client certificate (mutual TLS)")
+    p.add_argument("--key", default=d(None), metavar="PEM", help="the client certificate's private key")
+    p.add_argument("--json", action="store_true", default=d(False), help="print the server's JSON")
+    p.add_argument("--no-color", action="store_true", default=d(False), help="never colour the output")
+    p.add_argument("--timeout", type=float, default=d(30.0), metavar="S", help="seconds to wait for an answer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cis490fleet jobs", description="Look at and steer the fleet's training jobs.",
+        epilog=f"The operator token for cancel, requeue and reload comes from $CIS490_OPERATOR_TOKEN. "
+               f"Exit codes: 0 ok, 1 failed, 2 usage, 3 not found, 4 not authorised, 5 coordinator unreachable.")
+    _add_common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        _add_common(p, top=False)
+        return p
+
+    add("status", "counts by status, live workers, running jobs")
+    p = add("list", "list jobs")
+    p.add_argument("--status", help="only jobs in this status (comma-separated for several)")
+    p.add_argument("--model", help="only jobs of this model")
+    p.add_argument("--host", help="only jobs held by this host")
+    p.add_argument("--limit", type=_positive_int, help="at most this many jobs")
+    p.add_argument("--offset", type=_non_negative_int, default=0, help="skip this many jobs")
+    p = add("show", "one job: spec, attempts, last error, why pending, log tail")
+    p.add_argument("id", help="a job id or a unique prefix of one")
+    p = add("cancel", "cancel jobs (a running job's worker is told to stop)")
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p = add("requeue", "put failed or cancelled jobs back in the queue")
+    p.add_argument("ids", nargs="+", metavar="ID")
+    add("reload", "reload the coordinator's training manifest")
+    add("workers", "workers, when they were last seen, what they run")
+    p = add("logs", "a job's log tail")
+    p.add_argument("id", help="a job id or a unique prefix of one")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the job ends")
+    p.add_argument("--interval", type=_positive_float, default=2.0, metavar="S", help="seconds between polls")
+    p = add("fetch", "download a job's artifact and verify its sha256")
+    p.add_argument("id", help="a job id or a unique prefix of one")
+    p.add_argument("-o", "--output", metavar="DIR", help="folder to write into (default: the current one)")
+    p.add_argument("--extract", action="store_true", help="also extract the bundle next to it")
+    p = add("watch", "a refreshing view of the queue and running jobs")
+    p.add_argument("--interval", type=_positive_float, default=2.0, metavar="S", help="seconds between refreshes")
+    p.add_argument("--once", action="store_true", help="draw once and exit")
+    add("peers", "health of each coordinator URL: role, term, leader")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None, *, stdout=None, stderr=None) -> int:
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    try:
+        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exit_:
+        return EXIT_OK if exit_.code in (0, None) else EXIT_USAGE
+    ops = Ops(args, Out(stdout, color=False if args.no_color else None), stderr)
+    try:
+        return getattr(ops, "cmd_" + args.command)()
+    except BrokenPipeError:
+        return EXIT_OK
+    except errors.FleetError as err:
+        log.debug("jobs %s failed", args.command, exc_info=True)
+        ops.complain(err)
+        return exit_code(err)
+    finally:
+        if ops._client is not None:
+            ops._client.close()
