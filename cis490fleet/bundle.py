@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import os
 import stat
 import tarfile
@@ -18,8 +17,6 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from cis490fleet import errors
-
-log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 ZSTD_LEVEL = 3

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import logging
 import math
 import os
 import random
@@ -32,8 +31,6 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 EXIT_USAGE = 2
 EXIT_TERMINATED = 128 + 15
