@@ -540,7 +540,6 @@ class _Parser:
 
         fixed = self.constraints(label, raw)
         name = raw.get("name")
-        prefix = None
         if sweep and isinstance(name, list):
             self.problem(f"{label}.name", "a sweep's name cannot be a list: it is the prefix of its jobs' "
                                           "names (<name>-<index>); give one string")
@@ -698,12 +697,13 @@ class _Parser:
         for entry in entries:
             for label, identity, name in zip(entry.labels, entry.identities, entry.names):
                 job = JobSpec(**identity, **entry.fixed, name=name, after=entry.resolved_after)
-                if job.id in seen:
-                    self.problem(label, f"the same job as {seen[job.id]} (id {job.id[:12]}): model, mode, hyper, "
+                job_id = job.id
+                if job_id in seen:
+                    self.problem(label, f"the same job as {seen[job_id]} (id {job_id[:12]}): model, mode, hyper, "
                                         "split_recipe, train_hosts and seed are all equal; change one of them "
                                         "(e.g. seed) or remove one entry")
                     continue
-                seen[job.id] = label
+                seen[job_id] = label
                 jobs.append((label, job))
         return jobs
 

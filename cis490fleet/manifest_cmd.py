@@ -21,6 +21,7 @@ from cis490fleet.errors import FleetError, ManifestError
 from cis490fleet.model import Manifest, TrainerConfig
 
 DESCRIBE_TIMEOUT_S = 60.0
+BUILTIN_DESCRIBE = ("{python}", "-m", "cis490fleet", "train", "--describe")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,11 +89,15 @@ def summary(m: Manifest, checked: str | None) -> str:
 
 
 def run_describe(trainer: TrainerConfig, *, timeout: float = DESCRIBE_TIMEOUT_S) -> dict[str, list[str]]:
-    """Run ``[trainer].describe`` and return its model -> hyper keys table."""
-    if not trainer.describe:
-        raise FleetError('the manifest\'s [trainer] has no describe command; add e.g. describe = ["{python}", "-m", '
-                         '"cis490fleet", "train", "--describe"], or check without --describe')
-    argv = [arg.format(python=sys.executable) for arg in trainer.describe]
+    """Run ``[trainer].describe`` and return its model -> hyper keys table.
+
+    Without a describe command, the built-in trainer (the default command) is asked.
+    """
+    describe = trainer.describe or (BUILTIN_DESCRIBE if trainer.command == TrainerConfig().command else ())
+    if not describe:
+        raise FleetError('the manifest\'s [trainer] has no describe command; add one such as describe = '
+                         '["{python}", "train.py", "--describe"], or check without --describe')
+    argv = [arg.format(python=sys.executable) for arg in describe]
     shown = shlex.join(argv)
     env = dict(os.environ)
     # `{python} -m cis490fleet` must find this very package, also when it runs from the zipapp.

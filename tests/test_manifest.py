@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -723,7 +724,7 @@ def test_sweep_size_is_the_product_and_ids_are_unique(seeds, lrs, modes):
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cis490fleet", "manifest", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=60, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_check_of_the_example_exits_0_with_a_summary():
@@ -813,11 +814,24 @@ def test_check_describe_failures_are_one_line(tmp_path, capsys, script, expected
     assert expected in err
 
 
-def test_check_describe_without_a_describe_command(capsys):
-    assert manifest_cmd.main(["check", str(EXAMPLE.parent / "nothing.toml")]) == 1
-    capsys.readouterr()
-    assert manifest_cmd.describe_table({"mlp": ["lr"]}) == {"mlp": ["lr"]}
+def test_check_describe_without_a_describe_command():
     from cis490fleet.errors import FleetError
 
-    with pytest.raises(FleetError, match="has no describe command"):
-        manifest_cmd.run_describe(TrainerConfig())
+    with pytest.raises(FleetError, match=r"has no describe command; add one such as describe = "):
+        manifest_cmd.run_describe(TrainerConfig(command=("{python}", "train.py", "{out}")))
+
+
+def test_check_describe_asks_the_built_in_trainer(tmp_path):
+    path = tmp_path / "m.toml"
+    path.write_text(JOB + "hyper = { lr = 0.1, hiden = 8 }\n")  # default [trainer]: the built-in one
+    proc = run_cli("check", str(path), "--describe")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f"{path}: jobs[0] (model=mlp).hyper.hiden: the trainer does not accept hyper key 'hiden' for model 'mlp' "
+        "(per the trainer's describe output); did you mean 'hidden'?"]
+
+
+def test_check_describe_of_the_example_with_the_built_in_trainer():
+    proc = run_cli("check", "etc/training_manifest.toml.example", "--describe")
+    assert proc.returncode == 0, proc.stderr
+    assert "hyper keys checked against: the trainer's describe output" in proc.stdout
