@@ -332,8 +332,8 @@ class Client:
 
     def _exchange(self, method: str, path: str, *, payload: Any = None, headers: dict | None = None,
                   body_path: Path | None = None, retry_sent: bool = True, timeout: float | None = None,
-                  sink: Callable | None = None) -> tuple[int, Any, Any, bool]:
-        """Send one request to the first peer that answers; returns (status, headers, body, resent)."""
+                  sink: Callable | None = None) -> tuple[int, Any, Any]:
+        """Send one request to the first peer that answers: (status, headers, body or the sink's result)."""
         extra = dict(headers or {})
         body = None
         if payload is not None:
@@ -348,7 +348,6 @@ class Client:
         where = (lambda url: f"{url}: ") if n > 1 else (lambda url: "")
         last_problem = "no attempt made"
         last_reply = None
-        sent_before = False
         for round_ in range(self.retries + 1):
             if round_:
                 self._backoff(round_ - 1)
@@ -370,15 +369,13 @@ class Client:
                         raise errors.Unavailable(
                             f"{method} {path} was sent to {url} but no answer came back ({err}); "
                             "it was not repeated because repeating it could act twice") from None
-                    sent_before = True
                     continue
                 if status in RETRY_STATUSES and retry_sent:
                     last_reply = (url, status, resp_headers, data)
                     last_problem = f"{where(url)}HTTP {status}"
-                    sent_before = True
                     continue
                 self._preferred = i
-                return status, resp_headers, data, sent_before
+                return status, resp_headers, data
         if last_reply is not None:
             url, status, resp_headers, data = last_reply
             raise self._error(url, method, path, status, data)
@@ -397,14 +394,11 @@ class Client:
         return _fill_attributes(errors.error_from_wire(status, code, detail))
 
     def _call(self, method: str, path: str, **kw) -> Any:
-        return self._call_resent(method, path, **kw)[0]
-
-    def _call_resent(self, method: str, path: str, **kw) -> tuple[Any, bool]:
-        status, _, data, resent = self._exchange(method, path, **kw)
+        status, _, data = self._exchange(method, path, **kw)
         if status >= 300:
             raise self._error(self.urls[self._preferred], method, path, status, data)
         try:
-            return json.loads(data), resent
+            return json.loads(data)
         except ValueError:
             raise errors.FleetError(
                 f"{method} {self.urls[self._preferred]}{path} answered HTTP {status} with a body that is not JSON; "
@@ -432,16 +426,8 @@ class Client:
                           headers={"x-lease": lease})
 
     def complete(self, job_id: str, lease, artifact_id: str) -> dict:
-        try:
-            result, _ = self._call_resent("POST", f"/v1/job/{_quote(job_id)}/complete",
-                                          payload={"artifact_id": artifact_id}, headers={"x-lease": lease})
-            return result
-        except (errors.StaleLease, errors.InvalidTransition):
-            # A repeat of a completion whose answer was lost meets a finished job: that is success.
-            job = self.job(job_id).get("job") or {}
-            if job.get("status") == "completed" and job.get("artifact_id") == artifact_id:
-                return {"ok": True}
-            raise
+        return self._call("POST", f"/v1/job/{_quote(job_id)}/complete", payload={"artifact_id": artifact_id},
+                          headers={"x-lease": lease})
 
     def fail(self, job_id: str, lease, error: str) -> dict:
         return self._call("POST", f"/v1/job/{_quote(job_id)}/fail", payload={"error": error},
@@ -493,7 +479,7 @@ class Client:
         return self._call("POST", "/v1/manifest/reload")
 
     def metrics(self) -> str:
-        status, _, data, _ = self._exchange("GET", "/metrics", headers={"accept": "text/plain"})
+        status, _, data = self._exchange("GET", "/metrics", headers={"accept": "text/plain"})
         if status >= 300:
             raise self._error(self.urls[self._preferred], "GET", "/metrics", status, data)
         return data.decode("utf-8")
@@ -522,7 +508,7 @@ class Client:
             return digest.hexdigest()
 
         try:
-            status, headers, result, _ = self._exchange("GET", path, sink=sink,
+            status, headers, result = self._exchange("GET", path, sink=sink,
                                                         headers={"accept": "application/octet-stream"},
                                                         timeout=max(self.timeout, 120.0))
             if status >= 300:

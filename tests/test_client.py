@@ -440,3 +440,70 @@ def test_connection_stays_usable_after_an_error_reply(serve_with):
     for _ in range(3):
         client.health()
     assert client.connections_opened == 1
+
+
+# -- against the real coordinator ---------------------------------------------------------------
+
+
+@pytest.fixture
+def coordinator(live_server, monkeypatch):
+    from conftest import manifest_toml
+
+    monkeypatch.delenv("CIS490_OPERATOR_TOKEN", raising=False)
+    return live_server(manifest=manifest_toml(2))
+
+
+def test_real_coordinator_keeps_one_connection_for_a_hundred_requests(coordinator):
+    client = Client(coordinator.url)
+    for i in range(100):
+        (client.health if i % 2 else client.jobs)()
+    assert client.connections_opened == 1
+
+
+def test_worker_round_trip_on_the_real_coordinator(coordinator, tmp_path):
+    worker = Client(coordinator.url, host_id="ws1")
+    cap = {"host": "ws1", "cores": 4, "ram_gib": 8, "slots": 2}
+    assert worker.register(cap)["ok"] is True
+    claim = worker.claim(cap)
+    job_id, lease = claim["job_id"], claim["lease"]
+    assert claim["job"]["id"] == job_id and claim["attempt"] == 1
+    assert worker.heartbeat(job_id, lease, progress={"epoch": 1}, log_tail="hi\n") == {"ok": True, "cancel": False}
+
+    with pytest.raises(errors.StaleLease):
+        worker.heartbeat(job_id, "not-my-lease")
+    with pytest.raises(errors.NotFound):
+        worker.job("abcd0123")
+
+    bundle = tmp_path / "bundle.tar"
+    bundle.write_bytes(os.urandom(3 << 20))
+    sha = hashlib.sha256(bundle.read_bytes()).hexdigest()
+    stored = worker.upload(job_id, lease, bundle)
+    assert stored["artifact_id"] == sha and stored["deduplicated"] is False
+    assert worker.complete(job_id, lease, sha) == {"ok": True}
+    # The answer to a completion can be lost; sending it again must not turn success into an error.
+    assert worker.complete(job_id, lease, sha) == {"ok": True}
+
+    detail = worker.job(job_id[:6])["job"]
+    assert detail["status"] == "completed" and detail["artifact_id"] == sha
+    got = worker.download_artifact(sha, tmp_path / "back" / "bundle.tar")
+    assert got.read_bytes() == bundle.read_bytes()
+    assert worker.connections_opened == 1
+
+
+def test_operator_calls_need_the_token(coordinator):
+    from conftest import OPERATOR_TOKEN
+
+    job_id = Client(coordinator.url).jobs()["jobs"][0]["id"]
+    with pytest.raises(errors.Unauthorized):
+        Client(coordinator.url).cancel(job_id)
+    with pytest.raises(errors.Forbidden):
+        Client(coordinator.url, operator_token="wrong").cancel(job_id)
+    assert Client(coordinator.url, operator_token=OPERATOR_TOKEN).cancel(job_id[:8]) == {"ok": True}
+    assert Client(coordinator.url).job(job_id)["job"]["status"] == "cancelled"
+
+
+def test_long_poll_claim_with_nothing_eligible(coordinator):
+    worker = Client(coordinator.url, host_id="ws9")
+    cap = {"host": "ws9", "slots": 1}
+    assert worker.claim(cap)["job"] is not None
+    assert worker.claim(cap, wait=0.2) == {"job": None}
