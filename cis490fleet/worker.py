@@ -475,7 +475,7 @@ class Worker:
             detect = capability.detect
         overrides = dict(self.config.capability)
         overrides["host"] = self.config.host_id
-        cap = normalize_capability(detect(overrides))
+        cap = normalize_capability(detect(overrides, work_dir=str(self.work_dir)))
         if not self.slots:
             self.slots = plan_slots(cap, self.config.slots)
         cap["slots"] = len(self.slots)

@@ -297,3 +297,184 @@ def test_start_up_kills_trainers_left_by_a_killed_worker(tmp_path):
     finally:
         stranger.kill()
         stranger.wait()
+
+
+# -- single steps against a real coordinator -----------------------------------------------
+
+TRAINERS = ROOT / "tests" / "trainers"
+
+
+def fake_nvidia_smi(tmp_path: Path, gpus: list[tuple[int, str, int]]) -> str:
+    """A real `nvidia-smi` program answering with ``gpus`` (none: a CPU-only host); returns a PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    rows = "".join(f"{i}, {name}, {mib}\n" for i, name, mib in gpus)
+    tool = bin_dir / "nvidia-smi"
+    tool.write_text(f"#!{sys.executable}\nimport sys\nsys.stdout.write({rows!r})\n")
+    tool.chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def trainer_manifest(trainer: str, jobs: str, *, heartbeat_s: float = 0.5, stale_after_s: float = 2.0,
+                     max_attempts: int = 3, extra_fleet: str = "") -> str:
+    command = json.dumps(["{python}", str(TRAINERS / trainer), "--model", "{model}", "--mode", "{mode}",
+                          "--hyper", "{hyper}", "--seed", "{seed}", "--out", "{out}"])
+    return textwrap.dedent(f"""
+        [fleet]
+        heartbeat_s = {heartbeat_s}
+        stale_after_s = {stale_after_s}
+        max_attempts = {max_attempts}
+        retry_backoff_s = 0.1
+        {extra_fleet}
+        [trainer]
+        command = {command}
+    """) + textwrap.dedent(jobs)
+
+
+ONE_JOB = """
+    [[jobs]]
+    name = "one"
+    model = "mlp"
+    mode = "fast"
+    hyper = { steps = 40, sleep = 0.1 }
+"""
+
+
+@pytest.fixture
+def cpu_host(tmp_path, monkeypatch):
+    """Capability detection sees a CPU-only host (a real nvidia-smi listing no GPU): fast and the same everywhere."""
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, []))
+
+
+def make_worker(url: str, tmp_path: Path, host: str = "w1", **kw) -> worker.Worker:
+    config = WorkerConfig(receivers=(url,), host_id=host, work_dir=tmp_path / f"work-{host}", grace_s=kw.pop("grace_s", 5.0),
+                          wait_s=kw.pop("wait_s", 0.0), **kw)
+    w = worker.Worker(config)
+    w.start()
+    return w
+
+
+def job_detail(server, job_id: str) -> dict:
+    status, _, body = server.call("GET", f"/v1/job/{job_id}")
+    assert status == 200, body
+    return body["job"]
+
+
+def only_job(server) -> dict:
+    status, _, body = server.call("GET", "/v1/jobs")
+    (job,) = body["jobs"]
+    return job_detail(server, job["id"])
+
+
+def test_run_once_trains_uploads_and_completes(live_server, tmp_path, cpu_host):
+    server = live_server(trainer_manifest("ok.py", ONE_JOB))
+    w = make_worker(server.url, tmp_path)
+    assert w.capability["slots"] == 1 and w.capability["cuda"] is False
+    assert w.run_once() == worker.COMPLETED
+    job = only_job(server)
+    assert job["status"] == "completed" and job["artifact_id"]
+    status, headers, data = server.call("GET", f"/v1/artifact/{job['artifact_id']}")
+    assert status == 200
+    import hashlib
+    assert hashlib.sha256(data).hexdigest() == job["artifact_id"]
+    from cis490fleet import bundle
+    bundle_path = tmp_path / ("b" + bundle.bundle_suffix(data[:4]))
+    bundle_path.write_bytes(data)
+    bundle.extract_bundle(bundle_path, tmp_path / "x")
+    assert json.loads((tmp_path / "x" / "result.json").read_text())["model"] == "mlp"
+    assert w.run_once() == worker.IDLE
+    assert not list(w.pending_dir.iterdir())
+
+
+def test_a_crashing_trainer_fails_the_job_with_its_stderr(live_server, tmp_path, cpu_host):
+    server = live_server(trainer_manifest("crash.py", ONE_JOB, max_attempts=1))
+    w = make_worker(server.url, tmp_path)
+    assert w.run_once() == worker.FAILED
+    job = only_job(server)
+    assert job["status"] == "failed"
+    assert "exit code 3" in job["last_error"] and "boom: simulated trainer crash" in job["last_error"]
+
+
+def test_an_artifact_over_the_limit_fails_the_job(live_server, tmp_path, cpu_host):
+    server = live_server(trainer_manifest("noisy.py", ONE_JOB.replace("steps = 40, sleep = 0.1", "lines = 10"),
+                                          max_attempts=1, extra_fleet="max_artifact_bytes = 10"))
+    w = make_worker(server.url, tmp_path)
+    w.backoff_s = 0.01
+    assert w.run_once() == worker.FAILED
+    job = only_job(server)
+    assert job["status"] == "failed" and "upload failed" in job["last_error"], job["last_error"]
+
+
+def test_cancel_stops_the_trainer_and_reports_nothing(live_server, tmp_path, cpu_host):
+    server = live_server(trainer_manifest("hang.py", ONE_JOB))
+    w = make_worker(server.url, tmp_path, grace_s=2.0)
+    from conftest import OPERATOR_TOKEN
+
+    def cancel_when_running():
+        deadline = time.monotonic() + 30
+        while not w.runs and time.monotonic() < deadline:
+            time.sleep(0.05)
+        run = next(iter(w.runs.values()))
+        cancel_when_running.pid = run.proc.pid
+        status, _, body = server.call("POST", f"/v1/job/{run.job_id}/cancel",
+                                      headers={"x-operator-token": OPERATOR_TOKEN})
+        assert status == 200, body
+
+    import threading
+    t = threading.Thread(target=cancel_when_running)
+    t.start()
+    assert w.run_once() == worker.CANCELLED
+    t.join()
+    assert not pid_alive(cancel_when_running.pid)
+    assert only_job(server)["status"] == "cancelled"
+
+
+def test_results_wait_on_disk_while_the_coordinator_is_away(serve_process, tmp_path, cpu_host):
+    server = serve_process(manifest=trainer_manifest("ok.py", ONE_JOB, heartbeat_s=1, stale_after_s=60))
+    w = make_worker(server.url, tmp_path)
+    w.client.retries = 0
+    # Claim, then take the coordinator away before the trainer's result goes out.
+    claim = w.client.claim(w.capability)
+    run = TrainerRun(claim, w.slots[0], w.work_dir, now=time.time())
+    run.spawn()
+    assert wait_exit(run) == 0
+    server.stop()
+    assert w._finish(run) == worker.PENDING
+    (record,) = w.pending_records()
+    assert record["job_id"] == claim["job_id"] and Path(record["bundle"]).is_file()
+
+    again = serve_process(data_dir=server.data_dir, manifest=trainer_manifest("ok.py", ONE_JOB, heartbeat_s=1,
+                                                                              stale_after_s=60))
+    w2 = make_worker(again.url, tmp_path)  # a restarted worker, same work folder
+    assert w2.pending_records() == []
+    assert job_detail(again, claim["job_id"])["status"] == "completed"
+
+
+def test_one_slot_per_gpu_each_seeing_only_its_own(live_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, [(0, "Fake A", 8192), (1, "Fake B", 8192)]))
+    script = write(tmp_path / "gpu_trainer.py", """
+        import os, time
+        time.sleep(1)
+        open(os.path.join(os.environ["CIS490_OUT"], "gpu"), "w").write(os.environ["CUDA_VISIBLE_DEVICES"])
+    """)
+    manifest = trainer_manifest("ok.py", """
+        [[jobs]]
+        model = "mlp"
+        mode = "a"
+        require_cuda = true
+        [[jobs]]
+        model = "mlp"
+        mode = "b"
+        require_cuda = true
+    """).replace(str(TRAINERS / "ok.py"), str(script))
+    server = live_server(manifest)
+    w = make_worker(server.url, tmp_path, once=True)
+    assert w.run() == 0
+    _, _, body = server.call("GET", "/v1/workers")
+    (me,) = body["workers"]
+    assert me["capability"]["slots"] == 2 and me["capability"]["cuda"] is True
+    seen = set()
+    for job in server.call("GET", "/v1/jobs")[2]["jobs"]:
+        assert job["status"] == "completed"
+        seen.add((w.work_dir / job["id"] / "attempt-1" / "out" / "gpu").read_text())
+    assert seen == {"0", "1"}
