@@ -96,6 +96,10 @@ def normalize_url(raw: str) -> str:
 def _describe(err: BaseException) -> str:
     if isinstance(err, TimeoutError) or type(err).__name__ == "timeout":
         return "timed out"
+    if type(err).__module__ == "ssl":
+        reason = getattr(err, "verify_message", None) or getattr(err, "reason", None) or str(err)
+        return (f"TLS handshake failed ({reason}); check --ca (the CA that signed the coordinator's certificate) "
+                "and, for mutual TLS, --cert and --key")
     if isinstance(err, OSError) and err.strerror and not hasattr(err, "reason"):
         return err.strerror.lower() if isinstance(err, ConnectionError) else err.strerror
     return str(err) or type(err).__name__
@@ -381,7 +385,7 @@ class Client:
             raise self._error(url, method, path, status, data)
         tried = ", ".join(self.urls)
         raise errors.Unavailable(
-            f"cannot reach the coordinator at {tried} ({last_problem}); "
+            f"cannot reach the coordinator at {tried}: {last_problem}; "
             f"check that it runs, or point --receiver / {ENV_RECEIVER} at a running peer")
 
     def _error(self, url: str, method: str, path: str, status: int, data: bytes) -> errors.FleetError:

@@ -498,3 +498,31 @@ def test_jobs_command_imports_nothing_heavy():
             "print(sorted(heavy & set(sys.modules)))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), cwd=ROOT)
     assert proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_mutual_tls_with_ca_cert_and_key(serve_process, tmp_path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    server.cert_chain_pems[0].write_to_path(tmp_path / "server.pem")
+    server.private_key_pem.write_to_path(tmp_path / "server.key")
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    ca.issue_cert("ops-laptop").private_key_and_cert_chain_pem.write_to_path(tmp_path / "me.pem")
+    from cis490fleet import tls
+
+    sp = serve_process(manifest=manifest_toml(2),
+                       args=["--cert", str(tmp_path / "server.pem"), "--key", str(tmp_path / "server.key"),
+                             "--client-ca", str(tmp_path / "ca.pem")],
+                       ssl_context=tls.client_context(tmp_path / "ca.pem", tmp_path / "me.pem"))
+    good = jobs_process("--receiver", sp.url, "--ca", str(tmp_path / "ca.pem"), "--cert", str(tmp_path / "me.pem"),
+                        "list", "--json")
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout)["total"] == 2
+
+    untrusted = jobs_process("--receiver", sp.url, "list")
+    assert untrusted.returncode == 5
+    (line,) = untrusted.stderr.splitlines()
+    assert "TLS" in line and "--ca" in line
+
+    missing = jobs_process("--receiver", sp.url, "--ca", str(tmp_path / "nope.pem"), "list")
+    assert missing.returncode == 2 and "nope.pem" in missing.stderr
