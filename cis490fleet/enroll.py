@@ -716,8 +716,11 @@ def pyz_bytes(explicit: str | None) -> tuple[bytes, str]:
     path = running_pyz()
     if path is not None:
         return path.read_bytes(), str(path)
-    from cis490fleet import zipbuild
-
+    try:
+        from cis490fleet import zipbuild
+    except ImportError as err:
+        raise errors.ConfigError(f"this runs from a source tree and cannot build the zipapp ({err}); "
+                                 "pass --pyz cis490fleet.pyz") from None
     built = zipbuild.build()
     data = built if isinstance(built, (bytes, bytearray)) else Path(built).read_bytes()
     return bytes(data), "built from this source tree"
