@@ -16,7 +16,6 @@ import socket
 import ssl
 import threading
 import tracemalloc
-from pathlib import Path
 
 import pytest
 
