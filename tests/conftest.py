@@ -143,7 +143,10 @@ class ServeProcess:
         self.proc.wait(30)
 
 
-def serve_command(*args: str) -> list[str]:
+def serve_command(*args: str, program: str | Path | None = None) -> list[str]:
+    """argv of ``serve``: from the sources, or from ``program`` (a built cis490fleet.pyz)."""
+    if program is not None:
+        return [sys.executable, str(program), "serve", *args]
     return [sys.executable, "-m", "cis490fleet", "serve", *args]
 
 
@@ -159,20 +162,23 @@ def serve_env(extra: dict | None = None, token: str | None = OPERATOR_TOKEN) -> 
 
 @pytest.fixture
 def serve_process(tmp_path_factory):
-    """Factory: ``start(data_dir=None, manifest=None, args=(), env=None, token=..., wait=True) -> ServeProcess``.
+    """Factory: ``start(data_dir=None, manifest=None, args=(), env=None, token=..., wait=True, program=None)
+    -> ServeProcess``.
 
     ``manifest`` is TOML text (written to a file next to the data folder) or a path.
-    Pass the same ``data_dir`` again to restart on the same state.
+    Pass the same ``data_dir`` again to restart on the same state. ``program``
+    runs a built zipapp instead of the sources; ``ssl_context`` is the client
+    context for an https serve (give --cert/--key in ``args``).
     """
     started: list[ServeProcess] = []
 
     def start(data_dir: Path | None = None, manifest: str | Path | None = None, args=(), env: dict | None = None,
               token: str | None = OPERATOR_TOKEN, wait: bool = True, timeout: float = 60,
-              ssl_context=None) -> ServeProcess:
+              ssl_context=None, program: str | Path | None = None) -> ServeProcess:
         base = tmp_path_factory.mktemp("serve")
         data_dir = Path(data_dir) if data_dir else base / "data"
         argv = serve_command("--data", str(data_dir), "--bind", "127.0.0.1:0", "--port-file", str(base / "url"),
-                             *args)
+                             *args, program=program)
         if manifest is not None:
             path = Path(manifest) if isinstance(manifest, Path) else base / "manifest.toml"
             if not isinstance(manifest, Path):

@@ -7,12 +7,14 @@ not our client's reading of it. The server is the in-process ``live_server``.
 from __future__ import annotations
 
 import hashlib
+import io
 import http.client
 import json
 import logging
 import socket
 import threading
 import time
+import zipfile
 
 import pytest
 
@@ -177,6 +179,16 @@ def test_long_poll_claim_ends_with_job_null_when_nothing_comes(live_server):
     srv = live_server(manifest_toml(0))
     status, _, body = srv.call("POST", "/v1/job/claim", {"capability": {}, "wait": 0.2}, worker("ws1"))
     assert status == 200 and body == {"job": None}
+
+
+def test_a_stale_claim_goes_back_and_wakes_a_waiting_claim(live_server):
+    srv = live_server(manifest_toml(1, heartbeat_s=0.1, stale_after_s=0.4))
+    first = claim(srv, "ws1")
+    status, _, second = srv.call("POST", "/v1/job/claim", {"wait": 60}, worker("ws2"), timeout=90)
+    assert status == 200 and second["job_id"] == first["job_id"] and second["attempt"] == 2
+    assert srv.coordinator.counters.snapshot()["counters"]["stale_recoveries"] == 1
+    assert_error(srv.call("POST", f"/v1/job/{first['job_id']}/heartbeat", {}, worker("ws1", first["lease"])),
+                 409, "stale_lease")
 
 
 def test_sixteen_keep_alive_clients_claim_500_jobs_each_exactly_once(live_server):
@@ -417,13 +429,14 @@ def test_register_and_list_workers(srv):
     assert_error(srv.call("POST", "/v1/worker/register", {"capability": {}}), 401, "unauthorized")
 
 
-def test_zipapp_is_served_with_its_sha(srv, monkeypatch):
-    fake = b"PK\x05\x06" + b"\x00" * 18
-    srv.coordinator._zipapp = (fake, hashlib.sha256(fake).hexdigest())
-    status, headers, body = srv.call("GET", "/v1/zipapp")
-    assert status == 200 and body == fake
-    assert headers["content-type"] == "application/zip"
-    assert headers["x-content-sha256"] == hashlib.sha256(fake).hexdigest()
+def test_zipapp_built_from_the_sources_is_served_with_its_sha(srv):
+    status, headers, body = srv.call("GET", "/v1/zipapp", timeout=120)
+    assert status == 200 and headers["content-type"] == "application/zip"
+    assert headers["x-content-sha256"] == hashlib.sha256(body).hexdigest()
+    with zipfile.ZipFile(io.BytesIO(body)) as zf:
+        names = zf.namelist()
+    assert "__main__.py" in names and "cis490fleet/http_api.py" in names
+    assert srv.call("GET", "/v1/zipapp")[2] == body  # built once, then the same bytes
 
 
 # -- operator endpoints ----------------------------------------------------------------------------

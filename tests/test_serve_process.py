@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cis490fleet import coordinator
+from cis490fleet import coordinator, errors
 from conftest import OPERATOR_TOKEN, Conn, http_call, manifest_toml, serve_command, serve_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,6 +132,65 @@ def test_default_data_folder_follows_the_environment(tmp_path):
     if os.name != "nt":
         assert coordinator.default_data_dir({"XDG_STATE_HOME": "/state"}) == Path("/state/cis490fleet")
         assert coordinator.default_data_dir({}) == Path.home() / ".local/state/cis490fleet"
+
+
+def test_serve_run_from_the_zipapp_hands_out_that_very_file(serve_process, tmp_path):
+    from cis490fleet import zipbuild
+
+    pyz = zipbuild.build(tmp_path / "cis490fleet.pyz")
+    sp = serve_process(program=pyz)
+    status, headers, body = sp.call("GET", "/v1/zipapp")
+    assert status == 200 and body == pyz.read_bytes()
+    assert headers["x-content-sha256"] == hashlib.sha256(body).hexdigest()
+    assert sp.stop() == 0
+
+
+# -- group commit ------------------------------------------------------------------------------------
+
+
+class GatedStore:
+    """A real JobStore whose batches wait at a gate, so the test decides when the writer may commit."""
+
+    def __init__(self, store):
+        self.store = store
+        self.gate = threading.Event()
+        self.batch_sizes: list[int] = []
+
+    def execute_batch(self, cmds):
+        self.batch_sizes.append(len(cmds))
+        assert self.gate.wait(30)
+        return self.store.execute_batch(cmds)
+
+
+def test_group_commit_applies_everything_waiting_in_one_batch_with_one_result_each(tmp_path):
+    from cis490fleet import manifest
+    from cis490fleet.jobstore import JobStore
+
+    store = JobStore(tmp_path / "queue.sqlite3")
+    store.execute({"op": "sync_manifest", "now": 1.0, "manifest": manifest.parse(manifest_toml(30)).to_json()})
+    gated = GatedStore(store)
+    writer = coordinator.GroupCommitWriter(gated)
+    writer.start()
+    try:
+        first = writer.submit({"op": "claim", "now": 2.0, "host": "ws0", "capability": {}, "lease": "l0"})
+        deadline = time.monotonic() + 30
+        while gated.batch_sizes != [1]:  # the writer is inside the first commit now
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        claims = [writer.submit({"op": "claim", "now": 3.0, "host": f"ws{i}", "capability": {}, "lease": f"l{i}"})
+                  for i in range(1, 21)]
+        bad = writer.submit({"op": "heartbeat", "now": 3.0, "job_id": "0" * 64, "host": "ws1", "lease": None})
+        gated.gate.set()
+        results = [f.result(30) for f in [first] + claims]
+        with pytest.raises(errors.NotFound):
+            bad.result(30)
+    finally:
+        gated.gate.set()
+        writer.stop()
+        store.close()
+    assert gated.batch_sizes == [1, 21]
+    assert [r["lease"] for r in results] == [f"l{i}" for i in range(21)]
+    assert len({r["job_id"] for r in results}) == 21
 
 
 # -- systemd notification -------------------------------------------------------------------------------
