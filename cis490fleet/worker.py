@@ -457,6 +457,7 @@ class Worker:
         self._last_busy = self.clock()
         self._lock = threading.Lock()
         self._registered = False
+        self._retry_at = 0.0  # a job of ours failed and may come back at this time
 
     def _make_client(self):
         from cis490fleet.client import Client
@@ -656,7 +657,7 @@ class Worker:
         job_id, lease = record["job_id"], record.get("lease")
         if record["action"] == "fail":
             try:
-                self.client.fail(job_id, lease, record["error"])
+                answer = self.client.fail(job_id, lease, record["error"]) or {}
             except errors.Unavailable as err:
                 log.warning("job %s: failure kept in %s until the coordinator answers (%s)",
                             label, self.pending_dir, err)
@@ -664,7 +665,13 @@ class Worker:
             except (errors.StaleLease, errors.InvalidTransition, errors.NotFound) as err:
                 log.warning("job %s: failure not recorded: %s", label, err)
             else:
-                log.info("job %s: reported as failed", label)
+                retry_at = answer.get("retry_at")
+                if answer.get("status") == "pending" and isinstance(retry_at, (int, float)):
+                    with self._lock:
+                        self._retry_at = max(self._retry_at, float(retry_at))
+                    log.info("job %s: reported as failed; it may be retried", label)
+                else:
+                    log.info("job %s: reported as failed", label)
             self._drop_record(record)
             return FAILED
 
@@ -756,12 +763,29 @@ class Worker:
                 log.exception("slot %d: unexpected error", slot.index)
                 outcome = UNAVAILABLE
             if outcome == IDLE and self.config.once:
-                return
-            if outcome in (UNAVAILABLE, PENDING):
+                if self.queue_settled():
+                    return
+                self._stopping.wait(0.5 if self.config.wait_s < 0.5 else 0)
+            elif outcome in (UNAVAILABLE, PENDING):
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 30.0)
             else:
                 delay = 0.5
+
+    def queue_settled(self) -> bool:
+        """For --once: nothing for us now, and nothing that may come back to the queue later.
+
+        A job held anywhere may be released, go stale or unblock its dependents; a job
+        of ours that failed may be retried after its backoff.
+        """
+        with self._lock:
+            if self.runs or self.clock() < self._retry_at:
+                return False
+        try:
+            return all(self.client.jobs(status=s, limit=1).get("total", 1) == 0 for s in ("claimed", "running"))
+        except errors.FleetError as err:
+            log.warning("cannot list held jobs: %s", err)
+            return False
 
     def idle_for(self) -> float:
         with self._lock:
