@@ -907,9 +907,8 @@ def install_worker(args, inst: Installer) -> int:
                 inst.run(["schtasks", "/End", "/TN", TASK_NAME], ignore_failure=True)
             inst.run(["schtasks", "/Run", "/TN", TASK_NAME])
 
-    if not inst.dry_run:
-        write_record(inst, "worker", record, files=list(inst.written), dirs=created_dirs, user=user,
-                     user_created=user_created)
+    write_record(inst, "worker", record, files=list(inst.written), dirs=created_dirs, user=user,
+                 user_created=user_created)
 
     if args.skip_coordinator_check:
         out("registration skipped (--skip-coordinator-check); the worker registers itself when it starts")
@@ -1005,9 +1004,8 @@ def install_coordinator(args, inst: Installer) -> int:
     start = not args.no_start
     systemd_enable(inst, layout.unit("coordinator").name, unit_changed=unit_state in ("created", "updated"),
                    restart=bool(inst.updated), start=start)
-    if not inst.dry_run:
-        write_record(inst, "coordinator", record, files=list(inst.written), dirs=created_dirs, user=user,
-                     user_created=user_created)
+    write_record(inst, "coordinator", record, files=list(inst.written), dirs=created_dirs, user=user,
+                 user_created=user_created)
     out(f"operator token: {token_target} (give it to `jobs` as CIS490_OPERATOR_TOKEN)")
     out("dry run: nothing was written or run" if inst.dry_run else
         "coordinator enrolled" + ("" if start else " (not started: --no-start)"))
@@ -1162,6 +1160,9 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.root).expanduser().resolve()
         if root == Path(root.anchor):
             raise errors.ConfigError("--root / is the live system; leave --root out to install for real")
+    if root is None and not args.dry_run and args.os == "linux" and hasattr(os, "geteuid") and os.geteuid() != 0:
+        raise errors.ConfigError("enroll installs a system service: run it as root (sudo), "
+                                 "or preview with --dry-run, or stage with --root DIR")
     inst = Installer(layout=layout_for(args.os, args.program_data), root=root, dry_run=args.dry_run,
                      out=lambda line: print(line, flush=True))
     if args.dry_run:

@@ -283,7 +283,7 @@ def test_dry_run_writes_nothing_and_lists_every_file_and_command(tmp_path, pyz, 
     rc, out = enroll_main(capsys, *worker_args(root, pyz, "--dry-run"))
     assert rc == 0
     assert not root.exists()
-    for target in ("/opt/cis490fleet/cis490fleet.pyz", "/etc/cis490fleet/worker.toml",
+    for target in ("/opt/cis490fleet/cis490fleet.pyz", "/etc/cis490fleet/worker.toml", "/opt/cis490fleet/enrolled-worker.json",
                    "/etc/systemd/system/cis490fleet-worker.service"):
         assert f"would write {target} (" in out
     assert "would create folder /var/lib/cis490fleet/work" in out
@@ -445,6 +445,25 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, pyz, argv, says):
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and says in lines[0], proc.stderr
     assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to run a child as nobody")
+def test_a_live_install_needs_root():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CIS490_")}
+    env["PYTHONPATH"] = str(ROOT)
+    python = "/usr/bin/python3"  # the test's own interpreter may sit in a folder only root can enter
+    try:
+        proc = subprocess.run([python, "-m", "cis490fleet", "enroll", "worker", "--receiver", "http://x:1",
+                               "--skip-coordinator-check"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=60, user="nobody", stdin=subprocess.DEVNULL)
+    except (PermissionError, FileNotFoundError) as err:
+        pytest.skip(f"cannot run {python} as nobody: {err}")
+    if proc.returncode != 2 and ("Permission denied" in proc.stderr or "No module named" in proc.stderr
+                                 or "needs Python" in proc.stderr):
+        pytest.skip(f"nobody cannot run this checkout with {python}: {proc.stderr.strip()[-200:]}")
+    assert proc.returncode == 2
+    assert error_lines(proc.stderr) == ["cis490fleet enroll: enroll installs a system service: run it as root (sudo), "
+                                        "or preview with --dry-run, or stage with --root DIR"]
 
 
 def test_bad_manifest_is_refused_before_anything_is_written(tmp_path, pyz):
