@@ -687,7 +687,11 @@ class JobStore:
             raise BadRequest(f"{id_or_prefix!r} is not a job id: give the id or its first {PREFIX_MIN}+ hex digits")
         if len(text) < PREFIX_MIN:
             raise BadRequest(f"job id prefix {text!r} is too short: give at least {PREFIX_MIN} hex digits")
-        rows = self._conn().execute("SELECT id FROM jobs WHERE id >= ? AND id < ? ORDER BY id LIMIT 6",
+        with self._snapshot() as conn:
+            rows = conn.execute("SELECT id FROM jobs WHERE id >= ? AND id < ? ORDER BY id LIMIT 2",
+                                (text, text + "g")).fetchall()
+            if len(rows) > 1:
+                rows = conn.execute("SELECT id FROM jobs WHERE id >= ? AND id < ? ORDER BY id",
                                     (text, text + "g")).fetchall()
         if not rows:
             raise NotFound(f"no job id starts with {text!r}; list jobs with 'cis490fleet jobs list'")

@@ -488,8 +488,9 @@ def test_resolve_takes_a_full_id_or_a_unique_prefix(store):
     common = next(i for i in range(64) if a.id[i] != b.id[i])
     assert store.resolve(a.id[:common + 1].upper()) == a.id
     assert store.resolve(" " + b.id[:common + 1] + " ") == b.id
-    with pytest.raises(AmbiguousId):
+    with pytest.raises(AmbiguousId) as info:
         store.resolve(a.id[:4])
+    assert info.value.matches == sorted([a.id, b.id])
     with pytest.raises(BadRequest, match="at least 4"):
         store.resolve(a.id[:3])
     with pytest.raises(BadRequest, match="not a job id"):
