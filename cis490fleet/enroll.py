@@ -801,7 +801,9 @@ class WorkerSettings:
 
 
 def settings_from_existing(text: bytes, path: PurePath, fallback: WorkerSettings) -> WorkerSettings:
-    """The settings an existing worker.toml holds (the unit must match its work_dir and grace_s)."""
+    """The settings an existing worker.toml holds: the unit, the check and the registration follow it."""
+    from cis490fleet.client import parse_urls
+
     try:
         doc = tomllib.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
@@ -810,9 +812,20 @@ def settings_from_existing(text: bytes, path: PurePath, fallback: WorkerSettings
     if not isinstance(grace, (int, float)) or isinstance(grace, bool) or grace < 0:
         raise errors.ConfigError(f"{path}: grace_s must be a number >= 0, got {grace!r}")
     work_dir = doc.get("work_dir", str(fallback.work_dir))
-    if not isinstance(work_dir, str):
-        raise errors.ConfigError(f"{path}: work_dir must be a path, got {work_dir!r}")
-    return replace(fallback, grace_s=float(grace), work_dir=type(fallback.work_dir)(work_dir))
+    host_id = doc.get("host_id", fallback.host_id)
+    if not isinstance(work_dir, str) or not type(fallback.work_dir)(work_dir).is_absolute():
+        raise errors.ConfigError(f"{path}: work_dir must be an absolute path, got {work_dir!r}")
+    if not isinstance(host_id, str) or not HOST_ID_RE.match(host_id):
+        raise errors.ConfigError(f"{path}: host_id {host_id!r} is not a valid host id; fix it or remove the file")
+    receivers = fallback.receivers
+    if "receiver" in doc:
+        raw = doc["receiver"]
+        if not isinstance(raw, (str, list)) or not all(isinstance(u, str) for u in ([raw] if isinstance(raw, str)
+                                                                                    else raw)):
+            raise errors.ConfigError(f"{path}: receiver must be a URL or a list of URLs, got {raw!r}")
+        receivers = tuple(parse_urls(raw))
+    return replace(fallback, grace_s=float(grace), work_dir=type(fallback.work_dir)(work_dir), host_id=host_id,
+                   receivers=receivers)
 
 
 TLS_TARGETS = {
@@ -856,9 +869,21 @@ def install_worker(args, inst: Installer) -> int:
     work_dir = _target_path(layout, args.work_dir, "--work-dir") if args.work_dir else layout.work_dir
     python = args.python or (LINUX_PYTHON if layout.system == "linux" else _windows_python())
 
+    tls_targets = {name: layout.etc / TLS_TARGETS["worker"][name] for name, src in tls_src.items() if src}
+    settings = WorkerSettings(receivers=receivers, host_id=host_id, work_dir=work_dir,
+                              grace_s=args.grace_s if args.grace_s is not None else DEFAULT_GRACE_S,
+                              slots=args.slots, **tls_targets)
+    existing = inst.read(layout.worker_config)
+    if existing is not None:
+        settings = settings_from_existing(existing, layout.worker_config, settings)
+        if (settings.host_id, settings.receivers) != (host_id, receivers):
+            out(f"{layout.worker_config} exists and is kept: enrolling as {settings.host_id} "
+                f"with {', '.join(settings.receivers)}, as it says")
+        receivers, host_id = settings.receivers, settings.host_id
+
     check_service_python(inst, python)
     cap = detect_capability({"host": host_id, **({"slots": args.slots} if args.slots else {})},
-                            inst.host(work_dir))
+                            inst.host(settings.work_dir))
     report_capability(cap, out)
     tls_files = {name: str(p) if p else None for name, p in tls_src.items()}
     if args.skip_coordinator_check:
@@ -872,22 +897,14 @@ def install_worker(args, inst: Installer) -> int:
         user_created = ensure_user(inst, user, gpu=True)
     data, origin = pyz_bytes(args.pyz)
     out(f"pyz: {origin}")
-    pyz_state = inst.put(layout.pyz, data, mode=0o644)
-    group = user if layout.system == "linux" else None
-    tls_targets = install_tls_files(inst, "worker", tls_src, group)
-
-    settings = WorkerSettings(receivers=receivers, host_id=host_id, work_dir=work_dir,
-                              grace_s=args.grace_s if args.grace_s is not None else DEFAULT_GRACE_S,
-                              slots=args.slots, **tls_targets)
-    existing = inst.read(layout.worker_config)
-    if existing is not None:
-        settings = settings_from_existing(existing, layout.worker_config, settings)
+    inst.put(layout.pyz, data, mode=0o644)
+    install_tls_files(inst, "worker", tls_src, user if layout.system == "linux" else None)
     config_text = toml_dumps(settings.to_toml_doc(), header=(
         "cis490fleet worker settings, written by `cis490fleet enroll worker`.\n"
         "enroll keeps this file once it exists; edit it, then restart the worker service."))
-    config_state = inst.put(layout.worker_config, config_text.encode(), keep=True,
-                            note="; delete it and re-run to write a new one")
-    created_dirs = [str(work_dir)] if inst.mkdir(work_dir, owner=user if layout.system == "linux" else None) else []
+    inst.put(layout.worker_config, config_text.encode(), keep=True, note="; delete it and re-run to write a new one")
+    owner = user if layout.system == "linux" else None
+    created_dirs = [str(settings.work_dir)] if inst.mkdir(settings.work_dir, owner=owner) else []
 
     start = not args.no_start
     if layout.system == "linux":
@@ -899,8 +916,8 @@ def install_worker(args, inst: Installer) -> int:
     else:
         xml = render_task_xml(python=python, pyz=layout.pyz, config=layout.worker_config, working_dir=layout.base,
                               account=user)
-        task_state = inst.put(layout.task_xml, xml.encode("utf-16"))
-        inst.run(["icacls", str(work_dir), "/grant", f"{user}:(OI)(CI)M"])
+        inst.put(layout.task_xml, xml.encode("utf-16"))
+        inst.run(["icacls", str(settings.work_dir), "/grant", f"{user}:(OI)(CI)M"])
         inst.run(["schtasks", "/Create", "/TN", TASK_NAME, "/XML", str(layout.task_xml), "/F"])
         if start:
             if inst.updated:
@@ -972,7 +989,7 @@ def install_coordinator(args, inst: Installer) -> int:
     user_created = ensure_user(inst, user, gpu=False)
     data, origin = pyz_bytes(args.pyz)
     out(f"pyz: {origin}")
-    pyz_state = inst.put(layout.pyz, data, mode=0o644)
+    inst.put(layout.pyz, data, mode=0o644)
     tls_targets = install_tls_files(inst, "coordinator", {"cert": cert, "key": key, "client_ca": client_ca}, user)
 
     manifest_target = layout.etc / "training_manifest.toml"
@@ -994,7 +1011,7 @@ def install_coordinator(args, inst: Installer) -> int:
             serve_args += [flag, str(tls_targets[name])]
     if args.insecure:
         serve_args.append("--insecure")
-    env_state = inst.put(layout.coordinator_env, render_coordinator_env(serve_args).encode(), keep=True,
+    inst.put(layout.coordinator_env, render_coordinator_env(serve_args).encode(), keep=True,
                          note="; edit it, then restart the coordinator service")
     created_dirs = [str(data_dir)] if inst.mkdir(data_dir, owner=user) else []
 

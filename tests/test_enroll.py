@@ -230,6 +230,7 @@ def test_second_run_changes_nothing_but_the_pyz(tmp_path, pyz, capsys):
     assert changed == {"/opt/cis490fleet/cis490fleet.pyz"}
     assert after["/opt/cis490fleet/cis490fleet.pyz"][2] == newer.read_bytes()
     assert "updated /opt/cis490fleet/cis490fleet.pyz" in out
+    assert "enrolling as ws1 with https://coord.lab:8445, as it says" in out
     assert "systemctl try-restart cis490fleet-worker.service" in out  # the running worker picks up the upgrade
 
 
@@ -559,6 +560,22 @@ def test_diagnose_names_each_failing_step(health_server, tls_server_context, ca,
     assert enroll.diagnose(health_server(status=404), None, None, None).startswith("HTTP status: GET /v1/health "
                                                                                    "answered 404")
     assert enroll.diagnose(plain, None, None, None) is None
+
+
+def test_diagnose_reports_a_refused_client_certificate(health_server, ca, tmp_path):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    ca.configure_trust(ctx)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    url = health_server(context=ctx)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    assert enroll.diagnose(url, str(ca_file), None, None).startswith("TLS handshake:")
+    client = ca.issue_cert("ws1")
+    cert, key = tmp_path / "ws1.pem", tmp_path / "ws1.key"
+    client.cert_chain_pems[0].write_to_path(str(cert))
+    client.private_key_pem.write_to_path(str(key))
+    assert enroll.diagnose(url, str(ca_file), str(cert), str(key)) is None
 
 
 def test_unreachable_coordinator_stops_enroll_with_the_url_and_step(tmp_path, pyz):
