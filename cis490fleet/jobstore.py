@@ -30,7 +30,7 @@ from pathlib import Path
 
 from cis490fleet import db, jobs, policy
 from cis490fleet.errors import AmbiguousId, BadRequest, FleetError, InvalidTransition, NotFound, Unavailable
-from cis490fleet.model import (CANCELLED, COMPLETED, FAILED, HOST_ID_RE, JOB_ID_RE, PENDING, SHA256_RE, STATUSES,
+from cis490fleet.model import (COMPLETED, FAILED, HELD_STATUSES, HOST_ID_RE, JOB_ID_RE, PENDING, SHA256_RE, STATUSES,
                                FleetConfig, HostSpec, JobSpec, TrainerConfig, normalize_capability)
 
 log = logging.getLogger(__name__)
@@ -463,8 +463,8 @@ class JobStore:
             raise BadRequest(f"sync_manifest: the manifest is not a Manifest.to_json() object ({err})") from None
         for key, value in (("fleet", fleet.to_json()), ("trainer", trainer.to_json()),
                            ("hosts", [h.to_json() for h in hosts])):
-            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                         (key, _dumps(value)))
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, _dumps(value)))
 
         by_hash: dict[str, str] = {}
         present: dict[str, int] = {}
@@ -599,16 +599,18 @@ class JobStore:
             try:
                 conn.execute("UPDATE jobs SET progress = ? WHERE id = ?", (_dumps(progress), job_id))
             except (TypeError, ValueError):
-                raise BadRequest("heartbeat: field 'progress' must be plain JSON (numbers, strings, lists, objects)") from None
+                raise BadRequest("heartbeat: field 'progress' must be plain JSON "
+                                 "(numbers, strings, lists, objects)") from None
         if log_tail is not None:
-            conn.execute("UPDATE attempts SET log_tail = ? WHERE job = ? AND number = ?", (log_tail, job_id, state.tries))
+            conn.execute("UPDATE attempts SET log_tail = ? WHERE job = ? AND number = ?",
+                         (log_tail, job_id, state.tries))
         return {"ok": True, "cancel": False}
 
     def _op_record_artifact(self, conn, now: float, artifact_id: str, job_id: str, host: str, lease: str | None,
                             model: str, mode: str, size: int, path: str) -> dict:
         state, _ = self._load(conn, job_id)
         jobs.check_holder(state, host, lease)
-        if state.status not in ("claimed", "running") and not (
+        if state.status not in HELD_STATUSES and not (
                 state.status == COMPLETED and state.artifact_id == artifact_id):
             raise InvalidTransition(job_id, state.status, "record an artifact for")
         conn.execute("INSERT OR IGNORE INTO artifacts (artifact_id, job_id, model, mode, host, size, path, created) "

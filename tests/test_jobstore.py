@@ -448,7 +448,8 @@ def test_a_job_with_after_is_claimable_only_once_its_dependencies_completed(stor
     got = claim(store)
     assert got["job_id"] == first.id
     assert claim(store, host="ws2", lease="L2") == {"job": None}
-    assert any("waits for 'prep', which a worker has just claimed" in r for r in store.job(second.id, T0)["why_pending"])
+    why = store.job(second.id, T0)["why_pending"]
+    assert any("waits for 'prep', which a worker has just claimed" in r for r in why)
     finish(store, first.id)
     assert claim(store, host="ws2", lease="L2")["job_id"] == second.id
 
