@@ -587,12 +587,15 @@ def detect_capability(overrides: dict, work_dir: Path | None) -> dict:
     return capability.detect(overrides, work_dir=str(probe_dir) if probe_dir else None)
 
 
-def report_capability(cap: dict, out: Callable[[str], None]) -> None:
+def report_capability(cap: dict, out: Callable[[str], None], service_python: tuple[bool, str | None]) -> None:
     out("capability: " + json.dumps(cap, sort_keys=True))
-    if cap.get("torch"):
-        out(f"torch: {cap['torch']}")
+    checked, service_torch = service_python
+    torch = service_torch if checked else cap.get("torch")
+    whose = "the service python" if checked else "this Python"
+    if torch:
+        out(f"torch: {torch} ({whose})")
     else:
-        out("warning: torch is not installed for this Python; jobs whose trainer needs torch "
+        out(f"warning: torch is not installed for {whose}; jobs whose trainer needs torch "
             "(the built-in `train`) will fail on this host until it is (pip install torch)")
 
 
@@ -672,19 +675,33 @@ def check_coordinator(receivers: tuple[str, ...], host_id: str, tls_files: dict,
         out(f"warning: coordinator {failure}")
 
 
-def check_service_python(inst: Installer, python: str) -> None:
+_PYTHON_PROBE = (
+    "import sys, importlib.metadata as m\n"
+    "try:\n    torch = m.version('torch')\nexcept m.PackageNotFoundError:\n    torch = ''\n"
+    "print('%d.%d.%d' % sys.version_info[:3], torch)\n"
+)
+
+
+def check_service_python(inst: Installer, python: str) -> tuple[bool, str | None]:
+    """(checked, torch version) of the interpreter the service will run; it must be >= 3.11."""
     if inst.root is not None or inst.layout.system != sys_platform():
         inst.out(f"service python: {python} (not checked: it runs on the target host)")
-        return
+        return False, None
+    hint = f"pass --python with a Python >= 3.11 (e.g. --python {_base_python()})"
     try:
-        proc = subprocess.run([python, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
-                              capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        proc = subprocess.run([python, "-c", _PYTHON_PROBE], capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as err:
-        raise errors.ConfigError(f"service python {python} cannot run ({err}); pass --python with a Python >= 3.11 "
-                                 f"(e.g. --python {_base_python()})") from None
-    version = tuple(int(x) for x in proc.stdout.strip().split(".")) if proc.returncode == 0 else (0, 0, 0)
+        raise errors.ConfigError(f"service python {python} cannot run ({err}); {hint}") from None
+    words = proc.stdout.split()
+    try:
+        version = tuple(int(x) for x in words[0].split("."))
+    except (ValueError, IndexError):
+        said = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise errors.ConfigError(f"service python {python} did not say its version ({said}); {hint}") from None
     check_python(version, f"the service python {python} (choose another with --python)")
     inst.out(f"service python: {python} {'.'.join(map(str, version))}")
+    return True, (words[1] if len(words) > 1 else None)
 
 
 def _base_python() -> str:
@@ -881,10 +898,10 @@ def install_worker(args, inst: Installer) -> int:
                 f"with {', '.join(settings.receivers)}, as it says")
         receivers, host_id = settings.receivers, settings.host_id
 
-    check_service_python(inst, python)
+    service_python = check_service_python(inst, python)
     cap = detect_capability({"host": host_id, **({"slots": args.slots} if args.slots else {})},
                             inst.host(settings.work_dir))
-    report_capability(cap, out)
+    report_capability(cap, out, service_python)
     tls_files = {name: str(p) if p else None for name, p in tls_src.items()}
     if args.skip_coordinator_check:
         out("coordinator check skipped (--skip-coordinator-check)")
@@ -982,8 +999,7 @@ def install_coordinator(args, inst: Installer) -> int:
     data_dir = _target_path(layout, args.data, "--data") if args.data else layout.data_dir
     python = args.python or LINUX_PYTHON
 
-    check_service_python(inst, python)
-    report_capability(detect_capability({}, inst.host(data_dir)), out)
+    report_capability(detect_capability({}, inst.host(data_dir)), out, check_service_python(inst, python))
 
     record = read_record(inst, "coordinator")
     user_created = ensure_user(inst, user, gpu=False)

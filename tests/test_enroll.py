@@ -488,6 +488,15 @@ def test_python_version_check():
         enroll.check_python((3, 9, 7))
 
 
+def test_an_old_service_python_is_refused(tmp_path, pyz):
+    old = tmp_path / "python3"
+    old.write_text("#!/bin/sh\necho 3.9.1\n")
+    old.chmod(0o755)
+    with pytest.raises(errors.ConfigError, match=rf"needs Python >= 3.11; the service python {old} .* is 3.9.1"):
+        enroll.main(["worker", "--dry-run", "--pyz", str(pyz), "--python", str(old), "--receiver", "http://x:1",
+                     "--skip-coordinator-check"])
+
+
 # -- the coordinator check names the step that fails --------------------------------------------
 
 
