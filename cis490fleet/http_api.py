@@ -44,6 +44,7 @@ MAX_HANDLERS = 512
 MAX_LEASE_CHARS = 128
 MAX_ERROR_TEXT = 64 * 1024
 MAX_LOG_TAIL = 256 * 1024
+LINGER_S = 2.0
 EXTENSIONS = ("cis490fleet.dashboard", "cis490fleet.metrics")
 _PREFIX_RE = re.compile(r"^[0-9a-f]{4,64}$")
 _SECRET_QUERY_KEYS = re.compile(r"token|secret|key|pass|auth|lease", re.I)
@@ -679,9 +680,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 log.exception("internal error handling %s %s", method, path[:200])
                 resp = json_response({"error": "internal", "detail": "the coordinator hit an unexpected error; "
                                       "see the server log"}, 500)
-            if self.body_length and (req is None or req.remaining > 0):
-                # Unread body bytes would be taken for the next request: drop the connection instead.
+            unread = (req.remaining if req is not None else self.body_length) or 0
+            if unread:
+                # Unread body bytes would be taken for the next request: answer, then drop the connection.
                 resp.close = True
+            ms = (time.perf_counter() - t0) * 1000
+            # Logged and counted before the answer goes out, so whoever sees the answer also sees the record.
+            self.server.observe(resp.status, ms)
+            access_log.info("%s %s %d %.1fms host=%s", method, _safe_target(path, parsed.query), resp.status, ms,
+                            str(host_for_log)[:64])
             try:
                 self._write(resp, head=(method == "HEAD"))
             except OSError:
@@ -690,12 +697,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
             finally:
                 if resp.stream is not None:
                     resp.stream.close()
-            ms = (time.perf_counter() - t0) * 1000
-            self.server.observe(resp.status, ms)
-            access_log.info("%s %s %d %.1fms host=%s", method, _safe_target(path, parsed.query), resp.status, ms,
-                            str(host_for_log)[:64])
+            if unread and not self._continue_pending:
+                self._linger(unread)
         finally:
+            self._continue_pending = False
             self.server.request_finished()
+
+    def _linger(self, unread: int) -> None:
+        """Read and drop what the client is still sending (briefly), so it gets to read our answer.
+
+        Closing a socket with unread input makes the kernel send a reset, which can
+        destroy the answer before the client reads it (a 413 for an oversized body).
+        """
+        deadline = time.monotonic() + LINGER_S
+        try:
+            if not isinstance(self.connection, ssl.SSLSocket):
+                self.connection.shutdown(socket.SHUT_WR)
+            while unread > 0 and time.monotonic() < deadline:
+                self.connection.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = self.rfile.read1(min(unread, 1 << 16))
+                if not chunk:
+                    break
+                unread -= len(chunk)
+        except (OSError, ValueError):
+            pass
 
     def _write(self, resp: Response, head: bool) -> None:
         if resp.close:
