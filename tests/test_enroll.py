@@ -200,6 +200,17 @@ def test_worker_install_writes_exactly_these_files(tmp_path, pyz, pem_files, cap
     assert "capability: {" in out and "coordinator check skipped" in out
 
 
+def test_from_a_source_tree_it_installs_a_freshly_built_zipapp(tmp_path, capsys):
+    import io
+    import zipfile
+
+    root = tmp_path / "root"
+    rc, out = enroll_main(capsys, "worker", "--root", root, "--receiver", "http://x:1", "--skip-coordinator-check")
+    assert rc == 0 and "pyz: built from this source tree" in out
+    with zipfile.ZipFile(io.BytesIO((root / "opt/cis490fleet/cis490fleet.pyz").read_bytes())) as z:
+        assert {"__main__.py", "cis490fleet/enroll.py", "cis490fleet/worker.py"} <= set(z.namelist())
+
+
 def test_no_start_enables_without_starting(tmp_path, pyz, capsys):
     rc, out = enroll_main(capsys, *worker_args(tmp_path / "root", pyz, "--no-start"))
     assert rc == 0
