@@ -219,7 +219,7 @@ def render_task_xml(*, python: str, pyz: PurePath, config: PurePath, working_dir
 <?xml version="1.0" encoding="UTF-16"?>
 <Task version="1.2" xmlns="http://schemas.microsoft.com/windows/2004/02/mit/task">
   <RegistrationInfo>
-    <Description>cis490fleet worker (trains jobs handed out by the fleet coordinator). Written by cis490fleet enroll worker.</Description>
+    <Description>cis490fleet worker (written by cis490fleet enroll worker)</Description>
     <URI>\\{escape(name)}</URI>
   </RegistrationInfo>
   <Triggers>
@@ -824,7 +824,8 @@ def settings_from_existing(text: bytes, path: PurePath, fallback: WorkerSettings
     try:
         doc = tomllib.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise errors.ConfigError(f"{path} exists but is not valid TOML ({err}); fix it or remove it and re-run") from None
+        raise errors.ConfigError(
+            f"{path} exists but is not valid TOML ({err}); fix it or remove it and re-run") from None
     grace = doc.get("grace_s", DEFAULT_GRACE_S)
     if not isinstance(grace, (int, float)) or isinstance(grace, bool) or grace < 0:
         raise errors.ConfigError(f"{path}: grace_s must be a number >= 0, got {grace!r}")
@@ -1028,7 +1029,7 @@ def install_coordinator(args, inst: Installer) -> int:
     if args.insecure:
         serve_args.append("--insecure")
     inst.put(layout.coordinator_env, render_coordinator_env(serve_args).encode(), keep=True,
-                         note="; edit it, then restart the coordinator service")
+             note="; edit it, then restart the coordinator service")
     created_dirs = [str(data_dir)] if inst.mkdir(data_dir, owner=user) else []
 
     unit = render_coordinator_unit(python=python, pyz=layout.pyz, env_file=layout.coordinator_env, user=user,

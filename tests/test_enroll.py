@@ -295,7 +295,8 @@ def test_dry_run_writes_nothing_and_lists_every_file_and_command(tmp_path, pyz, 
     rc, out = enroll_main(capsys, *worker_args(root, pyz, "--dry-run"))
     assert rc == 0
     assert not root.exists()
-    for target in ("/opt/cis490fleet/cis490fleet.pyz", "/etc/cis490fleet/worker.toml", "/opt/cis490fleet/enrolled-worker.json",
+    for target in ("/opt/cis490fleet/cis490fleet.pyz", "/etc/cis490fleet/worker.toml",
+                   "/opt/cis490fleet/enrolled-worker.json",
                    "/etc/systemd/system/cis490fleet-worker.service"):
         assert f"would write {target} (" in out
     assert "would create folder /var/lib/cis490fleet/work" in out
