@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", default=str(ROOT / "demo-run"), help="everything the demo writes (wiped first)")
     ap.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     ap.add_argument("--keep", action="store_true", help="leave the coordinator running after the demo")
+    ap.add_argument("--pyz", default=str(ROOT / "dist" / "cis490fleet.pyz"), help="where to build the zipapp")
     opts = ap.parse_args(argv)
 
     run_dir = Path(opts.run_dir).resolve()
@@ -203,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    pyz = ROOT / "dist" / "cis490fleet.pyz"
+    pyz = Path(opts.pyz).resolve()
     build_zipapp(pyz)
 
     fleet = Fleet(run_dir, pyz)
+    signal.signal(signal.SIGINT, _interrupt)
     if os.name != "nt":
         signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -272,19 +274,41 @@ def watch(fleet: Fleet, run_dir: Path, timeout: float) -> int:
 
 
 def fetch_models(fleet: Fleet, run_dir: Path) -> int:
-    models = run_dir / "models"
-    models.mkdir(exist_ok=True)
+    """`jobs fetch --extract` each job's model into demo-run/models/<job name>/."""
     for job in fetch_jobs(fleet.url):
-        proc = fleet.jobs_cli("fetch", job["id"], "-o", str(models))
+        dest = run_dir / "models" / job_name(job)
+        dest.mkdir(parents=True, exist_ok=True)
+        proc = fleet.jobs_cli("fetch", job["id"], "-o", str(dest), "--extract", "--json")
         if proc.returncode != 0:
             say(f"demo: jobs fetch {job['id'][:12]} failed ({proc.returncode}): {proc.stderr.strip()}")
             return 1
-        say(f"demo: fetched {job_name(job):<18} -> {proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else models}")
+        try:
+            extracted = Path(json.loads(proc.stdout)["extracted"])
+        except (ValueError, KeyError, TypeError):
+            extracted = dest
+        say(f"demo: fetched {job_name(job):<14} {rel(extracted)}/  {score(extracted)}")
     return 0
 
 
+def score(folder: Path) -> str:
+    """The final validation accuracy the built-in trainer wrote, when there is one."""
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+        last = metrics["history"][-1]
+        return f"val_accuracy {last['val_accuracy']:.3f} after {last['epoch']} epochs"
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return ""
+
+
+def rel(path: Path) -> str:
+    """A path as the user would type it from the repository root."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def advise(fleet: Fleet, run_dir: Path, manifest: Path, keep: bool) -> None:
-    rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
     pyz = f"python3 {rel(fleet.pyz)}"
     say("")
     say(f"Models: {rel(run_dir / 'models')}/   (the coordinator's store: {rel(run_dir / 'data' / 'models')}/)")

@@ -319,7 +319,46 @@ def test_the_quickstart_demo(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CIS490_")}
     env["PATH"] = fake_nvidia_smi(tmp_path, [])
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--run-dir", str(tmp_path / "run"),
-                           "--timeout", "240"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           "--pyz", str(tmp_path / "demo.pyz"), "--timeout", "240"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "jobs status" in proc.stdout
-    assert len(list((tmp_path / "run" / "models").rglob("*.tar*"))) == 6, proc.stdout
+    models = tmp_path / "run" / "models"
+    assert sorted(p.name for p in models.iterdir()) == ["logreg-base", "logreg-l2", "mlp-finetune", "mlp-holdout",
+                                                        "mlp-small", "mlp-wide"], proc.stdout
+    assert len(list(models.glob("*/*/model.pt"))) == 6, proc.stdout
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (cmdline.parent / "stat").read_text()
+        except OSError:
+            continue
+        if text in argv and stat.split(")")[-1].split()[0] != "Z":
+            found.append(argv)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds leftover processes through /proc")
+def test_ctrl_c_stops_everything_the_demo_started(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CIS490_")}
+    env["PATH"] = fake_nvidia_smi(tmp_path, [])
+    env["PYTHONUNBUFFERED"] = "1"
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as out:
+        demo = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "demo.py"), "--run-dir", str(run_dir),
+                                 "--pyz", str(tmp_path / "demo.pyz")], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_for("the demo's workers", lambda: "workers demo-a and demo-b started" in log.read_text(), timeout=120)
+        wait_for("a trainer", lambda: list(run_dir.glob("work-*/*/attempt-*/trainer.pid")), timeout=60)
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=60) == 130, log.read_text()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert "stopping everything it started" in log.read_text()
+    assert processes_mentioning(str(run_dir)) == []
