@@ -1,0 +1,664 @@
+"""The Raft consensus core: terms, votes, log replication, snapshots, PreVote, CheckQuorum, ReadIndex.
+
+A pure state machine shaped like etcd's RawNode. It never touches a socket, file,
+thread or clock and never draws from the global random generator: time arrives
+as ``tick()``, randomness from an injected ``random.Random``, messages are plain
+JSON-able dicts in (``step``) and out (``Ready.messages``).
+
+The driver loop (``raftstore`` is the durable half)::
+
+    node.tick()  /  node.step(msg)  /  node.propose({"op": ..., "now": ...})
+    rd = node.ready()
+    if rd is not None:
+        store.save(rd.hard_state, rd.entries, rd.snapshot)  # 1. durable first ...
+        send(rd.messages)                                   # 2. ... then votes and acks may leave
+        if rd.snapshot: restore the state machine from rd.snapshot.data
+        for e in rd.committed_entries: apply(e)             # 3. e["data"] is None for a no-op
+        for r in rd.read_states: serve reads for r.ctx once applied >= r.index
+        node.advance(rd)                                    # 4. before the next tick/step/ready
+
+After the application took a snapshot at an applied index ``i``:
+``snap = node.compact(i, data); store.truncate_prefix(i, snap)``.
+
+Entries are ``{"index", "term", "data"}``; ``data`` is a JSON-able dict, or None
+for the no-op a new leader appends to open its term. References: the Raft paper
+(Ongaro & Ousterhout, extended version) and Ongaro's thesis, cited by section.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from cis490fleet.errors import BadRequest, ConfigError, NotLeader
+
+FOLLOWER = "follower"
+PRE_CANDIDATE = "pre_candidate"
+CANDIDATE = "candidate"
+LEADER = "leader"
+
+# Replication state of one follower, seen from the leader (etcd's Progress).
+PROBE = "probe"          # one append in flight, until the follower says where its log matches
+REPLICATE = "replicate"  # appends are streamed optimistically
+SNAPSHOT = "snapshot"    # an InstallSnapshot is in flight
+
+MAX_BATCH = 64  # entries per AppendEntries
+
+MESSAGE_TYPES = frozenset({
+    "RequestVote", "RequestVoteResp", "AppendEntries", "AppendEntriesResp", "Heartbeat", "HeartbeatResp",
+    "InstallSnapshot", "InstallSnapshotResp", "TimeoutNow", "ReadIndex", "ReadIndexResp",
+})
+_FROM_LEADER = ("AppendEntries", "Heartbeat", "InstallSnapshot")
+
+
+@dataclass(frozen=True)
+class HardState:
+    """What must be on disk before any message of the same Ready leaves (§5.1 Figure 2, persistent state)."""
+
+    term: int = 0
+    vote: str | None = None
+    commit: int = 0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The state machine as of ``index`` (whose entry had ``term``); ``data`` is the application's, JSON-able."""
+
+    index: int
+    term: int
+    data: object = None
+
+    def to_wire(self) -> dict:
+        return {"index": self.index, "term": self.term, "data": self.data}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> Snapshot:
+        return cls(int(d["index"]), int(d["term"]), d.get("data"))
+
+
+@dataclass
+class StorageState:
+    """What a node restarts from: ``raftstore.load()`` returns one."""
+
+    hard_state: HardState = field(default_factory=HardState)
+    snapshot: Snapshot | None = None
+    entries: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ReadState:
+    """A linearizable read for ``ctx`` may be served once the state machine has applied ``index``."""
+
+    index: int
+    ctx: object
+
+
+@dataclass
+class Ready:
+    """One batch of work for the driver, in the order: persist, send, apply, then ``advance(ready)``.
+
+    ``entries`` replace every stored entry from ``entries[0]["index"]`` on;
+    ``snapshot`` (received from the leader) replaces the stored snapshot and the whole stored log.
+    """
+
+    hard_state: HardState | None
+    entries: list[dict]
+    snapshot: Snapshot | None
+    messages: list[dict]
+    committed_entries: list[dict]
+    read_states: list[ReadState]
+
+
+@dataclass
+class Progress:
+    match: int = 0
+    next: int = 1
+    state: str = PROBE
+    paused: bool = False
+    pending_snapshot: int = 0
+    snapshot_wait: int = 0
+    active: bool = False
+
+
+@dataclass
+class _Read:
+    ctx: object
+    index: int
+    requester: str
+    acks: set[str]
+
+
+class RaftNode:
+    """One member of a Raft group. ``peers`` lists the group's members (this node may be among them)."""
+
+    def __init__(self, node_id: str, peers: list[str], *, storage_state: StorageState | None = None,
+                 rng: random.Random, election_ticks: tuple[int, int] = (10, 20), heartbeat_ticks: int = 1,
+                 pre_vote: bool = True, check_quorum: bool = True, applied: int = 0):
+        lo, hi = election_ticks
+        if not 0 < heartbeat_ticks < lo < hi:
+            raise ConfigError(f"raft timing: need 0 < heartbeat_ticks < election_ticks[0] < election_ticks[1], "
+                              f"got heartbeat_ticks={heartbeat_ticks}, election_ticks={election_ticks}")
+        self.id = node_id
+        self.voters = sorted(set(peers) | {node_id})
+        self._rng = rng
+        self._election_lo, self._election_hi = lo, hi
+        self.heartbeat_ticks = heartbeat_ticks
+        self.pre_vote = pre_vote
+        self.check_quorum = check_quorum
+
+        state = storage_state or StorageState()
+        snap = state.snapshot
+        self._snapshot = snap
+        self._snap_index = snap.index if snap else 0
+        self._snap_term = snap.term if snap else 0
+        self._log = [dict(e) for e in state.entries if e["index"] > self._snap_index]
+        for offset, e in enumerate(self._log):
+            if e["index"] != self._snap_index + 1 + offset:
+                raise ConfigError(f"raft storage of {node_id}: log is not contiguous after index "
+                                  f"{self._snap_index} (found entry {e['index']}); restore the raft store from a peer")
+        hs = state.hard_state
+        self.term, self.vote = hs.term, hs.vote
+        self.commit = max(hs.commit, self._snap_index)
+        if self.commit > self.last_index():
+            raise ConfigError(f"raft storage of {node_id}: commit index {self.commit} is beyond the last entry "
+                              f"{self.last_index()}; restore the raft store from a peer")
+        self.applied = min(max(applied, self._snap_index), self.commit)
+        self._unstable = self.last_index() + 1  # first entry not yet handed out for persistence
+        self._persisted = HardState(self.term, self.vote, self.commit)
+        self._pending_snapshot: Snapshot | None = None
+        self._msgs: list[dict] = []
+        self._read_states: list[ReadState] = []
+        self._reads: list[_Read] = []
+        self._reads_waiting: list[tuple[object, str]] = []  # until the leader commits in its term
+        self._progress: dict[str, Progress] = {}
+        self._votes: dict[str, bool] = {}
+        self._transferee: str | None = None
+        self._heartbeat_elapsed = 0
+        self._become_follower(self.term, None)
+
+    # ---- the log -------------------------------------------------------------------------------
+
+    def last_index(self) -> int:
+        return self._snap_index + len(self._log)
+
+    def last_term(self) -> int:
+        return self._log[-1]["term"] if self._log else self._snap_term
+
+    def term_at(self, index: int) -> int | None:
+        """The term of the entry at ``index``; None when compacted away or beyond the log."""
+        if index == self._snap_index:
+            return self._snap_term
+        if index < self._snap_index or index > self.last_index():
+            return None
+        return self._log[index - self._snap_index - 1]["term"]
+
+    def entries(self, lo: int, hi: int) -> list[dict]:
+        """Entries with ``lo <= index < hi`` still in memory (not compacted)."""
+        lo = max(lo, self._snap_index + 1)
+        return self._log[lo - self._snap_index - 1:max(hi - self._snap_index - 1, 0)]
+
+    def _append(self, entries: list[dict]) -> None:
+        first = entries[0]["index"]
+        if first <= self.commit:
+            raise AssertionError(f"raft {self.id}: would overwrite committed entry {first} (commit {self.commit})")
+        del self._log[first - self._snap_index - 1:]
+        self._log.extend(dict(e) for e in entries)
+        self._unstable = min(self._unstable, first)
+
+    def _up_to_date(self, last_index: int, last_term: int) -> bool:
+        """§5.4.1: a vote goes only to a candidate whose log is at least as up-to-date as ours."""
+        return (last_term, last_index) >= (self.last_term(), self.last_index())
+
+    def _find_conflict_by_term(self, index: int, term: int) -> int:
+        """The largest index <= ``index`` whose term is <= ``term``: where the two logs may still match."""
+        while index > self._snap_index and self.term_at(index) > term:
+            index -= 1
+        return index
+
+    # ---- roles -----------------------------------------------------------------------------------
+
+    def _quorum(self) -> int:
+        return len(self.voters) // 2 + 1
+
+    def _reset(self, term: int) -> None:
+        if term != self.term:
+            self.term, self.vote = term, None
+        self.leader: str | None = None
+        self._elapsed = 0
+        self._heartbeat_elapsed = 0
+        self._timeout = self._rng.randrange(self._election_lo, self._election_hi)
+        self._votes = {}
+        self._transferee = None
+        self._progress = {}
+        self._reads, self._reads_waiting = [], []
+
+    def _become_follower(self, term: int, leader: str | None) -> None:
+        self._reset(term)
+        self.role = FOLLOWER
+        self.leader = leader
+
+    def _become_leader(self) -> None:
+        self._reset(self.term)
+        self.role = LEADER
+        self.leader = self.id
+        self._progress = {p: Progress(next=self.last_index() + 1) for p in self.voters if p != self.id}
+        # §5.4.2 / §8: a no-op opens the term; entries of earlier terms commit only underneath it.
+        self._append([{"index": self.last_index() + 1, "term": self.term, "data": None}])
+        self._maybe_commit()
+        self._broadcast_append()
+
+    def _campaign(self, kind: str) -> None:
+        """§5.2 election; ``kind`` is "pre" (thesis §9.6 PreVote), "vote", or "transfer" (thesis §3.10)."""
+        if kind == "pre":
+            self._reset(self.term)
+            self.role = PRE_CANDIDATE
+            term = self.term + 1
+        else:
+            self._reset(self.term + 1)
+            self.role = CANDIDATE
+            self.vote = self.id
+            term = self.term
+        self._votes = {self.id: True}
+        if self._poll() == "won":
+            self._campaign("vote") if kind == "pre" else self._become_leader()
+            return
+        for peer in self.voters:
+            if peer != self.id:
+                self._send({"type": "RequestVote", "to": peer, "term": term, "pre_vote": kind == "pre",
+                            "transfer": kind == "transfer", "last_log_index": self.last_index(),
+                            "last_log_term": self.last_term()})
+
+    def _poll(self) -> str | None:
+        granted = sum(self._votes.values())
+        if granted >= self._quorum():
+            return "won"
+        if len(self._votes) - granted > len(self.voters) - self._quorum():
+            return "lost"
+        return None
+
+    # ---- the driver's interface --------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Advance logical time by one tick (the driver calls this every ~100 ms)."""
+        if self.role == LEADER:
+            self._tick_leader()
+            return
+        self._elapsed += 1
+        if self._elapsed >= self._timeout:
+            self._campaign("pre" if self.pre_vote else "vote")
+
+    def campaign(self) -> None:
+        """Start an election now instead of waiting for the timeout (a group of one calls this at start)."""
+        if self.role != LEADER:
+            self._campaign("pre" if self.pre_vote else "vote")
+
+    def propose(self, data: dict) -> int:
+        """Append a command to the leader's log; returns its index.
+
+        The command was applied iff the entry applied at that index carries the same
+        data (a deposed leader's entry may be replaced by another): tag commands with a
+        request id to recognise them.
+        """
+        if self.role != LEADER:
+            raise NotLeader(self.leader, f"raft node {self.id} is not the leader; "
+                            f"the leader is {self.leader or 'unknown (election in progress)'}")
+        if self._transferee is not None:
+            raise NotLeader(self._transferee, f"raft node {self.id} is handing leadership to "
+                            f"{self._transferee}; retry there")
+        index = self.last_index() + 1
+        self._append([{"index": index, "term": self.term, "data": data}])
+        self._maybe_commit()
+        self._broadcast_append()
+        return index
+
+    def read_index(self, ctx: object) -> None:
+        """Ask for a linearizable read (§8, thesis §6.4); a ReadState with ``ctx`` comes out of a later Ready.
+
+        ``ctx`` must be unique and hashable (a request id). A follower forwards to the
+        leader. Reads pending when leadership changes are dropped: the caller times out.
+        """
+        if self.role == LEADER:
+            self._leader_read(ctx, self.id)
+        elif self.leader is not None:
+            self._send({"type": "ReadIndex", "to": self.leader, "ctx": ctx})
+        else:
+            raise NotLeader(None, f"raft node {self.id} knows no leader (election in progress); retry shortly")
+
+    def transfer_leadership(self, to: str) -> None:
+        """Thesis §3.10: bring ``to`` up to date, then tell it to start an election at once (TimeoutNow)."""
+        if self.role != LEADER:
+            raise NotLeader(self.leader, f"raft node {self.id} is not the leader; only the leader "
+                            f"({self.leader or 'unknown'}) can transfer leadership")
+        if to not in self.voters:
+            raise BadRequest(f"cannot transfer leadership to {to!r}: not a member of this group "
+                             f"({', '.join(self.voters)})")
+        if to == self.id:
+            return
+        self._transferee = to
+        self._elapsed = 0  # the transfer is abandoned if it has not happened within an election timeout
+        if self._progress[to].match == self.last_index():
+            self._send({"type": "TimeoutNow", "to": to})
+        else:
+            self._send_append(to)
+
+    def compact(self, index: int, data: object) -> Snapshot:
+        """§7: forget entries up to ``index``, which the application has applied and captured in ``data``."""
+        if index > self.applied:
+            raise ValueError(f"cannot compact the raft log to {index}: only {self.applied} is applied")
+        if index <= self._snap_index:
+            raise ValueError(f"cannot compact the raft log to {index}: already compacted to {self._snap_index}")
+        term = self.term_at(index)
+        self._log = self._log[index - self._snap_index:]
+        self._snap_index, self._snap_term = index, term
+        self._snapshot = Snapshot(index, term, data)
+        return self._snapshot
+
+    def ready(self) -> Ready | None:
+        hs = HardState(self.term, self.vote, self.commit)
+        first_commit = max(self.applied, self._pending_snapshot.index if self._pending_snapshot else 0) + 1
+        rd = Ready(
+            hard_state=hs if hs != self._persisted else None,
+            entries=[dict(e) for e in self.entries(self._unstable, self.last_index() + 1)],
+            snapshot=self._pending_snapshot,
+            messages=self._msgs,
+            committed_entries=[dict(e) for e in self.entries(first_commit, self.commit + 1)],
+            read_states=self._read_states,
+        )
+        if not (rd.hard_state or rd.entries or rd.snapshot or rd.messages or rd.committed_entries
+                or rd.read_states):
+            return None
+        self._msgs, self._read_states = [], []
+        return rd
+
+    def advance(self, rd: Ready) -> None:
+        """The driver persisted, sent and applied ``rd``."""
+        if rd.hard_state is not None:
+            self._persisted = rd.hard_state
+        if rd.snapshot is not None:
+            self.applied = max(self.applied, rd.snapshot.index)
+            if self._pending_snapshot is rd.snapshot:
+                self._pending_snapshot = None
+        if rd.entries:
+            last = rd.entries[-1]
+            if self.term_at(last["index"]) == last["term"]:
+                self._unstable = max(self._unstable, last["index"] + 1)
+        if rd.committed_entries:
+            self.applied = max(self.applied, rd.committed_entries[-1]["index"])
+
+    def status(self) -> dict:
+        st = {"id": self.id, "role": self.role, "term": self.term, "vote": self.vote, "leader": self.leader,
+              "commit": self.commit, "applied": self.applied, "last_index": self.last_index(),
+              "snapshot_index": self._snap_index, "voters": list(self.voters)}
+        if self.role == LEADER:
+            st["progress"] = {p: {"match": pr.match, "next": pr.next, "state": pr.state}
+                              for p, pr in sorted(self._progress.items())}
+            st["transferee"] = self._transferee
+        return st
+
+    # ---- messages in -------------------------------------------------------------------------
+
+    def step(self, msg: dict) -> None:
+        """Handle one message from a peer. Messages not meant for this group member are ignored."""
+        kind, term, sender = msg.get("type"), msg.get("term"), msg.get("from")
+        if msg.get("to") != self.id or sender == self.id or sender not in self.voters or kind not in MESSAGE_TYPES:
+            return
+        if term > self.term:
+            if kind == "RequestVote" and not msg.get("transfer"):
+                # Thesis §4.2.3 / §6.2: while a leader is heard from, ignore those who would depose it.
+                if self.check_quorum and self.leader is not None and self._elapsed < self._election_lo:
+                    return
+            if kind == "RequestVote" and msg["pre_vote"]:
+                pass  # a pre-vote changes no term (thesis §9.6)
+            elif kind == "RequestVoteResp" and msg["pre_vote"] and not msg["reject"]:
+                pass  # a granted pre-vote carries the term we would campaign for
+            else:
+                self._become_follower(term, sender if kind in _FROM_LEADER else None)
+        elif term < self.term:
+            if (self.check_quorum or self.pre_vote) and kind in ("AppendEntries", "Heartbeat"):
+                # A deposed leader learns the new term from us and steps down (thesis §6.2, §9.6).
+                self._send({"type": "AppendEntriesResp", "to": sender, "reject": True, "index": 0, "hint": 0,
+                            "hint_term": 0})
+            elif kind == "RequestVote" and msg["pre_vote"]:
+                self._send({"type": "RequestVoteResp", "to": sender, "reject": True, "pre_vote": True})
+            return
+
+        if kind == "RequestVote":
+            self._on_vote_request(msg)
+        elif self.role == LEADER:
+            self._step_leader(msg)
+        elif self.role in (CANDIDATE, PRE_CANDIDATE):
+            self._step_candidate(msg)
+        else:
+            self._step_follower(msg)
+
+    def _on_vote_request(self, msg: dict) -> None:
+        sender, pre = msg["from"], msg["pre_vote"]
+        can_vote = (self.vote == sender or (self.vote is None and self.leader is None)
+                    or (pre and msg["term"] > self.term))
+        if can_vote and self._up_to_date(msg["last_log_index"], msg["last_log_term"]):
+            self._send({"type": "RequestVoteResp", "to": sender, "term": msg["term"], "reject": False,
+                        "pre_vote": pre})
+            if not pre:
+                self._elapsed = 0
+                self.vote = sender
+        else:
+            self._send({"type": "RequestVoteResp", "to": sender, "reject": True, "pre_vote": pre})
+
+    def _step_candidate(self, msg: dict) -> None:
+        kind = msg["type"]
+        if kind in _FROM_LEADER:
+            self._become_follower(self.term, msg["from"])
+            self._step_follower(msg)
+        elif kind == "RequestVoteResp" and msg["pre_vote"] == (self.role == PRE_CANDIDATE):
+            if self.role == PRE_CANDIDATE and not msg["reject"] and msg["term"] != self.term + 1:
+                return  # a grant from an earlier pre-vote round
+            self._votes[msg["from"]] = not msg["reject"]
+            result = self._poll()
+            if result == "won":
+                self._campaign("vote") if self.role == PRE_CANDIDATE else self._become_leader()
+            elif result == "lost":
+                self._become_follower(self.term, None)
+
+    def _step_follower(self, msg: dict) -> None:
+        kind, sender = msg["type"], msg["from"]
+        if kind in _FROM_LEADER:
+            self._elapsed = 0
+            self.leader = sender
+        if kind == "AppendEntries":
+            self._on_append(msg)
+        elif kind == "Heartbeat":
+            if msg["commit"] > self.last_index():
+                raise AssertionError(f"raft {self.id}: heartbeat commit {msg['commit']} beyond last index "
+                                     f"{self.last_index()}")
+            self._commit_to(msg["commit"])
+            self._send({"type": "HeartbeatResp", "to": sender, "ctx": msg.get("ctx")})
+        elif kind == "InstallSnapshot":
+            self._on_snapshot(msg)
+        elif kind == "TimeoutNow":
+            self._campaign("transfer")
+        elif kind == "ReadIndexResp":
+            self._read_states.append(ReadState(msg["index"], msg["ctx"]))
+
+    def _commit_to(self, index: int) -> None:
+        if index > self.commit:
+            self.commit = index
+
+    def _on_append(self, msg: dict) -> None:
+        """§5.3: accept entries only where our log matches at ``prev_log_index``; drop conflicts after it."""
+        prev, sender = msg["prev_log_index"], msg["from"]
+        if prev < self.commit:
+            self._send({"type": "AppendEntriesResp", "to": sender, "reject": False, "index": self.commit})
+            return
+        if self.term_at(prev) != msg["prev_log_term"]:
+            hint = self._find_conflict_by_term(min(prev, self.last_index()), msg["prev_log_term"])
+            self._send({"type": "AppendEntriesResp", "to": sender, "reject": True, "index": prev, "hint": hint,
+                        "hint_term": self.term_at(hint) or 0})
+            return
+        entries = msg["entries"]
+        for pos, e in enumerate(entries):
+            if self.term_at(e["index"]) != e["term"]:
+                self._append(entries[pos:])
+                break
+        last_new = prev + len(entries)
+        self._commit_to(min(msg["commit"], last_new))
+        self._send({"type": "AppendEntriesResp", "to": sender, "reject": False, "index": last_new})
+
+    def _on_snapshot(self, msg: dict) -> None:
+        """§7: a snapshot replaces the log unless the log already holds its last entry."""
+        snap = Snapshot.from_wire(msg["snapshot"])
+        if snap.index > self.commit:
+            if self.term_at(snap.index) == snap.term:
+                self._commit_to(snap.index)
+            else:
+                self._snap_index, self._snap_term = snap.index, snap.term
+                self._log = []
+                self._snapshot = self._pending_snapshot = snap
+                self.commit = snap.index
+                self._unstable = snap.index + 1
+        self._send({"type": "InstallSnapshotResp", "to": msg["from"], "index": self.commit})
+
+    # ---- the leader --------------------------------------------------------------------------
+
+    def _tick_leader(self) -> None:
+        self._heartbeat_elapsed += 1
+        self._elapsed += 1
+        for pr in self._progress.values():
+            if pr.state == SNAPSHOT:
+                pr.snapshot_wait += 1
+        if self._elapsed >= self._election_lo:
+            self._elapsed = 0
+            if self.check_quorum:
+                active = 1 + sum(pr.active for pr in self._progress.values())
+                for pr in self._progress.values():
+                    pr.active = False
+                if active < self._quorum():
+                    self._become_follower(self.term, None)  # thesis §6.2 CheckQuorum
+                    return
+            self._transferee = None
+        if self._heartbeat_elapsed >= self.heartbeat_ticks:
+            self._heartbeat_elapsed = 0
+            self._broadcast_heartbeat(self._reads[-1].ctx if self._reads else None)
+
+    def _step_leader(self, msg: dict) -> None:
+        kind, sender = msg["type"], msg["from"]
+        pr = self._progress[sender]
+        if kind in ("AppendEntriesResp", "InstallSnapshotResp"):
+            pr.active = True
+            if msg.get("reject"):
+                self._on_append_reject(sender, pr, msg)
+            elif msg["index"] > pr.match:
+                was_paused = pr.state != REPLICATE
+                pr.match = msg["index"]
+                pr.next = max(pr.next, pr.match + 1)
+                pr.paused = False
+                if pr.state == PROBE or (pr.state == SNAPSHOT and pr.match >= pr.pending_snapshot):
+                    pr.state, pr.next = REPLICATE, pr.match + 1
+                if self._maybe_commit():
+                    self._broadcast_append()
+                elif was_paused or pr.match < self.last_index():
+                    # was_paused: the commit index may have moved while this follower was skipped
+                    self._send_append(sender, allow_empty=was_paused)
+                if sender == self._transferee and pr.match == self.last_index():
+                    self._send({"type": "TimeoutNow", "to": sender})
+        elif kind == "HeartbeatResp":
+            pr.active = True
+            pr.paused = False
+            if pr.state == SNAPSHOT and pr.snapshot_wait >= self._election_lo:
+                pr.state, pr.next = PROBE, pr.match + 1  # the snapshot was likely lost: send it again
+            if pr.match < self.last_index():
+                self._send_append(sender)
+            if msg.get("ctx") is not None:
+                self._read_ack(msg["ctx"], sender)
+        elif kind == "ReadIndex":
+            self._leader_read(msg["ctx"], sender)
+
+    def _on_append_reject(self, peer: str, pr: Progress, msg: dict) -> None:
+        rejected = msg["index"]
+        if pr.state == SNAPSHOT:
+            return
+        if pr.state == REPLICATE:
+            if rejected <= pr.match:
+                return  # stale
+        elif rejected != pr.next - 1:
+            return  # stale: not the probe in flight
+        hint = msg["hint"]
+        if msg.get("hint_term"):
+            hint = self._find_conflict_by_term(hint, msg["hint_term"])
+        pr.next = max(min(rejected, hint + 1), pr.match + 1)
+        pr.state, pr.paused = PROBE, False
+        self._send_append(peer)
+
+    def _maybe_commit(self) -> bool:
+        """§5.3/§5.4.2: commit what a majority holds, but count replicas only for entries of this term."""
+        matches = sorted([self.last_index()] + [pr.match for pr in self._progress.values()], reverse=True)
+        index = matches[self._quorum() - 1]
+        if index <= self.commit or self.term_at(index) != self.term:
+            return False
+        self.commit = index
+        waiting, self._reads_waiting = self._reads_waiting, []
+        for ctx, requester in waiting:
+            self._leader_read(ctx, requester)
+        return True
+
+    def _send(self, msg: dict) -> None:
+        msg.setdefault("term", self.term)
+        msg["from"] = self.id
+        self._msgs.append(msg)
+
+    def _send_append(self, peer: str, allow_empty: bool = True) -> None:
+        pr = self._progress[peer]
+        if pr.state == SNAPSHOT or (pr.state == PROBE and pr.paused):
+            return
+        prev = pr.next - 1
+        prev_term = self.term_at(prev)
+        if prev_term is None:  # compacted: only a snapshot can bring this follower up (§7)
+            self._send({"type": "InstallSnapshot", "to": peer, "snapshot": self._snapshot.to_wire()})
+            pr.state, pr.pending_snapshot, pr.snapshot_wait = SNAPSHOT, self._snap_index, 0
+            return
+        entries = self.entries(pr.next, min(pr.next + MAX_BATCH, self.last_index() + 1))
+        if not entries and not allow_empty:
+            return
+        self._send({"type": "AppendEntries", "to": peer, "prev_log_index": prev, "prev_log_term": prev_term,
+                    "entries": [dict(e) for e in entries], "commit": self.commit})
+        if pr.state == REPLICATE and entries:
+            pr.next = entries[-1]["index"] + 1
+        elif pr.state == PROBE:
+            pr.paused = True
+
+    def _broadcast_append(self) -> None:
+        for peer in self._progress:
+            self._send_append(peer)
+
+    def _broadcast_heartbeat(self, ctx: object) -> None:
+        for peer, pr in self._progress.items():
+            self._send({"type": "Heartbeat", "to": peer, "commit": min(pr.match, self.commit), "ctx": ctx})
+
+    def _leader_read(self, ctx: object, requester: str) -> None:
+        if self.term_at(self.commit) != self.term:
+            self._reads_waiting.append((ctx, requester))  # thesis §6.4 step 1: commit in this term first
+            return
+        read = _Read(ctx, self.commit, requester, {self.id})
+        self._reads.append(read)
+        if len(self.voters) == 1:
+            self._release_reads(read)
+        else:
+            self._broadcast_heartbeat(ctx)
+
+    def _read_ack(self, ctx: object, peer: str) -> None:
+        for read in self._reads:
+            if read.ctx == ctx:
+                read.acks.add(peer)
+                if len(read.acks) >= self._quorum():
+                    self._release_reads(read)
+                return
+
+    def _release_reads(self, upto: _Read) -> None:
+        """A quorum confirmed leadership after ``upto`` and every earlier read was asked: all may proceed."""
+        while self._reads:
+            read = self._reads.pop(0)
+            if read.requester == self.id:
+                self._read_states.append(ReadState(read.index, read.ctx))
+            else:
+                self._send({"type": "ReadIndexResp", "to": read.requester, "ctx": read.ctx, "index": read.index})
+            if read is upto:
+                return
