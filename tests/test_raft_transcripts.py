@@ -1,0 +1,727 @@
+"""The paper's scenarios as transcripts: each test replays one, step by step, on real RaftNode cores.
+
+A transcript is a few lines of a small language, run by ``Transcript`` below over
+the simulator's cluster (tests/raft_sim.py, with a perfect network unless told
+otherwise), so every step is also checked against the safety invariants:
+
+    nodes 3 [prevote=off] [checkquorum=off]   a group of n1..n3 (nodes are named by number)
+    campaign 1                    node 1 starts an election now
+    tick 1 x20 | tick all x20     logical time passes for one node / for every live node
+    deliver [to 2] [from 1] [type T]   deliver the messages in flight now (not the replies)
+    drop [to 2] [from 1] [type T]      lose them instead
+    stabilize                     deliver until the network is quiet
+    elapse 30                     30 rounds of: tick every node, then stabilize
+    partition 1 | 2 3 / heal      cut / restore links (messages across a cut are lost)
+    crash 1 / restart 1           restart from what node 1 persisted
+    propose 1 TEXT [-> not_leader L|none]
+    read 1 CTX / transfer 1 3 / compact 1
+    expect role 1 leader [term 2] [leader 1]
+    expect leader 1 term 2        (short for: expect role 1 leader term 2)
+    expect term 1 [=|>|<] 2 / expect commit 1 2 / expect applied 1 2 / expect snapshot 1 4
+    expect log 1 1/1 2/1 3/2      index/term of each entry node 1 holds after its snapshot
+    expect data 1 a b             values of the commands node 1 has applied (no-ops skipped)
+    expect read 1 CTX 3 / expect no read 1 CTX
+    expect inflight TYPE N        how many messages of a type are in flight
+    # comment; a command may end with "# comment"
+"""
+
+from __future__ import annotations
+
+import operator
+import shlex
+
+import pytest
+
+from cis490fleet.errors import NotLeader
+from raft_sim import Sim, SimConfig
+
+
+class TranscriptError(AssertionError):
+    pass
+
+
+class Transcript:
+    def __init__(self) -> None:
+        self.sim: Sim | None = None
+        self.reads: dict[str, list[int]] = {}
+        self.data: dict[str, list[str]] = {}
+
+    # ---- plumbing ----------------------------------------------------------------------------------
+
+    def resolve(self, name: str) -> str:
+        """"3" names node n3; "L" the live leader of the highest term."""
+        if name != "L":
+            return f"n{name}"
+        leaders = [m.node for m in self.sim.live() if m.node.role == "leader"]
+        if not leaders:
+            raise TranscriptError("there is no leader")
+        return max(leaders, key=lambda node: node.term).id
+
+    def member(self, name: str):
+        return self.sim.members[self.resolve(name)]
+
+    def node(self, name: str):
+        node = self.member(name).node
+        if node is None:
+            raise TranscriptError(f"node {name} is crashed")
+        return node
+
+    def run(self, text: str) -> None:
+        for number, raw in enumerate(text.strip().splitlines(), 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            words = shlex.split(line)
+            try:
+                getattr(self, "do_" + words[0])(*words[1:])
+            except TranscriptError as exc:
+                raise TranscriptError(f"line {number}: {line!r}: {exc}\n{self.describe()}") from None
+
+    def describe(self) -> str:
+        if self.sim is None:
+            return ""
+        rows = []
+        for name, m in self.sim.members.items():
+            if m.node is None:
+                rows.append(f"  {name}: crashed")
+                continue
+            st = m.node.status()
+            log = " ".join(f"{e['index']}/{e['term']}" for e in m.node.entries(0, st["last_index"] + 1))
+            rows.append(f"  {name}: {st['role']} term={st['term']} leader={st['leader']} commit={st['commit']} "
+                        f"applied={st['applied']} snap={st['snapshot_index']} log=[{log}]")
+        rows.append(f"  in flight: {[(m['type'], m['from'], m['to']) for m in self.sim.net]}")
+        return "\n".join(rows)
+
+    def watch(self) -> None:
+        sim = self.sim
+        original_apply, original_read = sim.apply, sim.check_read
+
+        def apply(m, e):
+            original_apply(m, e)
+            if e["data"] is not None:
+                self.data.setdefault(m.id, []).append(e["data"]["value"])
+
+        def check_read(m, rs):
+            original_read(m, rs)
+            self.reads.setdefault(f"{m.id}/{rs.ctx}", []).append(rs.index)
+
+        def restore(m, snap, _original=sim.restore):
+            _original(m, snap)
+            self.data[m.id] = list(snap.data["values"])
+
+        sim.apply, sim.check_read, sim.restore = apply, check_read, restore
+
+    def matching(self, words: tuple[str, ...]) -> list[dict]:
+        want = dict(zip(words[::2], words[1::2]))
+        unknown = set(want) - {"to", "from", "type"}
+        if unknown or len(words) % 2:
+            raise TranscriptError(f"filters are: to N, from N, type T; got {' '.join(words)!r}")
+        return [msg for msg in self.sim.net
+                if ("to" not in want or msg["to"] == f"n{want['to']}")
+                and ("from" not in want or msg["from"] == f"n{want['from']}")
+                and ("type" not in want or msg["type"] == want["type"])]
+
+    # ---- commands ----------------------------------------------------------------------------------
+
+    def do_nodes(self, count: str, *options: str) -> None:
+        opts = dict(o.split("=", 1) for o in options)
+        config = SimConfig(nodes=int(count), steps=0, election_ticks=(10, 20), drop=0.0, duplicate=0.0,
+                           pre_vote=opts.get("prevote", "on") == "on",
+                           check_quorum=opts.get("checkquorum", "on") == "on")
+        self.sim = Sim(0, config)
+        self.watch()
+
+    def do_campaign(self, name: str) -> None:
+        m = self.member(name)
+        self.node(name).campaign()
+        self.sim.settle(m)
+
+    def do_tick(self, name: str, times: str = "x1") -> None:
+        for _ in range(int(times.lstrip("x"))):
+            targets = self.sim.live() if name == "all" else [self.member(name)]
+            for m in targets:
+                m.node.tick()
+                self.sim.settle(m)
+
+    def do_deliver(self, *words: str) -> None:
+        for msg in self.matching(words):
+            self.sim.deliver(self.sim.net.index(msg))
+
+    def do_drop(self, *words: str) -> None:
+        for msg in self.matching(words):
+            self.sim.net.remove(msg)
+
+    def do_stabilize(self) -> None:
+        for _ in range(10_000):
+            if not self.sim.net:
+                return
+            self.sim.deliver(0)
+        raise TranscriptError("the network did not go quiet")
+
+    def do_elapse(self, rounds: str) -> None:
+        for _ in range(int(rounds)):
+            self.do_tick("all")
+            self.do_stabilize()
+
+    def do_partition(self, *words: str) -> None:
+        groups, current = [], set()
+        for w in words + ("|",):
+            if w == "|":
+                groups.append(current)
+                current = set()
+            else:
+                current.add(f"n{w}")
+        self.sim.groups = groups
+
+    def do_heal(self) -> None:
+        self.sim.groups = None
+
+    def do_crash(self, name: str) -> None:
+        self.sim.crash(self.member(name))
+
+    def do_restart(self, name: str) -> None:
+        m = self.member(name)
+        self.sim.start(m)
+        snap = m.store.load().snapshot
+        self.data[m.id] = list(snap.data["values"]) if snap else []
+
+    def do_propose(self, name: str, value: str, arrow: str | None = None, outcome: str | None = None,
+                   leader: str | None = None) -> None:
+        m = self.member(name)
+        try:
+            index = self.node(name).propose({"op": "put", "value": value})
+        except NotLeader as exc:
+            if outcome != "not_leader":
+                raise TranscriptError(f"propose was refused: {exc}") from None
+            want = None if leader in (None, "none") else f"n{leader}"
+            if exc.leader_url != want:
+                raise TranscriptError(f"NotLeader names {exc.leader_url}, expected {want}") from None
+            return
+        if outcome is not None:
+            raise TranscriptError(f"propose was accepted at index {index}, expected {outcome}")
+        self.sim.settle(m)
+
+    def do_read(self, name: str, ctx: str) -> None:
+        self.sim.reads[ctx] = self.sim.max_committed
+        self.node(name).read_index(ctx)
+        self.sim.settle(self.member(name))
+
+    def do_transfer(self, name: str, to: str) -> None:
+        self.node(name).transfer_leadership(f"n{to}")
+        self.sim.settle(self.member(name))
+
+    def do_compact(self, name: str) -> None:
+        m = self.member(name)
+        node = self.node(name)
+        snap = node.compact(node.applied, {"digest": m.app_digest, "values": self.data.get(m.id, [])})
+        m.store.truncate_prefix(snap.index, snap)
+
+    def do_expect(self, what: str, *args: str) -> None:
+        getattr(self, "expect_" + what)(*args)
+
+    # ---- expectations ------------------------------------------------------------------------------
+
+    def expect_role(self, name: str, role: str, *more: str) -> None:
+        st = self.node(name).status()
+        want = {"role": role}
+        for key, value in zip(more[::2], more[1::2]):
+            want[key] = int(value) if key == "term" else (None if value == "none" else self.resolve(value))
+        got = {key: st[key] for key in want}
+        if got != want:
+            raise TranscriptError(f"node {name}: expected {want}, got {got}")
+
+    def expect_leader(self, name: str, *more: str) -> None:
+        self.expect_role(name, "leader", *more)
+
+    def _compare(self, name: str, key: str, args: tuple[str, ...]) -> None:
+        op, value = (args[0], args[1]) if len(args) == 2 else ("=", args[0])
+        got = self.node(name).status()[key]
+        ops = {"=": operator.eq, ">": operator.gt, "<": operator.lt, ">=": operator.ge}
+        if not ops[op](got, int(value)):
+            raise TranscriptError(f"node {name}: expected {key} {op} {value}, got {got}")
+
+    def expect_term(self, name: str, *args: str) -> None:
+        self._compare(name, "term", args)
+
+    def expect_commit(self, name: str, *args: str) -> None:
+        self._compare(name, "commit", args)
+
+    def expect_applied(self, name: str, *args: str) -> None:
+        self._compare(name, "applied", args)
+
+    def expect_snapshot(self, name: str, *args: str) -> None:
+        self._compare(name, "snapshot_index", args)
+
+    def expect_log(self, name: str, *pairs: str) -> None:
+        node = self.node(name)
+        got = [f"{e['index']}/{e['term']}" for e in node.entries(0, node.last_index() + 1)]
+        if got != list(pairs):
+            raise TranscriptError(f"node {name}: expected log {' '.join(pairs)}, got {' '.join(got)}")
+
+    def expect_data(self, name: str, *values: str) -> None:
+        got = self.data.get(f"n{name}", [])
+        if got != list(values):
+            raise TranscriptError(f"node {name}: expected applied values {list(values)}, got {got}")
+
+    def expect_read(self, name: str, ctx: str, index: str) -> None:
+        got = self.reads.get(f"n{name}/{ctx}")
+        if got != [int(index)]:
+            raise TranscriptError(f"node {name}: expected read {ctx} at index {index}, got {got}")
+
+    def expect_no(self, what: str, name: str, ctx: str) -> None:
+        if what != "read":
+            raise TranscriptError("only 'expect no read N CTX' exists")
+        if f"n{name}/{ctx}" in self.reads:
+            raise TranscriptError(f"node {name}: read {ctx} was released at {self.reads[f'n{name}/{ctx}']}")
+
+    def expect_inflight(self, kind: str, count: str) -> None:
+        got = len(self.matching(("type", kind)))
+        if got != int(count):
+            raise TranscriptError(f"expected {count} {kind} in flight, got {got}")
+
+
+def run(text: str) -> Transcript:
+    t = Transcript()
+    t.run(text)
+    return t
+
+
+# ---- the scenarios ----------------------------------------------------------------------------------
+
+
+def test_election():
+    """§5.2 Leader election: a candidate wins with votes from a majority and asserts itself with AppendEntries.
+
+    With PreVote (thesis §9.6) the node first polls at term+1 without changing its term.
+    """
+    run("""
+    nodes 3
+    campaign 1
+    expect role 1 pre_candidate term 0
+    expect inflight RequestVote 2
+    deliver                     # pre-votes granted
+    deliver                     # ... counted: now a real candidate at term 1
+    expect role 1 candidate term 1
+    deliver
+    deliver                     # votes counted
+    expect leader 1 term 1
+    expect log 1 1/1            # the no-op that opens the term (§8)
+    stabilize
+    expect role 2 follower term 1 leader 1
+    expect role 3 follower term 1 leader 1
+    expect commit 1 1
+    expect commit 3 1
+    propose 2 x -> not_leader 1
+    """)
+
+
+def test_election_refuses_a_stale_log():
+    """§5.4.1 Election restriction: a voter denies its vote to a candidate whose log is less up-to-date."""
+    run("""
+    nodes 3 prevote=off checkquorum=off
+    campaign 1
+    stabilize
+    partition 1 2 | 3
+    propose 1 a
+    stabilize
+    heal
+    campaign 3                  # node 3 lacks entry 2
+    stabilize
+    expect role 3 follower term 2 leader none
+    expect role 1 follower term 2
+    expect log 3 1/1
+    campaign 1
+    stabilize
+    expect leader 1 term 3
+    expect log 3 1/1 2/1 3/3
+    """)
+
+
+def test_log_replication():
+    """§5.3 Log replication: an entry commits once the leader holds acknowledgements from a majority,
+    and followers learn the commit index from the next message."""
+    run("""
+    nodes 3
+    campaign 1
+    stabilize
+    propose 1 a
+    expect log 1 1/1 2/1
+    expect commit 1 1           # no majority yet
+    deliver type AppendEntries
+    expect log 2 1/1 2/1
+    expect commit 2 1
+    deliver from 2              # one acknowledgement: leader + 2 is a majority of 3
+    expect commit 1 2
+    expect data 1 a
+    expect commit 2 1
+    stabilize
+    elapse 1                    # the next heartbeat carries the commit index
+    expect commit 2 2
+    expect data 2 a
+    expect data 3 a
+    """)
+
+
+def test_log_repair_after_divergence():
+    """§5.3: a new leader forces followers' logs to duplicate its own; conflicting uncommitted entries go."""
+    run("""
+    nodes 3 checkquorum=off
+    campaign 1
+    stabilize
+    partition 1 | 2 3
+    propose 1 lost1
+    propose 1 lost2
+    expect log 1 1/1 2/1 3/1
+    campaign 2
+    stabilize
+    expect leader 2 term 2
+    propose 2 kept
+    stabilize
+    heal
+    elapse 3
+    expect role 1 follower term 2 leader 2
+    expect log 1 1/1 2/2 3/2
+    expect commit 1 3
+    expect data 1 kept
+    """)
+
+
+FIGURE_8_PREFIX = """
+    nodes 5 prevote=off checkquorum=off
+    campaign 1
+    stabilize
+    expect leader 1 term 1
+    # (a) S1 leads term 1... its entry 2 reaches only S2
+    partition 1 2 | 3 4 5
+    propose 1 a
+    stabilize
+    expect log 2 1/1 2/1
+    expect commit 1 1
+    # (b) S1 crashes; S5 wins term 2 with votes from S3, S4 and itself, appends entry 2 (term 2) alone
+    crash 1
+    campaign 5
+    deliver                     # S3 and S4 vote for S5
+    deliver
+    expect leader 5 term 2
+    drop                        # S5's AppendEntries are lost
+    expect log 5 1/1 2/2
+    expect log 3 1/1
+    crash 5
+    # (c) S1 restarts and wins term 3 (its first try, at term 2, meets S3's vote for S5)
+    restart 1
+    heal
+    partition 1 2 3 | 4 5
+    campaign 1
+    stabilize
+    campaign 1
+    deliver type RequestVote
+    deliver type RequestVoteResp
+    expect leader 1 term 3
+    expect log 1 1/1 2/1 3/3
+    drop to 2                   # S2 misses entry 3
+    deliver to 3                # S3 lacks entry 2: it rejects ...
+    deliver to 1
+    deliver to 3                # ... the leader backs up, and S3 takes entries 2 and 3
+    expect log 3 1/1 2/1 3/3
+    deliver to 1
+    expect commit 1 1           # entry 2 is on a majority (S1 S2 S3) but of an old term: not committed
+"""
+
+
+def test_figure_8_old_term_entry_is_not_committed_by_counting():
+    """§5.4.2, Figure 8 (c)-(d): an entry from an earlier term on a majority is not committed by counting
+    replicas; S5 may still be elected and replace it, and nothing that was applied is lost."""
+    run(FIGURE_8_PREFIX + """
+    crash 1
+    restart 5
+    heal
+    campaign 5
+    stabilize                   # its try at term 3 meets S2's and S3's votes for S1
+    campaign 5
+    stabilize                   # S2 and S4 vote for it at term 4; S3, whose log is newer, refuses
+    expect leader 5 term 4
+    expect log 2 1/1 2/2 3/4
+    expect log 3 1/1 2/2 3/4
+    expect data 2
+    expect data 3
+    """)
+
+
+def test_figure_8_current_term_entry_commits_the_old_one():
+    """§5.4.2, Figure 8 (e): once an entry of the leader's own term is on a majority, it commits,
+    and with it every earlier entry; S5 can no longer win."""
+    run(FIGURE_8_PREFIX + """
+    elapse 2                    # the next heartbeats bring S2 entry 3: it is on S1 S2 S3
+    expect commit 1 3
+    expect data 1 a
+    crash 1
+    restart 5
+    heal
+    campaign 5
+    stabilize
+    campaign 5
+    stabilize
+    expect role 5 candidate term 4   # S2 and S3 refuse: they hold an entry of term 3, S5 does not
+    elapse 40
+    expect role 5 follower
+    expect commit 5 4
+    expect data 5 a
+    """)
+
+
+def test_partitioned_leader_steps_down_with_check_quorum():
+    """Thesis §6.2 CheckQuorum: a leader that hears from no majority for an election timeout steps down;
+    its entries proposed meanwhile never commit (§5.2)."""
+    run("""
+    nodes 3
+    campaign 1
+    stabilize
+    partition 1 | 2 3
+    propose 1 lost
+    tick 1 x20                  # two election timeouts: the first check still counts earlier replies
+    expect role 1 follower term 1 leader none
+    expect commit 1 1
+    propose 1 again -> not_leader none
+    elapse 40                   # meanwhile 2 and 3 time out and elect one of them
+    expect leader L term 2
+    propose L kept
+    stabilize
+    heal
+    elapse 3
+    expect role 1 follower term 2 leader L
+    expect log 1 1/1 2/2 3/2
+    expect data 1 kept
+    """)
+
+
+def test_partitioned_leader_without_check_quorum_steps_down_on_rejoin():
+    """§5.1-§5.2: without CheckQuorum the old leader believes it still leads, but cannot commit; the
+    first message of the higher term it hears on rejoining makes it a follower."""
+    run("""
+    nodes 3 prevote=off checkquorum=off
+    campaign 1
+    stabilize
+    partition 1 | 2 3
+    propose 1 lost
+    tick 1 x50
+    expect leader 1 term 1
+    expect commit 1 1
+    campaign 2
+    stabilize
+    expect leader 2 term 2
+    heal
+    tick 1                      # the old leader's heartbeats are ignored: they are from an old term
+    stabilize
+    expect leader 1 term 1
+    tick 2                      # the new leader's heartbeat carries the new term
+    stabilize
+    expect role 1 follower term 2
+    elapse 3
+    expect log 1 1/1 2/2
+    expect data 1
+    """)
+
+
+def test_prevote_rejoining_node_does_not_disrupt():
+    """Thesis §9.6 PreVote: an isolated node keeps failing pre-votes without raising its term, so when it
+    rejoins, the leader keeps its term and leadership."""
+    run("""
+    nodes 3
+    campaign 1
+    stabilize
+    partition 3 | 1 2
+    tick 3 x100
+    expect role 3 pre_candidate term 1
+    heal
+    elapse 30
+    expect leader 1 term 1
+    expect role 3 follower term 1 leader 1
+    """)
+
+
+def test_without_prevote_a_rejoining_node_disrupts():
+    """Thesis §9.6, the problem PreVote solves: an isolated node's term grows with each timeout, and on
+    rejoining it forces the healthy leader to step down."""
+    run("""
+    nodes 3 prevote=off checkquorum=off
+    campaign 1
+    stabilize
+    partition 3 | 1 2
+    tick 3 x100
+    expect role 3 candidate
+    expect term 3 > 4
+    heal
+    elapse 30
+    expect term 1 > 4
+    expect term 2 > 4
+    """)
+
+
+def test_check_quorum_leader_ignores_a_disruptive_vote():
+    """Thesis §4.2.3 / §6.2: a server that heard from the leader within the minimum election timeout
+    disregards RequestVote, so a candidate that missed heartbeats cannot depose a live leader."""
+    run("""
+    nodes 3 prevote=off
+    campaign 1
+    stabilize
+    campaign 3
+    stabilize
+    expect leader 1 term 1
+    expect role 3 candidate term 2
+    """)
+
+
+def test_snapshot_catch_up():
+    """§7 Log compaction: a follower that lags behind the leader's snapshot receives InstallSnapshot,
+    restores from it, and continues with ordinary AppendEntries."""
+    run("""
+    nodes 3
+    campaign 1
+    stabilize
+    crash 3
+    propose 1 a
+    propose 1 b
+    propose 1 c
+    stabilize
+    elapse 1
+    compact 1
+    expect snapshot 1 4
+    expect log 1
+    restart 3
+    expect log 3 1/1
+    elapse 1
+    expect inflight InstallSnapshot 0
+    expect snapshot 3 4
+    expect applied 3 4
+    expect data 3 a b c
+    propose 1 d
+    stabilize
+    elapse 1
+    expect log 3 5/1
+    expect data 3 a b c d
+    crash 3
+    restart 3                   # the installed snapshot was persisted
+    expect snapshot 3 4
+    expect commit 3 5
+    expect log 3 5/1
+    """)
+
+
+def test_leadership_transfer():
+    """Thesis §3.10 Leadership transfer: the leader stops taking proposals, brings the target up to date,
+    then sends TimeoutNow; the target campaigns at once (no pre-vote, through the voters' lease)."""
+    run("""
+    nodes 3
+    campaign 1
+    stabilize
+    partition 1 2 | 3
+    propose 1 a
+    stabilize
+    heal
+    transfer 1 3
+    propose 1 b -> not_leader 3
+    stabilize
+    expect leader 3 term 2
+    expect role 1 follower term 2 leader 3
+    expect log 3 1/1 2/1 3/2
+    propose 3 b
+    stabilize
+    elapse 1
+    expect data 1 a b
+    """)
+
+
+def test_leadership_transfer_to_an_unreachable_node_is_abandoned():
+    """Thesis §3.10: if the transfer does not complete within an election timeout, the leader resumes."""
+    run("""
+    nodes 3
+    campaign 1
+    stabilize
+    partition 1 2 | 3
+    transfer 1 3
+    propose 1 a -> not_leader 3
+    tick 1 x10
+    propose 1 a
+    stabilize
+    expect leader 1 term 1
+    """)
+
+
+def test_read_index():
+    """§8 / thesis §6.4 ReadIndex: the leader records its commit index, confirms it still leads with a
+    heartbeat round, and only then lets the read proceed at that index. Followers forward to the leader."""
+    run("""
+    nodes 3
+    campaign 1
+    stabilize
+    propose 1 a
+    stabilize
+    read 1 r1
+    expect no read 1 r1
+    deliver type Heartbeat
+    deliver type HeartbeatResp
+    expect read 1 r1 2
+    read 2 r2
+    stabilize
+    expect read 2 r2 2
+    partition 1 | 2 3
+    read 1 r3
+    stabilize
+    tick 1 x5
+    stabilize
+    expect no read 1 r3          # a partitioned leader cannot confirm it still leads
+    """)
+
+
+def test_read_index_waits_for_the_new_leaders_first_commit():
+    """Thesis §6.4 step 1: a new leader does not know the commit index until it has committed an entry
+    of its own term, so reads wait for its no-op."""
+    run("""
+    nodes 3
+    campaign 1
+    stabilize
+    propose 1 a
+    stabilize
+    transfer 1 2                 # a quick way to a new leader (thesis §3.10)
+    deliver                      # TimeoutNow
+    deliver                      # RequestVote
+    deliver                      # votes
+    expect leader 2 term 2
+    expect commit 2 < 3
+    read 2 r1
+    deliver type Heartbeat
+    deliver type HeartbeatResp
+    expect no read 2 r1
+    stabilize
+    expect commit 2 3
+    expect read 2 r1 3
+    """)
+
+
+def test_restart_keeps_term_vote_and_log():
+    """§5.1 Figure 2: currentTerm, votedFor and log[] are persistent; a restarted node keeps its vote."""
+    t = run("""
+    nodes 3 prevote=off checkquorum=off
+    campaign 1
+    deliver to 2 type RequestVote
+    expect role 2 follower term 1
+    crash 2
+    restart 2
+    expect term 2 1
+    campaign 3
+    deliver to 2
+    expect inflight RequestVoteResp 2
+    """)
+    replies = {m["to"]: m for m in t.sim.net if m["type"] == "RequestVoteResp" and m["from"] == "n2"}
+    assert replies["n1"]["reject"] is False
+    assert replies["n3"]["reject"] is True  # already voted for n1 in term 1, before the crash
+
+
+def test_a_bad_expectation_fails_with_the_line_and_the_cluster():
+    with pytest.raises(TranscriptError, match=r"line 4: 'expect leader 2 term 1'.*\n.*n1: leader term=1"):
+        run("""
+        nodes 3
+        campaign 1
+        stabilize
+        expect leader 2 term 1
+        """)
