@@ -563,3 +563,42 @@ def test_malformed_request_lines_get_json_400(srv):
         resp = http.client.HTTPResponse(sock)
         resp.begin()
         assert resp.status == 400 and json.loads(resp.read())["error"] == "bad_request"
+
+
+def raw_status(port: int, data: bytes) -> tuple[int, dict | None, http.client.HTTPMessage]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        body = resp.read()
+        return resp.status, (json.loads(body) if body else None), resp.headers
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"GET /v1/health\r\n\r\n", 400),  # HTTP/0.9
+    (b"GET /v1/health HTTP/one\r\n\r\n", 400),
+    (b"GET /v1/health HTTP/2.0\r\n\r\n", 505),
+    (b"GET /v1/health HTTP/1.1\r\nHost : x\r\n\r\n", 400),  # space before the colon: a smuggling trick
+    (b"GET /v1/health HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+    (b"GET /v1/health HTTP/1.1\r\n folded-first\r\n\r\n", 400),
+    (b"GET /v1/health HTTP/1.1\r\nx-long: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    (b"GET /v1/health HTTP/1.1\r\n" + b"".join(b"x-%d: 1\r\n" % i for i in range(101)) + b"\r\n", 431),
+])
+def test_the_header_reader_refuses_what_http_server_refuses(srv, head, status):
+    got, body, headers = raw_status(srv.port, head)
+    assert got == status and body["error"] and headers["connection"] == "close"
+
+
+def test_the_header_reader_keeps_folded_and_repeated_headers(srv):
+    seen = {}
+
+    def echo(req):
+        seen["host"] = req.headers.get("X-Lab-Host")
+        seen["all"] = req.headers.get_all("x-tag")
+        return {"ok": True}
+
+    srv.server.router.add("GET", "/echo", echo)
+    status, _, headers = raw_status(srv.port, b"GET /echo HTTP/1.1\r\nx-lab-host: ws1\r\n\tcontinued\r\n"
+                                              b"x-tag: a\r\nX-Tag: b\r\nConnection: close\r\n\r\n")
+    assert status == 200 and headers["connection"] == "close"
+    assert seen == {"host": "ws1 continued", "all": ["a", "b"]}
