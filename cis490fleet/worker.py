@@ -38,8 +38,6 @@ from typing import Any, Callable
 from cis490fleet import errors
 from cis490fleet.model import HOST_ID_RE, TrainerConfig, canonical_json, normalize_capability
 
-log = logging.getLogger(__name__)
-
 TAIL_BYTES = 4096
 DEFAULT_CONFIG = (Path(os.environ.get("ProgramData", r"C:\ProgramData")) / "cis490fleet" / "worker.toml"
                   if os.name == "nt" else Path("/etc/cis490fleet/worker.toml"))
@@ -55,6 +53,88 @@ LOST = "lost"                # 409: another attempt owns the job now; trainer st
 RELEASED = "released"        # we are shutting down; job handed back
 PENDING = "pending"          # result kept on disk until the coordinator answers
 UNAVAILABLE = "unavailable"  # no coordinator answered the claim
+
+
+class ProgressView:
+    """One redrawn line per running job on a terminal, kept below the log lines.
+
+    Worker log calls go through ``log`` (a ``_ViewSafeLog``), which lifts the block
+    off the terminal before a record is written and puts it back after, so no log
+    line is ever overwritten.
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.lock = threading.RLock()
+        self.shown: list[str] = []
+
+    def draw(self, runs: list[TrainerRun], now: float) -> None:
+        lines = []
+        for run in sorted(runs, key=lambda r: r.slot.index):
+            p = run.progress()
+            frac = p.get("fraction") if p else None
+            bar = ""
+            if isinstance(frac, (int, float)) and not isinstance(frac, bool):
+                filled = int(20 * max(0.0, min(1.0, frac)))
+                bar = "[" + "#" * filled + "." * (20 - filled) + "] "
+            lines.append(f"slot {run.slot.index} {run.label} {bar}{describe_progress(p, now - run.started)}"[:160])
+        with self.lock:
+            self.clear()
+            self.shown = lines
+            self.put_back()
+
+    def clear(self) -> None:
+        with self.lock:
+            if self.shown:
+                self.stream.write("\x1b[1A\x1b[2K" * len(self.shown))
+                self.stream.flush()
+
+    def put_back(self) -> None:
+        with self.lock:
+            if self.shown:
+                self.stream.write("".join(line + "\n" for line in self.shown))
+                self.stream.flush()
+
+    def close(self) -> None:
+        with self.lock:
+            self.clear()
+            self.shown = []
+
+
+class _ViewSafeLog:
+    """The module's logger, whose records never land inside the live progress block."""
+
+    view: ProgressView | None = None
+
+    def __init__(self, logger: logging.Logger):
+        self.logger = logger
+
+    def _emit(self, level: int, msg: str, *args, **kwargs) -> None:
+        view = self.view
+        if view is None:
+            self.logger.log(level, msg, *args, stacklevel=3, **kwargs)
+            return
+        with view.lock:
+            view.clear()
+            try:
+                self.logger.log(level, msg, *args, stacklevel=3, **kwargs)
+            finally:
+                view.put_back()
+
+    def debug(self, msg, *args, **kw):
+        self._emit(logging.DEBUG, msg, *args, **kw)
+
+    def info(self, msg, *args, **kw):
+        self._emit(logging.INFO, msg, *args, **kw)
+
+    def warning(self, msg, *args, **kw):
+        self._emit(logging.WARNING, msg, *args, **kw)
+
+    def exception(self, msg, *args, **kw):
+        self._emit(logging.ERROR, msg, *args, exc_info=True, **kw)
+
+
+log = _ViewSafeLog(logging.getLogger(__name__))
 
 
 def default_work_dir() -> Path:
@@ -799,6 +879,7 @@ class Worker:
         for t in threads:
             t.start()
         view = ProgressView(sys.stdout) if _is_tty() else None
+        log.view = view
         idle_limit = self.config.exit_when_idle_s
         while not self.stopping:
             if not any(t.is_alive() for t in threads):
@@ -818,7 +899,8 @@ class Worker:
             while t.is_alive() and time.monotonic() < deadline and self._slot_busy(t):
                 t.join(timeout=0.2)
         if view:
-            view.clear()
+            view.close()
+            log.view = None
         log.info("worker %s stopped", self.config.host_id)
         return 0
 
@@ -833,36 +915,6 @@ def _is_tty() -> bool:
         return sys.stdout.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-class ProgressView:
-    """One redrawn line per running job on a terminal."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.lines = 0
-
-    def draw(self, runs: list[TrainerRun], now: float) -> None:
-        out = []
-        for run in sorted(runs, key=lambda r: r.slot.index):
-            p = run.progress()
-            frac = p.get("fraction") if p else None
-            bar = ""
-            if isinstance(frac, (int, float)) and not isinstance(frac, bool):
-                filled = int(20 * max(0.0, min(1.0, frac)))
-                bar = "[" + "#" * filled + "." * (20 - filled) + "] "
-            out.append(f"slot {run.slot.index} {run.label} {bar}{describe_progress(p, now - run.started)}")
-        self.clear()
-        for line in out:
-            self.stream.write(line[:200] + "\n")
-        self.lines = len(out)
-        self.stream.flush()
-
-    def clear(self) -> None:
-        if self.lines:
-            self.stream.write("\x1b[1A\x1b[2K" * self.lines)
-            self.stream.flush()
-        self.lines = 0
 
 
 def main(argv: list[str] | None = None) -> int:

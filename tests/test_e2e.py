@@ -311,7 +311,9 @@ def test_the_built_in_torch_trainer_end_to_end(serve_process, workers, tmp_path)
     path = client.download_artifact(job["artifact_id"], tmp_path / "tiny.bundle")
     out = bundle.extract_bundle(path, tmp_path / "tiny")
     assert (out / "model.pt").stat().st_size > 0
-    assert "metrics" in json.loads((out / "metrics.json").read_text()) or (out / "metrics.json").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert job["attempts"][0]["host"] == "e2e-a"
 
 
 def test_the_quickstart_demo(tmp_path):

@@ -478,3 +478,45 @@ def test_one_slot_per_gpu_each_seeing_only_its_own(live_server, tmp_path, monkey
         assert job["status"] == "completed"
         seen.add((w.work_dir / job["id"] / "attempt-1" / "out" / "gpu").read_text())
     assert seen == {"0", "1"}
+
+
+@pytest.mark.skipif(os.name == "nt", reason="pseudo-terminals are POSIX")
+def test_on_a_terminal_each_running_job_gets_a_live_progress_line(live_server, tmp_path):
+    import pty
+    import threading
+
+    server = live_server(trainer_manifest("slow.py", ONE_JOB.replace("steps = 40, sleep = 0.1",
+                                                                     "steps = 10, sleep = 0.3")))
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CIS490_")}
+    env.update(PATH=fake_nvidia_smi(tmp_path, []), PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "cis490fleet", "work", "--receiver", server.url, "--host-id",
+                             "tty", "--work-dir", str(tmp_path / "work"), "--once", "--wait", "0"],
+                            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain():
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(timeout=10)
+        os.close(master)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert "slot 0 " in screen and "(one)" in screen and "epoch" in screen, screen
+    assert "[" + "#" * 10 in screen, screen
+    assert "completed, artifact" in screen  # log lines survive the redraws
+    assert only_job(server)["status"] == "completed"
