@@ -210,6 +210,11 @@ def test_sigterm_releases_the_job_without_using_an_attempt(serve_process, worker
     client = Client(server.url)
     a = workers(server.url, "e2e-a")
     wait_for("the job to run on e2e-a", lambda: held_by(client, "slow", "e2e-a"))
+    # Heartbeats carry the trainer's latest progress line and the tail of its log.
+    detail = wait_for("progress in the job detail",
+                      lambda: (d := job_named(client, "slow")).get("progress") and "step" in (d.get("log_tail") or "")
+                      and d)
+    assert detail["progress"]["epochs"] == 40 and detail["progress"]["epoch"] >= 1
     pid = a.trainer_pid(jobs_by_name(client)["slow"]["id"])
     a.proc.send_signal(signal.SIGTERM)
     assert a.wait(timeout=30) == 0

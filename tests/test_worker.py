@@ -520,3 +520,23 @@ def test_on_a_terminal_each_running_job_gets_a_live_progress_line(live_server, t
     assert "[" + "#" * 10 in screen, screen
     assert "completed, artifact" in screen  # log lines survive the redraws
     assert only_job(server)["status"] == "completed"
+
+
+def test_upload_failures_are_retried_then_the_job_fails(live_server, tmp_path, cpu_host):
+    server = live_server(trainer_manifest("ok.py", ONE_JOB, max_attempts=1))
+    w = make_worker(server.url, tmp_path)
+    w.backoff_s = 0.01
+    claim = w.client.claim(w.capability)
+    record = {"action": "complete", "job_id": claim["job_id"], "lease": claim["lease"], "attempt": 1,
+              "bundle": str(tmp_path / "vanished.tar.zst"), "label": "one"}
+    assert w._deliver(record) == worker.FAILED
+    job = only_job(server)
+    assert job["status"] == "failed"
+    assert f"upload failed after {w.upload_tries} tries" in job["last_error"] and "vanished" in job["last_error"]
+    assert w.pending_records() == []
+
+
+def test_exit_when_idle(live_server, tmp_path, cpu_host):
+    server = live_server(trainer_manifest("ok.py", ""))
+    w = make_worker(server.url, tmp_path, exit_when_idle_s=0.5, wait_s=0.2)
+    assert w.run() == 0
