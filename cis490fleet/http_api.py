@@ -327,17 +327,22 @@ class Router:
 
     def __init__(self):
         self.routes: list[Route] = []
+        self._exact: dict[tuple[str, str], Route] = {}
 
     def add(self, method: str, template: str, handler: Handler_) -> None:
         """Register ``handler``; an existing route with the same method and template is replaced."""
         method = method.upper()
         self.routes = [r for r in self.routes if (r.method, r.template) != (method, template)]
         self.routes.append(Route(method, template, handler))
+        self._exact = {(r.method, r.template): r for r in self.routes if "{" not in r.template}
 
     def table(self) -> list[tuple[str, str]]:
         return [(r.method, r.template) for r in self.routes]
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        route = self._exact.get((method, path))
+        if route is not None:
+            return route, {}
         allowed = []
         for route in self.routes:
             m = route.regex.match(path)
