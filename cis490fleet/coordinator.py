@@ -237,6 +237,45 @@ def watchdog_interval(env: dict | None = None) -> float | None:
 # -- the coordinator ----------------------------------------------------------------------------------
 
 
+class DataDirLock:
+    """An exclusive lock on ``<data>/serve.lock`` for the life of one coordinator: two would trample each other.
+
+    The operating system drops the lock when the process dies, kill -9 included.
+    """
+
+    def __init__(self, data_dir: Path):
+        self.path = data_dir / "serve.lock"
+        self._file = open(self.path, "a+b")
+        try:
+            self._lock()
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().decode(errors="replace").strip() or "unknown"
+            self._file.close()
+            raise errors.ConfigError(f"data folder {data_dir} is in use by another serve (pid {holder}); stop it, "
+                                     "or give this one another --data") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(str(os.getpid()).encode())
+        self._file.flush()
+
+    def _lock(self) -> None:
+        if os.name == "nt":
+            import msvcrt
+
+            self._file.seek(0)
+            msvcrt.locking(self._file.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+
 class Coordinator:
     """One coordinator peer: the queue, the artifact store, the manifest file and the writer.
 
@@ -246,7 +285,7 @@ class Coordinator:
 
     def __init__(self, data_dir: str | os.PathLike, *, manifest_path: str | os.PathLike | None = None,
                  operator_token: str | None = None, synchronous: str = "FULL", node_id: str | None = None,
-                 sweep_interval: float | None = None):
+                 sweep_interval: float | None = None, max_batch: int = MAX_BATCH):
         from cis490fleet.artifacts import ArtifactStore
         from cis490fleet.jobstore import JobStore
 
@@ -266,11 +305,18 @@ class Coordinator:
         self._zipapp_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.server = None
-        self.store = JobStore(self.data_dir / "queue.sqlite3", synchronous=synchronous)
+        self._serving: threading.Thread | None = None
+        self._closed = False
+        self._data_lock = DataDirLock(self.data_dir)
+        try:
+            self.store = JobStore(self.data_dir / "queue.sqlite3", synchronous=synchronous)
+        except BaseException:
+            self._data_lock.release()
+            raise
         self.artifacts = ArtifactStore(self.data_dir)
         self.artifacts.clean_tmp()
         self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="queue-read")
-        self.writer = GroupCommitWriter(self.store, on_applied=self._after_commit)
+        self.writer = GroupCommitWriter(self.store, max_batch=max_batch, on_applied=self._after_commit)
         self.writer.start()
 
     # -- commands ------------------------------------------------------------------------------
@@ -484,14 +530,25 @@ class Coordinator:
         self.url = f"{scheme}://{shown}:{self.server.port}"
         return self.server
 
+    def serve_in_thread(self) -> threading.Thread:
+        """Serve HTTP on a daemon thread (after ``listen``)."""
+        self._serving = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
+                                         name="http-accept", daemon=True)
+        self._serving.start()
+        return self._serving
+
     def close(self, grace: float = STOP_GRACE_S) -> None:
-        """Stop accepting, let requests in flight finish, stop the writer, close the database."""
+        """Stop accepting, let requests in flight finish, stop the writer, close the database. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         self._stopping.set()
         self.wake_waiters()
         if self.server is not None:
-            self.server.shutdown()
-            if not self.server.wait_idle(grace):
-                log.warning("requests still running after %.0f s; stopping anyway", grace)
+            if self._serving is not None:
+                self.server.shutdown()
+                if not self.server.wait_idle(grace):
+                    log.warning("requests still running after %.0f s; stopping anyway", grace)
             self.server.server_close()
         for t in self._threads:
             t.join(5)
@@ -499,6 +556,7 @@ class Coordinator:
         self.writer.stop(grace)
         self.store.close()
         log.info("database closed")
+        self._data_lock.release()
 
 
 def _running_zipapp_bytes() -> bytes | None:
@@ -583,6 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synchronous", default="FULL", type=str.upper, choices=("FULL", "EXTRA", "NORMAL"),
                    help="SQLite synchronous mode (default FULL: every acknowledged claim survives a power cut)")
     p.add_argument("--node-id", help="this peer's id in health answers (default: the host name)")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH, metavar="N",
+                   help=f"most queue commands committed in one transaction (default {MAX_BATCH}); 1 gives one "
+                   "fsync per command, the baseline of bench/run.py")
     return p
 
 
@@ -597,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     env = os.environ
     host, port = parse_bind(args.bind)
+    if args.max_batch < 1:
+        raise errors.ConfigError(f"--max-batch {args.max_batch} must be a whole number >= 1")
     if args.sweep_interval is not None and not args.sweep_interval > 0:
         raise errors.ConfigError(f"--sweep-interval {args.sweep_interval} must be a number of seconds > 0")
     if (args.key or args.client_ca) and not args.cert:
@@ -619,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         raise errors.ConfigError(f"cannot create data folder {data_dir}: {err.strerror or err}; pass --data DIR") from None
 
     coord = Coordinator(data_dir, manifest_path=args.manifest, operator_token=token, synchronous=args.synchronous,
-                        node_id=args.node_id, sweep_interval=args.sweep_interval)
+                        node_id=args.node_id, sweep_interval=args.sweep_interval, max_batch=args.max_batch)
     try:
         coord.load_manifest(at_start=True)
         try:
@@ -628,8 +691,7 @@ def main(argv: list[str] | None = None) -> int:
             raise errors.ConfigError(f"cannot listen on {args.bind}: {err.strerror or err}; pick another --bind "
                                      "(port 0 picks a free one)") from None
     except BaseException:
-        coord.writer.stop()
-        coord.store.close()
+        coord.close()
         raise
 
     stop = threading.Event()
@@ -644,9 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     if not token:
         log.warning("no operator token: cancel, requeue and reload are refused; set %s or --operator-token-file",
                     ENV_TOKEN)
-    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http-accept",
-                               daemon=True)
-    serving.start()
+    serving = coord.serve_in_thread()
     coord.start_background()
     (data_dir / "serve.url").unlink(missing_ok=True)
     _write_atomic(data_dir / "serve.url", coord.url + "\n")

@@ -266,8 +266,7 @@ def live_server(tmp_path_factory):
         except BaseException:
             coord.close()
             raise
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
+        thread = coord.serve_in_thread()
         coord.start_background()
         live = LiveServer(coord, server, coord.url, thread, manifest_path, client_context)
         servers.append(live)

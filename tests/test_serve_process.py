@@ -127,6 +127,13 @@ def test_an_empty_token_file_is_refused(tmp_path):
     assert result.returncode == 2 and "empty" in result.stderr
 
 
+def test_a_second_serve_on_the_same_data_folder_is_refused(serve_process):
+    sp = serve_process()
+    result = run_serve("--data", str(sp.data_dir), "--bind", "127.0.0.1:0")
+    assert result.returncode == 2 and "in use by another serve" in result.stderr and str(sp.proc.pid) in result.stderr
+    assert sp.call("GET", "/v1/health")[0] == 200
+
+
 def test_default_data_folder_follows_the_environment(tmp_path):
     assert coordinator.default_data_dir({"CIS490_DATA": str(tmp_path)}) == tmp_path
     if os.name != "nt":
