@@ -259,7 +259,8 @@ def field_object(body: dict, name: str, required: bool = False) -> dict | None:
     return value
 
 
-def field_string(body: dict, name: str, required: bool = False, max_chars: int = MAX_ERROR_TEXT) -> str | None:
+def field_string(body: dict, name: str, required: bool = False, keep_last: int = MAX_ERROR_TEXT) -> str | None:
+    """A string field; a longer text keeps its last ``keep_last`` characters (where a trainer's error ends)."""
     value = body.get(name)
     if value is None:
         if required:
@@ -267,9 +268,7 @@ def field_string(body: dict, name: str, required: bool = False, max_chars: int =
         return None
     if not isinstance(value, str):
         raise errors.BadRequest(f"field {name!r} must be a string, got {_json_type(value)}")
-    if len(value) > max_chars:
-        raise errors.BadRequest(f"field {name!r} has {len(value)} characters; at most {max_chars} are accepted")
-    return value
+    return value[-keep_last:]
 
 
 def field_number(body: dict, name: str, lo: float, hi: float) -> float | None:
@@ -402,7 +401,7 @@ def h_heartbeat(req: Request):
     progress = field_object(body, "progress")
     if progress is not None:
         cmd["progress"] = progress
-    log_tail = field_string(body, "log_tail", max_chars=MAX_LOG_TAIL)
+    log_tail = field_string(body, "log_tail", keep_last=MAX_LOG_TAIL)
     if log_tail is not None:
         cmd["log_tail"] = log_tail
     result = req.app.execute(cmd)

@@ -299,6 +299,15 @@ def test_fail_keeps_the_error_and_reports_the_status(srv):
     assert "CUDA out of memory" in detail["job"]["last_error"]
 
 
+def test_a_very_long_error_is_kept_by_its_end(srv):
+    c = claim(srv)
+    error = "x" * 200_000 + "\nRuntimeError: the real reason"
+    status, _, body = srv.call("POST", f"/v1/job/{c['job_id']}/fail", {"error": error}, worker("ws1", c["lease"]))
+    assert status == 200
+    _, _, detail = srv.call("GET", f"/v1/job/{c['job_id']}")
+    assert detail["job"]["last_error"].endswith("RuntimeError: the real reason")
+
+
 def test_release_gives_the_job_back(srv):
     c = claim(srv)
     path = f"/v1/job/{c['job_id']}/release"
