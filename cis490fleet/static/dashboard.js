@@ -1,0 +1,661 @@
+// The cis490fleet dashboard: polls the JSON API, keeps loss histories in memory, renders with DOM calls only
+// (no innerHTML with data, so job names and error texts cannot inject markup).
+"use strict";
+(() => {
+  const POLL_MS = 1500;
+  const HISTORY_POINTS = 300;
+  const ARM_MS = 4000;
+  const TOKEN_KEY = "cis490fleet.operatorToken";
+  const STATUSES = ["pending", "claimed", "running", "completed", "failed", "cancelled"];
+  const CANCELLABLE = new Set(["pending", "claimed", "running"]);
+  const REQUEUEABLE = new Set(["failed", "cancelled"]);
+
+  const state = {
+    status: "", model: "", host: "", limit: 50, offset: 0,
+    sort: { key: null, dir: 1 },
+    token: sessionStorage.getItem(TOKEN_KEY) || "",
+    armed: null, armedUntil: 0,
+    data: null,
+    skew: 0,                   // server clock minus this browser's clock, in seconds
+    history: new Map(),        // job id -> [{t, loss, f}]
+    started: new Map(),        // job id -> {attempts, started}
+    timer: 0, busy: false, failures: 0, detailId: null,
+  };
+
+  const $ = (id) => document.getElementById(id);
+
+  function el(tag, props, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(props || {})) {
+      if (v === undefined || v === null || v === false) continue;
+      if (k === "class") node.className = v;
+      else if (k === "text") node.textContent = v;
+      else if (k === "dataset") Object.assign(node.dataset, v);
+      else node.setAttribute(k, v === true ? "" : v);
+    }
+    for (const c of children) if (c !== null && c !== undefined) node.append(c);
+    return node;
+  }
+
+  function setText(node, text) {
+    text = String(text);
+    if (node.textContent !== text) node.textContent = text;
+  }
+
+  // Children of `parent` kept in the order of `items`, one per key, reused across polls so that focus,
+  // hover and half-done clicks survive a refresh.
+  function keyed(parent, items, keyOf, build, update) {
+    const old = new Map();
+    for (const child of Array.from(parent.children)) old.set(child.dataset.key, child);
+    let prev = null;
+    for (const item of items) {
+      const key = keyOf(item);
+      let node = old.get(key);
+      if (node) old.delete(key);
+      else { node = build(item); node.dataset.key = key; }
+      update(node, item);
+      const want = prev ? prev.nextSibling : parent.firstChild;
+      if (node !== want) parent.insertBefore(node, want);
+      prev = node;
+    }
+    for (const node of old.values()) node.remove();
+  }
+
+  // -- formatting, as cis490fleet/progress.py does it ----------------------------------------------
+
+  const num = (v) => (typeof v === "number" && Number.isFinite(v) ? v : null);
+
+  function fraction(p) {
+    if (!p || typeof p !== "object") return null;
+    let f = num(p.fraction);
+    if (f === null) {
+      for (const [d, t] of [["epoch", "epochs"], ["step", "steps"]]) {
+        const a = num(p[d]), b = num(p[t]);
+        if (a !== null && b) { f = a / b; break; }
+      }
+    }
+    return f === null ? null : Math.max(0, Math.min(1, f));
+  }
+
+  function duration(s) {
+    s = num(s);
+    if (s === null || s < 0) return "-";
+    s = Math.round(s);
+    const pad = (n) => String(n).padStart(2, "0");
+    if (s < 60) return `${s}s`;
+    if (s < 3600) return `${Math.floor(s / 60)}m${pad(s % 60)}s`;
+    if (s < 86400) return `${Math.floor(s / 3600)}h${pad(Math.floor(s % 3600 / 60))}m`;
+    return `${Math.floor(s / 86400)}d${pad(Math.floor(s % 86400 / 3600))}h`;
+  }
+
+  function formatLoss(x) {
+    return x !== 0 && (Math.abs(x) < 1e-3 || Math.abs(x) >= 1e5) ? x.toExponential(3) : x.toFixed(4);
+  }
+
+  function describe(p, started, now) {
+    if (!p || typeof p !== "object" || !Object.keys(p).length) return "starting";
+    const parts = [];
+    for (const [d, t] of [["epoch", "epochs"], ["step", "steps"]]) {
+      if (p[d] !== undefined && p[d] !== null && typeof p[d] !== "object") {
+        parts.push(`${d} ${p[d]}` + (p[t] !== undefined && p[t] !== null && typeof p[t] !== "object" ? `/${p[t]}` : ""));
+        break;
+      }
+    }
+    const loss = num(p.loss);
+    if (loss !== null) parts.push(`loss ${formatLoss(loss)}`);
+    const f = fraction(p);
+    if (f !== null) parts.push(`${Math.round(100 * f)}%`);
+    let eta = num(p.eta_s);
+    if (eta === null && started && f !== null && f > 0 && f < 1 && now > started) eta = (now - started) * (1 - f) / f;
+    if (eta !== null && (f === null || f < 1)) parts.push(`ETA ${duration(Math.max(0, eta))}`);
+    return parts.join(" ") || "running";
+  }
+
+  const short = (id) => String(id || "-").slice(0, 12);
+  const serverNow = () => Date.now() / 1000 + state.skew;
+  const ago = (t) => (num(t) === null ? "-" : `${duration(Math.max(0, serverNow() - t))} ago`);
+  const gib = (v) => (num(v) === null ? "-" : `${v >= 10 ? Math.round(v) : Math.round(v * 10) / 10} GiB`);
+
+  // -- talking to the coordinator ---------------------------------------------------------------------
+
+  async function api(path, init) {
+    const resp = await fetch(path, Object.assign({ cache: "no-store", headers: { accept: "application/json" } }, init));
+    const date = Date.parse(resp.headers.get("date") || "");
+    if (!Number.isNaN(date)) state.skew = 0.8 * state.skew + 0.2 * ((date + 500) / 1000 - Date.now() / 1000);
+    let body = null;
+    try { body = await resp.json(); } catch (_) { /* not JSON */ }
+    if (!resp.ok) {
+      const err = new Error((body && body.detail) || `${resp.status} ${resp.statusText}`);
+      err.status = resp.status;
+      throw err;
+    }
+    return body;
+  }
+
+  function jobsQuery() {
+    const q = new URLSearchParams({ limit: String(state.limit), offset: String(state.offset) });
+    for (const k of ["status", "model", "host"]) if (state[k]) q.set(k, state[k]);
+    return `/v1/jobs?${q}`;
+  }
+
+  async function poll() {
+    const [health, workers, page, running, claimed, failed] = await Promise.all([
+      api("/v1/health"), api("/v1/workers"), api(jobsQuery()),
+      api("/v1/jobs?status=running&limit=200"), api("/v1/jobs?status=claimed&limit=200"),
+      api("/v1/jobs?status=failed&limit=200"),
+    ]);
+    if (page.total > 0 && state.offset >= page.total) {
+      state.offset = Math.max(0, Math.floor((page.total - 1) / state.limit) * state.limit);
+      return poll();
+    }
+    const data = { health, workers: workers.workers || [], page, running: [...running.jobs, ...claimed.jobs],
+      failed: failed.jobs || [], failedTotal: failed.total ?? (failed.jobs || []).length, at: serverNow() };
+    record(data.running, data.at);
+    await learnStarts(data.running);
+    return data;
+  }
+
+  function record(running, now) {
+    const live = new Set();
+    for (const job of running) {
+      live.add(job.id);
+      const p = job.progress;
+      if (!p || typeof p !== "object") continue;
+      const points = state.history.get(job.id) || [];
+      const last = points[points.length - 1];
+      const loss = num(p.loss), f = fraction(p);
+      const sig = JSON.stringify([p.step, p.epoch, p.loss, p.fraction]);
+      if (!last || last.sig !== sig) {
+        points.push({ t: now, loss, f, sig });
+        if (points.length > HISTORY_POINTS) points.splice(0, points.length - HISTORY_POINTS);
+        state.history.set(job.id, points);
+      }
+    }
+    for (const id of Array.from(state.history.keys())) if (!live.has(id)) state.history.delete(id);
+    for (const id of Array.from(state.started.keys())) if (!live.has(id)) state.started.delete(id);
+  }
+
+  // When each running job's current attempt began, for its ETA: one detail request per new attempt.
+  async function learnStarts(running) {
+    const wanted = running.filter((j) => {
+      const known = state.started.get(j.id);
+      return !known || known.attempts !== j.attempts;
+    }).slice(0, 20);
+    await Promise.all(wanted.map(async (j) => {
+      try {
+        const detail = (await api(`/v1/job/${j.id}`)).job;
+        const attempts = detail.attempts || [];
+        const startedAt = attempts.length ? attempts[attempts.length - 1].started : null;
+        state.started.set(j.id, { attempts: j.attempts, started: num(startedAt) });
+      } catch (_) { /* it finished meanwhile; the next poll drops it */ }
+    }));
+  }
+
+  async function refresh() {
+    clearTimeout(state.timer);
+    if (document.hidden) { setConn("paused", "paused (tab hidden)"); return; }
+    if (state.busy) return;
+    state.busy = true;
+    try {
+      state.data = await poll();
+      state.failures = 0;
+      render();
+      setConn("ok", `live · updated ${new Date().toLocaleTimeString()}`);
+    } catch (err) {
+      state.failures += 1;
+      setConn("error", `cannot reach the coordinator: ${err.message}`);
+    } finally {
+      state.busy = false;
+      if (!document.hidden) state.timer = setTimeout(refresh, POLL_MS * Math.min(8, 2 ** Math.max(0, state.failures - 1)));
+    }
+  }
+
+  function setConn(kind, text) {
+    const c = $("conn");
+    c.className = `conn ${kind}`;
+    setText(c, text);
+  }
+
+  let toastTimer = 0;
+  function toast(text, bad) {
+    const t = $("toast");
+    t.textContent = text;
+    t.className = bad ? "toast bad" : "toast";
+    t.hidden = false;
+    clearTimeout(toastTimer);
+    toastTimer = setTimeout(() => { t.hidden = true; }, bad ? 8000 : 4000);
+  }
+
+  // -- rendering --------------------------------------------------------------------------------------
+
+  function render() {
+    const d = state.data;
+    if (!d) return;
+    renderHeader(d.health);
+    renderSummary(d.health, d.workers);
+    renderRunning(d.running);
+    renderWorkers(d.workers);
+    renderPeers(d.health);
+    renderFailures(d.failed, d.failedTotal);
+    renderJobs(d.page);
+    renderOperator();
+  }
+
+  function renderHeader(h) {
+    const bits = [h.node_id, h.role, h.term !== undefined ? `term ${h.term}` : null, h.version ? `v${h.version}` : null];
+    setText($("node"), bits.filter(Boolean).join(" · "));
+  }
+
+  function renderSummary(h, workers) {
+    const counts = h.jobs || {};
+    const items = [{ key: "", label: "all", n: Object.values(counts).reduce((a, b) => a + b, 0) }]
+      .concat(STATUSES.map((s) => ({ key: s, label: s, n: counts[s] || 0 })));
+    keyed($("summary"), items, (i) => `s:${i.key}`,
+      (i) => el("button", { type: "button", class: `chip s-${i.key || "all"}`, dataset: { status: i.key } },
+        el("span", { class: "label", text: i.label }), el("b")),
+      (node, i) => {
+        setText(node.querySelector("b"), i.n.toLocaleString());
+        node.classList.toggle("active", state.status === i.key);
+        node.setAttribute("aria-pressed", String(state.status === i.key));
+      });
+    const live = workers.filter((w) => w.live).length;
+    setText($("workers-count"), `${live} live of ${workers.length}`);
+  }
+
+  function runCard(job) {
+    const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+    svg.setAttribute("class", "loss");
+    svg.setAttribute("viewBox", "0 0 320 70");
+    svg.setAttribute("preserveAspectRatio", "none");
+    svg.setAttribute("role", "img");
+    return el("div", { class: "run", dataset: { id: job.id } },
+      el("div", { class: "run-head" },
+        el("button", { type: "button", class: "link", dataset: { detail: job.id }, text: short(job.id) }),
+        el("b", { class: "name" }), el("span", { class: "spacer" }), el("span", { class: "acts actions" })),
+      el("div", { class: "where muted" }),
+      el("div", { class: "bar", role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100" }, el("span")),
+      el("div", { class: "run-text" }),
+      svg,
+      el("div", { class: "loss-caption" }, el("span"), el("span")));
+  }
+
+  function renderRunning(running) {
+    const now = serverNow();
+    setText($("running-count"), running.length ? String(running.length) : "");
+    $("running-empty").hidden = running.length > 0;
+    keyed($("running"), running, (j) => j.id, runCard, (node, job) => {
+      setText(node.querySelector(".name"), job.name || `seed ${job.seed ?? "?"}`);
+      setText(node.querySelector(".where"), `${job.model}/${job.mode} on ${job.host || "?"} · ${job.status}`);
+      const f = fraction(job.progress);
+      const bar = node.querySelector(".bar");
+      bar.classList.toggle("unknown", f === null);
+      bar.firstChild.style.width = f === null ? "" : `${(100 * f).toFixed(1)}%`;
+      if (f === null) bar.removeAttribute("aria-valuenow"); else bar.setAttribute("aria-valuenow", String(Math.round(100 * f)));
+      const known = state.started.get(job.id);
+      setText(node.querySelector(".run-text"), describe(job.progress, known && known.started, now));
+      drawLoss(node.querySelector("svg"), node.querySelector(".loss-caption"), state.history.get(job.id) || []);
+      renderActions(node.querySelector(".acts"), job);
+    });
+  }
+
+  function drawLoss(svg, caption, points) {
+    const pts = points.filter((p) => p.loss !== null);
+    const sig = pts.length ? `${pts.length}:${pts[pts.length - 1].sig}` : "none";
+    if (svg.dataset.sig === sig) return;
+    svg.dataset.sig = sig;
+    svg.replaceChildren();
+    const make = (tag, attrs) => {
+      const n = document.createElementNS("http://www.w3.org/2000/svg", tag);
+      for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
+      svg.append(n);
+    };
+    const W = 320, H = 70, top = 4, bottom = H - 2, left = 1, right = W - 1;
+    make("line", { class: "axis", x1: left, y1: bottom, x2: right, y2: bottom });
+    const [lhs, rhs] = caption.children;
+    if (pts.length < 2) {
+      setText(lhs, pts.length ? `loss ${formatLoss(pts[0].loss)}` : "no loss reported yet");
+      setText(rhs, pts.length ? "curve from the next report" : "");
+      svg.setAttribute("aria-label", "loss curve: not enough reports yet");
+      return;
+    }
+    const xs = pts.map((p, i) => (p.f !== null ? p.f : i));
+    const x0 = Math.min(...xs), x1 = Math.max(...xs);
+    const ys = pts.map((p) => p.loss);
+    const lo = Math.min(...ys), hi = Math.max(...ys);
+    const sx = (x) => left + (right - left) * (x1 > x0 ? (x - x0) / (x1 - x0) : 1);
+    const sy = (y) => bottom - (bottom - top) * (hi > lo ? (y - lo) / (hi - lo) : 0.5);
+    const line = pts.map((p, i) => `${sx(xs[i]).toFixed(1)},${sy(p.loss).toFixed(1)}`).join(" ");
+    make("polygon", { class: "area", points: `${sx(xs[0]).toFixed(1)},${bottom} ${line} ${sx(xs[xs.length - 1]).toFixed(1)},${bottom}` });
+    make("polyline", { class: "curve", points: line, "vector-effect": "non-scaling-stroke" });
+    setText(lhs, `loss ${formatLoss(ys[0])} → ${formatLoss(ys[ys.length - 1])}`);
+    setText(rhs, `min ${formatLoss(lo)} · ${pts.length} reports`);
+    svg.setAttribute("aria-label", `loss curve over ${pts.length} reports, from ${formatLoss(ys[0])} to ${formatLoss(ys[ys.length - 1])}`);
+  }
+
+  function gpuText(cap) {
+    const gpus = Array.isArray(cap.gpus) ? cap.gpus : [];
+    if (!gpus.length) return [cap.cuda ? "CUDA" : "none"];
+    return gpus.map((g) => `${g.name || "GPU " + (g.index ?? "")}${num(g.vram_gib) !== null ? " · " + gib(g.vram_gib) : ""}`);
+  }
+
+  function renderWorkers(workers) {
+    $("workers-empty").hidden = workers.length > 0;
+    $("workers").hidden = workers.length === 0;
+    keyed($("workers").tBodies[0], workers, (w) => w.host,
+      () => el("tr", {}, el("td", {}, el("span", { class: "dot" }), el("b")), el("td", { class: "num" }),
+        el("td", { class: "num" }), el("td"), el("td", { class: "opt" }), el("td", { class: "mono" }), el("td")),
+      (tr, w) => {
+        const cap = w.capability || {};
+        const td = tr.children;
+        td[0].firstChild.classList.toggle("live", !!w.live);
+        td[0].title = w.live ? "live" : "not seen within the worker timeout";
+        setText(td[0].lastChild, w.host);
+        setText(td[1], cap.cores ?? "-");
+        setText(td[2], gib(cap.ram_gib));
+        const gpus = gpuText(cap).join("\n");
+        if (td[3].dataset.v !== gpus) {
+          td[3].dataset.v = gpus;
+          td[3].replaceChildren(...gpus.split("\n").map((g) => el("span", { class: "gpu", text: g })));
+        }
+        setText(td[4], cap.torch || "-");
+        const slots = num(w.slots) !== null ? `/${w.slots}` : "";
+        const held = (w.running || []).map((id) => String(id).slice(0, 8));
+        setText(td[5], held.length ? `${held.join(" ")} (${held.length}${slots})` : `idle${slots ? " (0" + slots + ")" : ""}`);
+        setText(td[6], ago(w.last_seen));
+      });
+  }
+
+  function renderPeers(h) {
+    let peers = Array.isArray(h.peers) && h.peers.length ? h.peers : [{ id: h.node_id, url: h.url }];
+    peers = peers.map((p) => {
+      const me = p.id === h.node_id;
+      const role = p.role || (p.id === h.leader ? "leader" : me ? h.role : null);
+      return { ...p, role, me };
+    });
+    keyed($("peers"), peers, (p) => String(p.id),
+      () => el("li", {}, el("span", { class: "star" }), el("b"), el("span", { class: "badge" }),
+        el("span", { class: "url muted mono" }), el("span", { class: "me muted" })),
+      (li, p) => {
+        const [star, name, badge, url, me] = li.children;
+        setText(star, p.role === "leader" ? "★" : "");
+        star.title = p.role === "leader" ? "leader" : "";
+        setText(name, p.id);
+        badge.className = `badge s-${p.role || "unknown"}`;
+        setText(badge, p.role || "unknown");
+        setText(url, p.url || "");
+        setText(me, p.me ? "(this peer)" : "");
+        li.classList.toggle("leader", p.role === "leader");
+      });
+  }
+
+  function renderFailures(failed, total) {
+    const recent = failed.slice().sort((a, b) => (b.updated || 0) - (a.updated || 0)).slice(0, 8);
+    $("failures-empty").hidden = recent.length > 0;
+    setText($("failures-count"), total ? String(total) : "");
+    keyed($("failures"), recent, (j) => j.id,
+      (j) => el("li", {}, el("div", { class: "meta" },
+        el("button", { type: "button", class: "link", dataset: { detail: j.id }, text: short(j.id) }),
+        el("b", { class: "name" }), el("span", { class: "where muted" }), el("span", { class: "when muted" })),
+        el("pre", { class: "err" })),
+      (li, j) => {
+        setText(li.querySelector(".name"), j.name || "");
+        setText(li.querySelector(".where"), `${j.model}/${j.mode}${j.host ? " on " + j.host : ""}`);
+        setText(li.querySelector(".when"), ago(j.updated));
+        setText(li.querySelector(".err"), j.last_error || "(no error text)");
+      });
+  }
+
+  const SORTERS = {
+    id: (j) => j.id, name: (j) => j.name || "", model: (j) => `${j.model}/${j.mode}`,
+    status: (j) => STATUSES.indexOf(j.status), host: (j) => j.host || "",
+    fraction: (j) => fraction(j.progress) ?? -1, attempts: (j) => j.attempts || 0, updated: (j) => j.updated || 0,
+  };
+
+  function renderJobs(page) {
+    let jobs = page.jobs || [];
+    const { key, dir } = state.sort;
+    if (key) {
+      const f = SORTERS[key];
+      jobs = jobs.map((j, i) => [j, i]).sort((a, b) => {
+        const x = f(a[0]), y = f(b[0]);
+        return (x < y ? -dir : x > y ? dir : 0) || a[1] - b[1];
+      }).map((p) => p[0]);
+    }
+    for (const th of document.querySelectorAll("#jobs th[data-sort]")) {
+      if (th.dataset.sort === key) th.setAttribute("aria-sort", dir > 0 ? "ascending" : "descending");
+      else th.removeAttribute("aria-sort");
+    }
+    $("jobs-empty").hidden = jobs.length > 0;
+    keyed($("jobs").tBodies[0], jobs, (j) => j.id,
+      (j) => el("tr", {},
+        el("td", {}, el("button", { type: "button", class: "link", dataset: { detail: j.id }, text: short(j.id) })),
+        el("td", { class: "name" }), el("td"), el("td", {}, el("span", { class: "badge" })),
+        el("td", { class: "opt" }), el("td", {}, el("div", { class: "mini" }, el("div", { class: "bar" }, el("span")), el("small"))),
+        el("td", { class: "opt num" }), el("td", { class: "opt muted" }), el("td", {}, el("span", { class: "actions" }))),
+      (tr, j) => {
+        const td = tr.children;
+        setText(td[1], j.name || "");
+        td[1].title = j.name || "";
+        setText(td[2], `${j.model}/${j.mode}`);
+        const badge = td[3].firstChild;
+        badge.className = `badge s-${j.status}`;
+        setText(badge, j.status);
+        setText(td[4], j.host || "");
+        const f = fraction(j.progress);
+        const mini = td[5].firstChild;
+        mini.hidden = f === null && !(j.status === "running" || j.status === "claimed");
+        mini.firstChild.classList.toggle("unknown", f === null);
+        mini.firstChild.firstChild.style.width = f === null ? "" : `${(100 * f).toFixed(1)}%`;
+        setText(mini.lastChild, f === null ? "" : `${Math.round(100 * f)}%`);
+        setText(td[6], j.attempts ?? 0);
+        setText(td[7], ago(j.updated));
+        renderActions(td[8].firstChild, j);
+      });
+    const total = page.total ?? jobs.length;
+    const first = total ? state.offset + 1 : 0, last = Math.min(state.offset + (page.jobs || []).length, total);
+    setText($("range"), `${first.toLocaleString()}–${last.toLocaleString()} of ${total.toLocaleString()}`);
+    $("prev").disabled = state.offset === 0;
+    $("next").disabled = state.offset + state.limit >= total;
+    const models = new Set(jobs.map((j) => j.model).concat(state.data.running.map((j) => j.model)));
+    fillDatalist($("models"), models);
+    fillDatalist($("hosts"), new Set(state.data.workers.map((w) => w.host)));
+  }
+
+  function fillDatalist(list, values) {
+    const sorted = Array.from(values).filter(Boolean).sort();
+    const sig = sorted.join("\n");
+    if (list.dataset.sig === sig) return;
+    list.dataset.sig = sig;
+    list.replaceChildren(...sorted.map((v) => el("option", { value: v })));
+  }
+
+  // -- operator actions -------------------------------------------------------------------------------
+
+  function armedKey(action, id) { return `${action}:${id}`; }
+  function isArmed(key) { return state.armed === key && Date.now() < state.armedUntil; }
+
+  function renderActions(box, job) {
+    const wanted = [];
+    if (state.token) {
+      if (CANCELLABLE.has(job.status)) wanted.push("cancel");
+      if (REQUEUEABLE.has(job.status)) wanted.push("requeue");
+    }
+    const sig = wanted.map((a) => `${a}${isArmed(armedKey(a, job.id)) ? "!" : ""}`).join(",");
+    if (box.dataset.sig === sig) return;
+    box.dataset.sig = sig;
+    box.replaceChildren(...wanted.map((a) => {
+      const armed = isArmed(armedKey(a, job.id));
+      return el("button", { type: "button", class: `act ${a}${armed ? " armed" : ""}`, dataset: { action: a, id: job.id },
+        title: armed ? `click again to ${a} job ${short(job.id)}` : `${a} job ${short(job.id)}`,
+        text: armed ? `confirm ${a}` : a });
+    }));
+  }
+
+  function renderOperator() {
+    const on = !!state.token;
+    $("unlock").hidden = on;
+    $("locked-actions").hidden = !on;
+    const admin = $("admin");
+    const armed = isArmed("reload:manifest");
+    const sig = on ? `reload${armed ? "!" : ""}` : "";
+    if (admin.dataset.sig !== sig) {
+      admin.dataset.sig = sig;
+      admin.replaceChildren(...(on ? [el("button", { type: "button", class: `act reload${armed ? " armed" : ""}`,
+        dataset: { action: "reload", id: "manifest" }, title: "re-read the manifest file and sync the queue",
+        text: armed ? "confirm reload" : "reload manifest" })] : []));
+    }
+  }
+
+  async function act(action, id) {
+    const path = action === "reload" ? "/v1/manifest/reload" : `/v1/job/${encodeURIComponent(id)}/${action}`;
+    try {
+      const body = await api(path, { method: "POST", headers: { "x-operator-token": state.token, accept: "application/json" } });
+      if (action === "reload") toast(`manifest reloaded: ${body.added} added, ${body.kept} kept, ${body.removed} removed`);
+      else toast(`${action === "cancel" ? "cancelled" : "requeued"} job ${short(id)}`);
+    } catch (err) {
+      if (err.status === 401 || err.status === 403) forgetToken();
+      toast(`${action} failed: ${err.message}`, true);
+    }
+    refresh();
+  }
+
+  function forgetToken() {
+    state.token = "";
+    sessionStorage.removeItem(TOKEN_KEY);
+    render();
+  }
+
+  // -- job detail -------------------------------------------------------------------------------------
+
+  function when(t) {
+    if (num(t) === null) return "-";
+    return `${new Date((t - state.skew) * 1000).toLocaleString()} (${ago(t)})`;
+  }
+
+  async function showDetail(id) {
+    const dialog = $("detail");
+    state.detailId = id;
+    $("detail-body").replaceChildren(el("p", { class: "muted", text: "loading…" }));
+    setText($("detail-title"), `Job ${short(id)}`);
+    if (!dialog.open) dialog.showModal();
+    let job;
+    try {
+      job = (await api(`/v1/job/${encodeURIComponent(id)}`)).job;
+    } catch (err) {
+      $("detail-body").replaceChildren(el("p", { class: "err", text: err.message }));
+      return;
+    }
+    if (state.detailId !== id) return;
+    setText($("detail-title"), `${job.name || short(job.id)} · ${job.model}/${job.mode}`);
+    const kv = el("dl", { class: "kv" });
+    const add = (k, v) => kv.append(el("dt", { text: k }), el("dd", {}, v));
+    add("id", el("code", { text: job.id }));
+    add("status", el("span", { class: `badge s-${job.status}`, text: job.status }));
+    add("host", job.host || "-");
+    add("progress", describe(job.progress, null, serverNow()));
+    add("attempts", `${job.attempt_count ?? (job.attempts || []).length} of ${job.max_attempts ?? "?"}`);
+    add("seed", String(job.seed ?? "-"));
+    add("hyper", el("code", { text: JSON.stringify(job.hyper || {}) }));
+    add("created", when(job.created));
+    add("updated", when(job.updated));
+    if (job.artifact_id) add("artifact", el("code", { text: job.artifact_id }));
+    const parts = [kv];
+    if ((job.why_pending || []).length) {
+      parts.push(el("h2", { text: "Why pending" }), el("ul", {}, ...job.why_pending.map((r) => el("li", { text: r }))));
+    }
+    if ((job.attempts || []).length) {
+      const rows = job.attempts.map((a) => el("tr", {}, el("td", { text: String(a.number) }), el("td", { text: a.host || "-" }),
+        el("td", { text: when(a.started) }), el("td", { text: a.ended ? duration(a.ended - a.started) : "…" }),
+        el("td", { text: a.outcome || "-" }), el("td", { class: "err", text: a.error || "" })));
+      parts.push(el("h2", { text: "Attempts" }), el("div", { class: "scroll" }, el("table", { class: "table" },
+        el("thead", {}, el("tr", {}, ...["#", "host", "started", "took", "outcome", "error"].map((h) => el("th", { text: h })))),
+        el("tbody", {}, ...rows))));
+    }
+    if (job.last_error) parts.push(el("h2", { text: "Last error" }), el("pre", { class: "log err", text: job.last_error }));
+    if (job.log_tail) parts.push(el("h2", { text: "Log tail" }), el("pre", { class: "log", text: job.log_tail }));
+    $("detail-body").replaceChildren(...parts);
+  }
+
+  // -- wiring -----------------------------------------------------------------------------------------
+
+  function init() {
+    const select = $("f-status");
+    for (const s of STATUSES) select.append(el("option", { value: s, text: s }));
+
+    document.addEventListener("click", (ev) => {
+      const target = ev.target.closest("button");
+      if (!target) return;
+      if (target.dataset.detail) { showDetail(target.dataset.detail); return; }
+      if (target.dataset.action) {
+        const key = armedKey(target.dataset.action, target.dataset.id);
+        if (isArmed(key)) {
+          state.armed = null;
+          render();
+          act(target.dataset.action, target.dataset.id);
+        } else {
+          state.armed = key;
+          state.armedUntil = Date.now() + ARM_MS;
+          render();
+          setTimeout(render, ARM_MS + 50);
+        }
+        return;
+      }
+      if (target.classList.contains("chip")) { setFilter("status", target.dataset.status || ""); return; }
+      const th = target.closest("th[data-sort]");
+      if (th) {
+        const key = th.dataset.sort;
+        state.sort = state.sort.key === key ? (state.sort.dir > 0 ? { key, dir: -1 } : { key: null, dir: 1 }) : { key, dir: 1 };
+        render();
+      }
+    });
+
+    $("unlock").addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const value = $("token").value.trim();
+      if (!value) { toast("enter the operator token the coordinator was started with", true); return; }
+      state.token = value;
+      sessionStorage.setItem(TOKEN_KEY, value);
+      $("token").value = "";
+      render();
+      renderOperator();
+    });
+    $("lock").addEventListener("click", forgetToken);
+
+    let debounce = 0;
+    const onFilter = () => {
+      clearTimeout(debounce);
+      debounce = setTimeout(() => {
+        state.status = $("f-status").value;
+        state.model = $("f-model").value.trim();
+        state.host = $("f-host").value.trim();
+        state.limit = Number($("f-limit").value) || 50;
+        state.offset = 0;
+        refresh();
+      }, 250);
+    };
+    for (const id of ["f-status", "f-model", "f-host", "f-limit"]) {
+      $(id).addEventListener("input", onFilter);
+      $(id).addEventListener("change", onFilter);
+    }
+    $("filters").addEventListener("submit", (ev) => ev.preventDefault());
+    $("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - state.limit); refresh(); });
+    $("next").addEventListener("click", () => { state.offset += state.limit; refresh(); });
+    $("detail-close").addEventListener("click", () => $("detail").close());
+    $("detail").addEventListener("close", () => { state.detailId = null; });
+    document.addEventListener("visibilitychange", () => {
+      if (document.hidden) { clearTimeout(state.timer); setConn("paused", "paused (tab hidden)"); } else refresh();
+    });
+    renderOperator();
+    refresh();
+  }
+
+  function setFilter(name, value) {
+    state[name] = value;
+    if (name === "status") $("f-status").value = value;
+    state.offset = 0;
+    if (state.data) render();
+    refresh();
+  }
+
+  init();
+})();

@@ -1,0 +1,363 @@
+"""The dashboard page: served self-contained (also from the zipapp), then driven in a real headless Chromium
+against a real `serve` with a real worker and trainer: live progress, failures, workers, peers, paging of
+5,000 jobs, pausing in a hidden tab, and an operator cancel that stops the trainer.
+
+Screenshots land in test-output/ at the repository root (git-ignored).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import OPERATOR_TOKEN, manifest_toml
+
+from cis490fleet import dashboard, errors
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAINERS = Path(__file__).resolve().parent / "trainers"
+SHOTS = ROOT / "test-output"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+GPU_BOX = {"cores": 32, "ram_gib": 128, "cuda": True, "gpus": [{"index": 0, "name": "RTX 4090", "vram_gib": 24}],
+           "vram_gib": 24, "torch": "2.13.0", "os": "Linux"}
+
+
+# -- the page as served (no browser) ---------------------------------------------------------------
+
+
+def _inline(body: str, tag: str) -> str:
+    return re.search(rf"<{tag}>(.*?)</{tag}>", body, re.S).group(1)
+
+
+def _sha(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+def test_the_page_is_self_contained_and_its_csp_allows_only_its_own_code(live_server):
+    srv = live_server(manifest_toml(2))
+    status, headers, body = srv.call("GET", "/")
+    assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
+    page = body.decode()
+    assert "{{" not in page
+    csp = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]+)">', page).group(1)
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+    assert f"script-src {_sha(_inline(page, 'script'))}" in csp
+    assert f"style-src {_sha(_inline(page, 'style'))}" in csp
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page), "the page loads nothing from elsewhere"
+    assert page.count("<script") == 1 and page.count("<style") == 1
+    status, _, head = srv.call("HEAD", "/")
+    assert status == 200 and head in (b"", None)
+
+
+def test_a_damaged_package_is_named_not_a_traceback():
+    with pytest.raises(errors.ConfigError, match="lacks its <!--{{csp}}--> slot"):
+        dashboard.build_page("<html><style>/*{{css}}*/</style><script>/*{{js}}*/</script>", "", "")
+    with pytest.raises(errors.ConfigError, match="closing tag"):
+        dashboard.build_page("<!--{{csp}}-->/*{{css}}*//*{{js}}*/", "", "x = '</script>'")
+
+
+def test_the_zipapp_carries_the_page(tmp_path):
+    from cis490fleet import zipbuild
+
+    pyz = zipbuild.build(tmp_path / "cis490fleet.pyz", git_commit="test")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from cis490fleet import dashboard; "
+            "sys.stdout.buffer.write(dashboard.page())")
+    proc = subprocess.run([sys.executable, "-I", "-c", code, str(pyz)], capture_output=True, timeout=60,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == dashboard.page()
+
+
+# -- in a real browser -------------------------------------------------------------------------------
+
+
+def _playwright():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: install the 'chromium' package to run the browser tests")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is not installed: pip install playwright")
+    return sync_playwright
+
+
+@pytest.fixture
+def browser():
+    sync_playwright = _playwright()
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class Console:
+    """Every console error and uncaught exception of a page."""
+
+    def __init__(self, page):
+        self.errors: list[str] = []
+        page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
+
+
+# Elements sticking out of the viewport on the right, outside of the scrollable table wrappers.
+WIDER_THAN_SCREEN = """() => Array.from(document.querySelectorAll('body *'))
+    .filter((e) => !e.closest('.scroll') && e.getBoundingClientRect().right > window.innerWidth + 1)
+    .map((e) => e.tagName + '.' + e.className + '#' + e.id + ' ' + Math.round(e.getBoundingClientRect().right))"""
+
+
+def wait_for(what: str, check, timeout: float = 60, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)
+
+
+def shot(page, name: str, full_page: bool = True) -> Path:
+    SHOTS.mkdir(exist_ok=True)
+    path = SHOTS / name
+    page.screenshot(path=str(path), full_page=full_page)
+    return path
+
+
+def fake_nvidia_smi(tmp_path: Path) -> str:
+    """A PATH whose nvidia-smi lists no GPU: capability detection is quick and the same on every machine."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    tool = bin_dir / "nvidia-smi"
+    tool.write_text(f"#!{sys.executable}\n")
+    tool.chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def fleet_manifest(steps: int, sleep: float, gpu_jobs: int) -> str:
+    command = json.dumps(["{python}", str(TRAINERS / "slow.py"), "--hyper", "{hyper}", "--out", "{out}"])
+    return textwrap.dedent(f"""
+        [fleet]
+        heartbeat_s = 0.5
+        stale_after_s = 30
+        max_attempts = 1
+        retry_backoff_s = 0.1
+        [trainer]
+        command = {command}
+
+        [[jobs]]
+        name = "watched"
+        model = "mlp"
+        mode = "slow"
+        allowed_hosts = ["ws1"]
+        hyper = {{ steps = {steps}, sleep = {sleep} }}
+
+        [[sweeps]]
+        name = "gpu"
+        model = "resnet"
+        mode = "train"
+        require_cuda = true
+        seed = [{", ".join(str(i) for i in range(gpu_jobs))}]
+    """)
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@pytest.fixture
+def worker(tmp_path):
+    started = []
+
+    def start(url: str, host: str = "ws1") -> tuple[subprocess.Popen, Path, Path]:
+        work_dir, log_path = tmp_path / f"work-{host}", tmp_path / f"worker-{host}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CIS490_")}
+        env.update(PATH=fake_nvidia_smi(tmp_path), PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "cis490fleet", "work", "--receiver", url, "--host-id", host,
+                                     "--work-dir", str(work_dir), "--wait", "1", "--grace", "3"],
+                                    cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        started.append((proc, work_dir))
+        return proc, work_dir, log_path
+
+    yield start
+    for proc, work_dir in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        for pid_file in work_dir.glob("*/attempt-*/trainer.pid"):
+            try:
+                os.killpg(int(pid_file.read_text()), 9)
+            except (OSError, ValueError):
+                pass
+
+
+@pytest.mark.browser
+def test_live_fleet_in_the_browser_then_an_operator_cancel(browser, serve_process, worker):
+    sp = serve_process(manifest=fleet_manifest(steps=150, sleep=0.2, gpu_jobs=30))
+    _, _, listing = sp.call("GET", "/v1/jobs?model=mlp")
+    watched = listing["jobs"][0]["id"]
+    # A GPU box that fails the job it claimed: a failure with its error text, and a worker with a GPU.
+    status, _, claim = sp.call("POST", "/v1/job/claim", {"capability": GPU_BOX}, {"x-lab-host": "gpu-box"})
+    assert status == 200 and claim["job"]["model"] == "resnet", claim
+    error = "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    status, _, body = sp.call("POST", f"/v1/job/{claim['job_id']}/fail", {"error": error},
+                              {"x-lab-host": "gpu-box", "x-lease": claim["lease"]})
+    assert status == 200, body
+    proc, work_dir, worker_log = worker(sp.url)
+
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+    console = Console(page)
+    page.goto(sp.url + "/")
+    card = page.locator(f'.run[data-key="{watched}"]')
+    card.wait_for(timeout=60_000)
+
+    def percent() -> int | None:
+        value = card.locator(".bar").get_attribute("aria-valuenow")
+        return int(value) if value else None
+
+    first = wait_for("a first progress report on the page", percent)
+    wait_for("the progress bar to move", lambda: (percent() or 0) > first)
+    assert re.match(r"epoch \d+/150 loss \d\.\d{4} \d+% ETA \d+", card.locator(".run-text").inner_text())
+
+    failures = page.locator("#failures")
+    wait_for("the failure on the page", lambda: "CUDA out of memory" in failures.inner_text())
+    workers_text = page.locator("#workers").inner_text()
+    assert "ws1" in workers_text and "gpu-box" in workers_text and "RTX 4090" in workers_text
+    assert page.locator("#peers li.leader").count() == 1 and "★" in page.locator("#peers").inner_text()
+    assert "1–31 of 31" in page.locator("#range").inner_text()
+
+    # Operator actions exist only once the token is entered.
+    assert page.locator("button[data-action]").count() == 0
+    page.fill("#token", OPERATOR_TOKEN)
+    page.click("#unlock button[type=submit]")
+    cancel = card.locator("button[data-action=cancel]")
+    cancel.wait_for()
+    assert page.locator("#admin button[data-action=reload]").count() == 1
+    assert page.evaluate("sessionStorage.length") == 1 and page.evaluate("localStorage.length") == 0
+
+    wait_for("a loss curve", lambda: card.locator("svg polyline.curve").count() == 1)
+    shot(page, "dashboard.png")
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.wait_for_timeout(300)
+    shot(page, "dashboard-phone.png")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390, page.evaluate(WIDER_THAN_SCREEN)
+    assert page.evaluate(WIDER_THAN_SCREEN) == []
+    page.set_viewport_size({"width": 1360, "height": 900})
+
+    pid = int(wait_for("the trainer's pid file", lambda: next(
+        (p.read_text().strip() for p in work_dir.glob(f"{watched}/attempt-*/trainer.pid") if p.read_text().strip()),
+        None)))
+    assert pid_running(pid)
+    cancel.click()  # arms it
+    card.locator("button.armed[data-action=cancel]").click()  # confirms
+    wait_for("the toast", lambda: "cancelled job" in page.locator("#toast").inner_text())
+    wait_for("the job to be cancelled", lambda: sp.call("GET", f"/v1/job/{watched}")[2]["job"]["status"] == "cancelled")
+    wait_for("the trainer to stop", lambda: not pid_running(pid), timeout=30)
+    card.wait_for(state="detached", timeout=30_000)
+    assert sp.call("GET", f"/v1/job/{watched}")[2]["job"]["progress"]["step"] < 150
+    assert proc.poll() is None, worker_log.read_text()
+
+    # The failed job goes back to the queue from its row; the manifest reloads from the header.
+    row = page.locator(f'#jobs tbody tr[data-key="{claim["job_id"]}"]')
+    row.locator("button[data-action=requeue]").click()
+    row.locator("button.armed[data-action=requeue]").click()
+    wait_for("the requeue", lambda: sp.call("GET", f"/v1/job/{claim['job_id']}")[2]["job"]["status"] == "pending")
+    wait_for("the row to say so", lambda: row.locator(".badge").inner_text() == "pending")
+    page.click("#admin button[data-action=reload]")
+    page.click("#admin button.armed[data-action=reload]")
+    wait_for("the reload toast", lambda: "manifest reloaded: 0 added, 31 kept" in page.locator("#toast").inner_text())
+
+    # Lock forgets the token: the actions are gone again.
+    page.click("#lock")
+    assert page.locator("button[data-action]").count() == 0
+    assert page.evaluate("sessionStorage.length") == 0
+    assert console.errors == []
+
+
+@pytest.mark.browser
+def test_five_thousand_jobs_page_filter_sort_and_pause(browser, live_server):
+    srv = live_server(manifest_toml(5000, extra=textwrap.dedent("""
+        [[sweeps]]
+        name = "cnn"
+        model = "cnn"
+        mode = "eval"
+        seed = [0, 1, 2]
+    """)))
+    status, _, body = srv.call("POST", "/v1/job/claim", {"capability": GPU_BOX}, {"x-lab-host": "gpu-box"})
+    assert status == 200 and body["job"] is not None
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    console = Console(page)
+    page.goto(srv.url + "/")
+    rows = page.locator("#jobs tbody tr")
+    wait_for("the first page", lambda: rows.count() == 50)
+    assert page.locator("#range").inner_text() == "1–50 of 5,003"
+    page.click("#next")
+    wait_for("the second page", lambda: page.locator("#range").inner_text() == "51–100 of 5,003")
+    page.select_option("#f-limit", "200")
+    wait_for("200 a page", lambda: rows.count() == 200 and page.locator("#range").inner_text() == "1–200 of 5,003")
+
+    page.fill("#f-model", "cnn")
+    wait_for("the model filter", lambda: page.locator("#range").inner_text() == "1–3 of 3")
+    page.fill("#f-model", "")
+    page.click('#summary button[data-status="claimed"]')
+    wait_for("the status chip filter", lambda: page.locator("#range").inner_text() == "1–1 of 1")
+    assert page.locator("#f-status").input_value() == "claimed"
+    page.select_option("#f-status", "")
+    wait_for("all jobs again", lambda: page.locator("#range").inner_text() == "1–200 of 5,003")
+
+    # Sorting sorts the page at hand: ids descending, then ascending.
+    page.click('#jobs th[data-sort="id"] button')
+    page.click('#jobs th[data-sort="id"] button')
+    ids = [t for t in rows.locator("td:first-child").all_inner_texts()]
+    assert ids == sorted(ids, reverse=True) and len(ids) == 200
+    assert page.locator('#jobs th[data-sort="id"]').get_attribute("aria-sort") == "descending"
+
+    # A hidden tab stops polling; showing it again resumes at once.
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.evaluate("""() => {
+        Object.defineProperty(document, 'hidden', {configurable: true, get: () => true});
+        document.dispatchEvent(new Event('visibilitychange'));
+    }""")
+    page.wait_for_timeout(500)
+    assert "paused" in page.locator("#conn").inner_text()
+    requests.clear()
+    page.wait_for_timeout(3500)
+    assert requests == []
+    page.evaluate("""() => {
+        Object.defineProperty(document, 'hidden', {configurable: true, get: () => false});
+        document.dispatchEvent(new Event('visibilitychange'));
+    }""")
+    wait_for("polling to resume", lambda: any("/v1/health" in u for u in requests), timeout=10)
+    shot(page, "dashboard-5000.png", full_page=False)
+    assert console.errors == []
+
+    # A wrong token is refused by the coordinator; the page says so and forgets it.
+    page.fill("#token", "not-the-token")
+    page.click("#unlock button[type=submit]")
+    claimed = body["job_id"]
+    card = page.locator(f'.run[data-key="{claimed}"]')
+    card.locator("button[data-action=cancel]").click()
+    card.locator("button.armed[data-action=cancel]").click()
+    wait_for("the refusal", lambda: "wrong operator token" in page.locator("#toast").inner_text())
+    assert page.locator("button[data-action]").count() == 0 and page.locator("#token").is_visible()
+    assert srv.call("GET", f"/v1/job/{claimed}")[2]["job"]["status"] == "claimed"
+    assert [e for e in console.errors if "status of 403" not in e] == []
