@@ -44,11 +44,63 @@ SNAPSHOT = "snapshot"    # an InstallSnapshot is in flight
 
 MAX_BATCH = 64  # entries per AppendEntries
 
-MESSAGE_TYPES = frozenset({
-    "RequestVote", "RequestVoteResp", "AppendEntries", "AppendEntriesResp", "Heartbeat", "HeartbeatResp",
-    "InstallSnapshot", "InstallSnapshotResp", "TimeoutNow", "ReadIndex", "ReadIndexResp",
-})
 _FROM_LEADER = ("AppendEntries", "Heartbeat", "InstallSnapshot")
+
+# Fields each message type carries besides type, term, from and to.
+_FIELDS: dict[str, dict[str, type]] = {
+    "RequestVote": {"last_log_index": int, "last_log_term": int, "pre_vote": bool},
+    "RequestVoteResp": {"reject": bool, "pre_vote": bool},
+    "AppendEntries": {"prev_log_index": int, "prev_log_term": int, "commit": int, "entries": list},
+    "AppendEntriesResp": {"reject": bool, "index": int},
+    "Heartbeat": {"commit": int},
+    "HeartbeatResp": {},
+    "InstallSnapshot": {"snapshot": dict},
+    "InstallSnapshotResp": {"index": int},
+    "TimeoutNow": {},
+    "ReadIndex": {},
+    "ReadIndexResp": {"index": int},
+}
+MESSAGE_TYPES = frozenset(_FIELDS)
+
+
+def _check_field(where: str, obj: dict, name: str, kind: type) -> None:
+    value = obj.get(name)
+    if kind is int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise BadRequest(f"{where}: {name!r} must be an integer >= 0, got {value!r}")
+    elif not isinstance(value, kind):
+        raise BadRequest(f"{where}: {name!r} must be a {'JSON object' if kind is dict else kind.__name__}, "
+                         f"got {value!r}")
+
+
+def check_message(msg: object) -> dict:
+    """Validate a message from the wire, so that ``step`` may trust it. Raises BadRequest naming the field."""
+    if not isinstance(msg, dict):
+        raise BadRequest(f"raft message: expected a JSON object, got {type(msg).__name__}")
+    kind = msg.get("type")
+    if kind not in _FIELDS:
+        raise BadRequest(f"raft message: unknown type {kind!r}; expected one of {', '.join(sorted(_FIELDS))}")
+    where = f"raft {kind} message"
+    for name, field_kind in {"term": int, "from": str, "to": str, **_FIELDS[kind]}.items():
+        _check_field(where, msg, name, field_kind)
+    if kind == "AppendEntriesResp" and msg["reject"]:
+        _check_field(where, msg, "hint", int)
+        _check_field(where, msg, "hint_term", int)
+    if kind == "InstallSnapshot":
+        _check_field(where, msg["snapshot"], "index", int)
+        _check_field(where, msg["snapshot"], "term", int)
+    for pos, e in enumerate(msg.get("entries") or []):
+        at = f"{where}: entries[{pos}]"
+        if not isinstance(e, dict):
+            raise BadRequest(f"{at} must be a JSON object, got {e!r}")
+        _check_field(at, e, "index", int)
+        _check_field(at, e, "term", int)
+        if e["index"] != msg["prev_log_index"] + 1 + pos:
+            raise BadRequest(f"{at}: index {e['index']} breaks the run that starts after "
+                             f"prev_log_index {msg['prev_log_index']}")
+        if e.get("data") is not None and not isinstance(e["data"], dict):
+            raise BadRequest(f"{at}: 'data' must be a JSON object or null, got {e['data']!r}")
+    return msg
 
 
 @dataclass(frozen=True)
@@ -167,6 +219,7 @@ class RaftNode:
         self._persisted = HardState(self.term, self.vote, self.commit)
         self._pending_snapshot: Snapshot | None = None
         self._msgs: list[dict] = []
+        self._outstanding = False
         self._read_states: list[ReadState] = []
         self._reads: list[_Read] = []
         self._reads_waiting: list[tuple[object, str]] = []  # until the leader commits in its term
@@ -295,6 +348,9 @@ class RaftNode:
     def propose(self, data: dict) -> int:
         """Append a command to the leader's log; returns its index.
 
+        Raises NotLeader whose ``leader_url`` holds the leader's node id (or None);
+        the driver maps it to the peer's URL.
+
         The command was applied iff the entry applied at that index carries the same
         data (a deposed leader's entry may be replaced by another): tag commands with a
         request id to recognise them.
@@ -354,6 +410,9 @@ class RaftNode:
         return self._snapshot
 
     def ready(self) -> Ready | None:
+        """What the driver must persist, send and apply now; None when there is nothing."""
+        if self._outstanding:
+            raise RuntimeError("raft: call advance() with the previous Ready before asking for another")
         hs = HardState(self.term, self.vote, self.commit)
         first_commit = max(self.applied, self._pending_snapshot.index if self._pending_snapshot else 0) + 1
         rd = Ready(
@@ -368,10 +427,12 @@ class RaftNode:
                 or rd.read_states):
             return None
         self._msgs, self._read_states = [], []
+        self._outstanding = True
         return rd
 
     def advance(self, rd: Ready) -> None:
         """The driver persisted, sent and applied ``rd``."""
+        self._outstanding = False
         if rd.hard_state is not None:
             self._persisted = rd.hard_state
         if rd.snapshot is not None:
@@ -398,7 +459,10 @@ class RaftNode:
     # ---- messages in -------------------------------------------------------------------------
 
     def step(self, msg: dict) -> None:
-        """Handle one message from a peer. Messages not meant for this group member are ignored."""
+        """Handle one message from a peer (``check_message`` it first when it came off the wire).
+
+        Messages not meant for this member of the group are ignored.
+        """
         kind, term, sender = msg.get("type"), msg.get("term"), msg.get("from")
         if msg.get("to") != self.id or sender == self.id or sender not in self.voters or kind not in MESSAGE_TYPES:
             return

@@ -28,7 +28,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from cis490fleet.errors import NotLeader
-from cis490fleet.raft import LEADER, RaftNode
+from cis490fleet.raft import LEADER, RaftNode, check_message
 from cis490fleet.raftstore import MemoryRaftStore
 
 
@@ -41,6 +41,7 @@ class SimConfig:
     nodes: int = 3
     steps: int = 300
     election_ticks: tuple[int, int] = (4, 8)
+    heartbeat_ticks: int = 1
     pre_vote: bool = True
     check_quorum: bool = True
     drop: float = 0.05
@@ -48,9 +49,11 @@ class SimConfig:
 
     @classmethod
     def for_seed(cls, seed: int, nodes: int, steps: int = 300) -> SimConfig:
-        """Most seeds run the defaults (PreVote and CheckQuorum on); some switch either off."""
+        """Most seeds run the defaults (PreVote and CheckQuorum on); some switch either off or slow heartbeats."""
         variant = seed % 8
-        return cls(nodes=nodes, steps=steps, pre_vote=variant != 6, check_quorum=variant != 7)
+        slow = variant == 5
+        return cls(nodes=nodes, steps=steps, election_ticks=(6, 12) if slow else (4, 8), heartbeat_ticks=2 if slow else 1,
+                   pre_vote=variant != 6, check_quorum=variant != 7)
 
 
 def _canon(data: object) -> str:
@@ -120,7 +123,7 @@ class Sim:
                 self.fail(f"{m.id} restarted without committed entry {index} (persisted commit "
                           f"{state.hard_state.commit})")
         m.node = RaftNode(m.id, self.ids, storage_state=state, rng=random.Random(f"{self.seed}/{m.id}/{m.incarnation}"),
-                          election_ticks=self.cfg.election_ticks, pre_vote=self.cfg.pre_vote,
+                          election_ticks=self.cfg.election_ticks, heartbeat_ticks=self.cfg.heartbeat_ticks, pre_vote=self.cfg.pre_vote,
                           check_quorum=self.cfg.check_quorum)
         m.incarnation += 1
         if state.snapshot is not None:
@@ -139,7 +142,7 @@ class Sim:
         self.stats["sent"] += 1
         if not self.linked(msg["from"], msg["to"]) or self.rng.random() < self.drop:
             return
-        wire = json.loads(json.dumps(msg))  # JSON-able only, and no aliasing between nodes
+        wire = check_message(json.loads(json.dumps(msg)))  # JSON-able and well-formed; no aliasing between nodes
         self.net.append(wire)
         if self.rng.random() < self.duplicate:
             self.net.append(json.loads(json.dumps(msg)))

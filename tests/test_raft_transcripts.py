@@ -28,11 +28,13 @@ otherwise), so every step is also checked against the safety invariants:
 from __future__ import annotations
 
 import operator
+import random
 import shlex
 
 import pytest
 
-from cis490fleet.errors import NotLeader
+from cis490fleet.errors import BadRequest, ConfigError, NotLeader
+from cis490fleet.raft import HardState, RaftNode, Snapshot, StorageState, check_message
 from raft_sim import Sim, SimConfig
 
 
@@ -725,3 +727,116 @@ def test_a_bad_expectation_fails_with_the_line_and_the_cluster():
         stabilize
         expect leader 2 term 1
         """)
+
+
+# ---- the edges of the core ---------------------------------------------------------------------------
+
+
+def _node(node_id="n1", peers=("n1", "n2", "n3"), **kw):
+    return RaftNode(node_id, list(peers), rng=random.Random(0), **kw)
+
+
+def test_a_follower_refuses_to_propose_and_to_transfer():
+    node = _node()
+    with pytest.raises(NotLeader, match="unknown"):
+        node.propose({"op": "x"})
+    with pytest.raises(NotLeader):
+        node.transfer_leadership("n2")
+    with pytest.raises(NotLeader, match="knows no leader"):
+        node.read_index("r1")
+
+
+def test_transfer_to_a_stranger_is_a_bad_request():
+    node = _node(peers=["n1"])
+    node.campaign()
+    with pytest.raises(BadRequest, match=r"cannot transfer leadership to 'n9': not a member of this group \(n1\)"):
+        node.transfer_leadership("n9")
+
+
+def test_compaction_only_of_what_was_applied():
+    node = _node(peers=["n1"])
+    node.campaign()
+    node.advance(node.ready())
+    node.propose({"op": "x"})
+    with pytest.raises(ValueError, match="cannot compact the raft log to 2: only 1 is applied"):
+        node.compact(2, None)
+    node.advance(node.ready())
+    assert node.compact(2, {"s": 1}) == Snapshot(2, 1, {"s": 1})
+    with pytest.raises(ValueError, match="already compacted to 2"):
+        node.compact(2, None)
+
+
+def test_bad_timing_is_a_config_error():
+    with pytest.raises(ConfigError, match="heartbeat_ticks=10, election_ticks=\\(10, 20\\)"):
+        _node(heartbeat_ticks=10)
+
+
+def test_a_broken_store_is_refused():
+    state = StorageState(HardState(1, None, 0), None, [{"index": 1, "term": 1, "data": None},
+                                                      {"index": 3, "term": 1, "data": None}])
+    with pytest.raises(ConfigError, match="not contiguous"):
+        _node(storage_state=state)
+    with pytest.raises(ConfigError, match="commit index 5 is beyond the last entry 0"):
+        _node(storage_state=StorageState(HardState(1, None, 5)))
+
+
+def test_an_idle_node_has_nothing_ready():
+    node = _node()
+    assert node.ready() is None
+    node.tick()
+    assert node.ready() is None
+
+
+def test_messages_for_someone_else_or_from_a_stranger_are_ignored():
+    node = _node()
+    vote = {"type": "RequestVote", "term": 5, "to": "n1", "last_log_index": 0, "last_log_term": 0,
+            "pre_vote": False}
+    node.step({**vote, "from": "n9"})
+    node.step({**vote, "from": "n2", "to": "n3"})
+    assert node.status()["term"] == 0 and node.ready() is None
+    node.step({**vote, "from": "n2"})
+    assert node.status()["term"] == 5 and node.status()["vote"] == "n2"
+
+
+GOOD_APPEND = {"type": "AppendEntries", "term": 2, "from": "n1", "to": "n2", "prev_log_index": 4,
+               "prev_log_term": 1, "commit": 3, "entries": [{"index": 5, "term": 2, "data": {"op": "x"}},
+                                                            {"index": 6, "term": 2, "data": None}]}
+
+
+@pytest.mark.parametrize("change, complaint", [
+    ({"term": -1}, "raft AppendEntries message: 'term' must be an integer >= 0, got -1"),
+    ({"term": True}, "'term' must be an integer >= 0, got True"),
+    ({"from": None}, "'from' must be a str, got None"),
+    ({"type": "Gossip"}, "unknown type 'Gossip'; expected one of AppendEntries, AppendEntriesResp"),
+    ({"entries": "all"}, "'entries' must be a list"),
+    ({"entries": [{"index": 6, "term": 2}]}, "entries[0]: index 6 breaks the run that starts after prev_log_index 4"),
+    ({"entries": [{"index": 5, "term": 2, "data": [1]}]}, "entries[0]: 'data' must be a JSON object or null"),
+    ({"entries": [7]}, "entries[0] must be a JSON object, got 7"),
+])
+def test_check_message_names_what_is_wrong(change, complaint):
+    assert check_message(dict(GOOD_APPEND)) == GOOD_APPEND
+    with pytest.raises(BadRequest) as err:
+        check_message({**GOOD_APPEND, **change})
+    assert complaint in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_check_message_knows_each_type():
+    with pytest.raises(BadRequest, match="expected a JSON object, got list"):
+        check_message([])
+    with pytest.raises(BadRequest, match="'hint' must be an integer"):
+        check_message({"type": "AppendEntriesResp", "term": 1, "from": "a", "to": "b", "reject": True, "index": 3})
+    with pytest.raises(BadRequest, match=r"raft InstallSnapshot message: 'index' must be an integer"):
+        check_message({"type": "InstallSnapshot", "term": 1, "from": "a", "to": "b", "snapshot": {"term": 1}})
+    check_message({"type": "TimeoutNow", "term": 1, "from": "a", "to": "b"})
+
+
+def test_each_ready_is_advanced_before_the_next():
+    node = _node(peers=["n1"])
+    node.campaign()
+    rd = node.ready()
+    assert [e["index"] for e in rd.committed_entries] == [1]
+    with pytest.raises(RuntimeError, match="call advance"):
+        node.ready()
+    node.advance(rd)
+    assert node.ready() is None
