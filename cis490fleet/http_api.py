@@ -45,6 +45,7 @@ MAX_LEASE_CHARS = 128
 MAX_ERROR_TEXT = 64 * 1024
 MAX_LOG_TAIL = 256 * 1024
 LINGER_S = 2.0
+SMALL_STREAM = 256 * 1024  # streamed bodies up to this size go out in the same send as the headers
 EXTENSIONS = ("cis490fleet.dashboard", "cis490fleet.metrics")
 _PREFIX_RE = re.compile(r"^[0-9a-f]{4,64}$")
 _SECRET_QUERY_KEYS = re.compile(r"token|secret|key|pass|auth|lease", re.I)
@@ -854,6 +855,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(head_bytes)
         elif resp.stream is None:
             self.wfile.write(head_bytes + resp.body)
+        elif resp.length <= SMALL_STREAM:
+            data = resp.stream.read(resp.length)
+            self.wfile.write(head_bytes + data)
+            if len(data) != resp.length:
+                self.close_connection = True
         else:
             self.wfile.write(head_bytes)
             sent = self.connection.sendfile(resp.stream, 0, resp.length) if resp.length else 0

@@ -282,6 +282,7 @@ def test_complete_needs_the_uploaded_artifact_and_the_holder(srv):
     assert_error(srv.call("POST", path, {}, worker("ws1", lease)), 400, "bad_request", "artifact_id")
     assert_error(srv.call("POST", path, {"artifact_id": "abc"}, worker("ws1", lease)), 400, "bad_request")
     assert upload(srv, jid, "ws1", lease, data)[0] == 201
+    assert srv.call("GET", f"/v1/artifact/{sha}")[2] == data  # a small one goes out with its headers
     assert_error(srv.call("POST", path, {"artifact_id": sha}, worker("ws2")), 409, "stale_lease")
     assert srv.call("POST", path, {"artifact_id": sha}, worker("ws1", lease))[2] == {"ok": True}
     _, _, detail = srv.call("GET", f"/v1/job/{jid}")
