@@ -275,8 +275,15 @@ def test_live_fleet_in_the_browser_then_an_operator_cancel(browser, serve_proces
     assert sp.call("GET", f"/v1/job/{watched}")[2]["job"]["progress"]["step"] < 150
     assert proc.poll() is None, worker_log.read_text()
 
-    # The failed job goes back to the queue from its row; the manifest reloads from the header.
+    # The failed job's detail: its attempt with the error; then it goes back to the queue from its row.
     row = page.locator(f'#jobs tbody tr[data-key="{claim["job_id"]}"]')
+    row.locator("button[data-detail]").click()
+    dialog = page.locator("#detail")
+    wait_for("the job detail", lambda: "Attempts" in dialog.inner_text())
+    assert "CUDA out of memory" in dialog.locator("table").inner_text() and "gpu-box" in dialog.inner_text()
+    shot(page, "dashboard-detail.png", full_page=False)
+    page.click("#detail-close")
+    assert not dialog.is_visible()
     row.locator("button[data-action=requeue]").click()
     row.locator("button.armed[data-action=requeue]").click()
     wait_for("the requeue", lambda: sp.call("GET", f"/v1/job/{claim['job_id']}")[2]["job"]["status"] == "pending")

@@ -552,7 +552,7 @@
     add("id", el("code", { text: job.id }));
     add("status", el("span", { class: `badge s-${job.status}`, text: job.status }));
     add("host", job.host || "-");
-    add("progress", describe(job.progress, null, serverNow()));
+    if (job.progress && Object.keys(job.progress).length) add("progress", describe(job.progress, null, serverNow()));
     add("attempts", `${job.attempt_count ?? (job.attempts || []).length} of ${job.max_attempts ?? "?"}`);
     add("seed", String(job.seed ?? "-"));
     add("hyper", el("code", { text: JSON.stringify(job.hyper || {}) }));
