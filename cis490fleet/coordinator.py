@@ -25,7 +25,6 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from cis490fleet import __version__, errors, model
 from cis490fleet.model import FleetConfig, Manifest
@@ -273,7 +272,6 @@ class DataDirLock:
     def release(self) -> None:
         if not self._file.closed:
             self._file.close()
-
 
 
 class Coordinator:

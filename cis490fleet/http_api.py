@@ -56,7 +56,7 @@ class MethodNotAllowed(errors.BadRequest):
 
     def __init__(self, method: str, path: str, allowed: list[str]):
         self.allowed = allowed
-        super().__init__(f"{method} is not supported on {path}; use {' or '.join(allowed)}")
+        super().__init__(f"{method[:20]} is not supported on {path[:200]}; use {' or '.join(allowed)}")
 
 
 class LengthRequired(errors.BadRequest):
