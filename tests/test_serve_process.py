@@ -85,6 +85,24 @@ def test_plain_http_on_a_non_loopback_address_is_refused(tmp_path):
     assert "without TLS" in result.stderr and "--insecure" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_insecure_allows_plain_http_on_all_addresses(serve_process):
+    sp = serve_process(args=["--bind", "0.0.0.0:0", "--insecure"])
+    assert sp.url.startswith("http://0.0.0.0:")
+    assert http_call(f"http://127.0.0.1:{sp.port}", "GET", "/v1/health")[0] == 200
+    assert sp.stop() == 0
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--sweep-interval", "0"], "--sweep-interval"),
+    (["--max-batch", "0"], "--max-batch"),
+    (["--synchronous", "sometimes"], "--synchronous"),
+    (["--key", "k.pem"], "--cert"),
+])
+def test_bad_flags_are_one_line(tmp_path, flags, words):
+    result = run_serve("--data", str(tmp_path), "--bind", "127.0.0.1:0", *flags)
+    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("bind", ["8445", "host:port", "127.0.0.1:70000"])
 def test_a_bad_bind_is_one_line(tmp_path, bind):
     result = run_serve("--data", str(tmp_path), "--bind", bind)
