@@ -187,7 +187,7 @@ def test_two_workers_train_every_eligible_job_and_leave_the_cuda_ones_pending(se
 
 
 def test_a_killed_worker_s_job_is_recovered_by_another_after_the_stale_window(serve_process, workers):
-    server = serve_process(manifest=manifest(slow_job(steps=20, sleep=0.1)))
+    server = serve_process(manifest=manifest(slow_job(steps=30, sleep=0.1)))
     client = Client(server.url)
     a = workers(server.url, "e2e-a")
     wait_for("the job to run on e2e-a", lambda: held_by(client, "slow", "e2e-a"))
@@ -258,27 +258,25 @@ def test_a_crashing_trainer_fails_the_job_with_its_stderr_in_the_detail(serve_pr
 
 
 def test_a_worker_presumed_dead_stops_its_trainer_when_it_comes_back(serve_process, workers):
-    server = serve_process(manifest=manifest(slow_job(steps=100, sleep=0.1)))
+    server = serve_process(manifest=manifest(slow_job(), trainer="hang.py"))
     client = Client(server.url)
     a = workers(server.url, "e2e-a")
     wait_for("the job to run on e2e-a", lambda: held_by(client, "slow", "e2e-a"))
     pid = a.trainer_pid(jobs_by_name(client)["slow"]["id"])
     a.proc.send_signal(signal.SIGSTOP)  # frozen: no heartbeats, but its trainer keeps running
     try:
-        b = workers(server.url, "e2e-b")
+        workers(server.url, "e2e-b")
         wait_for("e2e-b to take the job over", lambda: held_by(client, "slow", "e2e-b"), timeout=60)
     finally:
         a.proc.send_signal(signal.SIGCONT)
     wait_for("e2e-a's trainer to stop", lambda: not pid_alive(pid), timeout=30)
-    assert "not held by this caller" in a.log_text() or "result discarded" in a.log_text(), a.log_text()
-    wait_for("the job to complete", lambda: jobs_by_name(client)["slow"]["status"] == "completed", timeout=90)
-    assert jobs_by_name(client)["slow"]["host"] == "e2e-b"
-    b.proc.send_signal(signal.SIGTERM)
-    assert b.wait() == 0
+    assert "not held by this caller" in a.log_text(), a.log_text()
+    assert held_by(client, "slow", "e2e-b"), "the job stays with its new holder"
+    assert a.proc.poll() is None, "the worker itself carries on"
 
 
 def test_a_coordinator_restart_during_training_loses_nothing(serve_process, workers):
-    text = manifest(slow_job(steps=40, sleep=0.1), heartbeat_s=0.5, stale_after_s=30)
+    text = manifest(slow_job(steps=25, sleep=0.1), heartbeat_s=0.5, stale_after_s=30)
     server = serve_process(manifest=text)
     client = Client(server.url)
     a = workers(server.url, "e2e-a", "--once")
