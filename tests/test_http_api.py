@@ -11,6 +11,7 @@ import io
 import http.client
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -18,7 +19,7 @@ import zipfile
 
 import pytest
 
-from cis490fleet import http_api, model, openapi
+from cis490fleet import errors, http_api, model, openapi
 from conftest import OPERATOR_TOKEN, Conn, http_call, manifest_toml
 
 OP = {"x-operator-token": OPERATOR_TOKEN}
@@ -612,3 +613,23 @@ def test_the_header_reader_keeps_folded_and_repeated_headers(srv):
                                               b"x-tag: a\r\nX-Tag: b\r\nConnection: close\r\n\r\n")
     assert status == 200 and headers["connection"] == "close"
     assert seen == {"host": "ws1 continued", "all": ["a", "b"]}
+
+
+def test_our_client_drives_a_job_end_to_end(srv, tmp_path):
+    from cis490fleet.client import Client
+
+    bundle = tmp_path / "bundle.tar"
+    bundle.write_bytes(os.urandom(300_000))
+    with Client(srv.url, host_id="ws1", operator_token=OPERATOR_TOKEN) as client:
+        c = client.claim({"cores": 4}, wait=1)
+        assert client.heartbeat(c["job_id"], c["lease"], progress={"epoch": 1}, log_tail="ok") == \
+            {"ok": True, "cancel": False}
+        stored = client.upload(c["job_id"], c["lease"], bundle)
+        assert stored["artifact_id"] == hashlib.sha256(bundle.read_bytes()).hexdigest()
+        assert client.complete(c["job_id"], c["lease"], stored["artifact_id"]) == {"ok": True}
+        assert client.job(c["job_id"][:8])["job"]["status"] == "completed"
+        got = client.download_artifact(stored["artifact_id"], tmp_path / "copy.tar")
+        assert got.read_bytes() == bundle.read_bytes()
+        assert client.reload()["kept"] == 3
+        with pytest.raises(errors.StaleLease):
+            client.heartbeat(c["job_id"], "0" * 32)
