@@ -294,6 +294,7 @@ class Coordinator:
         self.node_id = node_id or socket.gethostname() or "coordinator"
         self.counters = Counters()
         self.manifest: Manifest | None = None
+        self._parsed: tuple[bytes, Manifest, dict] | None = None  # (file sha256, parse, its to_json())
         self.url: str | None = None
         self._sweep_interval = sweep_interval
         self._stopping = threading.Event()
@@ -450,8 +451,6 @@ class Coordinator:
 
     def load_manifest(self, *, at_start: bool = False) -> dict | None:
         """Read the manifest file and sync the queue with it; a missing file at start-up is an empty queue."""
-        from cis490fleet import manifest as manifest_mod
-
         if self.manifest_path is None:
             if at_start:
                 log.warning("no --manifest given: the queue holds only what earlier runs put there")
@@ -462,12 +461,30 @@ class Coordinator:
             log.warning("manifest %s does not exist yet: starting with the queue as it is; create it and run "
                         "'jobs reload'", self.manifest_path)
             return None
-        loaded = manifest_mod.load(self.manifest_path)
-        result = self.execute({"op": "sync_manifest", "manifest": loaded.to_json()})
+        loaded, as_json = self._parse_manifest()
+        result = self.execute({"op": "sync_manifest", "manifest": as_json})
         self.manifest = loaded
         log.info("manifest %s: %s added, %s kept, %s removed, %s total", self.manifest_path, result.get("added"),
                  result.get("kept"), result.get("removed"), result.get("total"))
         return result
+
+    def _parse_manifest(self) -> tuple[Manifest, dict]:
+        """The manifest file parsed; an unchanged file (same bytes) reuses the last parse, so a repeated
+        reload costs only the sync."""
+        from cis490fleet import manifest as manifest_mod
+
+        try:
+            raw = self.manifest_path.read_bytes()
+            text = raw.decode("utf-8-sig")
+        except (OSError, UnicodeDecodeError):
+            loaded = manifest_mod.load(self.manifest_path)  # raises the ManifestError naming the problem
+            return loaded, loaded.to_json()
+        digest = hashlib.sha256(raw).digest()
+        if self._parsed is not None and self._parsed[0] == digest:
+            return self._parsed[1], self._parsed[2]
+        loaded = manifest_mod.parse(text, os.fspath(self.manifest_path))
+        self._parsed = (digest, loaded, loaded.to_json())
+        return loaded, self._parsed[2]
 
     def reload_manifest(self) -> dict:
         result = self.load_manifest()
