@@ -256,7 +256,8 @@ def build_config(args: argparse.Namespace, env: dict[str, str]) -> WorkerConfig:
         raise errors.ConfigError("a client certificate needs both cert and key; give both or neither")
 
     return WorkerConfig(receivers=receivers, host_id=host_id, work_dir=Path(work_dir).expanduser().resolve(),
-                        slots=slots, grace_s=float(grace), wait_s=float(wait), capability=dict(file.get("capability", {})),
+                        slots=slots, grace_s=float(grace), wait_s=float(wait),
+                        capability=dict(file.get("capability", {})),
                         once=args.once, exit_when_idle_s=args.exit_when_idle, **tls)
 
 
@@ -353,7 +354,9 @@ class Slot:
 
 def plan_slots(capability: dict, override: int | None) -> list[Slot]:
     """One slot per GPU (each with its own device), one on a CPU-only host; ``override`` sets the count."""
-    gpus = [str(g.get("index", i)) for i, g in enumerate(capability.get("gpus") or [])] if capability.get("cuda") else []
+    gpus = []
+    if capability.get("cuda"):
+        gpus = [str(g.get("index", i)) for i, g in enumerate(capability.get("gpus") or [])]
     count = override or max(1, len(gpus))
     return [Slot(i, gpus[i % len(gpus)] if gpus else "") for i in range(count)]
 
@@ -598,8 +601,7 @@ class Worker:
     def run_once(self, slot: Slot | None = None, wait: float | None = None) -> str:
         """Finish waiting results, then claim one job for ``slot`` and carry it to its end."""
         slot = slot or (self.slots[0] if self.slots else Slot(0, ""))
-        if self.flush_pending() and self.stopping:
-            return PENDING
+        self.flush_pending()
         if self.stopping:
             return RELEASED
         if not self._registered and not self.register():

@@ -69,7 +69,8 @@ class Fleet:
                 if self.healthy():
                     return self.url
             time.sleep(0.1)
-        raise SystemExit(f"demo: the coordinator did not answer within {timeout:.0f}s; see {self.run_dir / 'serve.log'}")
+        raise SystemExit(f"demo: the coordinator did not answer within {timeout:.0f}s; "
+                         f"see {self.run_dir / 'serve.log'}")
 
     def healthy(self) -> bool:
         import urllib.request

@@ -324,7 +324,8 @@ def test_the_quickstart_demo(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CIS490_")}
     env["PATH"] = fake_nvidia_smi(tmp_path, [])
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--run-dir", str(tmp_path / "run"),
-                           "--pyz", str(tmp_path / "demo.pyz"), "--timeout", "240"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           "--pyz", str(tmp_path / "demo.pyz"), "--timeout", "240"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "jobs status" in proc.stdout
     models = tmp_path / "run" / "models"

@@ -347,8 +347,8 @@ def cpu_host(tmp_path, monkeypatch):
 
 
 def make_worker(url: str, tmp_path: Path, host: str = "w1", **kw) -> worker.Worker:
-    config = WorkerConfig(receivers=(url,), host_id=host, work_dir=tmp_path / f"work-{host}", grace_s=kw.pop("grace_s", 5.0),
-                          wait_s=kw.pop("wait_s", 0.0), **kw)
+    config = WorkerConfig(receivers=(url,), host_id=host, work_dir=tmp_path / f"work-{host}",
+                          grace_s=kw.pop("grace_s", 5.0), wait_s=kw.pop("wait_s", 0.0), **kw)
     w = worker.Worker(config)
     w.start()
     return w
