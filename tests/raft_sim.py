@@ -329,7 +329,7 @@ class Sim:
         rng = self.rng
         r = rng.random()
         live = self.live()
-        if not self.net or r < 0.12:
+        if r < 0.12 or (r < 0.75 and not self.net):
             self.tick_all()
         elif r < 0.72:
             pos = rng.randrange(min(len(self.net), 4))  # mostly in order, sometimes overtaken

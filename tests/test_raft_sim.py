@@ -8,6 +8,11 @@ linearizable ReadIndex reads (§8), then liveness once the network heals
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from cis490fleet import raft
@@ -36,6 +41,17 @@ def test_a_seed_replays_exactly():
 
     assert fingerprint(42) == fingerprint(42)
     assert fingerprint(42) != fingerprint(43)
+
+
+def test_a_seed_replays_exactly_in_another_process():
+    """The replay command printed on failure must reproduce the run, whatever the hash seed."""
+    script = Path(__file__).with_name("raft_sim.py")
+    runs = [subprocess.run([sys.executable, str(script), "--seed", "42", "--nodes", "5", "--trace"],
+                           capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": hs})
+            for hs in ("1", "2")]
+    assert runs[0].stdout == runs[1].stdout
+    assert "leader n" in runs[0].stdout
+    assert runs[0].stdout.splitlines()[-1].startswith("1 seeds ok: ")
 
 
 def test_the_simulation_does_things():

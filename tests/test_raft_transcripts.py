@@ -4,7 +4,8 @@ A transcript is a few lines of a small language, run by ``Transcript`` below ove
 the simulator's cluster (tests/raft_sim.py, with a perfect network unless told
 otherwise), so every step is also checked against the safety invariants:
 
-    nodes 3 [prevote=off] [checkquorum=off]   a group of n1..n3 (nodes are named by number)
+    nodes 3 [prevote=off] [checkquorum=off]   a group of n1..n3 (nodes are named by number;
+                                  L names the live leader of the highest term)
     campaign 1                    node 1 starts an election now
     tick 1 x20 | tick all x20     logical time passes for one node / for every live node
     deliver [to 2] [from 1] [type T]   deliver the messages in flight now (not the replies)
