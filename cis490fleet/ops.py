@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from cis490fleet import errors
 from cis490fleet.client import ENV_RECEIVER, Client
+from cis490fleet.progress import format_duration, format_progress, progress_line
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,13 @@ class Out:
     def paint(self, text: str, key: str) -> str:
         code = COLORS.get(key)
         return f"\x1b[{code}m{text}\x1b[0m" if self.color and code else text
+
+    def columns(self) -> int:
+        """The terminal's width (80 when unknown), so a progress line never wraps."""
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns or 80
+        except (AttributeError, OSError, ValueError):
+            return 80
 
     def line(self, text: str = "") -> None:
         self.stream.write(text + "\n")
@@ -112,76 +120,22 @@ def timestamp(value: Any) -> float | None:
     return None
 
 
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(max(0, seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+def age(value: Any, now: float) -> str:
+    """How long ago ``value`` was, as '1m20s' (a clock slightly ahead of ours reads as 0s)."""
+    t = timestamp(value)
+    return "-" if t is None else format_duration(max(0.0, now - t))
 
 
 def ago(value: Any, now: float) -> str:
-    t = timestamp(value)
-    return "-" if t is None else duration(now - t) + " ago"
+    text = age(value, now)
+    return text if text == "-" else text + " ago"
 
 
 def when(value: Any, now: float) -> str:
     t = timestamp(value)
     if t is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f" ({duration(now - t)} ago)"
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def fraction(progress: dict | None) -> float | None:
-    """How far a job is, 0..1, from ``fraction``, else epoch/epochs or step/steps."""
-    if not isinstance(progress, dict):
-        return None
-    f = _number(progress.get("fraction"))
-    if f is None:
-        for done, total in (("epoch", "epochs"), ("step", "steps")):
-            d, t = _number(progress.get(done)), _number(progress.get(total))
-            if d is not None and t:
-                f = d / t
-                break
-    return None if f is None else max(0.0, min(1.0, f))
-
-
-def describe_progress(progress: dict | None, elapsed: float | None) -> str:
-    """'45% epoch 3/10 loss 0.1234 ETA 1m12s', from the keys the trainer contract names."""
-    if not isinstance(progress, dict) or not progress:
-        return "-"
-    parts = []
-    f = fraction(progress)
-    if f is not None:
-        parts.append(f"{100 * f:.0f}%")
-    if progress.get("epoch") is not None:
-        parts.append(f"epoch {progress['epoch']}" + (f"/{progress['epochs']}" if progress.get("epochs") is not None
-                                                      else ""))
-    loss = _number(progress.get("loss"))
-    if loss is not None:
-        parts.append(f"loss {loss:.4g}")
-    eta = _number(progress.get("eta_s"))
-    if eta is None and f and 0 < f < 1 and elapsed:
-        eta = elapsed * (1 - f) / f
-    if eta is not None:
-        parts.append(f"ETA {duration(eta)}")
-    return " ".join(parts) or _cell(progress)[:60]
-
-
-def bar(f: float | None, width: int = 20) -> str:
-    if f is None:
-        return "[" + "?" * width + "]"
-    filled = int(round(width * f))
-    return "[" + "#" * filled + "." * (width - filled) + "]"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f" ({ago(t, now)})"
 
 
 def short(job_id: Any) -> str:
@@ -282,9 +236,8 @@ class Ops:
             rows = []
             for job in running:
                 started = job_started(job)
-                elapsed = now - started if started else None
                 rows.append([short(job.get("id")), job.get("model"), job.get("mode"), job.get("status"),
-                             job.get("host"), describe_progress(job.get("progress"), elapsed), duration(elapsed)])
+                             job.get("host"), format_progress(job.get("progress"), started, now), age(started, now)])
             out.table(["ID", "MODEL", "MODE", "STATUS", "HOST", "PROGRESS", "AGE"], rows,
                       {3: lambda s: out.paint(s, s)}, indent="  ")
         return EXIT_OK
@@ -335,7 +288,7 @@ class Ops:
         ]
         if job.get("progress"):
             started = job_started(job) if status in ("claimed", "running") else None
-            fields.append(("progress", describe_progress(job.get("progress"), now - started if started else None)))
+            fields.append(("progress", format_progress(job.get("progress"), started, now)))
         if job.get("artifact_id"):
             fields.append(("artifact", job.get("artifact_id")))
         spec = job.get("spec")
@@ -561,16 +514,12 @@ class Ops:
             f"{paint(s, s)} {counts[s]}" for s in STATUS_ORDER if s in counts)
         live = sum(1 for w in snap["workers"] if w.get("live"))
         lines = [head + f"  workers {live}/{len(snap['workers'])}"]
+        columns = self.out.columns() - 2
         for job in snap["running"]:
-            progress = job.get("progress")
             started = job_started(job)
-            elapsed = now - started if started else None
             label = f"{short(job.get('id'))} {job.get('model')}/{job.get('mode')} on {job.get('host') or '?'}"
-            text = describe_progress(progress, elapsed)
-            if bars:
-                lines.append(f"  {label}  {bar(fraction(progress))} {text}  ({duration(elapsed)})")
-            else:
-                lines.append(f"  {label}  {job.get('status')}  {text}  age {duration(elapsed)}")
+            label += f" ({age(started, now)})" if bars else f" {job.get('status')} age {age(started, now)}"
+            lines.append("  " + progress_line(label, job.get("progress"), started, now, tty=bars, columns=columns))
         return lines
 
 

@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 from cis490fleet import errors
 from cis490fleet.model import HOST_ID_RE, TrainerConfig, canonical_json, normalize_capability
+from cis490fleet.progress import changed_enough, progress_line, redraw
 
 TAIL_BYTES = 4096
 DEFAULT_CONFIG = (Path(os.environ.get("ProgramData", r"C:\ProgramData")) / "cis490fleet" / "worker.toml"
@@ -68,16 +69,17 @@ class ProgressView:
         self.lock = threading.RLock()
         self.shown: list[str] = []
 
+    def columns(self) -> int:
+        """The terminal's width: a line that wrapped would not be cleared by the next redraw."""
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns or 80
+        except (AttributeError, OSError, ValueError):
+            return 80
+
     def draw(self, runs: list[TrainerRun], now: float) -> None:
-        lines = []
-        for run in sorted(runs, key=lambda r: r.slot.index):
-            p = run.progress()
-            frac = p.get("fraction") if p else None
-            bar = ""
-            if isinstance(frac, (int, float)) and not isinstance(frac, bool):
-                filled = int(20 * max(0.0, min(1.0, frac)))
-                bar = "[" + "#" * filled + "." * (20 - filled) + "] "
-            lines.append(f"slot {run.slot.index} {run.label} {bar}{describe_progress(p, now - run.started)}"[:160])
+        columns = self.columns()
+        lines = [progress_line(f"slot {run.slot.index} {run.label}", run.progress(), run.started, now, tty=True,
+                               columns=columns) for run in sorted(runs, key=lambda r: r.slot.index)]
         with self.lock:
             self.clear()
             self.shown = lines
@@ -86,13 +88,13 @@ class ProgressView:
     def clear(self) -> None:
         with self.lock:
             if self.shown:
-                self.stream.write("\x1b[1A\x1b[2K" * len(self.shown))
+                self.stream.write(redraw([], len(self.shown)))
                 self.stream.flush()
 
     def put_back(self) -> None:
         with self.lock:
             if self.shown:
-                self.stream.write("".join(line + "\n" for line in self.shown))
+                self.stream.write(redraw(self.shown, 0))
                 self.stream.flush()
 
     def close(self) -> None:
@@ -319,24 +321,6 @@ def read_progress(path: Path) -> dict | None:
         if isinstance(value, dict):
             return value
     return None
-
-
-def describe_progress(p: dict | None, elapsed: float) -> str:
-    """'45% epoch 3/10 loss 0.1234 ETA 12s' from a progress line."""
-    if not p:
-        return "starting"
-    parts = []
-    frac = p.get("fraction")
-    if isinstance(frac, (int, float)) and not isinstance(frac, bool):
-        parts.append(f"{100 * frac:3.0f}%")
-    if p.get("epoch") is not None:
-        parts.append(f"epoch {p['epoch']}" + (f"/{p['epochs']}" if p.get("epochs") is not None else ""))
-    loss = p.get("loss")
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-        parts.append(f"loss {loss:.4g}")
-    if isinstance(frac, (int, float)) and 0 < frac < 1:
-        parts.append(f"ETA {elapsed * (1 - frac) / frac:.0f}s")
-    return " ".join(parts) or "running"
 
 
 def package_root() -> str:
@@ -670,8 +654,8 @@ class Worker:
                         log.info("job %s: cancelled by an operator; stopping the trainer", run.label)
                         run.stop(self.config.grace_s)
                         return CANCELLED
-                if not _is_tty() and progress != shown and progress:
-                    log.info("job %s: %s", run.label, describe_progress(progress, now - run.started))
+                if not _is_tty() and changed_enough(shown, progress):
+                    log.info("job %s", progress_line(run.label, progress, run.started, now, tty=False))
                     shown = progress
             self._stopping.wait(0.1)
         if code != 0:

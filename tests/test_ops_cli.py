@@ -122,7 +122,7 @@ def test_status_shows_counts_workers_and_running_jobs(fleet):
     assert "2 pending" in out and "1 running" in out and "(3 total)" in out
     assert "1 live of 1: ws1 (1/2)" in out
     row = next(line for line in out.splitlines() if line.strip().startswith(claim["job_id"][:12]))
-    assert "ws1" in row and "30% epoch 3/10 loss 0.25" in row
+    assert "ws1" in row and "epoch 3/10 loss 0.2500 30%" in row
     assert "\x1b[" not in out
 
     code, out, _ = jobs(fleet.url, "status", "--json")
@@ -388,12 +388,18 @@ def test_watch_once_plain_lines_when_not_a_terminal(fleet):
     lines = out.splitlines()
     assert code == 0 and len(lines) == 2
     assert "pending 2" in lines[0] and "running 1" in lines[0] and "workers 1/1" in lines[0]
-    assert claim["job_id"][:12] in lines[1] and "on ws1" in lines[1] and "50% epoch 5/10" in lines[1]
+    assert claim["job_id"][:12] in lines[1] and "on ws1" in lines[1]
+    assert "running age " in lines[1] and ": epoch 5/10 50%" in lines[1]
     assert "[" not in lines[1] and "\x1b" not in out
 
 
-def _run_on_a_terminal(argv: list[str]) -> tuple[int, str]:
+def _run_on_a_terminal(argv: list[str], columns: int = 120) -> tuple[int, str]:
+    import fcntl
+    import struct
+    import termios
+
     master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     proc = subprocess.Popen([sys.executable, "-m", "cis490fleet", "jobs", *argv], stdout=slave, stderr=slave,
                             stdin=subprocess.DEVNULL, env=cli_env(), cwd=ROOT)
     os.close(slave)
@@ -418,10 +424,15 @@ def test_watch_on_a_terminal_draws_progress_bars_in_colour(fleet):
     assert code == 0, out
     assert "\x1b[" in out
     plain = ANSI.sub("", out)
-    assert "[##########..........] 50% epoch 5/10 loss 1.5" in plain
+    assert "[##########..........] epoch 5/10 loss 1.5000 50%" in plain
 
     code, out = _run_on_a_terminal(["--receiver", fleet.url, "--no-color", "watch", "--once"])
     assert code == 0 and "\x1b[" not in out and "[##########" in out
+
+    code, out = _run_on_a_terminal(["--receiver", fleet.url, "--no-color", "watch", "--once"], columns=50)
+    job_line = out.splitlines()[1]
+    assert code == 0 and job_line.startswith("  " + claim["job_id"][:12]) and job_line.endswith("…")
+    assert len(job_line) == 50  # cut to the terminal's width, so a redraw never wraps
 
 
 def test_watch_stops_on_ctrl_c_with_exit_0(fleet):

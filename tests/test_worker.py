@@ -134,8 +134,6 @@ def test_progress_reads_the_last_complete_json_line(tmp_path):
     p.write_text('{"epoch": 1, "fraction": 0.25}\n{"epoch": 2, "fraction": 0.5, "loss": 0.5}\n{"epo')
     got = worker.read_progress(p)
     assert got == {"epoch": 2, "fraction": 0.5, "loss": 0.5}
-    text = worker.describe_progress({"fraction": 0.5, "epoch": 2, "epochs": 4, "loss": 0.5}, 10.0)
-    assert text == " 50% epoch 2/4 loss 0.5 ETA 10s"
 
 
 # -- the trainer process -------------------------------------------------------------------
@@ -182,6 +180,26 @@ def test_trainer_gets_its_arguments_environment_and_log(tmp_path):
     assert run.stderr_tail() == "to stderr\n"
     assert "to stdout" in run.log_tail() and "to stderr" in run.log_tail()
     assert run.progress()["loss"] == 0.25
+
+
+
+def test_progress_view_redraws_its_lines_in_place_in_the_shared_format(tmp_path):
+    import io
+
+    run = TrainerRun(claim_for(tmp_path, ""), Slot(0, ""), tmp_path / "work", now=100.0)
+    run.dir.mkdir(parents=True)
+    run.progress_path.write_text(json.dumps({"epoch": 3, "epochs": 10, "loss": 0.41234, "fraction": 0.42}) + "\n")
+    screen = io.StringIO()
+    view = worker.ProgressView(screen)
+    view.draw([run], now=158.0)
+    first = screen.getvalue()
+    full = f"slot 0 {run.label} [########............] epoch 3/10 loss 0.4123 42% ETA 1m20s"
+    # Cut to the terminal's width (80 when unknown): a wrapped line would not be cleared by the next redraw.
+    assert len(full) > 80 and first == full[:79] + "…\n"
+    view.draw([run], now=158.0)
+    assert screen.getvalue() == first + "\x1b[1A\x1b[2K" + first
+    view.close()
+    assert screen.getvalue().endswith("\x1b[1A\x1b[2K") and view.shown == []
 
 
 def test_cpu_slot_hides_gpus(tmp_path):
