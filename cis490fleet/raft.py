@@ -42,8 +42,6 @@ PROBE = "probe"          # one append in flight, until the follower says where i
 REPLICATE = "replicate"  # appends are streamed optimistically
 SNAPSHOT = "snapshot"    # an InstallSnapshot is in flight
 
-MAX_BATCH = 64  # entries per AppendEntries
-
 _FROM_LEADER = ("AppendEntries", "Heartbeat", "InstallSnapshot")
 
 # Fields each message type carries besides type, term, from and to.
@@ -185,11 +183,12 @@ class RaftNode:
 
     def __init__(self, node_id: str, peers: list[str], *, storage_state: StorageState | None = None,
                  rng: random.Random, election_ticks: tuple[int, int] = (10, 20), heartbeat_ticks: int = 1,
-                 pre_vote: bool = True, check_quorum: bool = True, applied: int = 0):
+                 pre_vote: bool = True, check_quorum: bool = True, applied: int = 0, max_batch: int = 64):
         lo, hi = election_ticks
-        if not 0 < heartbeat_ticks < lo < hi:
-            raise ConfigError(f"raft timing: need 0 < heartbeat_ticks < election_ticks[0] < election_ticks[1], "
-                              f"got heartbeat_ticks={heartbeat_ticks}, election_ticks={election_ticks}")
+        if not 0 < heartbeat_ticks < lo < hi or max_batch < 1:
+            raise ConfigError(f"raft settings: need 0 < heartbeat_ticks < election_ticks[0] < election_ticks[1] "
+                              f"and max_batch >= 1, got heartbeat_ticks={heartbeat_ticks}, "
+                              f"election_ticks={election_ticks}, max_batch={max_batch}")
         self.id = node_id
         self.voters = sorted(set(peers) | {node_id})
         self._rng = rng
@@ -197,6 +196,7 @@ class RaftNode:
         self.heartbeat_ticks = heartbeat_ticks
         self.pre_vote = pre_vote
         self.check_quorum = check_quorum
+        self.max_batch = max_batch  # entries per AppendEntries
 
         state = storage_state or StorageState()
         snap = state.snapshot
@@ -679,7 +679,7 @@ class RaftNode:
             self._send({"type": "InstallSnapshot", "to": peer, "snapshot": self._snapshot.to_wire()})
             pr.state, pr.pending_snapshot, pr.snapshot_wait = SNAPSHOT, self._snap_index, 0
             return
-        entries = self.entries(pr.next, min(pr.next + MAX_BATCH, self.last_index() + 1))
+        entries = self.entries(pr.next, min(pr.next + self.max_batch, self.last_index() + 1))
         if not entries and not allow_empty:
             return
         self._send({"type": "AppendEntries", "to": peer, "prev_log_index": prev, "prev_log_term": prev_term,

@@ -42,6 +42,7 @@ class SimConfig:
     steps: int = 300
     election_ticks: tuple[int, int] = (4, 8)
     heartbeat_ticks: int = 1
+    max_batch: int = 64
     pre_vote: bool = True
     check_quorum: bool = True
     drop: float = 0.05
@@ -49,11 +50,12 @@ class SimConfig:
 
     @classmethod
     def for_seed(cls, seed: int, nodes: int, steps: int = 300) -> SimConfig:
-        """Most seeds run the defaults (PreVote and CheckQuorum on); some switch either off or slow heartbeats."""
+        """Most seeds run the defaults (PreVote and CheckQuorum on); some switch either off, slow the
+        heartbeats, or send one entry per AppendEntries (so logs catch up piecemeal)."""
         variant = seed % 8
         slow = variant == 5
         return cls(nodes=nodes, steps=steps, election_ticks=(6, 12) if slow else (4, 8), heartbeat_ticks=2 if slow else 1,
-                   pre_vote=variant != 6, check_quorum=variant != 7)
+                   pre_vote=variant != 6, check_quorum=variant != 7, max_batch=1 if seed % 3 == 0 else 64)
 
 
 def _canon(data: object) -> str:
@@ -123,7 +125,8 @@ class Sim:
                 self.fail(f"{m.id} restarted without committed entry {index} (persisted commit "
                           f"{state.hard_state.commit})")
         m.node = RaftNode(m.id, self.ids, storage_state=state, rng=random.Random(f"{self.seed}/{m.id}/{m.incarnation}"),
-                          election_ticks=self.cfg.election_ticks, heartbeat_ticks=self.cfg.heartbeat_ticks, pre_vote=self.cfg.pre_vote,
+                          election_ticks=self.cfg.election_ticks, heartbeat_ticks=self.cfg.heartbeat_ticks,
+                          max_batch=self.cfg.max_batch, pre_vote=self.cfg.pre_vote,
                           check_quorum=self.cfg.check_quorum)
         m.incarnation += 1
         if state.snapshot is not None:
@@ -332,7 +335,8 @@ class Sim:
         if r < 0.12 or (r < 0.75 and not self.net):
             self.tick_all()
         elif r < 0.72:
-            pos = rng.randrange(min(len(self.net), 4))  # mostly in order, sometimes overtaken
+            # mostly in order, sometimes overtaken, now and then one that waited long
+            pos = rng.randrange(len(self.net) if rng.random() < 0.1 else min(len(self.net), 4))
             crash_at = None
             if rng.random() < 0.004:
                 crash_at = rng.choice(["before_persist", "after_persist"])

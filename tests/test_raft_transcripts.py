@@ -4,7 +4,7 @@ A transcript is a few lines of a small language, run by ``Transcript`` below ove
 the simulator's cluster (tests/raft_sim.py, with a perfect network unless told
 otherwise), so every step is also checked against the safety invariants:
 
-    nodes 3 [prevote=off] [checkquorum=off]   a group of n1..n3 (nodes are named by number;
+    nodes 3 [prevote=off] [checkquorum=off] [batch=1]   a group of n1..n3 (nodes are named by number;
                                   L names the live leader of the highest term)
     campaign 1                    node 1 starts an election now
     tick 1 x20 | tick all x20     logical time passes for one node / for every live node
@@ -36,7 +36,7 @@ import pytest
 
 from cis490fleet.errors import BadRequest, ConfigError, NotLeader
 from cis490fleet.raft import HardState, RaftNode, Snapshot, StorageState, check_message
-from raft_sim import Sim, SimConfig
+from raft_sim import InvariantViolation, Sim, SimConfig
 
 
 class TranscriptError(AssertionError):
@@ -130,7 +130,7 @@ class Transcript:
         opts = dict(o.split("=", 1) for o in options)
         config = SimConfig(nodes=int(count), steps=0, election_ticks=(10, 20), drop=0.0, duplicate=0.0,
                            pre_vote=opts.get("prevote", "on") == "on",
-                           check_quorum=opts.get("checkquorum", "on") == "on")
+                           check_quorum=opts.get("checkquorum", "on") == "on", max_batch=int(opts.get("batch", 64)))
         self.sim = Sim(0, config)
         self.watch()
 
@@ -390,11 +390,11 @@ def test_log_repair_after_divergence():
 
 
 FIGURE_8_PREFIX = """
-    nodes 5 prevote=off checkquorum=off
+    nodes 5 prevote=off checkquorum=off batch=1
     campaign 1
     stabilize
     expect leader 1 term 1
-    # (a) S1 leads term 1... its entry 2 reaches only S2
+    # (a) S1 leads term 1; its entry 2 reaches only S2
     partition 1 2 | 3 4 5
     propose 1 a
     stabilize
@@ -421,13 +421,14 @@ FIGURE_8_PREFIX = """
     deliver type RequestVoteResp
     expect leader 1 term 3
     expect log 1 1/1 2/1 3/3
-    drop to 2                   # S2 misses entry 3
-    deliver to 3                # S3 lacks entry 2: it rejects ...
+    deliver to 2                # S2 takes entry 3
+    deliver to 3                # S3 lacks entry 2: it rejects
+    deliver to 1                # S2's acknowledgement; S3's rejection makes S1 back up
+    deliver to 3                # S3 takes entry 2 (one entry per message)
+    expect log 3 1/1 2/1
     deliver to 1
-    deliver to 3                # ... the leader backs up, and S3 takes entries 2 and 3
-    expect log 3 1/1 2/1 3/3
-    deliver to 1
-    expect commit 1 1           # entry 2 is on a majority (S1 S2 S3) but of an old term: not committed
+    expect commit 1 1           # S1 knows entry 2 is on S1 S2 S3, a majority: as it is of an old term,
+                                # counting replicas does not commit it
 """
 
 
@@ -435,14 +436,16 @@ def test_figure_8_old_term_entry_is_not_committed_by_counting():
     """§5.4.2, Figure 8 (c)-(d): an entry from an earlier term on a majority is not committed by counting
     replicas; S5 may still be elected and replace it, and nothing that was applied is lost."""
     run(FIGURE_8_PREFIX + """
+    drop from 1                 # entry 3, on its way to S3, is lost as S1 crashes
     crash 1
     restart 5
     heal
     campaign 5
     stabilize                   # its try at term 3 meets S2's and S3's votes for S1
     campaign 5
-    stabilize                   # S2 and S4 vote for it at term 4; S3, whose log is newer, refuses
+    stabilize                   # S3 and S4 vote for it at term 4; S2, whose log is newer, refuses
     expect leader 5 term 4
+    elapse 3
     expect log 2 1/1 2/2 3/4
     expect log 3 1/1 2/2 3/4
     expect data 2
@@ -454,7 +457,7 @@ def test_figure_8_current_term_entry_commits_the_old_one():
     """§5.4.2, Figure 8 (e): once an entry of the leader's own term is on a majority, it commits,
     and with it every earlier entry; S5 can no longer win."""
     run(FIGURE_8_PREFIX + """
-    elapse 2                    # the next heartbeats bring S2 entry 3: it is on S1 S2 S3
+    elapse 2                    # the next heartbeats bring S3 entry 3: it is on S1 S2 S3
     expect commit 1 3
     expect data 1 a
     crash 1
@@ -470,6 +473,33 @@ def test_figure_8_current_term_entry_commits_the_old_one():
     expect commit 5 4
     expect data 5 a
     """)
+
+
+def _commit_by_counting_any_term(self):
+    matches = sorted([self.last_index()] + [pr.match for pr in self._progress.values()], reverse=True)
+    if matches[self._quorum() - 1] <= self.commit:
+        return False
+    self.commit = matches[self._quorum() - 1]
+    return True
+
+
+def test_figure_8_catches_a_leader_that_counts_old_term_entries(monkeypatch):
+    """The transcript above fails against the bug Figure 8 warns of, both where the commit index is
+    checked and, without that line, through the simulator's leader completeness check."""
+    monkeypatch.setattr(RaftNode, "_maybe_commit", _commit_by_counting_any_term)
+    with pytest.raises(TranscriptError, match="expect commit 1 1"):
+        run(FIGURE_8_PREFIX)
+    with pytest.raises(InvariantViolation, match="leader completeness: leader n5 of term 4 lacks committed entry 2"):
+        run(FIGURE_8_PREFIX.replace("    expect commit 1 1", "") + """
+        drop from 1
+        crash 1
+        restart 5
+        heal
+        campaign 5
+        stabilize
+        campaign 5
+        stabilize
+        """)
 
 
 def test_partitioned_leader_steps_down_with_check_quorum():
