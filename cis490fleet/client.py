@@ -440,19 +440,28 @@ class Client:
     def release(self, job_id: str, lease) -> dict:
         return self._call("POST", f"/v1/job/{_quote(job_id)}/release", headers={"x-lease": lease})
 
-    def upload(self, job_id: str, lease, path: str | Path) -> dict:
-        """Stream the bundle at ``path`` (1 MiB chunks, never all in memory): ``{"artifact_id", "path", "deduplicated"}``."""
+    def upload(self, job_id: str, lease, path: str | Path, *, sha256: str | None = None) -> dict:
+        """Stream the bundle at ``path`` (1 MiB chunks, never all in memory): ``{"artifact_id", "path", "deduplicated"}``.
+
+        ``sha256``: the bundle's hash when the caller already has it (``bundle.make_bundle`` returns it);
+        the file is then read once, not twice, and the server still verifies every byte against it.
+        """
         path = Path(path)
-        digest = hashlib.sha256()
-        size = 0
         try:
-            with open(path, "rb") as f:
-                while chunk := f.read(CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
+            if sha256 is not None:
+                _check_sha256(sha256, "sha256")
+                size = path.stat().st_size
+            else:
+                digest = hashlib.sha256()
+                size = 0
+                with open(path, "rb") as f:
+                    while chunk := f.read(CHUNK):
+                        digest.update(chunk)
+                        size += len(chunk)
+                sha256 = digest.hexdigest()
         except OSError as err:
             raise errors.ConfigError(f"cannot read bundle {path}: {err.strerror or err}") from None
-        headers = {"x-lease": lease, "x-content-sha256": digest.hexdigest(), "content-length": size,
+        headers = {"x-lease": lease, "x-content-sha256": sha256, "content-length": size,
                    "content-type": "application/octet-stream"}
         return self._call("PUT", f"/v1/model/{_quote(job_id)}", headers=headers, body_path=path,
                           timeout=max(self.timeout, 120.0))
