@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from cis490fleet import errors
 from cis490fleet.client import ENV_RECEIVER, Client
-from cis490fleet.progress import format_duration, format_progress, progress_line
+from cis490fleet.progress import format_duration, format_progress, progress_line, terminal_columns
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,6 @@ class Out:
     def paint(self, text: str, key: str) -> str:
         code = COLORS.get(key)
         return f"\x1b[{code}m{text}\x1b[0m" if self.color and code else text
-
-    def columns(self) -> int:
-        """The terminal's width (80 when unknown), so a progress line never wraps."""
-        try:
-            return os.get_terminal_size(self.stream.fileno()).columns or 80
-        except (AttributeError, OSError, ValueError):
-            return 80
 
     def line(self, text: str = "") -> None:
         self.stream.write(text + "\n")
@@ -514,7 +507,7 @@ class Ops:
             f"{paint(s, s)} {counts[s]}" for s in STATUS_ORDER if s in counts)
         live = sum(1 for w in snap["workers"] if w.get("live"))
         lines = [head + f"  workers {live}/{len(snap['workers'])}"]
-        columns = self.out.columns() - 2
+        columns = terminal_columns(self.out.stream) - 2
         for job in snap["running"]:
             started = job_started(job)
             label = f"{short(job.get('id'))} {job.get('model')}/{job.get('mode')} on {job.get('host') or '?'}"

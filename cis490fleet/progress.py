@@ -3,12 +3,14 @@
 Pure string formatting over the progress dicts of the trainer contract
 (``fraction``, ``epoch``/``epochs``, ``step``/``steps``, ``loss``, ``eta_s``);
 the caller passes ``now`` and writes the strings. Shared by ``jobs watch`` and
-the worker's terminal view, so both say the same thing the same way.
+the worker's terminal view, so both say the same thing the same way. The one
+look outside is ``terminal_columns``, asked of the stream the caller writes to.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 BAR_WIDTH = 20
@@ -102,6 +104,15 @@ def format_progress(progress: dict | None, started: float | None, now: float) ->
     if eta is not None and (f is None or f < 1):
         parts.append(f"ETA {format_duration(eta)}")
     return " ".join(parts) or "running"
+
+
+def terminal_columns(stream, default: int = 80) -> int:
+    """The width of the terminal behind ``stream`` (``default`` when unknown), so a drawn line never wraps:
+    a wrapped line would not be cleared by the next ``redraw``."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or default
+    except (AttributeError, OSError, ValueError):
+        return default
 
 
 def _fit(text: str, columns: int | None) -> str:

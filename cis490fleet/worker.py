@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 from cis490fleet import errors
 from cis490fleet.model import HOST_ID_RE, TrainerConfig, canonical_json, normalize_capability
-from cis490fleet.progress import changed_enough, progress_line, redraw
+from cis490fleet.progress import changed_enough, progress_line, redraw, terminal_columns
 
 TAIL_BYTES = 4096
 DEFAULT_CONFIG = (Path(os.environ.get("ProgramData", r"C:\ProgramData")) / "cis490fleet" / "worker.toml"
@@ -69,15 +69,8 @@ class ProgressView:
         self.lock = threading.RLock()
         self.shown: list[str] = []
 
-    def columns(self) -> int:
-        """The terminal's width: a line that wrapped would not be cleared by the next redraw."""
-        try:
-            return os.get_terminal_size(self.stream.fileno()).columns or 80
-        except (AttributeError, OSError, ValueError):
-            return 80
-
     def draw(self, runs: list[TrainerRun], now: float) -> None:
-        columns = self.columns()
+        columns = terminal_columns(self.stream)
         lines = [progress_line(f"slot {run.slot.index} {run.label}", run.progress(), run.started, now, tty=True,
                                columns=columns) for run in sorted(runs, key=lambda r: r.slot.index)]
         with self.lock:

@@ -124,3 +124,26 @@ def test_plain_logs_print_on_a_new_epoch_or_a_percent_more():
     assert progress.changed_enough({"fraction": 0.995}, {"fraction": 1.0})
     assert progress.changed_enough({"loss": 0.5}, {"loss": 0.4})
     assert not progress.changed_enough({"loss": 0.5}, {"loss": 0.5})
+
+
+def test_terminal_columns_asks_the_terminal_behind_the_stream():
+    import io
+    import os
+
+    assert progress.terminal_columns(io.StringIO()) == 80
+    assert progress.terminal_columns(object(), default=100) == 100
+    if os.name == "nt":
+        return
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 133, 0, 0))
+        with open(slave, "w", closefd=False) as stream:
+            assert progress.terminal_columns(stream) == 133
+    finally:
+        os.close(master)
+        os.close(slave)
