@@ -14,15 +14,10 @@ import os
 import sys
 
 from cis490fleet import __version__
-from cis490fleet.errors import FleetError
-
-# Exit codes shared by every subcommand (documented in the README).
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_NOT_FOUND = 3
-EXIT_UNAUTHORISED = 4
-EXIT_UNREACHABLE = 5
+from cis490fleet.errors import (  # noqa: F401 (the exit codes are part of this module's interface)
+    EXIT_FAILED, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNAUTHORISED, EXIT_UNREACHABLE, EXIT_USAGE, FleetError,
+    exit_code,
+)
 
 COMMANDS = {
     "serve": ("cis490fleet.coordinator", "run the coordinator: manifest, queue, artifact store, HTTP API, dashboard"),
@@ -89,18 +84,4 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"cis490fleet {name}: {err}", file=sys.stderr)
-        return exit_code_for(err)
-
-
-def exit_code_for(err: BaseException) -> int:
-    from cis490fleet import errors
-
-    if isinstance(err, (errors.NotFound, errors.AmbiguousId)):
-        return EXIT_NOT_FOUND
-    if isinstance(err, (errors.Unauthorized, errors.Forbidden)):
-        return EXIT_UNAUTHORISED
-    if isinstance(err, errors.Unavailable):
-        return EXIT_UNREACHABLE
-    if isinstance(err, (errors.ConfigError, errors.BadRequest)):
-        return EXIT_USAGE
-    return EXIT_FAILED
+        return exit_code(err)

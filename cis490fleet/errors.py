@@ -161,3 +161,25 @@ def error_from_wire(status: int, code: str, detail: str) -> FleetError:
     if status == 404:
         return NotFound(detail)
     return FleetError(detail)
+
+
+# Exit codes of every command line (cli, jobs, serve, work, enroll), documented in the README.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_UNAUTHORISED = 4
+EXIT_UNREACHABLE = 5
+
+
+def exit_code(err: BaseException) -> int:
+    """The exit code a command line returns for ``err``."""
+    if isinstance(err, (NotFound, AmbiguousId)):
+        return EXIT_NOT_FOUND
+    if isinstance(err, (Unauthorized, Forbidden)):
+        return EXIT_UNAUTHORISED
+    if isinstance(err, Unavailable):
+        return EXIT_UNREACHABLE
+    if isinstance(err, (ConfigError, BadRequest)):
+        return EXIT_USAGE
+    return EXIT_FAILED

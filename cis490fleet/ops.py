@@ -19,35 +19,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cis490fleet import errors
+from cis490fleet.errors import (  # noqa: F401 (jobs documents all six)
+    EXIT_FAILED, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNAUTHORISED, EXIT_UNREACHABLE, EXIT_USAGE, exit_code,
+)
 from cis490fleet.client import ENV_RECEIVER, Client
 from cis490fleet.progress import format_duration, format_progress, progress_line, terminal_columns
 
 log = logging.getLogger(__name__)
 
-# The exit codes of cli.EXIT_* (cli sits above this module, so they are repeated; a test keeps them equal).
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_NOT_FOUND = 3
-EXIT_UNAUTHORISED = 4
-EXIT_UNREACHABLE = 5
-
 STATUS_ORDER = ("pending", "claimed", "running", "completed", "failed", "cancelled")
 FINAL = frozenset({"completed", "failed", "cancelled"})
 COLORS = {"pending": "33", "claimed": "36", "running": "36;1", "completed": "32", "failed": "31;1",
           "cancelled": "2", "live": "32", "down": "31", "leader": "32;1", "unreachable": "31;1"}
-
-
-def exit_code(err: BaseException) -> int:
-    if isinstance(err, (errors.NotFound, errors.AmbiguousId)):
-        return EXIT_NOT_FOUND
-    if isinstance(err, (errors.Unauthorized, errors.Forbidden)):
-        return EXIT_UNAUTHORISED
-    if isinstance(err, errors.Unavailable):
-        return EXIT_UNREACHABLE
-    if isinstance(err, (errors.ConfigError, errors.BadRequest)):
-        return EXIT_USAGE
-    return EXIT_FAILED
 
 
 # -- rendering --------------------------------------------------------------------------------------

@@ -104,9 +104,17 @@ def all_ids(url: str) -> list[str]:
 
 
 def test_exit_codes_are_clis():
+    from cis490fleet import errors
+
+    assert ops.exit_code is cli.exit_code is errors.exit_code
+    documented = {errors.StaleLease("j", None): 1, errors.BadRequest("x"): 2, errors.ConfigError("x"): 2,
+                  errors.NotFound("x"): 3, errors.AmbiguousId("ab", ["abc", "abd"]): 3,
+                  errors.Unauthorized("x"): 4, errors.Forbidden("x"): 4, errors.Unavailable("x"): 5}
+    assert {type(e).__name__: ops.exit_code(e) for e in documented} == {
+        type(e).__name__: code for e, code in documented.items()}
     assert (ops.EXIT_OK, ops.EXIT_FAILED, ops.EXIT_USAGE, ops.EXIT_NOT_FOUND, ops.EXIT_UNAUTHORISED,
             ops.EXIT_UNREACHABLE) == (cli.EXIT_OK, cli.EXIT_FAILED, cli.EXIT_USAGE, cli.EXIT_NOT_FOUND,
-                                      cli.EXIT_UNAUTHORISED, cli.EXIT_UNREACHABLE)
+                                      cli.EXIT_UNAUTHORISED, cli.EXIT_UNREACHABLE) == (0, 1, 2, 3, 4, 5)
 
 
 # -- status, list, show -----------------------------------------------------------------------------
