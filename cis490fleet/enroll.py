@@ -365,22 +365,14 @@ def _check_user(layout: Layout, user: str) -> str:
 
 
 def parse_bind(raw: str) -> tuple[str, int]:
-    host, sep, port = raw.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise errors.ConfigError(f"--bind {raw!r} is not HOST:PORT (e.g. 127.0.0.1:8445 or 0.0.0.0:8445)")
-    return host, int(port)
+    """``serve``'s own reading of --bind, so enroll refuses what the service would; a service needs a fixed port."""
+    from cis490fleet.coordinator import parse_bind as serve_parse_bind
 
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    host, port = serve_parse_bind(raw)
+    if port == 0:
+        raise errors.ConfigError(f"--bind {raw!r}: a service needs a fixed port that workers can be told, "
+                                 "e.g. 0.0.0.0:8445")
+    return host, port
 
 
 # -- the installer: every file and command goes through here ------------------------------------
@@ -988,7 +980,9 @@ def install_coordinator(args, inst: Installer) -> int:
         raise errors.ConfigError("TLS needs both --cert and --key; give both or neither")
     if client_ca and not cert:
         raise errors.ConfigError("--client-ca (mutual TLS) needs --cert and --key for the server side")
-    if not _is_loopback(bind_host) and not cert and not args.insecure:
+    from cis490fleet.coordinator import is_loopback
+
+    if not is_loopback(bind_host) and not cert and not args.insecure:
         raise errors.ConfigError(f"--bind {args.bind} is reachable from other hosts: give --cert/--key "
                                  "(and --client-ca), or --insecure on a trusted network")
     manifest_src = _source_file(args.manifest, "--manifest")

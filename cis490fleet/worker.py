@@ -188,18 +188,18 @@ def _number(where: str, value: Any, *, minimum: float, integer: bool = False) ->
 
 
 def _receiver_list(where: str, value: Any) -> tuple[str, ...]:
+    """The URLs as the client will use them (``client.parse_urls``); empty when ``value`` holds none."""
+    from cis490fleet.client import parse_urls
+
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(u, str) for u in items):
         raise _bad(where, f"expected a URL or a list of URLs, got {value!r}")
-    urls = []
-    for item in items:
-        for url in (u.strip() for u in item.split(",")):
-            if not url:
-                continue
-            if not re.match(r"^https?://[^/\s]+", url):
-                raise _bad(where, f"{url!r} is not an http:// or https:// URL (e.g. https://coord.lab:8445)")
-            urls.append(url.rstrip("/"))
-    return tuple(urls)
+    if not any(u.strip() for item in items for u in item.split(",")):
+        return ()
+    try:
+        return tuple(parse_urls(items))
+    except errors.ConfigError as err:
+        raise _bad(where, str(err)) from None
 
 
 def build_config(args: argparse.Namespace, env: dict[str, str]) -> WorkerConfig:

@@ -446,6 +446,7 @@ def test_install_script_parses_in_powershell():
     (["worker", "--receiver", "http://x:1", "--work-dir", "relative/dir"], "must be an absolute path"),
     (["worker", "--receiver", "http://x:1", "--user", "Bad User"], "not a valid Linux user name"),
     (["coordinator", "--bind", "nowhere"], "is not HOST:PORT"),
+    (["coordinator", "--bind", "0.0.0.0:0"], "a service needs a fixed port"),
     (["coordinator", "--bind", "10.1.2.3:8445"], "reachable from other hosts"),
     (["coordinator", "--client-ca", "{pyz}"], "needs --cert and --key"),
 ])
