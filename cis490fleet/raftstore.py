@@ -52,12 +52,11 @@ class MemoryRaftStore:
         self._entries: list[dict] = []
 
     def load(self) -> StorageState:
-        snap = self._snapshot and Snapshot(self._snapshot.index, self._snapshot.term, copy.deepcopy(self._snapshot.data))
-        return StorageState(self._hard_state, snap, copy.deepcopy(self._entries))
+        return StorageState(self._hard_state, copy.deepcopy(self._snapshot), copy.deepcopy(self._entries))
 
     def save(self, hard_state: HardState | None, entries: list[dict], snapshot: Snapshot | None) -> None:
         if snapshot is not None:
-            self._snapshot = Snapshot(snapshot.index, snapshot.term, copy.deepcopy(snapshot.data))
+            self._snapshot = copy.deepcopy(snapshot)
             self._entries = []
         if entries:
             first = entries[0]["index"]
@@ -68,7 +67,7 @@ class MemoryRaftStore:
     def truncate_prefix(self, index: int, snapshot: Snapshot) -> None:
         _check_prefix(index, snapshot)
         if self._snapshot is None or self._snapshot.index < index:
-            self._snapshot = Snapshot(snapshot.index, snapshot.term, copy.deepcopy(snapshot.data))
+            self._snapshot = copy.deepcopy(snapshot)
         self._entries = [e for e in self._entries if e["index"] > index]
 
     def last_index(self) -> int:

@@ -54,8 +54,8 @@ class SimConfig:
         heartbeats, or send one entry per AppendEntries (so logs catch up piecemeal)."""
         variant = seed % 8
         slow = variant == 5
-        return cls(nodes=nodes, steps=steps, election_ticks=(6, 12) if slow else (4, 8), heartbeat_ticks=2 if slow else 1,
-                   pre_vote=variant != 6, check_quorum=variant != 7, max_batch=1 if seed % 3 == 0 else 64)
+        return cls(nodes=nodes, steps=steps, election_ticks=(6, 12) if slow else (4, 8),
+                   heartbeat_ticks=2 if slow else 1, pre_vote=variant != 6, check_quorum=variant != 7, max_batch=1 if seed % 3 == 0 else 64)
 
 
 def _canon(data: object) -> str:

@@ -111,6 +111,11 @@ def test_what_the_caller_changes_later_is_not_persisted(stores):
     assert loaded.entries == [entry(1, 1, {"op": "claim", "tags": ["a"]})]
     loaded.entries[0]["data"]["tags"].append("c")
     assert stores.store.load().entries[0]["data"]["tags"] == ["a"]
+    snap = Snapshot(1, 1, {"rows": [1]})
+    stores.store.truncate_prefix(1, snap)
+    snap.data["rows"].append(2)
+    stores.store.load().snapshot.data["rows"].append(3)
+    assert stores.reopen().load().snapshot.data == {"rows": [1]}
 
 
 def test_sqlite_save_is_one_transaction(tmp_path):
