@@ -410,16 +410,11 @@ class Coordinator:
     # -- artifacts ----------------------------------------------------------------------------------
 
     def _holder_job(self, job_id: str, host: str, lease: str | None) -> dict:
-        """The job's detail when (host, lease) looks like its holder; StaleLease otherwise.
-
-        Only the early refusal of an upload: ``record_artifact`` fences with the full lease afterwards.
-        """
-        job = self.job_detail(job_id)
-        attempts = job.get("attempts") or []
-        shown = (attempts[-1].get("lease") or "") if attempts else ""
-        if (job.get("status") not in model.HELD_STATUSES or job.get("host") != host
-                or (lease is not None and not str(lease).startswith(shown))):
-            raise errors.StaleLease(job_id, job.get("host") if job.get("status") in model.HELD_STATUSES else None)
+        """``JobStore.check_holder`` (the full lease), plus the status ``record_artifact`` would refuse:
+        an upload that the job would not take is refused before a byte of it is read."""
+        job = self._read(self.store.check_holder, job_id, host, lease)
+        if job["status"] not in model.HELD_STATUSES and job["status"] != model.COMPLETED:
+            raise errors.InvalidTransition(job_id, job["status"], "upload a bundle for")
         return job
 
     def store_artifact(self, job_id: str, host: str, lease: str | None, body, sha256: str, length: int) -> dict:

@@ -701,6 +701,18 @@ class JobStore:
             raise AmbiguousId(text, [r[0] for r in rows])
         return rows[0][0]
 
+    def check_holder(self, job_id: str, host: str, lease: str | None) -> dict:
+        """The fence of the worker commands as a read: StaleLease unless (host, lease) holds the job now,
+        NotFound for no such job; changes nothing. Lets an upload be refused before its body is read.
+
+        Returns ``{"job_id", "model", "mode", "status"}`` of the held job.
+        """
+        with self._snapshot() as conn:
+            state, _ = self._load(conn, job_id)
+            jobs.check_holder(state, host, lease)
+            model, mode = conn.execute("SELECT model, mode FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return {"job_id": job_id, "model": model, "mode": mode, "status": state.status}
+
     @staticmethod
     def _summary(row) -> dict:
         spec = json.loads(row[14])

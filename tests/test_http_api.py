@@ -376,6 +376,26 @@ def test_upload_from_a_non_holder_is_refused_before_the_body_is_read(srv):
     assert headers["connection"] == "close"
 
 
+
+def test_upload_with_a_wrong_lease_sharing_the_shown_prefix_is_409_before_a_byte_is_stored(srv):
+    c = claim(srv)
+    shown = srv.call("GET", f"/v1/job/{c['job_id']}")[2]["job"]["attempts"][-1]["lease"]
+    wrong = shown + "0" * (len(c["lease"]) - len(shown))
+    assert wrong != c["lease"] and wrong.startswith(shown) and len(shown) == 8
+    # 1 GiB declared, not one byte sent: the answer must come from the headers alone.
+    status, body, _ = raw_exchange(srv.port, upload_head(c["job_id"], "ws1", 1 << 30, "0" * 64,
+                                                         f"x-lease: {wrong}\r\nExpect: 100-continue\r\n"))
+    assert status == 409 and body["error"] == "stale_lease"
+    data = b"not the holder's model" * 100
+    status, body, _ = raw_exchange(srv.port, upload_head(c["job_id"], "ws1", len(data),
+                                                         hashlib.sha256(data).hexdigest(), f"x-lease: {wrong}\r\n"),
+                                   data)
+    assert status == 409 and body["error"] == "stale_lease"
+    assert srv.coordinator.artifacts.locate(hashlib.sha256(data).hexdigest()) is None
+    assert not list((srv.coordinator.data_dir / "tmp").iterdir())
+    status, _, body = upload(srv, c["job_id"], "ws1", c["lease"], data)  # the real holder still can
+    assert status == 201 and body["artifact_id"] == hashlib.sha256(data).hexdigest()
+
 def test_upload_over_the_fleet_limit_is_413_before_the_body(live_server):
     srv = live_server(manifest_toml(1, max_artifact_bytes=1000))
     c = claim(srv)

@@ -323,6 +323,26 @@ def test_a_stale_lease_changes_nothing(store):
     assert dump(store) == before
 
 
+
+def test_check_holder_fences_like_the_worker_commands_and_changes_nothing(store):
+    sync(store, *seeds(1))
+    got = claim(store, lease="0123456789abcdef")
+    job_id = got["job_id"]
+    before = dump(store)
+    assert store.check_holder(job_id, "ws1", "0123456789abcdef") == {
+        "job_id": job_id, "model": "mlp", "mode": "train", "status": "claimed"}
+    assert store.check_holder(job_id, "ws1", None)["status"] == "claimed"  # lease None: fenced by host alone
+    for host, lease in (("ws1", "01234567-not-it"), ("ws1", "01234567"), ("ws2", "0123456789abcdef"),
+                        ("ws2", None)):
+        with pytest.raises(StaleLease) as info:
+            store.check_holder(job_id, host, lease)
+        assert info.value.holder == "ws1"
+        with pytest.raises(StaleLease):  # the fenced command says the same
+            store.execute({"op": "heartbeat", "now": T0, "job_id": job_id, "host": host, "lease": lease})
+    with pytest.raises(NotFound):
+        store.check_holder("f" * 64, "ws1", None)
+    assert dump(store) == before
+
 def test_complete_needs_a_recorded_artifact_and_then_is_final(store):
     sync(store, *seeds(1))
     got = claim(store)
