@@ -1,0 +1,318 @@
+"""The fast paths behind bench/run.py's figures, each pinned by a check that fails when it regresses.
+
+No timing here: each test counts the thing that makes the path fast (index
+seeks instead of scans, one send per response, one TCP connection per client
+thread, several claims per commit, one parse per manifest file content).
+Fast paths already pinned elsewhere are listed in bench/README.md and not
+repeated: the claim seek's own plan (test_jobstore), TCP_NODELAY on accepted
+sockets (test_http_api), the client's connection reuse against a stub server
+(test_client), the writer-level batch (test_serve_process), zstd bundles
+(test_bundle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import socket
+import threading
+import time
+
+import pytest
+
+from cis490fleet import coordinator, http_api, manifest
+from cis490fleet.client import Client
+from cis490fleet.jobstore import JobStore
+from cis490fleet.model import JobSpec
+from conftest import OPERATOR_TOKEN, Conn, manifest_toml
+
+T0 = 1_700_000_000.0
+CPU = {"os": "linux", "cores": 4, "ram_gib": 16.0, "cuda": False, "gpus": [], "slots": 4}
+
+
+# -- the queue: every statement of the hot commands seeks, none scans or sorts ------------------------------
+
+
+def _plans(store: JobStore, action) -> list[tuple[str, str]]:
+    """(statement, its query plan) for every SELECT/UPDATE/DELETE that ``action`` ran on this thread's connection."""
+    conn = store._conn()
+    seen: list[str] = []
+    conn.set_trace_callback(seen.append)
+    try:
+        action()
+    finally:
+        conn.set_trace_callback(None)
+    out = []
+    for sql in seen:
+        if sql.lstrip().split(None, 1)[0].upper() not in ("SELECT", "UPDATE", "DELETE"):
+            continue
+        plan = " | ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
+        out.append((sql, plan))
+    return out
+
+
+def _assert_seeks(plans: list[tuple[str, str]], *, may_sort: bool = False) -> None:
+    assert plans, "nothing was traced"
+    for sql, plan in plans:
+        steps = [step.strip() for step in plan.split("|")]
+        scans = [s for s in steps if s.startswith("SCAN") and ("jobs" in s or "attempts" in s)]
+        assert not scans, f"{sql}\n  scans a table: {plan}"
+        sorts = [s for s in steps if "TEMP B-TREE" in s]
+        assert may_sort or not sorts, f"{sql}\n  sorts: {plan}"
+
+
+@pytest.fixture
+def busy_store(tmp_path):
+    """A queue of 2,000 jobs in two classes, a dependency chain, and a worker holding one job."""
+    store = JobStore(tmp_path / "queue.sqlite3", synchronous="OFF")
+    jobs = [JobSpec(model="mlp", mode="train", seed=i).to_json() for i in range(1000)]
+    jobs += [JobSpec(model="big", mode="train", seed=i, require_cuda=True, priority=5).to_json() for i in range(1000)]
+    jobs += [JobSpec(model="dep", mode="train", name="first", priority=9).to_json(),
+             JobSpec(model="dep", mode="train", seed=1, name="second", after=("first",), priority=9).to_json()]
+    store.execute({"op": "sync_manifest", "now": T0, "manifest": {"jobs": jobs}})
+    yield store
+    store.close()
+
+
+def test_every_statement_of_claim_heartbeat_upload_and_complete_seeks(busy_store):
+    store = busy_store
+    got: dict = {}
+
+    def claim():
+        got.update(store.execute({"op": "claim", "now": T0 + 1, "host": "ws1", "capability": CPU, "lease": "L1"}))
+
+    _assert_seeks(_plans(store, claim))
+    assert got["job"]["name"] == "first"  # the dependency, by priority, so completing it unblocks "second"
+    job_id = got["job_id"]
+    sha = "ab" * 32
+    _assert_seeks(_plans(store, lambda: store.execute(
+        {"op": "heartbeat", "now": T0 + 2, "job_id": job_id, "host": "ws1", "lease": "L1", "progress": {"e": 1}})))
+    _assert_seeks(_plans(store, lambda: store.execute(
+        {"op": "record_artifact", "now": T0 + 3, "artifact_id": sha, "job_id": job_id, "host": "ws1", "lease": "L1",
+         "model": "dep", "mode": "train", "size": 10, "path": "models/x"})))
+    _assert_seeks(_plans(store, lambda: store.execute(
+        {"op": "complete", "now": T0 + 4, "job_id": job_id, "host": "ws1", "lease": "L1", "artifact_id": sha})))
+    nxt = store.execute({"op": "claim", "now": T0 + 5, "host": "ws1", "capability": CPU, "lease": "L2"})
+    assert nxt["job"]["name"] == "second"
+
+
+def test_the_stale_sweep_and_the_status_listing_seek(busy_store):
+    store = busy_store
+    for i in range(3):
+        store.execute({"op": "claim", "now": T0, "host": f"ws{i}", "capability": CPU, "lease": f"L{i}"})
+    # The sweep seeks the held jobs (a few per worker) and may sort those; it never walks the queue.
+    _assert_seeks(_plans(store, lambda: store.execute({"op": "sweep_stale", "now": T0 + 10})), may_sort=True)
+    listing = _plans(store, lambda: store.jobs(status="claimed", limit=100))
+    _assert_seeks([(sql, plan) for sql, plan in listing if "count(*)" not in sql])
+    assert any("jobs_status" in plan for _, plan in listing)
+
+
+# -- the wire: one send per response, one connection per client thread ----------------------------------
+
+
+class _CountingSocket(socket.socket):
+    """An accepted socket that counts the calls that put bytes on the wire."""
+
+    sends = 0
+
+    def send(self, *args, **kw):
+        type(self).sends += 1
+        return super().send(*args, **kw)
+
+    def sendall(self, *args, **kw):
+        type(self).sends += 1
+        return super().sendall(*args, **kw)
+
+
+class _CountingServer(http_api.FleetHTTPServer):
+    def get_request(self):
+        sock, addr = super().get_request()
+        timeout = sock.gettimeout()
+        counted = _CountingSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        counted.settimeout(timeout)
+        return counted, addr
+
+
+def test_each_response_leaves_in_one_send(live_server):
+    srv = live_server(manifest_toml(5))
+    counting = _CountingServer(("127.0.0.1", 0), srv.coordinator)
+    threading.Thread(target=counting.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{counting.port}"
+        ws = {"x-lab-host": "ws1"}
+        _CountingSocket.sends = 0
+        with Conn(url) as conn:
+            results = [conn.call("GET", "/v1/health"),
+                       conn.call("POST", "/v1/job/claim", {"capability": CPU}, ws),
+                       conn.call("GET", "/v1/jobs?status=pending"),
+                       conn.call("GET", "/v1/workers"),
+                       conn.call("GET", "/v1/job/" + "e" * 64),  # 404
+                       conn.call("POST", "/v1/job/claim", b"{", ws)]  # 400
+        assert [r[0] for r in results] == [200, 200, 200, 200, 404, 400]
+        assert _CountingSocket.sends == len(results)
+    finally:
+        counting.shutdown()
+        counting.server_close()
+
+
+def test_our_client_talks_to_our_server_over_one_connection(live_server, tmp_path):
+    srv = live_server(manifest_toml(40))
+    accepted = []
+    srv.server.accept_hook = accepted.append
+    bundle = tmp_path / "bundle.tar"
+    bundle.write_bytes(b"weights" * 100)
+    with Client(srv.url, host_id="ws1", operator_token=OPERATOR_TOKEN, retries=0) as client:
+        for i in range(20):
+            got = client.claim(CPU)
+            client.heartbeat(got["job_id"], got["lease"], progress={"epoch": i})
+            if i % 5 == 0:
+                done = client.upload(got["job_id"], got["lease"], bundle)
+                client.complete(got["job_id"], got["lease"], done["artifact_id"])
+            else:
+                client.release(got["job_id"], got["lease"])
+            client.jobs(status="pending", limit=5)
+            client.health()
+        assert client.connections_opened == 1
+    assert len(accepted) == 1
+
+
+# -- group commit ----------------------------------------------------------------------------------------
+
+
+class _Gate:
+    """Stands in front of the real store so the test decides when the writer's first commit may finish."""
+
+    def __init__(self, store):
+        self.store = store
+        self.open = threading.Event()
+        self.batch_sizes: list[int] = []
+
+    def execute_batch(self, cmds):
+        self.batch_sizes.append(len(cmds))
+        assert self.open.wait(30)
+        return self.store.execute_batch(cmds)
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+def _wait_for(predicate, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_claims_over_http_that_arrive_together_share_one_commit(live_server):
+    srv = live_server(manifest_toml(40))
+    coord = srv.coordinator
+    gate = _Gate(coord.writer.store)
+    coord.writer.store = gate
+    before = coord.counters.snapshot()["counters"]
+    results: dict[int, dict] = {}
+
+    def claim(i: int) -> None:
+        with Conn(srv.url) as conn:
+            results[i] = conn.call("POST", "/v1/job/claim", {"capability": CPU}, {"x-lab-host": f"ws{i}"})
+
+    first = threading.Thread(target=claim, args=(0,))
+    first.start()
+    _wait_for(lambda: gate.batch_sizes == [1], "the first claim never reached the writer")
+    rest = [threading.Thread(target=claim, args=(i,)) for i in range(1, 16)]
+    for t in rest:
+        t.start()
+    _wait_for(lambda: coord.writer._queue.qsize() == 15, "the other claims never queued behind the commit")
+    gate.open.set()
+    for t in [first] + rest:
+        t.join(30)
+    assert gate.batch_sizes == [1, 15]
+    assert all(r[0] == 200 for r in results.values())
+    assert len({r[2]["job_id"] for r in results.values()}) == 16
+    after = coord.counters.snapshot()["counters"]
+    assert after["commands"] - before["commands"] == 16 and after["batches"] - before["batches"] == 2
+
+
+def test_max_batch_one_commits_every_command_alone(tmp_path):
+    """The baseline of the claim benchmark (serve --max-batch 1) really is one commit per command."""
+    store = JobStore(tmp_path / "queue.sqlite3", synchronous="OFF")
+    store.execute({"op": "sync_manifest", "now": T0, "manifest": manifest.parse(manifest_toml(10)).to_json()})
+    gate = _Gate(store)
+    writer = coordinator.GroupCommitWriter(gate, max_batch=1)
+    writer.start()
+    try:
+        futures = [writer.submit({"op": "claim", "now": T0, "host": f"ws{i}", "capability": CPU, "lease": f"L{i}"})
+                   for i in range(6)]
+        gate.open.set()
+        assert len({f.result(30)["job_id"] for f in futures}) == 6
+    finally:
+        gate.open.set()
+        writer.stop()
+        store.close()
+    assert gate.batch_sizes == [1] * 6
+
+
+def test_serve_accepts_max_batch_and_refuses_zero():
+    assert coordinator.build_parser().parse_args(["--max-batch", "1"]).max_batch == 1
+    assert coordinator.build_parser().parse_args([]).max_batch == coordinator.MAX_BATCH
+    from cis490fleet import errors
+
+    with pytest.raises(errors.ConfigError, match="--max-batch 0"):
+        coordinator.main(["--max-batch", "0", "--data", "unused"])
+
+
+# -- manifest reload ---------------------------------------------------------------------------------------
+
+
+def test_reloading_an_unchanged_manifest_does_not_parse_it_again(live_server, monkeypatch):
+    srv = live_server(manifest_toml(30))
+    parsed: list[str] = []
+    real_parse = manifest.parse
+
+    def counting_parse(text, *args, **kw):
+        parsed.append(hashlib.sha256(text.encode()).hexdigest())
+        return real_parse(text, *args, **kw)
+
+    monkeypatch.setattr(manifest, "parse", counting_parse)
+    op = {"x-operator-token": OPERATOR_TOKEN}
+    first = srv.call("POST", "/v1/manifest/reload", None, op)[2]
+    again = srv.call("POST", "/v1/manifest/reload", None, op)[2]
+    assert (first["kept"], again["kept"], again["added"]) == (30, 30, 0)
+    assert parsed == []  # the parse made at start-up served both reloads
+    srv.manifest_path.write_text(manifest_toml(32))
+    changed = srv.call("POST", "/v1/manifest/reload", None, op)[2]
+    assert (changed["added"], changed["kept"]) == (2, 30)
+    assert parsed == [hashlib.sha256(manifest_toml(32).encode()).hexdigest()]
+
+
+def test_jobspec_to_json_carries_every_field_like_asdict():
+    """to_json is written field by field for speed; a field added to JobSpec must show up in it."""
+    spec = JobSpec(model="m", mode="x", hyper={"a": [1, {"b": (2, 3)}], "lr": 0.1}, split_recipe="s",
+                   train_hosts=("h1",), seed=3, require_cuda=True, prefer_cuda=True, min_vram_gib=4.0,
+                   min_ram_gib=2.0, allowed_hosts=("h1",), priority=2, retries=1, name="n", after=("z",))
+    expected = dataclasses.asdict(spec)
+    for key in ("train_hosts", "allowed_hosts", "after"):
+        expected[key] = list(expected[key])
+    got = spec.to_json()
+    assert got == expected and list(got) == [f.name for f in dataclasses.fields(JobSpec)]
+    assert got["hyper"]["a"] is not spec.hyper["a"]  # a copy: callers may change it
+    assert JobSpec.from_json(got) == spec
+
+
+# -- upload ------------------------------------------------------------------------------------------------
+
+
+def test_upload_with_the_bundles_known_sha_is_still_verified_by_the_server(live_server, tmp_path):
+    """A worker passes the sha256 make_bundle computed, so the client reads the bundle once, while sending it."""
+    from cis490fleet import errors
+
+    srv = live_server(manifest_toml(2))
+    bundle = tmp_path / "bundle.tar"
+    bundle.write_bytes(b"trained weights " * 4096)
+    sha = hashlib.sha256(bundle.read_bytes()).hexdigest()
+    with Client(srv.url, host_id="ws1", retries=0) as client:
+        got = client.claim(CPU)
+        with pytest.raises(errors.IntegrityError, match="x-content-sha256"):
+            client.upload(got["job_id"], got["lease"], bundle, sha256="0" * 64)
+        assert client.upload(got["job_id"], got["lease"], bundle, sha256=sha)["artifact_id"] == sha
+        with pytest.raises(errors.BadRequest, match="sha256"):
+            client.upload(got["job_id"], got["lease"], bundle, sha256="not-a-sha")
