@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from cis490fleet import __version__, errors, model
+from cis490fleet.metrics import Histogram
 from cis490fleet.model import FleetConfig, Manifest
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def default_data_dir(env: dict | None = None) -> Path:
 
 
 class Counters:
-    """Monotonic counters and a request-latency histogram; ``snapshot()`` is what the metrics page reads.
+    """Monotonic counters and latency histograms; ``snapshot()`` is what the metrics page reads.
 
     Counter names: claims (jobs handed out), empty_claims, completions, failures,
     stale_recoveries, stale_failures, commands, batches, requests, errors_4xx, errors_5xx.
@@ -70,9 +71,8 @@ class Counters:
         self.counters: dict[str, int] = {k: 0 for k in (
             "claims", "empty_claims", "completions", "failures", "stale_recoveries", "stale_failures",
             "commands", "batches", "requests", "errors_4xx", "errors_5xx")}
-        self.latency_buckets_ms = LATENCY_BUCKETS_MS
-        self.latency_counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)  # the last is +Inf
-        self.latency_sum_ms = 0.0
+        self.latency = Histogram(LATENCY_BUCKETS_MS)
+        self.claim_latency = Histogram(LATENCY_BUCKETS_MS)
 
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -85,23 +85,19 @@ class Counters:
                 self.counters["errors_4xx"] += 1
             elif status >= 500:
                 self.counters["errors_5xx"] += 1
-            self.latency_sum_ms += ms
-            for i, bound in enumerate(self.latency_buckets_ms):
-                if ms <= bound:
-                    self.latency_counts[i] += 1
-                    break
-            else:
-                self.latency_counts[-1] += 1
+        self.latency.observe(ms)
+
+    def observe_claim(self, ms: float) -> None:
+        """One applied claim command: from its submission to its result, without any long-poll wait."""
+        self.claim_latency.observe(ms)
 
     def snapshot(self) -> dict:
-        """``{"counters": {...}, "latency_ms": {"buckets": [(le, cumulative count)...], "sum", "count"}}``."""
+        """``{"counters": {...}, "latency_ms": {"buckets": [(le, cumulative count)...], "sum", "count"},
+        "claim_latency_ms": {the same shape}}``."""
         with self._lock:
-            cumulative, total = [], 0
-            for bound, n in zip(list(self.latency_buckets_ms) + [float("inf")], self.latency_counts):
-                total += n
-                cumulative.append((bound, total))
-            return {"counters": dict(self.counters),
-                    "latency_ms": {"buckets": cumulative, "sum": self.latency_sum_ms, "count": total}}
+            counters = dict(self.counters)
+        return {"counters": counters, "latency_ms": self.latency.series(),
+                "claim_latency_ms": self.claim_latency.series()}
 
 
 # -- the group-commit writer ------------------------------------------------------------------------
@@ -360,8 +356,10 @@ class Coordinator:
         while True:
             with self._wake:
                 generation = self._generation
+            t0 = time.perf_counter()
             result = self.execute({"op": "claim", "host": host, "capability": capability,
                                    "lease": secrets.token_hex(16)})
+            self.counters.observe_claim((time.perf_counter() - t0) * 1000)
             if result.get("job") is not None or wait <= 0:
                 return result
             with self._wake:

@@ -62,6 +62,11 @@ class Histogram:
                 counts[-1] += 1
             total[0] += seconds
 
+    def series(self, outcome: str = "") -> dict:
+        """One outcome's ``{"buckets", "sum", "count"}`` as in ``snapshot``; all zero before it is observed."""
+        return self.snapshot().get(outcome) or {"buckets": [(b, 0) for b in self.buckets + (math.inf,)],
+                                                "sum": 0.0, "count": 0}
+
     def snapshot(self) -> dict[str, dict]:
         """``{outcome: {"buckets": [(le, cumulative count)...], "sum", "count"}}``, +Inf last."""
         out = {}

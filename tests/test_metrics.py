@@ -110,21 +110,41 @@ def test_values_follow_the_queue(srv):
     assert value(families, "cis490fleet_completions", "cis490fleet_completions_total") == 1
     assert value(families, "cis490fleet_failures", "cis490fleet_failures_total") == 1
     assert value(families, "cis490fleet_artifact_bytes") == len(bundle)
-    claims_timed = value(families, "cis490fleet_claim_duration_seconds", "cis490fleet_claim_duration_seconds_count",
-                         outcome="job")
-    assert claims_timed == 4
+    assert claims_applied(families) == 4
+    assert value(families, "cis490fleet_claim_duration_seconds", "cis490fleet_claim_duration_seconds_count") == 4
     assert value(families, "cis490fleet_claim_duration_seconds", "cis490fleet_claim_duration_seconds_bucket",
-                 outcome="job", le="+Inf") == 4
+                 le="+Inf") == 4
 
 
-def test_empty_claims_are_timed_apart(srv):
+def claims_applied(families: dict) -> float:
+    return (value(families, "cis490fleet_claims", "cis490fleet_claims_total")
+            + value(families, "cis490fleet_empty_claims", "cis490fleet_empty_claims_total"))
+
+
+def test_every_applied_claim_is_timed_empty_ones_too_without_their_long_poll(srv):
     for i in range(8):
         claim(srv, f"w{i}")
     assert claim(srv, "late")["job"] is None
+    status, _, body = srv.call("POST", "/v1/job/claim", {"capability": CAP, "wait": 1.5}, {"x-lab-host": "waiter"})
+    assert status == 200 and body["job"] is None
     families, _ = scrape(srv)
+    assert value(families, "cis490fleet_empty_claims", "cis490fleet_empty_claims_total") >= 2
+    timed = value(families, "cis490fleet_claim_duration_seconds", "cis490fleet_claim_duration_seconds_count")
+    assert timed == claims_applied(families)
+    # Each claim's own time: the 1.5 s the waiting one was held for is in none of them.
+    assert value(families, "cis490fleet_claim_duration_seconds", "cis490fleet_claim_duration_seconds_sum") < 1.5
+
+
+def test_without_the_coordinators_own_timing_claim_answers_are_timed_by_outcome():
+    h = metrics.Histogram(metrics.CLAIM_BUCKETS_S)
+    h.observe(0.01, "job")
+    h.observe(20.0, "empty")
+    families = parse(metrics.render(health={"node_id": "n"}, workers=[], counters={}, artifact_bytes=None,
+                                    claim_latency=h.snapshot()))
+    assert value(families, "cis490fleet_claim_duration_seconds", "cis490fleet_claim_duration_seconds_count",
+                 outcome="job") == 1
     assert value(families, "cis490fleet_claim_duration_seconds", "cis490fleet_claim_duration_seconds_count",
                  outcome="empty") == 1
-    assert value(families, "cis490fleet_empty_claims", "cis490fleet_empty_claims_total") == 1
 
 
 def test_request_histogram_counts_requests_in_seconds(srv):
@@ -177,3 +197,5 @@ def test_histogram_snapshot_is_cumulative():
     snap = h.snapshot()["job"]
     assert snap["buckets"] == [(0.1, 1), (1.0, 3), (math.inf, 4)]
     assert snap["count"] == 4 and snap["sum"] == pytest.approx(6.25)
+    assert h.series("job") == snap
+    assert h.series() == {"buckets": [(0.1, 0), (1.0, 0), (math.inf, 0)], "sum": 0.0, "count": 0}
