@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -363,15 +364,20 @@ class JobStore:
         with db.transaction(conn):
             return getattr(self, "_op_" + op)(conn, **args)
 
-    def execute_batch(self, cmds: list[dict]) -> list:
+    def execute_batch(self, cmds: list[dict], applied_index: int | None = None) -> list:
         """Group commit: one transaction, each command in its own savepoint.
 
         A command that raises FleetError is undone alone and its error takes its
         slot in the result; any other exception undoes the whole batch and propagates.
+        ``applied_index`` (the Raft log index of the batch's last entry) is recorded in
+        the same transaction, so a restarted peer re-applies exactly what the queue has not seen.
         """
         conn = self._conn()
         results: list = []
         with db.transaction(conn):
+            if applied_index is not None:
+                conn.execute("INSERT INTO meta (key, value) VALUES ('raft_applied', ?) "
+                             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(int(applied_index)),))
             for cmd in cmds:
                 try:
                     op, args = validate_command(cmd)
@@ -389,6 +395,36 @@ class JobStore:
                     conn.execute("RELEASE cmd")
                     results.append(result)
         return results
+
+    def applied_index(self) -> int:
+        """The Raft log index the queue has applied up to (0 when never replicated)."""
+        row = self._conn().execute("SELECT value FROM meta WHERE key = 'raft_applied'").fetchone()
+        return int(row[0]) if row else 0
+
+    def backup_to(self, dest) -> None:
+        """A consistent copy of the queue at ``dest`` (SQLite's online backup), for a follower's snapshot."""
+        target = sqlite3.connect(str(dest))
+        try:
+            self._conn().backup(target)
+        finally:
+            target.close()
+
+    def replace_with(self, path) -> None:
+        """Swap the queue file for ``path`` (a snapshot from the leader): close every connection, move the
+        file in, reopen. The caller makes sure no other thread uses the store meanwhile."""
+        with self._lock:
+            conns, self._conns = self._conns, []
+            self._local = threading.local()
+        for conn in conns:
+            try:
+                conn.close()
+            except sqlite3.Error as err:  # pragma: no cover - closing is best effort
+                log.debug("closing a queue connection: %s", err)
+        for suffix in ("-wal", "-shm"):
+            Path(self.path + suffix).unlink(missing_ok=True)
+        os.replace(path, self.path)
+        self._meta_cache = None
+        db.migrate(self._conn(), MIGRATIONS, what=f"job queue {Path(self.path).name}")
 
     # -------------------------------------------------------- meta
 
