@@ -357,12 +357,13 @@ class Router:
 
 
 def _as_response(result: Any) -> Response:
+    """A handler's answer: a Response, ``(status, content_type, body[, headers])``, or JSON for 200."""
     if isinstance(result, Response):
         return result
-    if isinstance(result, tuple) and len(result) == 3:
-        status, ctype, body = result
+    if isinstance(result, tuple) and len(result) in (3, 4):
+        status, ctype, body, *headers = result
         return Response(status=status, body=body if isinstance(body, bytes) else str(body).encode(),
-                        content_type=ctype)
+                        content_type=ctype, headers=dict(headers[0] or {}) if headers else {})
     return json_response(result)
 
 

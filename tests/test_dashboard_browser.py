@@ -51,21 +51,24 @@ def test_the_page_is_self_contained_and_its_csp_allows_only_its_own_code(live_se
     assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
     page = body.decode()
     assert "{{" not in page
-    csp = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]+)">', page).group(1)
-    assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+    csp = [part.strip() for part in headers["content-security-policy"].split(";")]
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "frame-ancestors 'none'" in csp
     assert f"script-src {_sha(_inline(page, 'script'))}" in csp
     assert f"style-src {_sha(_inline(page, 'style'))}" in csp
+    assert headers["x-content-type-options"] == "nosniff"
+    assert "Content-Security-Policy" not in page  # one policy, in the header, where frame-ancestors counts
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page), "the page loads nothing from elsewhere"
     assert page.count("<script") == 1 and page.count("<style") == 1
-    status, _, head = srv.call("HEAD", "/")
+    status, head_headers, head = srv.call("HEAD", "/")
     assert status == 200 and head in (b"", None)
+    assert head_headers["content-security-policy"] == headers["content-security-policy"]
 
 
 def test_a_damaged_package_is_named_not_a_traceback():
-    with pytest.raises(errors.ConfigError, match="lacks its <!--{{csp}}--> slot"):
-        dashboard.build_page("<html><style>/*{{css}}*/</style><script>/*{{js}}*/</script>", "", "")
+    with pytest.raises(errors.ConfigError, match=r"lacks its /\*{{js}}\*/ slot"):
+        dashboard.build_page("<html><style>/*{{css}}*/</style><script></script>", "", "")
     with pytest.raises(errors.ConfigError, match="closing tag"):
-        dashboard.build_page("<!--{{csp}}-->/*{{css}}*//*{{js}}*/", "", "x = '</script>'")
+        dashboard.build_page("/*{{css}}*//*{{js}}*/", "", "x = '</script>'")
 
 
 def test_the_zipapp_carries_the_page(tmp_path):
@@ -368,3 +371,16 @@ def test_five_thousand_jobs_page_filter_sort_and_pause(browser, live_server):
     assert page.locator("button[data-action]").count() == 0 and page.locator("#token").is_visible()
     assert srv.call("GET", f"/v1/job/{claimed}")[2]["job"]["status"] == "claimed"
     assert [e for e in console.errors if "status of 403" not in e] == []
+
+
+@pytest.mark.browser
+def test_another_page_cannot_frame_the_dashboard(browser, live_server):
+    srv = live_server(manifest_toml(1))
+    page = browser.new_page()
+    refused: list[str] = []
+    page.on("console", lambda m: refused.append(m.text) if "frame-ancestors" in m.text else None)
+    page.set_content(f'<iframe id="f" src="{srv.url}/"></iframe>')
+    frame = page.frame_locator("#f")
+    wait_for("the browser to refuse the frame", lambda: refused, timeout=20)
+    assert frame.locator("#jobs").count() == 0
+
