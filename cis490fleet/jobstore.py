@@ -120,8 +120,11 @@ HELD_BY_HOST_SQL = "SELECT host, count(*) FROM jobs WHERE status IN ('claimed', 
 
 STATE_COLUMNS = "id, status, attempts, tries, host, lease, lease_expires, not_before, artifact_id, last_error, updated"
 
+# ``started``: when the current attempt (number = tries) began, while a holder's lease is on the job.
 SUMMARY_COLUMNS = ("id, name, model, mode, status, priority, attempts, host, progress, updated, created, "
-                   "in_manifest, last_error, artifact_id, spec")
+                   "in_manifest, last_error, artifact_id, spec, "
+                   "(SELECT a.started FROM attempts a WHERE a.job = jobs.id AND a.number = jobs.tries "
+                   "AND jobs.lease IS NOT NULL)")
 
 # Dependencies are satisfied when a job of that name has completed.
 REFRESH_BLOCKED_SQL = """
@@ -756,7 +759,7 @@ class JobStore:
                 "priority": row[5], "attempts": row[6], "host": row[7], "progress": _loads(row[8]),
                 "updated": row[9], "created": row[10], "in_manifest": bool(row[11]),
                 "last_error": _first_line(row[12]), "artifact_id": row[13], "seed": spec.get("seed"),
-                "hyper": spec.get("hyper", {})}
+                "hyper": spec.get("hyper", {}), "started": row[15]}
 
     def job(self, job_id: str, now: float) -> dict:
         """Everything ``jobs show`` prints about one job."""
@@ -779,9 +782,9 @@ class JobStore:
                                 "ORDER BY number DESC LIMIT 1", (job_id,)).fetchone()
             out.update({
                 "spec": spec.to_json(), "attempts": attempts, "attempt_count": row[6],
-                "max_attempts": self._max_attempts(row[16], meta.fleet), "last_error": row[12],
-                "log_tail": tail[0] if tail else None, "not_before": row[15],
-                "why_pending": self._why_pending(conn, meta, spec, row[4], row[15], now),
+                "max_attempts": self._max_attempts(row[17], meta.fleet), "last_error": row[12],
+                "log_tail": tail[0] if tail else None, "not_before": row[16],
+                "why_pending": self._why_pending(conn, meta, spec, row[4], row[16], now),
             })
         return out
 

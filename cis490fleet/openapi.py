@@ -91,7 +91,10 @@ SCHEMAS = {
                                                                "failed", "cancelled"]},
                            "model": {"type": "string"}, "mode": {"type": "string"},
                            "host": {"type": ["string", "null"]}, "attempt": {"type": "integer"},
-                           "artifact_id": {"type": ["string", "null"]}}},
+                           "artifact_id": {"type": ["string", "null"]},
+                           "started": {"type": ["number", "null"],
+                                       "description": "when the current attempt began (seconds since the epoch); "
+                                                      "null when no attempt holds the job"}}},
     "Claim": {"type": "object", "required": ["job"],
               "properties": {"job": {"oneOf": [{"type": "null"}, _ref("JobSpec")]}, "job_id": _HEX64,
                              "lease": {"type": ["string", "integer"]}, "attempt": {"type": "integer"},

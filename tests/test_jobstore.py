@@ -343,6 +343,24 @@ def test_check_holder_fences_like_the_worker_commands_and_changes_nothing(store)
         store.check_holder("f" * 64, "ws1", None)
     assert dump(store) == before
 
+
+def test_summaries_carry_the_current_attempts_start(store):
+    sync(store, *seeds(2))
+    first = claim(store, lease="L1", now=T0 + 5)["job_id"]
+
+    def started() -> dict:
+        return {j["id"]: j["started"] for j in store.jobs()[0]}
+
+    other = next(j for j in started() if j != first)
+    assert started() == {first: T0 + 5, other: None}
+    assert store.job(first, T0 + 6)["started"] == T0 + 5
+    store.execute({"op": "release", "now": T0 + 7, "job_id": first, "host": "ws1", "lease": "L1"})
+    assert started() == {first: None, other: None}  # pending again: no attempt holds it
+    again = claim(store, host="ws2", lease="L2", now=T0 + 9)["job_id"]
+    assert again == first and started()[first] == T0 + 9  # the new attempt, not the released one
+    finish(store, first, host="ws2", lease="L2", now=T0 + 20)
+    assert started()[first] == T0 + 9
+
 def test_complete_needs_a_recorded_artifact_and_then_is_final(store):
     sync(store, *seeds(1))
     got = claim(store)

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,30 @@ def test_status_shows_counts_workers_and_running_jobs(fleet):
     assert snap["health"]["jobs"]["running"] == 1
     assert [j["id"] for j in snap["running"]] == [claim["job_id"]]
 
+
+
+def test_status_and_watch_take_each_jobs_age_from_the_listing(fleet):
+    """Four requests however many jobs run: no job detail is fetched for an age."""
+    w, cap = worker(fleet.url)
+    claims = [w.claim(cap), w.claim(cap)]
+    started = {j["id"]: j["started"] for j in Client(fleet.url).jobs(status="claimed")["jobs"]}
+    assert set(started) == {c["job_id"] for c in claims} and all(isinstance(t, float) for t in started.values())
+
+    code, out, _ = jobs(fleet.url, "status", "--json")
+    assert code == 0 and {j["id"]: j["started"] for j in json.loads(out)["running"]} == started
+    code, out, _ = jobs(fleet.url, "status")
+    assert code == 0 and all(c["job_id"][:12] in out for c in claims)
+    code, out, _ = jobs(fleet.url, "watch", "--once")
+    assert code == 0 and out.count(" claimed age ") == 2
+    # A request after all of those, then the access log: no GET /v1/job/<id> among them.
+    assert fleet.call("GET", "/v1/health?after=status")[0] == 200
+    deadline = time.monotonic() + 30
+    while "/v1/health?after=status" not in fleet.log_text():
+        assert time.monotonic() < deadline, fleet.log_text()
+        time.sleep(0.05)
+    log = fleet.log_text()
+    assert log.count("GET /v1/jobs?status=claimed") == 4  # this test's own, then status twice and watch
+    assert "GET /v1/job/" not in log
 
 def test_list_filters_and_pages(fleet):
     w, cap = worker(fleet.url)
