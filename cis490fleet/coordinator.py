@@ -39,6 +39,9 @@ MAX_BATCH = 1024
 STOP_GRACE_S = 30.0
 READERS = 4
 # Commands after which a job may have become claimable: waiting claims retry after each.
+# Routes every peer answers itself; a follower forwards the rest to the leader.
+LOCAL_ROUTES = frozenset({"/", "/metrics", "/v1/health", "/v1/openapi.json", "/v1/zipapp", "/v1/raft/messages",
+                          "/v1/raft/snapshot", "/v1/raft/artifact/{sha256}"})
 WAKE_OPS = frozenset({"sync_manifest", "complete", "fail", "cancel", "requeue", "release", "sweep_stale"})
 LATENCY_BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 60000)
 
@@ -279,7 +282,8 @@ class Coordinator:
 
     def __init__(self, data_dir: str | os.PathLike, *, manifest_path: str | os.PathLike | None = None,
                  operator_token: str | None = None, synchronous: str = "FULL", node_id: str | None = None,
-                 sweep_interval: float | None = None, max_batch: int = MAX_BATCH):
+                 sweep_interval: float | None = None, max_batch: int = MAX_BATCH,
+                 peers: dict[str, str] | None = None, raft_options: dict | None = None, peer_ssl_context=None):
         from cis490fleet.artifacts import ArtifactStore
         from cis490fleet.jobstore import JobStore
 
@@ -311,8 +315,68 @@ class Coordinator:
         self.artifacts = ArtifactStore(self.data_dir)
         self.artifacts.clean_tmp()
         self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="queue-read")
-        self.writer = GroupCommitWriter(self.store, max_batch=max_batch, on_applied=self._after_commit)
+        self.replicator = None
+        self.peer_ssl_context = peer_ssl_context
+        if peers:
+            from cis490fleet.replication import Replicator
+
+            try:
+                self.replicator = Replicator(self.data_dir, self.node_id, peers, self.store,
+                                             on_applied=self._after_commit, ssl_context=peer_ssl_context,
+                                             artifacts=self.artifacts, **(raft_options or {}))
+            except BaseException:
+                self.store.close()
+                self._data_lock.release()
+                raise
+            self.replicator.on_leader(self._on_leader)
+            self.writer = self.replicator
+        else:
+            self.writer = GroupCommitWriter(self.store, max_batch=max_batch, on_applied=self._after_commit)
         self.writer.start()
+
+    @property
+    def peer_ids(self) -> frozenset:
+        return frozenset(self.replicator.peers) if self.replicator else frozenset()
+
+    def _on_leader(self) -> None:
+        """A new leader syncs its manifest (idempotent when unchanged), as a single coordinator does at start."""
+        if self.manifest_path is None or self._stopping.is_set():
+            return
+        try:
+            self.load_manifest(at_start=True)
+        except errors.FleetError as err:
+            log.warning("manifest sync after becoming the leader failed: %s", err)
+
+    def forward_url(self, template: str, params: dict | None = None) -> str | None:
+        """Where a request for ``template`` must go: None to answer here, else the leader's URL.
+
+        Unavailable when the group has no leader now."""
+        if self.replicator is None or template in LOCAL_ROUTES:
+            return None
+        if template == "/v1/artifact/{sha256}" and model.SHA256_RE.match((params or {}).get("sha256", "")):
+            if self.artifacts.locate(params["sha256"]) is not None:
+                return None
+        st = self.replicator.status()
+        if st["role"] == "leader":
+            return None
+        url = self.replicator.url_of(st["leader"])
+        if url is None:
+            raise errors.Unavailable("no leader elected yet (election in progress); retry in a second")
+        return url
+
+    def _replicator(self):
+        if self.replicator is None:
+            raise errors.NotFound("this coordinator is not part of a replicated group (serve without --peer)")
+        return self.replicator
+
+    def raft_receive(self, body) -> None:
+        self._replicator().receive(body)
+
+    def raft_snapshot(self, cluster: str | None):
+        return self._replicator().snapshot_copy(cluster)
+
+    def raft_artifact(self, sha256: str, cluster: str | None, meta: str | None, body, length: int) -> dict:
+        return self._replicator().receive_artifact(sha256, cluster, meta, body, length)
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -357,8 +421,11 @@ class Coordinator:
             with self._wake:
                 generation = self._generation
             t0 = time.perf_counter()
-            result = self.execute({"op": "claim", "host": host, "capability": capability,
-                                   "lease": secrets.token_hex(16)})
+            if self.replicator is not None:
+                lease = {"lease": None, "lease_from_index": True}  # the fencing token is the claim's log index
+            else:
+                lease = {"lease": secrets.token_hex(16)}
+            result = self.execute({"op": "claim", "host": host, "capability": capability, **lease})
             self.counters.observe_claim((time.perf_counter() - t0) * 1000)
             if result.get("job") is not None or wait <= 0:
                 return result
@@ -385,13 +452,21 @@ class Coordinator:
     def resolve_job_id(self, ref: str) -> str:
         return self._read(self.store.resolve, ref)
 
+    def _barrier(self) -> None:
+        """On a replicated leader: make the next read see every write committed before it (ReadIndex)."""
+        if self.replicator is not None and self.replicator.is_leader():
+            self.replicator.read_barrier()
+
     def job_detail(self, ref: str) -> dict:
+        self._barrier()
         return self._read(self.store.job, ref, time.time())
 
     def list_jobs(self, *, status=None, model=None, host=None, limit=1000, offset=0) -> tuple[list, int]:
+        self._barrier()
         return self._read(self.store.jobs, status=status, model=model, host=host, limit=limit, offset=offset)
 
     def workers(self) -> list:
+        self._barrier()
         return self._read(self.store.workers, time.time())
 
     def fleet(self) -> FleetConfig:
@@ -402,8 +477,11 @@ class Coordinator:
 
     def health(self) -> dict:
         peers = [{"id": pid, "url": url} for pid, url in self.fleet().peers]
-        return {"ok": True, "role": "leader", "leader": self.node_id, "term": 1, "node_id": self.node_id,
-                "version": __version__, "url": self.url, "jobs": self._read(self.store.counts), "peers": peers}
+        out = {"ok": True, "role": "leader", "leader": self.node_id, "term": 1, "node_id": self.node_id,
+               "version": __version__, "url": self.url, "jobs": self._read(self.store.counts), "peers": peers}
+        if self.replicator is not None:
+            out.update(self.replicator.health())
+        return out
 
     # -- artifacts ----------------------------------------------------------------------------------
 
@@ -418,8 +496,13 @@ class Coordinator:
     def store_artifact(self, job_id: str, host: str, lease: str | None, body, sha256: str, length: int) -> dict:
         """Check the holder before reading a byte, stream the bundle to the store, then record it on the job."""
         job = self._holder_job(job_id, host, lease)
+        now = time.time()
         result = self.artifacts.put(body, sha256=sha256, length=length, model=job["model"], mode=job["mode"],
-                                    job_id=job_id, host=host, now=time.time())
+                                    job_id=job_id, host=host, now=now)
+        if self.replicator is not None:
+            # On a majority's disks before record_artifact commits, so complete survives the leader's disk.
+            self.replicator.push_artifact(result["artifact_id"], {"model": job["model"], "mode": job["mode"],
+                                                                  "job_id": job_id, "host": host, "now": now})
         self.execute({"op": "record_artifact", "artifact_id": result["artifact_id"], "job_id": job_id, "host": host,
                       "lease": lease, "model": job["model"], "mode": job["mode"], "size": result["size"],
                       "path": result["path"]})
@@ -498,6 +581,8 @@ class Coordinator:
         return max(0.05, min(self.fleet().heartbeat_s, 10.0))
 
     def sweep_once(self) -> dict:
+        if self.replicator is not None and not self.replicator.is_leader():
+            return {"recovered": 0, "failed": 0}  # the leader sweeps for the group
         result = self.execute({"op": "sweep_stale"})
         if result.get("recovered") or result.get("failed"):
             log.info("stale sweep: %s job(s) back to pending, %s failed", result.get("recovered", 0),
@@ -509,7 +594,10 @@ class Coordinator:
             try:
                 self.sweep_once()
             except errors.Unavailable:
-                return
+                if self.replicator is None or self._stopping.is_set():
+                    return
+            except errors.NotLeader:
+                continue
             except Exception:
                 log.exception("stale sweep failed; trying again in %.1f s", self.sweep_interval())
 
@@ -550,6 +638,8 @@ class Coordinator:
         if self._closed:
             return
         self._closed = True
+        if self.replicator is not None:
+            self.replicator.hand_over()
         self._stopping.set()
         self.wake_waiters()
         if self.server is not None:
@@ -649,6 +739,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synchronous", default="FULL", type=str.upper, choices=("FULL", "EXTRA", "NORMAL"),
                    help="SQLite synchronous mode (default FULL: every acknowledged claim survives a power cut)")
     p.add_argument("--node-id", help="this peer's id in health answers (default: the host name)")
+    p.add_argument("--peer", action="append", default=[], metavar="ID=URL",
+                   help="a member of the replicated coordinator group (repeat for every member, this one included; "
+                   "default: [[fleet.peers]] of the manifest); with none, serve runs alone")
+    p.add_argument("--raft-tick-ms", type=float, default=100.0, help="Raft tick (default 100 ms)")
+    p.add_argument("--raft-heartbeat-ticks", type=int, default=1, help="ticks between leader heartbeats (default 1)")
+    p.add_argument("--raft-election-ticks", default="10-20", metavar="LO-HI",
+                   help="randomized election timeout in ticks (default 10-20: 1-2 s at 100 ms ticks)")
+    p.add_argument("--raft-snapshot-every", type=int, default=10_000, metavar="N",
+                   help="compact the Raft log every N applied entries (default 10000; 0 never)")
+    p.add_argument("--peer-ca", help="CA (PEM) that signs the peers' certificates (default --client-ca)")
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, metavar="N",
                    help=f"most queue commands committed in one transaction (default {MAX_BATCH}); 1 gives one "
                    "fsync per command, the baseline of bench/run.py")
@@ -660,6 +760,43 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _peer_settings(args) -> tuple[dict[str, str] | None, dict, object]:
+    """``--peer`` (else the manifest's ``[[fleet.peers]]``) and the Raft timing flags, checked."""
+    from cis490fleet.replication import parse_peer
+
+    pairs = [parse_peer(v) for v in args.peer]
+    if not pairs and args.manifest and Path(args.manifest).exists():
+        from cis490fleet import manifest as manifest_mod
+
+        pairs = list(manifest_mod.load(args.manifest).fleet.peers)
+    if not pairs:
+        return None, {}, None
+    peers = dict(pairs)
+    if len(peers) != len(pairs):
+        raise errors.ConfigError("--peer lists an id twice; give each member once as ID=URL")
+    if not args.node_id:
+        raise errors.ConfigError("a replicated group needs --node-id: which of the --peer ids this one is "
+                                 f"({', '.join(sorted(peers))})")
+    lo, sep, hi = args.raft_election_ticks.partition("-")
+    try:
+        election = (int(lo), int(hi))
+    except ValueError:
+        raise errors.ConfigError(f"--raft-election-ticks {args.raft_election_ticks!r} is not LO-HI, e.g. 10-20") from None
+    if not sep or not 0 < args.raft_heartbeat_ticks < election[0] < election[1]:
+        raise errors.ConfigError("need 0 < --raft-heartbeat-ticks < LO < HI of --raft-election-ticks; got "
+                                 f"{args.raft_heartbeat_ticks} and {args.raft_election_ticks}")
+    if not args.raft_tick_ms > 0 or args.raft_snapshot_every < 0:
+        raise errors.ConfigError("--raft-tick-ms must be > 0 and --raft-snapshot-every >= 0")
+    peer_ssl = None
+    if args.cert:
+        from cis490fleet import tls
+
+        peer_ssl = tls.client_context(ca=args.peer_ca or args.client_ca, cert=args.cert, key=args.key)
+    options = {"tick_s": args.raft_tick_ms / 1000, "election_ticks": election,
+               "heartbeat_ticks": args.raft_heartbeat_ticks, "snapshot_every": args.raft_snapshot_every}
+    return peers, options, peer_ssl
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -689,10 +826,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         raise errors.ConfigError(f"cannot create data folder {data_dir}: {err.strerror or err}; pass --data DIR") from None
 
+    peers, raft_options, peer_ssl = _peer_settings(args)
     coord = Coordinator(data_dir, manifest_path=args.manifest, operator_token=token, synchronous=args.synchronous,
-                        node_id=args.node_id, sweep_interval=args.sweep_interval, max_batch=args.max_batch)
+                        node_id=args.node_id, sweep_interval=args.sweep_interval, max_batch=args.max_batch,
+                        peers=peers, raft_options=raft_options, peer_ssl_context=peer_ssl)
     try:
-        coord.load_manifest(at_start=True)
+        if coord.replicator is None:
+            coord.load_manifest(at_start=True)  # a replicated group syncs when a leader is elected
         try:
             server = coord.listen(host, port, ssl_context)
         except OSError as err:

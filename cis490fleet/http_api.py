@@ -182,7 +182,7 @@ class Request:
                 return self.peer_host
             raise errors.Unauthorized("missing x-lab-host header: send x-lab-host: <host id> to say which worker "
                                       "is asking")
-        if self.peer_host is not None and sent != self.peer_host:
+        if self.peer_host is not None and sent != self.peer_host and not self._from_peer():
             raise errors.Forbidden(f"x-lab-host {sent!r} does not match the TLS client certificate, which names "
                                    f"{self.peer_host!r}; send x-lab-host: {self.peer_host} or use that host's "
                                    "certificate")
@@ -190,6 +190,17 @@ class Request:
             raise errors.BadRequest(f"x-lab-host {sent[:80]!r} is not a valid host id: use 1-63 letters, digits, "
                                     "'.', '_' or '-', starting with a letter or digit")
         return sent
+
+    def _from_peer(self) -> bool:
+        """A request a coordinator peer forwarded: its TLS identity is a member's, and the member checked
+        the worker's identity before forwarding."""
+        if not self.header("x-forwarded-by"):
+            return False
+        replicator = getattr(self.app, "replicator", None)
+        if replicator is None:
+            return False
+        names = set(replicator.peers) | {urllib.parse.urlsplit(u).hostname for u in replicator.peers.values()}
+        return self.peer_host in names
 
     def lease(self) -> str | None:
         """The ``x-lease`` header; None means 'fence by host identity' (the original client sends none)."""
@@ -544,6 +555,98 @@ def h_metrics(req: Request):
     return Response(body=("\n".join(lines) + "\n").encode(), content_type="text/plain; version=0.0.4")
 
 
+RAFT_MAX_BYTES = 256 << 20
+
+
+def h_raft_messages(req: Request):
+    raw = req.body_bytes(limit=RAFT_MAX_BYTES)
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise errors.BadRequest("raft messages: the body is not JSON") from None
+    req.app.raft_receive(body)
+    return {"ok": True}
+
+
+def h_raft_snapshot(req: Request):
+    f, size = req.app.raft_snapshot(req.header("x-raft-cluster"))
+    return Response(status=200, content_type="application/octet-stream", stream=f, length=size)
+
+
+def h_raft_artifact(req: Request):
+    sha = sha_param(req.params["sha256"])
+    if req.content_length is None:
+        raise LengthRequired("missing content-length header: send the bundle's size in bytes")
+    result = req.app.raft_artifact(sha, req.header("x-raft-cluster"), req.header("x-artifact"), req,
+                                   req.content_length)
+    return json_response({"artifact_id": result["artifact_id"], "deduplicated": bool(result["deduplicated"])}, 201)
+
+
+# -- forwarding to the leader ----------------------------------------------------------------------
+
+_HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+                          "transfer-encoding", "upgrade", "host", "expect", "content-length"})
+_ANSWER_HEADERS = ("x-leader", "x-content-sha256", "content-disposition", "allow", "retry-after")
+FORWARD_TIMEOUT_S = SOCKET_TIMEOUT_S + MAX_WAIT_S
+
+
+class _Upstream:
+    """The leader's answer as a stream for ``Response``: only ``read`` (so ``sendfile`` falls back to send)."""
+
+    def __init__(self, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection):
+        self._resp, self._conn = resp, conn
+
+    def read(self, n: int = -1) -> bytes:
+        return self._resp.read(None if n is None or n < 0 else n)
+
+    def close(self) -> None:
+        self._resp.close()
+        self._conn.close()
+
+
+def forward(req: Request, leader_url: str) -> Response:
+    """Proxy ``req`` whole (method, target, headers, streamed body) to the leader; stream its answer back."""
+    node = getattr(req.app, "node_id", "?")
+    if req.header("x-forwarded-by"):
+        raise errors.Unavailable(f"forwarded by {req.header('x-forwarded-by')[:40]} but {node} is not the leader "
+                                 "either (leadership is changing); retry in a second")
+    parts = urllib.parse.urlsplit(leader_url)
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=FORWARD_TIMEOUT_S,
+                                           context=getattr(req.app, "peer_ssl_context", None))
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=FORWARD_TIMEOUT_S)
+    try:
+        conn.putrequest(req.method, req.handler.path, skip_accept_encoding=True)
+        for name, value in req.headers.items():
+            if name.lower() not in _HOP_HEADERS and name.lower() != "x-forwarded-by":
+                conn.putheader(name, value)
+        if req.peer_host and not req.header("x-lab-host"):
+            conn.putheader("x-lab-host", req.peer_host)
+        conn.putheader("x-forwarded-by", node)
+        if req.content_length is not None:
+            conn.putheader("content-length", str(req.content_length))
+        conn.endheaders()
+    except OSError as err:
+        conn.close()
+        raise errors.Unavailable(f"the leader at {leader_url} did not answer ({err}); retry in a second") from None
+    try:
+        while req.remaining > 0:
+            chunk = req.read(1 << 16)
+            if not chunk:
+                break
+            conn.send(chunk)
+        resp = conn.getresponse()
+    except (OSError, http.client.HTTPException) as err:
+        conn.close()
+        raise errors.Unavailable(f"the leader at {leader_url} failed while answering ({err}); retry") from None
+    headers = {h: resp.getheader(h) for h in _ANSWER_HEADERS if resp.getheader(h)}
+    headers["x-forwarded-by"] = node
+    length = int(resp.getheader("content-length") or 0)
+    return Response(status=resp.status, content_type=resp.getheader("content-type") or "application/octet-stream",
+                    headers=headers, stream=_Upstream(resp, conn), length=length)
+
+
 def make_router() -> Router:
     """The route table: every endpoint of the wire API, then the extensions' pages."""
     router = Router()
@@ -567,6 +670,9 @@ def make_router() -> Router:
         ("GET", "/v1/artifact/{sha256}", h_artifact),
         ("GET", "/v1/zipapp", h_zipapp),
         ("POST", "/v1/manifest/reload", h_reload),
+        ("POST", "/v1/raft/messages", h_raft_messages),
+        ("GET", "/v1/raft/snapshot", h_raft_snapshot),
+        ("PUT", "/v1/raft/artifact/{sha256}", h_raft_artifact),
     ):
         router.add(method, template, handler)
     for name in EXTENSIONS:
@@ -783,7 +889,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 except ValueError:
                     raise errors.BadRequest("too many query parameters; send at most 50") from None
                 req = Request(self, method, path, query, params)
-                resp = _as_response(route.handler(req))
+                forward_url = getattr(self.server.app, "forward_url", None)
+                leader = forward_url(route.template, params) if forward_url is not None else None
+                resp = forward(req, leader) if leader else _as_response(route.handler(req))
             except errors.FleetError as err:
                 resp = error_response(err)
             except (ConnectionError, TimeoutError, socket.timeout):

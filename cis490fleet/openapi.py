@@ -188,6 +188,28 @@ PATHS = {
         "re-read the manifest file and sync the queue (idempotent)",
         {"type": "object", "required": ["added", "kept", "removed", "total"],
          "properties": {k: {"type": "integer"} for k in ("added", "kept", "removed", "total")}})},
+    "/v1/raft/messages": {"post": {
+        "summary": "peer to peer: a batch of Raft messages (replicated groups only)",
+        "requestBody": _body({"type": "object", "required": ["cluster", "from", "to", "messages"],
+                              "properties": {"cluster": {"type": "string"}, "from": {"type": "string"},
+                                             "to": {"type": "string"},
+                                             "messages": {"type": "array", "items": {"type": "object"}}}}),
+        "responses": {"200": _json(_OK), **_errors(400, 403, 404, 413)}}},
+    "/v1/raft/snapshot": {"get": {
+        "summary": "peer to peer: a consistent copy of the queue database, for a follower's InstallSnapshot",
+        "parameters": [{"name": "x-raft-cluster", "in": "header", "required": True, "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "the SQLite database", "content": {"application/octet-stream": {
+            "schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}},
+            **_errors(403, 404)}}},
+    "/v1/raft/artifact/{sha256}": {"put": {
+        "summary": "peer to peer: the leader pushes a stored bundle before recording it (verified by sha256)",
+        "parameters": [_SHA_PARAM,
+                       {"name": "x-raft-cluster", "in": "header", "required": True, "schema": {"type": "string"}},
+                       {"name": "x-artifact", "in": "header", "required": True, "schema": {"type": "string"},
+                        "description": "JSON: model, mode, job_id, host, now"}],
+        "requestBody": {"required": True, "content": {"application/octet-stream": {
+            "schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}},
+        "responses": {"201": _json({"type": "object"}, "stored"), **_errors(400, 403, 404, 411, 413)}}},
 }
 
 

@@ -1,0 +1,627 @@
+"""Replication of the queue over a Raft group: the driver of ``raft.RaftNode`` inside ``serve``.
+
+Shell. Owns the Raft driver thread (ticks, inbound messages, persist -> send ->
+apply -> answer), one sender thread per peer (JSON batches over kept-alive
+HTTP to ``POST /v1/raft/messages``), proposals and their waiters, ReadIndex
+barriers, log compaction and the install of a snapshot downloaded from the
+leader. Never decides a job transition: committed commands go to
+``JobStore.execute_batch`` in log order, with the applied index recorded in the
+same transaction, so every peer applies every entry exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import logging
+import os
+import queue
+import random
+import secrets
+import tempfile
+import threading
+import time
+import urllib.parse
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+
+from cis490fleet import errors, raft
+from cis490fleet.raftstore import SqliteRaftStore
+
+log = logging.getLogger(__name__)
+
+MESSAGES_PATH = "/v1/raft/messages"
+SNAPSHOT_PATH = "/v1/raft/snapshot"
+ARTIFACT_PATH = "/v1/raft/artifact/"
+PROPOSE_TIMEOUT_S = 20.0
+READ_TIMEOUT_S = 5.0
+SEND_TIMEOUT_S = 5.0
+MAX_OUTBOX = 10_000
+SNAPSHOT_EVERY = 10_000
+
+
+def cluster_id(peers: dict[str, str]) -> str:
+    """The group's identity: a hash of its member ids (URLs may differ per peer, e.g. behind proxies)."""
+    return hashlib.sha256(json.dumps(sorted(peers)).encode()).hexdigest()[:16]
+
+
+def parse_peer(value: str) -> tuple[str, str]:
+    """``ID=URL`` -> (id, url) for ``serve --peer``."""
+    from cis490fleet.model import HOST_ID_RE
+
+    pid, sep, url = value.partition("=")
+    pid, url = pid.strip(), url.strip().rstrip("/")
+    parts = urllib.parse.urlsplit(url)
+    if not sep or not HOST_ID_RE.match(pid) or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise errors.ConfigError(f"--peer {value!r} is not ID=URL; e.g. --peer a=https://coord-a.lab:8445 "
+                                 "(repeat it for every member, this one included)")
+    return pid, url
+
+
+def _connect(url: str, ssl_context, timeout: float) -> http.client.HTTPConnection:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=timeout, context=ssl_context)
+    return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+
+
+class _Sender:
+    """One peer's outbox: a thread posting batches of messages on a kept-alive connection.
+
+    Raft tolerates lost messages, so a failed post drops its batch (after a short pause)."""
+
+    def __init__(self, owner: "Replicator", peer: str, url: str):
+        self.owner, self.peer, self.url = owner, peer, url
+        self.box: queue.SimpleQueue = queue.SimpleQueue()
+        self.conn: http.client.HTTPConnection | None = None
+        self.thread = threading.Thread(target=self._run, name=f"raft-send-{peer}", daemon=True)
+        self.failing = False
+
+    def _run(self) -> None:
+        while True:
+            item = self.box.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < 256:
+                try:
+                    item = self.box.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._post(batch)
+                    return
+                batch.append(item)
+            if self.box.qsize() > MAX_OUTBOX:  # far behind: drop the backlog, Raft will resend
+                while not self.box.empty():
+                    if self.box.get_nowait() is None:
+                        return
+            self._post(batch)
+        if self.conn is not None:
+            self.conn.close()
+
+    def _post(self, messages: list[dict]) -> None:
+        body = json.dumps({"cluster": self.owner.cluster, "from": self.owner.node_id, "to": self.peer,
+                           "messages": messages}, separators=(",", ":")).encode()
+        for attempt in (1, 2):
+            try:
+                if self.conn is None:
+                    self.conn = _connect(self.url, self.owner.ssl_context, SEND_TIMEOUT_S)
+                self.conn.request("POST", MESSAGES_PATH, body, {"content-type": "application/json",
+                                                                "x-forwarded-by": self.owner.node_id})
+                resp = self.conn.getresponse()
+                data = resp.read()
+                if resp.status != 200:
+                    log.warning("raft peer %s refused messages: %s %s", self.peer, resp.status, data[:200])
+                elif self.failing:
+                    log.info("raft peer %s is reachable again", self.peer)
+                self.failing = False
+                return
+            except (OSError, http.client.HTTPException) as err:
+                if self.conn is not None:
+                    self.conn.close()
+                    self.conn = None
+                if attempt == 2:
+                    if not self.failing:
+                        log.info("raft peer %s at %s unreachable: %s", self.peer, self.url, err)
+                    self.failing = True
+                    time.sleep(0.05)
+
+
+class Replicator:
+    """This peer's member of the Raft group that replicates the queue.
+
+    ``submit(cmd)`` proposes a command on the leader and resolves with its result
+    once applied here; ``read_barrier()`` makes the leader's next read linearizable.
+    Has ``submit/execute/stop/alive`` like ``coordinator.GroupCommitWriter``, so
+    the coordinator uses either the same way.
+    """
+
+    def __init__(self, data_dir: Path, node_id: str, peers: dict[str, str], store, *, on_applied=None,
+                 ssl_context=None, tick_s: float = 0.1, election_ticks: tuple[int, int] = (10, 20),
+                 heartbeat_ticks: int = 1, snapshot_every: int = SNAPSHOT_EVERY, artifacts=None):
+        if node_id not in peers:
+            raise errors.ConfigError(f"--node-id {node_id!r} is not among the --peer entries "
+                                     f"({', '.join(sorted(peers))}); list this peer too: --peer {node_id}=URL")
+        self.data_dir = Path(data_dir)
+        self.node_id = node_id
+        self.peers = dict(peers)
+        self.cluster = cluster_id(self.peers)
+        self.store = store
+        self.artifacts = artifacts
+        self.on_applied = on_applied
+        self.ssl_context = ssl_context
+        self.tick_s = tick_s
+        self.snapshot_every = snapshot_every
+        self.raft_store = SqliteRaftStore(self.data_dir / "raft.sqlite3")
+        applied = store.applied_index()
+        state = self.raft_store.load()
+        self.node = raft.RaftNode(node_id, list(peers), storage_state=state, rng=random.Random(),
+                                  election_ticks=election_ticks, heartbeat_ticks=heartbeat_ticks,
+                                  applied=applied)
+        if state.snapshot is not None and applied < state.snapshot.index:
+            raise errors.ConfigError(f"the queue in {self.data_dir} is behind the raft snapshot ({applied} < "
+                                     f"{state.snapshot.index}); remove raft.sqlite3 and queue.sqlite3 to rejoin")
+        self._db_applied = applied
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiters: dict[str, tuple[int, Future]] = {}
+        self._reads: dict[str, Future] = {}
+        self._read_states: list[raft.ReadState] = []
+        self._status = self.node.status()
+        self._status_lock = threading.Lock()
+        self._role = self.node.role
+        self._leader_watchers: list = []
+        self._closed = False
+        self._stop = threading.Event()
+        self._senders = {p: _Sender(self, p, url) for p, url in self.peers.items() if p != node_id}
+        self._thread = threading.Thread(target=self._run, name="raft-driver", daemon=True)
+        self._fetching: set[str] = set()
+        if len(self.peers) == 2:
+            log.warning("a group of two peers cannot survive the loss of either: add a third --peer")
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for s in self._senders.values():
+            s.thread.start()
+        self._thread.start()
+        if len(self.peers) == 1:
+            self._call(lambda n: n.campaign())
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def on_leader(self, fn) -> None:
+        """Call ``fn()`` (on a fresh thread) each time this peer becomes the leader."""
+        self._leader_watchers.append(fn)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._inbox.put(None)
+        self._thread.join(timeout)
+        for s in self._senders.values():
+            s.box.put(None)
+        for s in self._senders.values():
+            s.thread.join(1.0)
+        self._fail_all(errors.Unavailable("this coordinator is shutting down; retry on another peer"))
+        self.raft_store.close()
+
+    def hand_over(self, timeout: float = 3.0) -> bool:
+        """Leader only: transfer leadership to the most up-to-date peer and wait for it (before a stop)."""
+        st = self.status()
+        if st["role"] != raft.LEADER or len(self.peers) < 2:
+            return False
+        best = max(st.get("progress", {}).items(), key=lambda kv: kv[1]["match"], default=(None, None))[0]
+        if best is None:
+            return False
+        try:
+            self._call(lambda n: n.transfer_leadership(best)).result(timeout)
+        except (errors.FleetError, FutureTimeout):
+            return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.status()["role"] != raft.LEADER:
+                log.info("handed leadership to %s", best)
+                return True
+            time.sleep(0.05)
+        return False
+
+    # -- the API the coordinator uses -------------------------------------------------------------
+
+    def url_of(self, node: str | None) -> str | None:
+        return self.peers.get(node) if node else None
+
+    def status(self) -> dict:
+        with self._status_lock:
+            return dict(self._status)
+
+    def is_leader(self) -> bool:
+        return self.status()["role"] == raft.LEADER
+
+    def leader(self) -> str | None:
+        return self.status()["leader"]
+
+    def submit(self, cmd: dict) -> Future:
+        """Propose ``cmd`` (leader only, else NotLeader with the leader's URL); the future gets its result."""
+        fut: Future = Future()
+        if self._closed:
+            fut.set_exception(errors.Unavailable("this coordinator is shutting down; retry on another peer"))
+            return fut
+        rid = secrets.token_hex(8)
+        data = {**cmd, "rid": rid}
+
+        def propose(node):
+            try:
+                index = node.propose(data)
+            except errors.NotLeader as err:
+                fut.set_exception(errors.NotLeader(self.url_of(err.leader_url)))
+                return
+            self._waiters[rid] = (index, fut)
+
+        self._call(propose)
+        return fut
+
+    def execute(self, cmd: dict) -> dict:
+        fut = self.submit(cmd)
+        try:
+            return fut.result(PROPOSE_TIMEOUT_S)
+        except FutureTimeout:
+            raise errors.Unavailable(f"no quorum committed the command within {PROPOSE_TIMEOUT_S:.0f} s "
+                                     "(peers down or partitioned?); retry later") from None
+
+    def read_barrier(self, timeout: float = READ_TIMEOUT_S) -> None:
+        """Return once this peer has applied everything committed before the call (Raft ReadIndex)."""
+        ctx = secrets.token_hex(8)
+        fut: Future = Future()
+
+        def ask(node):
+            self._reads[ctx] = fut
+            try:
+                node.read_index(ctx)
+            except errors.NotLeader as err:
+                self._reads.pop(ctx, None)
+                fut.set_exception(errors.NotLeader(self.url_of(err.leader_url)))
+
+        self._call(ask)
+        try:
+            fut.result(timeout)
+        except FutureTimeout:
+            self._reads.pop(ctx, None)
+            raise errors.Unavailable("could not confirm leadership with a quorum for a read; retry") from None
+
+    def receive(self, body: object) -> None:
+        """A batch from ``POST /v1/raft/messages``: checked here, stepped by the driver."""
+        if not isinstance(body, dict):
+            raise errors.BadRequest("raft messages: expected a JSON object with cluster, from, to, messages")
+        if body.get("cluster") != self.cluster:
+            raise errors.Forbidden(f"raft messages from cluster {str(body.get('cluster'))[:40]!r} refused: this "
+                                   f"peer belongs to cluster {self.cluster}; check the --peer lists")
+        if body.get("to") != self.node_id or body.get("from") not in self.peers:
+            raise errors.Forbidden(f"raft messages from {str(body.get('from'))[:40]!r} to "
+                                   f"{str(body.get('to'))[:40]!r} refused: this is peer {self.node_id!r}")
+        msgs = body.get("messages")
+        if not isinstance(msgs, list):
+            raise errors.BadRequest("raft messages: 'messages' must be a list")
+        checked = [raft.check_message(m) for m in msgs]
+        if any(m["from"] != body["from"] or m["to"] != self.node_id for m in checked):
+            raise errors.Forbidden("raft messages: a message's from/to does not match its batch")
+        if not self._closed:
+            self._inbox.put(("msgs", checked))
+
+    def health(self) -> dict:
+        """Role, term, leader, commit, applied and the peers as this peer sees them."""
+        st = self.status()
+        progress = st.get("progress") or {}
+        peers = []
+        for pid, url in sorted(self.peers.items()):
+            row = {"id": pid, "url": url}
+            if pid == self.node_id:
+                row.update(role=st["role"], match=st["last_index"], lag=0, term=st["term"],
+                           commit_index=st["commit"])
+            elif pid in progress:
+                match = progress[pid]["match"]
+                row.update(role=raft.FOLLOWER, match=match, lag=max(0, st["last_index"] - match))
+            elif pid == st["leader"]:
+                row.update(role=raft.LEADER)
+            peers.append(row)
+        role = raft.CANDIDATE if st["role"] == raft.PRE_CANDIDATE else st["role"]
+        return {"role": role, "term": st["term"], "leader": st["leader"], "leader_url": self.url_of(st["leader"]),
+                "node_id": self.node_id, "commit": st["commit"], "commit_index": st["commit"],
+                "applied": st["applied"], "last_index": st["last_index"], "cluster": self.cluster, "peers": peers}
+
+    # -- the driver -------------------------------------------------------------------------------
+
+    def _call(self, fn) -> Future:
+        """Run ``fn(node)`` on the driver thread (the only one that touches the node)."""
+        fut: Future = Future()
+        if self._closed:
+            fut.set_exception(errors.Unavailable("this coordinator is shutting down; retry on another peer"))
+            return fut
+        self._inbox.put(("call", fn, fut))
+        return fut
+
+    def _run(self) -> None:
+        next_tick = time.monotonic() + self.tick_s
+        try:
+            while not self._stop.is_set():
+                try:
+                    item = self._inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
+                except queue.Empty:
+                    item = ()
+                items = [item]
+                while len(items) < 1024:
+                    try:
+                        items.append(self._inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                for item in items:
+                    if item is None:
+                        return
+                    if item:
+                        self._handle(item)
+                now = time.monotonic()
+                if now >= next_tick:
+                    self.node.tick()
+                    next_tick = max(next_tick + self.tick_s, now)
+                self._drain()
+        except BaseException:
+            log.exception("the raft driver stopped")
+            raise
+
+    def _handle(self, item) -> None:
+        if item[0] == "msgs":
+            for msg in item[1]:
+                self.node.step(msg)
+        else:
+            _, fn, fut = item
+            try:
+                fut.set_result(fn(self.node))
+            except errors.FleetError as err:
+                fut.set_exception(err)
+
+    def _drain(self) -> None:
+        while True:
+            rd = self.node.ready()
+            if rd is None:
+                break
+            self.raft_store.save(rd.hard_state, rd.entries, rd.snapshot)
+            for msg in rd.messages:
+                sender = self._senders.get(msg["to"])
+                if sender is not None:
+                    sender.box.put(msg)
+            if rd.snapshot is not None:
+                self._install_snapshot(rd.snapshot)
+            if rd.committed_entries:
+                self._apply(rd.committed_entries)
+            self._read_states += rd.read_states
+            self.node.advance(rd)
+            self._answer_reads()
+            self._maybe_compact()
+        st = self.node.status()
+        with self._status_lock:
+            self._status = st
+        if st["role"] != self._role:
+            was, self._role = self._role, st["role"]
+            log.info("raft %s: %s -> %s (term %d, leader %s)", self.node_id, was, st["role"], st["term"],
+                     st["leader"])
+            if was == raft.LEADER:
+                for ctx in list(self._reads):
+                    self._reads.pop(ctx).set_exception(errors.Unavailable("leadership changed; retry"))
+            if st["role"] == raft.LEADER:
+                for fn in self._leader_watchers:
+                    threading.Thread(target=fn, name="raft-on-leader", daemon=True).start()
+
+    def _apply(self, entries: list[dict]) -> None:
+        entries = [e for e in entries if e["index"] > self._db_applied]
+        if not entries:
+            return
+        cmds, rids = [], []
+        for e in entries:
+            data = e["data"]
+            if data is None:
+                continue
+            cmd = dict(data)
+            if cmd.pop("lease_from_index", False):
+                cmd["lease"] = str(e["index"])  # a claim's fencing token is its log index
+            cmds.append(cmd)
+            rids.append((e["index"], cmd.get("rid")))
+        results = self.store.execute_batch(cmds, applied_index=entries[-1]["index"])
+        self._db_applied = entries[-1]["index"]
+        for (index, rid), result in zip(rids, results):
+            waiter = self._waiters.pop(rid, None) if rid else None
+            if waiter is not None:
+                _, fut = waiter
+                if isinstance(result, BaseException):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)
+        last = entries[-1]["index"]
+        for rid, (index, fut) in list(self._waiters.items()):
+            if index <= last:  # another leader's entry took this index: ours is gone
+                del self._waiters[rid]
+                fut.set_exception(errors.Unavailable("leadership changed before the command committed; retry"))
+        if cmds and self.on_applied is not None:
+            try:
+                self.on_applied(cmds, results)
+            except Exception:
+                log.exception("after-commit hook failed")
+        if self.artifacts is not None:
+            for cmd, result in zip(cmds, results):
+                if cmd.get("op") == "record_artifact" and not isinstance(result, BaseException):
+                    self._ensure_artifact(cmd)
+
+    def _answer_reads(self) -> None:
+        applied = self.node.applied
+        keep = []
+        for rs in self._read_states:
+            if rs.index <= applied:
+                fut = self._reads.pop(rs.ctx, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(rs.index)
+            else:
+                keep.append(rs)
+        self._read_states = keep
+
+    def _fail_all(self, err: errors.FleetError) -> None:
+        for _, fut in list(self._waiters.values()):
+            if not fut.done():
+                fut.set_exception(err)
+        self._waiters.clear()
+        for fut in list(self._reads.values()):
+            if not fut.done():
+                fut.set_exception(err)
+        self._reads.clear()
+
+    # -- snapshots ---------------------------------------------------------------------------------
+
+    def _maybe_compact(self) -> None:
+        applied = self.node.applied
+        snap_index = self.node.status()["snapshot_index"]
+        if self.snapshot_every and applied - snap_index >= self.snapshot_every:
+            # The queue database is the state machine; the snapshot names only the point it stands at.
+            snap = self.node.compact(applied, {"index": applied, "term": self.node.term_at(applied)})
+            self.raft_store.truncate_prefix(applied, snap)
+            log.info("raft log compacted up to %d", applied)
+
+    def _install_snapshot(self, snap: raft.Snapshot) -> None:
+        """Download the leader's queue (a consistent copy at or after ``snap.index``) and swap it in."""
+        leader = self.node.leader
+        url = self.url_of(leader)
+        if url is None:
+            raise errors.Unavailable("raft snapshot without a known leader")
+        fd, tmp = tempfile.mkstemp(prefix="snapshot-", suffix=".sqlite3", dir=self.data_dir)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                conn = _connect(url, self.ssl_context, 60.0)
+                try:
+                    conn.request("GET", SNAPSHOT_PATH, headers={"x-raft-cluster": self.cluster})
+                    resp = conn.getresponse()
+                    if resp.status != 200:
+                        raise errors.Unavailable(f"leader {leader} refused the snapshot: {resp.status}")
+                    while chunk := resp.read(1 << 20):
+                        out.write(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                finally:
+                    conn.close()
+            self.store.replace_with(tmp)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        applied = self.store.applied_index()
+        if applied < snap.index:
+            raise errors.Unavailable(f"the leader's queue copy stands at {applied}, before snapshot {snap.index}")
+        log.info("installed the leader's queue at raft index %d (snapshot %d)", applied, snap.index)
+        # Entries between the snapshot and the copy are already in it: _apply skips them.
+        self._db_applied = applied
+
+    # -- artifacts -----------------------------------------------------------------------------
+
+    def _ensure_artifact(self, cmd: dict) -> None:
+        """A follower that missed an upload's push fetches the bundle from the leader (background)."""
+        sha = cmd.get("artifact_id")
+        if not sha or self.artifacts.locate(sha) is not None or sha in self._fetching:
+            return
+        self._fetching.add(sha)
+        threading.Thread(target=self._fetch_artifact, args=(cmd,), name="raft-artifact-fetch", daemon=True).start()
+
+    def _fetch_artifact(self, cmd: dict) -> None:
+        sha = cmd["artifact_id"]
+        try:
+            for pid, url in self.peers.items():
+                if pid == self.node_id:
+                    continue
+                try:
+                    conn = _connect(url, self.ssl_context, 60.0)
+                    conn.request("GET", f"/v1/artifact/{sha}", headers={"x-forwarded-by": self.node_id})
+                    resp = conn.getresponse()
+                    if resp.status != 200:
+                        resp.read()
+                        conn.close()
+                        continue
+                    length = int(resp.getheader("content-length") or 0)
+                    self.artifacts.put(resp, sha256=sha, length=length, model=cmd["model"], mode=cmd["mode"],
+                                       job_id=cmd["job_id"], host=cmd["host"], now=cmd["now"])
+                    conn.close()
+                    log.info("fetched artifact %s from %s", sha[:12], pid)
+                    return
+                except (OSError, http.client.HTTPException, errors.FleetError) as err:
+                    log.info("could not fetch artifact %s from %s: %s", sha[:12], pid, err)
+        finally:
+            self._fetching.discard(sha)
+
+    def push_artifact(self, sha: str, meta: dict, timeout: float = 60.0) -> int:
+        """Leader: send a stored bundle to every follower in parallel; returns how many peers hold it
+        (this one included) once a majority does, else raises Unavailable."""
+        path = self.artifacts.locate(sha)
+        size = path.stat().st_size
+        need = len(self.peers) // 2 + 1
+        done = threading.Semaphore(0)
+        ok = [1]
+        lock = threading.Lock()
+
+        def push(pid, url):
+            try:
+                conn = _connect(url, self.ssl_context, timeout)
+                with open(path, "rb") as f:
+                    conn.request("PUT", ARTIFACT_PATH + sha, body=f, headers={
+                        "content-length": str(size), "x-raft-cluster": self.cluster,
+                        "x-artifact": json.dumps(meta, separators=(",", ":"))})
+                    resp = conn.getresponse()
+                    resp.read()
+                conn.close()
+                if resp.status in (200, 201):
+                    with lock:
+                        ok[0] += 1
+                else:
+                    log.warning("peer %s refused artifact %s: %s", pid, sha[:12], resp.status)
+            except (OSError, http.client.HTTPException) as err:
+                log.info("could not push artifact %s to %s: %s", sha[:12], pid, err)
+            finally:
+                done.release()
+
+        others = [(p, u) for p, u in self.peers.items() if p != self.node_id]
+        for pid, url in others:
+            threading.Thread(target=push, args=(pid, url), name="raft-artifact-push", daemon=True).start()
+        deadline = time.monotonic() + timeout
+        for _ in others:
+            with lock:
+                if ok[0] >= need:
+                    break
+            if not done.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                break
+        with lock:
+            held = ok[0]
+        if held < need:
+            raise errors.Unavailable(f"artifact {sha[:12]} reached {held} of {len(self.peers)} peers, not a "
+                                     "majority; retry the upload")
+        return held
+
+    def receive_artifact(self, sha: str, cluster: str | None, meta_text: str | None, body, length: int) -> dict:
+        """Follower side of ``push_artifact`` (``PUT /v1/raft/artifact/{sha256}``): verified by sha256."""
+        if cluster != self.cluster:
+            raise errors.Forbidden("artifact push from another cluster refused; check the --peer lists")
+        try:
+            meta = json.loads(meta_text or "")
+            return self.artifacts.put(body, sha256=sha, length=length, model=meta["model"], mode=meta["mode"],
+                                      job_id=meta["job_id"], host=meta["host"], now=float(meta["now"]))
+        except (ValueError, KeyError, TypeError):
+            raise errors.BadRequest("x-artifact must be a JSON object with model, mode, job_id, host, now") from None
+
+    def snapshot_copy(self, cluster: str | None):
+        """``GET /v1/raft/snapshot``: a consistent copy of the queue in a temp file -> (file, size)."""
+        if cluster != self.cluster:
+            raise errors.Forbidden("snapshot request from another cluster refused; check the --peer lists")
+        fd, tmp = tempfile.mkstemp(prefix="snapshot-out-", suffix=".sqlite3", dir=self.data_dir)
+        os.close(fd)
+        try:
+            self.store.backup_to(tmp)
+            f = open(tmp, "rb")
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return f, os.fstat(f.fileno()).st_size
