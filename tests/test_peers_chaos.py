@@ -1,0 +1,351 @@
+"""Chaos tests of a replicated coordinator group: 3 ``serve`` peers behind link proxies.
+
+Workers (the original raw client and ours) claim, upload and complete jobs while the
+leader is killed with -9, paused with SIGSTOP and resumed, and partitioned away and
+healed. Afterwards: every job came out exactly once, no two acknowledged leases of one
+job overlapped, and every replica holds the same queue (Raft §5.3, §5.4: log matching and
+leader completeness, seen from the outside).
+
+The harness pieces that need no peers (proxy modes, peer arguments, the history checker)
+are tested here too, so that a checker that cannot fail cannot pass unnoticed. The long
+randomized variant is ``soak``: ``python3 make.py soak -k peers``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from peer_harness import (History, LinkProxy, PeerGroup, Workload, check_history,  # noqa: E402
+                          describe_differences, serve_supports_peers)
+
+MANIFEST_FLEET = ("[fleet]\nheartbeat_s = 1\nstale_after_s = 4\nmax_attempts = 50\n\n"
+                  "[[sweeps]]\nmodel = \"mlp\"\nmode = \"train\"\n")
+
+
+def manifest(n_jobs: int) -> str:
+    return MANIFEST_FLEET + f"seed = [{', '.join(str(i) for i in range(n_jobs))}]\n"
+
+
+# -- the proxy -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def echo_port():
+    """A TCP echo server on 127.0.0.1 (one thread per connection)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    stop = threading.Event()
+
+    def handle(conn):
+        with conn:
+            try:
+                while data := conn.recv(4096):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def loop():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()
+    yield srv.getsockname()[1]
+    stop.set()
+    srv.close()
+
+
+def roundtrip(sock: socket.socket, data: bytes) -> bytes:
+    sock.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+@pytest.fixture
+def proxy(echo_port):
+    p = LinkProxy(echo_port, name="t")
+    yield p
+    p.close()
+
+
+def test_proxy_passes_bytes_both_ways(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        assert roundtrip(s, b"hello") == b"hello"
+        assert roundtrip(s, b"x" * 200_000) == b"x" * 200_000
+
+
+def test_blackhole_swallows_bytes_then_heal_cuts_the_old_connection(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        assert roundtrip(s, b"before") == b"before"
+        proxy.set_mode("blackhole")
+        s.settimeout(0.5)
+        s.sendall(b"lost")
+        with pytest.raises(socket.timeout):
+            s.recv(10)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=0.5) as s2:
+            s2.sendall(b"also lost")
+            with pytest.raises(socket.timeout):
+                s2.recv(10)
+        proxy.set_mode("pass")
+        s.settimeout(5)
+        with pytest.raises(OSError):
+            if s.recv(10) == b"":
+                raise ConnectionResetError("closed")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        assert roundtrip(s, b"after") == b"after"
+    assert proxy.bytes_dropped >= len(b"lost")
+
+
+def test_refuse_and_reset_cut_connections(proxy):
+    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    assert roundtrip(s, b"one") == b"one"
+    proxy.set_mode("reset")
+    with pytest.raises(OSError):
+        s.sendall(b"two")
+        if s.recv(10) == b"":
+            raise ConnectionResetError("closed")
+    s.close()
+    assert proxy.mode == "pass"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        assert roundtrip(s, b"three") == b"three"
+    proxy.set_mode("refuse")
+    with pytest.raises(OSError):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+            s.sendall(b"four")
+            if s.recv(10) == b"":
+                raise ConnectionResetError("closed")
+
+
+def test_delay_holds_each_chunk_back(proxy):
+    proxy.set_mode("delay", delay_ms=150)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        t0 = time.monotonic()
+        assert roundtrip(s, b"slow") == b"slow"
+        assert time.monotonic() - t0 >= 0.3  # one delay each way: a lower bound, not a performance figure
+    with pytest.raises(ValueError, match="not one of"):
+        proxy.set_mode("drop")
+
+
+def test_group_wires_each_directed_link_through_its_own_proxy(tmp_path):
+    group = PeerGroup(tmp_path, n=3, manifest_text=manifest(2), tick_ms=20)
+    try:
+        argv = group.argv("a")
+        peers = [argv[i + 1] for i, v in enumerate(argv) if v == "--peer"]
+        assert peers == [f"a={group.peers['a'].url}", f"b={group.links[('a', 'b')].url}",
+                         f"c={group.links[('a', 'c')].url}"]
+        assert group.links[("a", "b")].target_port == group.peers["b"].port
+        assert argv[argv.index("--raft-tick-ms") + 1] == "20"
+        assert (tmp_path / "b" / "manifest.toml").read_text() == manifest(2)
+        group.partition(["a"])
+        cut = {k for k, link in group.links.items() if link.mode == "blackhole"}
+        assert cut == {("a", "b"), ("b", "a"), ("a", "c"), ("c", "a")}
+        group.partition(["a", "b"], ["c"], mode="refuse")
+        assert {k for k, link in group.links.items() if link.mode == "refuse"} == {
+            ("a", "c"), ("c", "a"), ("b", "c"), ("c", "b")}
+        group.heal()
+        assert {link.mode for link in group.links.values()} == {"pass"}
+        with pytest.raises(ValueError, match="no peer 'z'"):
+            group.partition(["z"])
+    finally:
+        group.close()
+
+
+# -- the checker ---------------------------------------------------------------------------------------
+
+J1, J2 = "1" * 64, "2" * 64
+
+
+def good_case():
+    h = History()
+    h.add("claims", host="w1", job_id=J1, attempt=1, lease="L1")
+    h.add("claims", host="w2", job_id=J1, attempt=2, lease="L2")
+    h.add("completes", host="w2", job_id=J1, attempt=2, lease="L2", artifact_id="a" * 64)
+    h.add("claims", host="w1", job_id=J2, attempt=1, lease="L3")
+    h.add("completes", host="w1", job_id=J2, attempt=1, lease="L3", artifact_id="b" * 64)
+    state = {"jobs": {J1: ("completed", 2, 1, "w2", "L2", "a" * 64, None),
+                      J2: ("completed", 1, 1, "w1", "L3", "b" * 64, None)},
+             "attempts": {J1: [(1, "w1", "L1", 1.0, 5.0, "stale"), (2, "w2", "L2", 5.0, 6.0, "completed")],
+                          J2: [(1, "w1", "L3", 1.0, 2.0, "completed")]}}
+    return h, state
+
+
+def test_checker_accepts_a_clean_history():
+    h, state = good_case()
+    assert check_history(h, state) == []
+
+
+@pytest.mark.parametrize("breakage, expect", [
+    ("double_grant", "granted twice"),
+    ("overlap", "still valid"),
+    ("lost_complete", "acknowledged complete lost"),
+    ("two_completers", "by 2 holders"),
+    ("lost_claim", "acknowledged claim lost"),
+    ("unacked_completion", "no complete of it was acknowledged"),
+    ("regranted", "granted again"),
+    ("pending", "ended pending"),
+])
+def test_checker_catches_each_violation(breakage, expect):
+    h, state = good_case()
+    if breakage == "double_grant":
+        h.add("claims", host="w3", job_id=J1, attempt=1, lease="L9")
+    elif breakage == "overlap":
+        state["attempts"][J1][0] = (1, "w1", "L1", 1.0, None, None)
+    elif breakage == "lost_complete":
+        state["jobs"][J2] = ("pending", 1, 0, None, None, None, None)
+    elif breakage == "two_completers":
+        h.add("completes", host="w1", job_id=J1, attempt=1, lease="L1", artifact_id="c" * 64)
+    elif breakage == "lost_claim":
+        h.add("claims", host="w3", job_id=J2, attempt=7, lease="L7")
+    elif breakage == "unacked_completion":
+        h.completes = [c for c in h.completes if c["job_id"] != J2]
+    elif breakage == "regranted":
+        h.add("claims", host="w3", job_id=J2, attempt=2, lease="L8")
+        state["attempts"][J2].append((2, "w3", "L8", 3.0, None, None))
+    elif breakage == "pending":
+        state["jobs"]["3" * 64] = ("pending", 0, 0, None, None, None, None)
+    problems = check_history(h, state)
+    assert any(expect in p for p in problems), problems
+
+
+def test_differences_are_described():
+    _, a = good_case()
+    _, b = good_case()
+    b["jobs"][J1] = ("claimed",) + b["jobs"][J1][1:]
+    text = describe_differences({"a": a, "b": b})
+    assert "jobs[111111111111]" in text and "claimed" in text
+
+
+# -- the group under chaos -----------------------------------------------------------------------------
+
+needs_peers = pytest.mark.skipif("not serve_supports_peers()",
+                                 reason="serve does not take --peer yet (replicated coordinator not landed)")
+
+
+def all_completed(group: PeerGroup, leader: str) -> bool:
+    try:
+        state = group.read_state(leader)
+    except Exception:
+        return False
+    return bool(state["jobs"]) and all(j[0] == "completed" for j in state["jobs"].values())
+
+
+def drain(group: PeerGroup, work: Workload, timeout: float) -> None:
+    """Workers at full speed until the leader's queue has nothing left, then stop them."""
+    work.work_s = 0.0
+    deadline = time.monotonic() + timeout
+    leader = group.wait_leader(timeout)
+    while not all_completed(group, leader):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+        leader = group.current_leader() or leader
+    work.finish()
+
+
+def verify(group: PeerGroup, work: Workload) -> dict:
+    states = group.converged_states(timeout=30)
+    history = work.history
+    assert not history.errors, history.errors
+    assert history.completes, "no complete was acknowledged at all"
+    state = next(iter(states.values()))
+    problems = check_history(history, state)
+    assert not problems, "\n".join(problems[:20])
+    return state
+
+
+def run_fault(group: PeerGroup, fault: str, rng: random.Random, hold_s: float) -> None:
+    """One fault against the current leader, then wait until a majority names a leader again."""
+    leader = group.wait_leader(30)
+    if fault == "kill9":
+        group.kill9(leader)
+        group.wait_leader(30, exclude=(leader,))
+        time.sleep(hold_s)
+        group.start(leader)
+        group.wait_up(leader)
+    elif fault == "pause":
+        group.pause(leader)
+        time.sleep(hold_s)
+        group.resume(leader)
+    elif fault == "partition":
+        group.partition([leader], mode=rng.choice(("blackhole", "refuse")))
+        group.wait_leader(30, exclude=(leader,))
+        time.sleep(hold_s)
+        group.heal()
+    elif fault == "delay":
+        for (a, b), link in group.links.items():
+            if leader in (a, b):
+                link.set_mode("delay", delay_ms=rng.choice((20, 50)))
+        time.sleep(hold_s)
+        group.heal()
+    group.wait_leader(30)
+
+
+@needs_peers
+def test_exactly_once_through_kill_pause_and_partition_of_the_leader(tmp_path):
+    with PeerGroup(tmp_path / "peers", n=3, manifest_text=manifest(120)) as group:
+        group.wait_up()
+        group.wait_leader(30)
+        with Workload(group.urls, tmp_path / "work", raw=2, client=2, work_s=0.15) as work:
+            time.sleep(1.0)
+            rng = random.Random(6)
+            for fault in ("kill9", "pause", "partition"):
+                run_fault(group, fault, rng, hold_s=2.5)
+                time.sleep(0.8)
+            drain(group, work, timeout=40)
+        state = verify(group, work)
+        assert sum(1 for j in state["jobs"].values() if j[0] == "completed") == 120
+        assert group.links[("b", "a")].accepted + group.links[("a", "b")].accepted > 0
+
+
+@needs_peers
+def test_follower_restarted_from_nothing_catches_up(tmp_path):
+    """A follower whose data folder is lost gets the whole state back (log or snapshot, §7)."""
+    with PeerGroup(tmp_path / "peers", n=3, manifest_text=manifest(30)) as group:
+        group.wait_up()
+        leader = group.wait_leader(30)
+        follower = next(n for n in group.node_ids if n != leader)
+        group.kill9(follower)
+        with Workload(group.urls, tmp_path / "work", raw=1, client=1) as work:
+            drain(group, work, timeout=40)
+        import shutil
+
+        shutil.rmtree(group.peers[follower].data_dir)
+        group.start(follower)
+        group.wait_up(follower)
+        verify(group, work)
+
+
+@pytest.mark.soak
+@needs_peers
+@pytest.mark.parametrize("seed", range(5))
+def test_soak_random_faults(tmp_path, seed):
+    rng = random.Random(seed)
+    print(f"seed {seed}")
+    with PeerGroup(tmp_path / "peers", n=3, manifest_text=manifest(400)) as group:
+        group.wait_up()
+        group.wait_leader(30)
+        with Workload(group.urls, tmp_path / "work", raw=3, client=3, work_s=0.1) as work:
+            for _ in range(12):
+                run_fault(group, rng.choice(("kill9", "pause", "partition", "delay")), rng,
+                          hold_s=rng.uniform(0.5, 4.0))
+                time.sleep(rng.uniform(0.2, 1.5))
+            drain(group, work, timeout=120)
+        verify(group, work)
