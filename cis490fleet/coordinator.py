@@ -764,9 +764,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _peer_settings(args) -> tuple[dict[str, str] | None, dict, object]:
     """``--peer`` (else the manifest's ``[[fleet.peers]]``) and the Raft timing flags, checked."""
-    from cis490fleet.replication import parse_peer
+    pairs = []
+    if args.peer:  # the Raft modules are imported only by a replicated coordinator (a few MiB of RSS)
+        from cis490fleet.replication import parse_peer
 
-    pairs = [parse_peer(v) for v in args.peer]
+        pairs = [parse_peer(v) for v in args.peer]
     if not pairs and args.manifest and Path(args.manifest).exists():
         from cis490fleet import manifest as manifest_mod
 
