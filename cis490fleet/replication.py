@@ -115,7 +115,11 @@ class _Sender:
                 data = resp.read()
                 if resp.status != 200:
                     log.warning("raft peer %s refused messages: %s %s", self.peer, resp.status, data[:200])
-                elif self.failing:
+                    self.conn.close()
+                    self.conn = None
+                    self.failing = True
+                    return
+                if self.failing:
                     log.info("raft peer %s is reachable again", self.peer)
                 self.failing = False
                 return
@@ -217,7 +221,8 @@ class Replicator:
         st = self.status()
         if st["role"] != raft.LEADER or len(self.peers) < 2:
             return False
-        best = max(st.get("progress", {}).items(), key=lambda kv: kv[1]["match"], default=(None, None))[0]
+        reachable = {p: pr for p, pr in st.get("progress", {}).items() if not self._senders[p].failing}
+        best = max(reachable.items(), key=lambda kv: kv[1]["match"], default=(None, None))[0]
         if best is None:
             return False
         try:
@@ -311,8 +316,9 @@ class Replicator:
         checked = [raft.check_message(m) for m in msgs]
         if any(m["from"] != body["from"] or m["to"] != self.node_id for m in checked):
             raise errors.Forbidden("raft messages: a message's from/to does not match its batch")
-        if not self._closed:
-            self._inbox.put(("msgs", checked))
+        if self._closed:
+            raise errors.Unavailable(f"raft peer {self.node_id} is shutting down")
+        self._inbox.put(("msgs", checked))
 
     def health(self) -> dict:
         """Role, term, leader, commit, applied and the peers as this peer sees them."""

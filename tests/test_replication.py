@@ -1,0 +1,326 @@
+"""A replicated coordinator group on loopback: election, forwarding, exactly-once application, failover.
+
+In-process peers (``Coordinator(peers=...)`` on real HTTP servers) for the API,
+real ``serve --node-id/--peer`` subprocesses for kill -9 and restarts. Ticks are
+shortened (50 ms) so elections take well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import OPERATOR_TOKEN, http_call, manifest_toml, serve_command, serve_env, wait_health
+from test_e2e import manifest as e2e_manifest
+from test_e2e import slow_job, wait_for, workers  # noqa: F401  (fixture)
+
+from cis490fleet import errors
+from cis490fleet.coordinator import Coordinator
+from cis490fleet.replication import cluster_id, parse_peer
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = {"tick_s": 0.05, "election_ticks": (10, 20), "heartbeat_ticks": 1}
+W1 = {"x-lab-host": "w1"}
+
+
+def claim(url: str, host: str) -> dict:
+    status, _, body = http_call(url, "POST", "/v1/job/claim", {"capability": {}}, headers={"x-lab-host": host})
+    assert status == 200, body
+    return body
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Group:
+    """In-process peers ``a``, ``b``, ``c`` sharing one manifest; ``start(name)`` (re)starts one on its folder."""
+
+    def __init__(self, tmp: Path, n: int = 3, n_jobs: int = 3, **raft):
+        self.tmp = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.urls = {name: f"http://127.0.0.1:{p}" for name, p in zip("abcde"[:n], free_ports(n))}
+        self.manifest = tmp / "manifest.toml"
+        self.manifest.write_text(manifest_toml(n_jobs))
+        self.raft = {**FAST, **raft}
+        self.coords: dict[str, Coordinator] = {}
+
+    def start(self, name: str) -> Coordinator:
+        c = Coordinator(self.tmp / name, manifest_path=self.manifest, node_id=name, peers=self.urls,
+                        operator_token=OPERATOR_TOKEN, raft_options=self.raft)
+        c.listen("127.0.0.1", int(self.urls[name].rsplit(":", 1)[1]))
+        c.serve_in_thread()
+        c.start_background()
+        self.coords[name] = c
+        return c
+
+    def stop(self, name: str) -> None:
+        self.coords.pop(name).close(grace=5)
+
+    def leader(self, timeout: float = 10) -> str:
+        def one():
+            leaders = [n for n, c in self.coords.items() if c.replicator.status()["role"] == "leader"]
+            return leaders[0] if len(leaders) == 1 else None
+        return wait_for("one leader", one, timeout=timeout, every=0.02)
+
+    def follower(self) -> str:
+        leader = self.leader()
+        return next(n for n in self.coords if n != leader)
+
+    def converged(self, timeout: float = 10) -> dict:
+        """Wait until every running peer has applied the same index and holds the same counts."""
+        def same():
+            views = {(c.store.applied_index(), tuple(sorted(c.store.counts().items()))) for c in self.coords.values()}
+            return views.pop() if len(views) == 1 else None
+        return dict(wait_for("the peers to converge", same, timeout=timeout, every=0.02)[1])
+
+    def close(self) -> None:
+        for name in list(self.coords):
+            self.stop(name)
+
+
+@pytest.fixture
+def group(tmp_path):
+    groups: list[Group] = []
+
+    def make(**kw) -> Group:
+        g = Group(tmp_path / f"g{len(groups)}", **kw)
+        groups.append(g)
+        return g
+
+    yield make
+    for g in groups:
+        g.close()
+
+
+def three(group, **kw) -> Group:
+    g = group(**kw)
+    for name in "abc":
+        g.start(name)
+    g.leader()
+    wait_for("the manifest synced", lambda: g.converged()["pending"] == kw.get("n_jobs", 3))
+    return g
+
+
+def test_a_claim_through_a_follower_is_forwarded_and_applied_on_every_peer(group):
+    g = three(group)
+    f = g.follower()
+    status, headers, body = http_call(g.urls[f], "POST", "/v1/job/claim", {"capability": {}}, headers=W1)
+    assert status == 200, body
+    assert headers["x-forwarded-by"] == f
+    assert body["lease"].isdigit(), "a claim's fencing token is its log index"
+    counts = g.converged()
+    assert counts["claimed"] == 1 and counts["pending"] == 2
+    job = g.coords[f].store.job(body["job_id"], time.time())
+    assert job["host"] == "w1"
+    # Reads through a follower come from the leader too, and see the claim.
+    status, headers, listed = http_call(g.urls[f], "GET", "/v1/jobs?status=claimed")
+    assert status == 200 and listed["total"] == 1 and headers["x-forwarded-by"] == f
+
+
+def test_health_shows_role_term_leader_and_each_peer_s_lag(group):
+    g = three(group)
+    leader = g.leader()
+    f = g.follower()
+    _, _, h = http_call(g.urls[f], "GET", "/v1/health")
+    assert h["role"] == "follower" and h["node_id"] == f and h["leader"] == leader
+    assert h["leader_url"] == g.urls[leader] and h["term"] >= 1 and h["applied"] <= h["commit"]
+    _, _, lh = http_call(g.urls[leader], "GET", "/v1/health")
+    assert lh["role"] == "leader"
+    rows = {p["id"]: p for p in lh["peers"]}
+    assert set(rows) == {"a", "b", "c"}
+    for pid in set(rows) - {leader}:
+        assert rows[pid]["lag"] >= 0 and rows[pid]["match"] <= lh["last_index"]
+
+
+def test_an_upload_through_a_follower_lands_on_a_majority_before_it_is_acknowledged(group):
+    g = three(group)
+    f = g.follower()
+    _, _, claim = http_call(g.urls[f], "POST", "/v1/job/claim", {"capability": {}}, headers=W1)
+    data = os.urandom(300_000)
+    sha = hashlib.sha256(data).hexdigest()
+    headers = {**W1, "x-lease": claim["lease"], "x-content-sha256": sha}
+    status, _, up = http_call(g.urls[f], "PUT", f"/v1/model/{claim['job_id']}", data, headers=headers)
+    assert status == 201, up
+    holding = [n for n, c in g.coords.items() if c.artifacts.locate(sha) is not None]
+    assert len(holding) >= 2, holding
+    status, _, done = http_call(g.urls[f], "POST", f"/v1/job/{claim['job_id']}/complete", {"artifact_id": sha},
+                                headers={**W1, "x-lease": claim["lease"]})
+    assert status == 200, done
+    assert g.converged()["completed"] == 1
+    wait_for("every peer to hold the bundle", lambda: all(c.artifacts.locate(sha) for c in g.coords.values()))
+    for c in g.coords.values():
+        assert hashlib.sha256(c.artifacts.locate(sha).read_bytes()).hexdigest() == sha
+
+
+def test_a_stopped_leader_hands_over_and_a_restarted_peer_applies_each_entry_once(group):
+    g = three(group)
+    leader = g.leader()
+    for i in range(2):
+        assert claim(g.urls[leader], f"w{i}")["job_id"]
+    before = g.converged()
+    g.stop(leader)
+    new = g.leader(timeout=5)
+    assert new != leader
+    assert claim(g.urls[new], "w9")["job_id"]
+    g.start(leader)
+    counts = g.converged()
+    assert counts["claimed"] == before["claimed"] + 1 == 3
+    # Exactly once: the restarted peer re-applied nothing it had (one attempt per claimed job).
+    for job in g.coords[leader].store.jobs()[0]:
+        assert len(g.coords[leader].store.job(job["id"], time.time())["attempts"]) == 1
+
+
+def test_a_follower_far_behind_installs_the_leader_s_queue_as_a_snapshot(group, caplog):
+    g = three(group, snapshot_every=3, n_jobs=8)
+    leader = g.leader()
+    lagging = g.follower()
+    g.stop(lagging)
+    for i in range(8):
+        assert claim(g.urls[leader], f"w{i}")["job_id"]
+    assert g.coords[leader].replicator.status()["snapshot_index"] > 0
+    caplog.set_level(logging.INFO, logger="cis490fleet.replication")
+    g.start(lagging)
+    assert g.converged()["claimed"] == 8
+    assert "installed the leader's queue" in caplog.text
+
+
+def test_messages_from_another_cluster_are_refused(group):
+    g = three(group)
+    f = g.follower()
+    batch = {"cluster": "not-this-one", "from": "a", "to": f, "messages": []}
+    status, _, body = http_call(g.urls[f], "POST", "/v1/raft/messages", batch)
+    assert status == 403 and body["error"] == "forbidden"
+    assert "cluster" in body["detail"]
+    good = {**batch, "cluster": cluster_id(g.urls), "from": "zz"}
+    assert http_call(g.urls[f], "POST", "/v1/raft/messages", good)[0] == 403
+    bad = {**batch, "cluster": cluster_id(g.urls), "from": g.leader(), "messages": [{"type": "Nonsense"}]}
+    status, _, body = http_call(g.urls[f], "POST", "/v1/raft/messages", bad)
+    assert status == 400 and "unknown type" in body["detail"]
+
+
+def test_a_single_coordinator_has_no_peer_endpoint(live_server):
+    server = live_server(manifest=manifest_toml(1))
+    status, _, body = server.call("POST", "/v1/raft/messages", {"cluster": "x", "from": "a", "to": "b",
+                                                                 "messages": []})
+    assert status == 404 and "--peer" in body["detail"]
+
+
+@pytest.mark.parametrize("value", ["a", "a=", "=http://x:1", "a=ftp://x", "a b=http://x:1"])
+def test_bad_peer_flags_are_one_line_errors(value):
+    with pytest.raises(errors.ConfigError, match="ID=URL"):
+        parse_peer(value)
+
+
+def test_serve_refuses_a_node_id_missing_from_its_peers(tmp_path):
+    env = serve_env()
+    proc = subprocess.run(serve_command("--data", str(tmp_path / "d"), "--bind", "127.0.0.1:0", "--node-id", "x",
+                                        "--peer", "a=http://127.0.0.1:1"), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "--node-id 'x' is not among the --peer entries" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# -- real processes ------------------------------------------------------------------------------
+
+
+def start_peer(tmp: Path, name: str, urls: dict, manifest: Path, extra=()) -> subprocess.Popen:
+    port = urls[name].rsplit(":", 1)[1]
+    argv = serve_command("--data", str(tmp / name), "--bind", f"127.0.0.1:{port}", "--manifest", str(manifest),
+                         "--node-id", name, "--raft-tick-ms", "50", *extra)
+    for pid, url in urls.items():
+        argv += ["--peer", f"{pid}={url}"]
+    log = open(tmp / f"{name}.log", "ab")
+    return subprocess.Popen(argv, cwd=ROOT, env=serve_env(), stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+
+
+def health(url: str) -> dict | None:
+    try:
+        status, _, body = http_call(url, "GET", "/v1/health", timeout=2)
+    except OSError:
+        return None
+    return body if status == 200 else None
+
+
+@pytest.mark.skipif(os.name == "nt", reason="uses POSIX signals")
+def test_kill_9_of_the_leader_elects_another_and_loses_no_acknowledged_write(tmp_path):
+    urls = {n: f"http://127.0.0.1:{p}" for n, p in zip("abc", free_ports(3))}
+    manifest = tmp_path / "manifest.toml"
+    manifest.write_text(manifest_toml(4))
+    procs = {n: start_peer(tmp_path, n, urls, manifest) for n in urls}
+    try:
+        for url in urls.values():
+            wait_health(url, timeout=60)
+
+        def leader_of(alive):
+            seen = {h["leader"] for u in alive if (h := health(urls[u])) and h.get("role") in ("leader", "follower")}
+            seen.discard(None)
+            return seen.pop() if len(seen) == 1 else None
+
+        leader = wait_for("a leader", lambda: leader_of(urls), timeout=20)
+        wait_for("the manifest synced", lambda: (health(urls[leader]) or {}).get("jobs", {}).get("pending") == 4)
+        follower = next(n for n in urls if n != leader)
+        acked = []
+        for i in range(2):
+            acked.append(claim(urls[follower], f"w{i}")["job_id"])
+        procs[leader].send_signal(signal.SIGKILL)
+        procs[leader].wait(30)
+        survivors = [n for n in urls if n != leader]
+        t0 = time.monotonic()
+        new = wait_for("a new leader", lambda: (lambda l: l if l and l != leader else None)(leader_of(survivors)),
+                       timeout=10, every=0.05)
+        assert time.monotonic() - t0 < 10
+        for job_id in acked:
+            status, _, body = http_call(urls[survivors[0]], "GET", f"/v1/job/{job_id}")
+            assert status == 200 and body["job"]["status"] == "claimed", body
+        assert claim(urls[new], "w9")["job_id"] not in acked
+        procs[leader] = start_peer(tmp_path, leader, urls, manifest)
+        wait_health(urls[leader], timeout=60)
+        target = health(urls[new])["commit"]
+        wait_for("the old leader to catch up",
+                 lambda: (h := health(urls[leader])) and h["applied"] >= target and h["jobs"]["claimed"] == 3,
+                 timeout=20)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="uses POSIX signals")
+def test_a_group_of_one_serves_a_worker_end_to_end(tmp_path, workers):  # noqa: F811
+    (port,) = free_ports(1)
+    url = f"http://127.0.0.1:{port}"
+    manifest = tmp_path / "manifest.toml"
+    manifest.write_text(e2e_manifest(slow_job(steps=3, sleep=0.05)))
+    proc = start_peer(tmp_path, "solo", {"solo": url}, manifest)
+    try:
+        wait_for("leader", lambda: (health(url) or {}).get("role") == "leader", timeout=60)
+        wait_for("the manifest synced", lambda: (health(url) or {}).get("jobs", {}).get("pending") == 1)
+        w = workers(url, "solo-w", "--once")
+        assert w.wait(60) == 0, w.log_text()
+        h = health(url)
+        assert h["jobs"]["completed"] == 1, w.log_text()
+        assert h["applied"] == h["commit"] >= 4
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
