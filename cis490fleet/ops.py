@@ -353,18 +353,32 @@ class Ops:
         return EXIT_OK
 
     def cmd_peers(self) -> int:
+        """Each coordinator's health; the members a peer lists (a replicated group) are asked too."""
         a = self.args
-        urls = self.client.urls
         report = []
-        for url in urls:
+        pending = list(self.client.urls)
+        seen = set()
+        while pending:
+            url = pending.pop(0).rstrip("/")
+            if url in seen:
+                continue
+            seen.add(url)
             peer = Client([url], ca=a.ca, cert=a.cert, key=a.key, timeout=min(a.timeout, 5.0), retries=0)
             try:
-                report.append({"url": url, "health": peer.health()})
+                health = peer.health()
+                report.append({"url": url, "health": health})
+                if health.get("commit") is not None:
+                    pending += [p["url"] for p in health.get("peers") or () if isinstance(p, dict) and p.get("url")]
             except errors.FleetError as err:
                 report.append({"url": url, "error": err.code, "detail": str(err)})
             finally:
                 peer.close()
         reachable = sum(1 for r in report if "health" in r)
+        lag = {}
+        for r in report:
+            h = r.get("health") or {}
+            if h.get("role") == "leader":
+                lag = {p.get("id"): p.get("lag") for p in h.get("peers") or () if isinstance(p, dict)}
         if a.json:
             self.out.json(report)
         else:
@@ -372,12 +386,13 @@ class Ops:
             for r in report:
                 h = r.get("health")
                 if h is None:
-                    rows.append([r["url"], "unreachable", None, None, None, None, r["detail"]])
+                    rows.append([r["url"], "unreachable", None, None, None, None, None, None, None, r["detail"]])
                 else:
                     rows.append([r["url"], h.get("role"), h.get("term"), h.get("leader"), h.get("node_id"),
-                                 h.get("version"), None])
-            self.out.table(["URL", "ROLE", "TERM", "LEADER", "NODE", "VERSION", "PROBLEM"], rows,
-                           {1: lambda s: self.out.paint(s, s)})
+                                 h.get("commit"), h.get("applied"), lag.get(h.get("node_id")), h.get("version"),
+                                 None])
+            self.out.table(["URL", "ROLE", "TERM", "LEADER", "NODE", "COMMIT", "APPLIED", "LAG", "VERSION",
+                            "PROBLEM"], rows, {1: lambda s: self.out.paint(s, s)})
         if reachable == len(report):
             return EXIT_OK
         return EXIT_UNREACHABLE if reachable == 0 else EXIT_FAILED
@@ -563,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("watch", "a refreshing view of the queue and running jobs")
     p.add_argument("--interval", type=_positive_float, default=2.0, metavar="S", help="seconds between refreshes")
     p.add_argument("--once", action="store_true", help="draw once and exit")
-    add("peers", "health of each coordinator URL: role, term, leader")
+    add("peers", "health of each coordinator peer: role, term, leader, commit, applied, lag")
     return parser
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import OPERATOR_TOKEN, http_call, manifest_toml, serve_command, serve_env, wait_health
 from test_e2e import manifest as e2e_manifest
-from test_e2e import slow_job, wait_for, workers  # noqa: F401  (fixture)
+from test_e2e import jobs_cli, slow_job, wait_for, workers  # noqa: F401  (fixture)
 
 from cis490fleet import errors
 from cis490fleet.coordinator import Coordinator
@@ -324,3 +324,19 @@ def test_a_group_of_one_serves_a_worker_end_to_end(tmp_path, workers):  # noqa: 
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+def test_jobs_peers_shows_every_member_from_one_url(group):
+    g = three(group)
+    leader = g.leader()
+    f = g.follower()
+    proc = jobs_cli(g.urls[f], "peers")
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:] if line.strip()}
+    assert set(rows) == set(g.urls.values())
+    assert rows[g.urls[leader]][1] == "leader"
+    for name, url in g.urls.items():
+        if name != leader:
+            role, term, leader_id, node, commit, applied, lag = rows[url][1:8]
+            assert (role, leader_id, node) == ("follower", leader, name)
+            assert int(applied) <= int(commit) and int(lag) >= 0
