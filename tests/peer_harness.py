@@ -550,6 +550,7 @@ class History:
     claims: list[dict] = field(default_factory=list)
     completes: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
+    abandoned: list[dict] = field(default_factory=list)
     unknown: int = 0
     errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -585,6 +586,7 @@ class _Worker(threading.Thread):
         self.workload = workload
         self.host = host
         self.history = workload.history
+        self.claims = 0
 
     def run(self) -> None:
         try:
@@ -593,8 +595,14 @@ class _Worker(threading.Thread):
                 if claim is None:
                     time.sleep(0.05)
                     continue
-                if self.workload.work_s:
-                    time.sleep(self.workload.work_s)
+                self.claims += 1
+                if self.workload.abandon_every and self.claims % self.workload.abandon_every == 0:
+                    self.history.add("abandoned", host=self.host, job_id=claim["job_id"], attempt=claim["attempt"])
+                    continue
+                late = self.workload.late_every and self.claims % self.workload.late_every == 0
+                hold = self.workload.late_s if late else self.workload.work_s
+                if hold:
+                    time.sleep(hold)
                 artifact_id = self.retry(lambda: self.upload(claim), claim, "upload")
                 if artifact_id is None:
                     continue
@@ -744,10 +752,19 @@ class ClientWorker(_Worker):
 
 
 class Workload:
-    """``raw`` + ``client`` worker threads against ``urls``; ``work_s`` is how long each holds a job."""
+    """``raw`` + ``client`` worker threads against ``urls``; ``work_s`` is how long each holds a job.
+
+    Presumed-dead workers, so that leases expire under chaos too: every ``abandon_every``-th claim
+    of a worker is dropped (its job must go stale and run again elsewhere), every ``late_every``-th
+    is held ``late_s`` before its upload and complete (which must then be refused if the lease
+    moved on)."""
 
     def __init__(self, urls: list[str], folder: Path, *, raw: int = 2, client: int = 2, work_s: float = 0.0,
+                 abandon_every: int = 0, late_every: int = 0, late_s: float = 0.0,
                  request_timeout_s: float = 3.0, op_deadline_s: float = 60.0):
+        self.abandon_every = abandon_every
+        self.late_every = late_every
+        self.late_s = late_s
         self.urls = list(urls)
         self.folder = Path(folder)
         self.history = History()
