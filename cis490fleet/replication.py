@@ -19,6 +19,7 @@ import os
 import queue
 import random
 import secrets
+import sqlite3
 import tempfile
 import threading
 import time
@@ -165,9 +166,8 @@ class Replicator:
         self.node = raft.RaftNode(node_id, list(peers), storage_state=state, rng=random.Random(),
                                   election_ticks=election_ticks, heartbeat_ticks=heartbeat_ticks,
                                   applied=applied)
-        if state.snapshot is not None and applied < state.snapshot.index:
-            raise errors.ConfigError(f"the queue in {self.data_dir} is behind the raft snapshot ({applied} < "
-                                     f"{state.snapshot.index}); remove raft.sqlite3 and queue.sqlite3 to rejoin")
+        # A crash between saving a received snapshot and swapping in the queue: finish the install first.
+        self._unfinished = state.snapshot if state.snapshot is not None and applied < state.snapshot.index else None
         self._db_applied = applied
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiters: dict[str, tuple[int, Future]] = {}
@@ -216,7 +216,7 @@ class Replicator:
         self._fail_all(errors.Unavailable("this coordinator is shutting down; retry on another peer"))
         self.raft_store.close()
 
-    def hand_over(self, timeout: float = 3.0) -> bool:
+    def hand_over(self, timeout: float = 2.0) -> bool:
         """Leader only: transfer leadership to the most up-to-date peer and wait for it (before a stop)."""
         st = self.status()
         if st["role"] != raft.LEADER or len(self.peers) < 2:
@@ -225,6 +225,7 @@ class Replicator:
         best = max(reachable.items(), key=lambda kv: kv[1]["match"], default=(None, None))[0]
         if best is None:
             return False
+        log.info("handing leadership to %s before stopping", best)
         try:
             self._call(lambda n: n.transfer_leadership(best)).result(timeout)
         except (errors.FleetError, FutureTimeout):
@@ -355,6 +356,8 @@ class Replicator:
     def _run(self) -> None:
         next_tick = time.monotonic() + self.tick_s
         try:
+            if self._unfinished is not None:
+                self._install_snapshot(self._unfinished)
             while not self._stop.is_set():
                 try:
                     item = self._inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
@@ -496,35 +499,57 @@ class Replicator:
             log.info("raft log compacted up to %d", applied)
 
     def _install_snapshot(self, snap: raft.Snapshot) -> None:
-        """Download the leader's queue (a consistent copy at or after ``snap.index``) and swap it in."""
-        leader = self.node.leader
-        url = self.url_of(leader)
-        if url is None:
-            raise errors.Unavailable("raft snapshot without a known leader")
+        """Swap in a peer's queue (a consistent copy at or after ``snap.index``), the leader's first.
+
+        Blocks the driver until some peer has one: without it this peer has no state to apply onto."""
+        delay = 0.1
+        while not self._stop.is_set():
+            order = sorted((p for p in self.peers if p != self.node_id), key=lambda p: p != self.node.leader)
+            for pid in order:
+                try:
+                    applied = self._download_queue(pid, snap.index)
+                except (OSError, http.client.HTTPException, errors.FleetError) as err:
+                    log.info("could not get the queue from %s for snapshot %d: %s", pid, snap.index, err)
+                    continue
+                log.info("installed the leader's queue from %s at raft index %d (snapshot %d)", pid, applied,
+                         snap.index)
+                # Entries between the snapshot and the copy are already in it: _apply skips them.
+                self._db_applied = applied
+                return
+            self._stop.wait(delay)
+            delay = min(delay * 2, 2.0)
+        raise errors.Unavailable("stopped while waiting for a snapshot of the queue")
+
+    def _download_queue(self, pid: str, at_least: int) -> int:
         fd, tmp = tempfile.mkstemp(prefix="snapshot-", suffix=".sqlite3", dir=self.data_dir)
         try:
             with os.fdopen(fd, "wb") as out:
-                conn = _connect(url, self.ssl_context, 60.0)
+                conn = _connect(self.peers[pid], self.ssl_context, 60.0)
                 try:
                     conn.request("GET", SNAPSHOT_PATH, headers={"x-raft-cluster": self.cluster})
                     resp = conn.getresponse()
                     if resp.status != 200:
-                        raise errors.Unavailable(f"leader {leader} refused the snapshot: {resp.status}")
+                        raise errors.Unavailable(f"answered {resp.status}: {resp.read()[:200]!r}")
                     while chunk := resp.read(1 << 20):
                         out.write(chunk)
                     out.flush()
                     os.fsync(out.fileno())
                 finally:
                     conn.close()
+            db_copy = sqlite3.connect(tmp)
+            try:
+                row = db_copy.execute("SELECT value FROM meta WHERE key = 'raft_applied'").fetchone()
+            except sqlite3.Error as err:
+                raise errors.Unavailable(f"sent a queue copy that is not a database ({err})") from None
+            finally:
+                db_copy.close()
+            applied = int(row[0]) if row else 0
+            if applied < at_least:
+                raise errors.Unavailable(f"its queue stands at {applied}, before {at_least}")
             self.store.replace_with(tmp)
+            return applied
         finally:
             Path(tmp).unlink(missing_ok=True)
-        applied = self.store.applied_index()
-        if applied < snap.index:
-            raise errors.Unavailable(f"the leader's queue copy stands at {applied}, before snapshot {snap.index}")
-        log.info("installed the leader's queue at raft index %d (snapshot %d)", applied, snap.index)
-        # Entries between the snapshot and the copy are already in it: _apply skips them.
-        self._db_applied = applied
 
     # -- artifacts -----------------------------------------------------------------------------
 
