@@ -268,7 +268,8 @@ class Peer:
 
 @dataclass
 class PeerGroup:
-    """N replicated ``serve`` peers behind one proxy per directed link. Use as a context manager."""
+    """N replicated ``serve`` peers behind one proxy per directed link (``proxies=False``: direct, for
+    benchmarks). Use as a context manager."""
 
     base: Path
     n: int = 3
@@ -278,6 +279,7 @@ class PeerGroup:
     env: dict | None = None
     token: str | None = "test-operator-token-0123456789"
     node_ids: tuple[str, ...] = ()
+    proxies: bool = True
     peers: dict[str, Peer] = field(default_factory=dict)
     links: dict[tuple[str, str], LinkProxy] = field(default_factory=dict)
 
@@ -296,7 +298,7 @@ class PeerGroup:
             self.peers[nid] = Peer(nid, free_port(), folder / "data", manifest, folder / "serve.log")
         for a in self.node_ids:
             for b in self.node_ids:
-                if a != b:
+                if a != b and self.proxies:
                     self.links[(a, b)] = LinkProxy(self.peers[b].port, name=f"{a}->{b}")
 
     # -- processes ----------------------------------------------------------------------------------
@@ -310,7 +312,8 @@ class PeerGroup:
         argv = [sys.executable, "-m", "cis490fleet", "serve", "--data", str(peer.data_dir),
                 "--bind", f"{HOST}:{peer.port}", "--node-id", nid]
         for other in self.node_ids:
-            url = peer.url if other == nid else self.links[(nid, other)].url
+            link = self.links.get((nid, other))
+            url = link.url if link is not None else self.peers[other].url
             argv += ["--peer", f"{other}={url}"]
         if peer.manifest is not None:
             argv += ["--manifest", str(peer.manifest)]
