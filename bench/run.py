@@ -10,7 +10,7 @@ the ratios hold on a noisy machine where server and load share the cores. Load
 runs in separate processes; all traffic goes to 127.0.0.1; every loop is bounded
 in count and time. See bench/README.md for what limits each figure.
 
-Names: claim, cycle, scale, dispatch, upload, bundle, manifest, cli, idle.
+Names: claim, cycle, scale, dispatch, upload, bundle, manifest, cli, idle, failover (bench/failover.py).
 """
 
 from __future__ import annotations
@@ -626,6 +626,15 @@ class Bench:
         self.report("idle_cpu", cpu, f"% of a core over {window:.0f} s", cpu / 1.0, "the goal of 1%", "<= 1%",
                     cpu <= 1.0)
 
+    # -- replicated group: failover, throughput vs one peer, catch-up (bench/failover.py) ----------
+
+    def failover(self) -> None:
+        import failover
+
+        failed = failover.run_all(self)
+        if failed:
+            raise RuntimeError(f"{', '.join(failed)} failed")
+
 
 def _idle_worker(port: int, host: str, stop: threading.Event) -> None:
     """A worker with nothing to do: long-polling claims (60 s each) until ``stop`` and the server goes away."""
@@ -748,7 +757,7 @@ def _tls_ceiling(src: Path, work: Path, cert_file: Path, key_file: Path, ca_file
     return seconds
 
 
-NAMES = ("claim", "cycle", "scale", "dispatch", "upload", "bundle", "manifest", "cli", "idle")
+NAMES = ("claim", "cycle", "scale", "dispatch", "upload", "bundle", "manifest", "cli", "idle", "failover")
 
 
 def main(argv: list[str] | None = None) -> int:
