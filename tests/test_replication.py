@@ -50,19 +50,22 @@ def free_ports(n: int) -> list[int]:
 class Group:
     """In-process peers ``a``, ``b``, ``c`` sharing one manifest; ``start(name)`` (re)starts one on its folder."""
 
-    def __init__(self, tmp: Path, n: int = 3, n_jobs: int = 3, **raft):
+    def __init__(self, tmp: Path, n: int = 3, n_jobs: int = 3, tls=None, **raft):
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
-        self.urls = {name: f"http://127.0.0.1:{p}" for name, p in zip("abcde"[:n], free_ports(n))}
+        self.tls = tls  # name -> (server context, peer client context)
+        scheme = "https" if tls else "http"
+        self.urls = {name: f"{scheme}://127.0.0.1:{p}" for name, p in zip("abcde"[:n], free_ports(n))}
         self.manifest = tmp / "manifest.toml"
         self.manifest.write_text(manifest_toml(n_jobs))
         self.raft = {**FAST, **raft}
         self.coords: dict[str, Coordinator] = {}
 
     def start(self, name: str) -> Coordinator:
+        server_ctx, peer_ctx = self.tls[name] if self.tls else (None, None)
         c = Coordinator(self.tmp / name, manifest_path=self.manifest, node_id=name, peers=self.urls,
-                        operator_token=OPERATOR_TOKEN, raft_options=self.raft)
-        c.listen("127.0.0.1", int(self.urls[name].rsplit(":", 1)[1]))
+                        operator_token=OPERATOR_TOKEN, raft_options=self.raft, peer_ssl_context=peer_ctx)
+        c.listen("127.0.0.1", int(self.urls[name].rsplit(":", 1)[1]), server_ctx)
         c.serve_in_thread()
         c.start_background()
         self.coords[name] = c
@@ -340,3 +343,31 @@ def test_jobs_peers_shows_every_member_from_one_url(group):
             role, term, leader_id, node, commit, applied, lag = rows[url][1:8]
             assert (role, leader_id, node) == ("follower", leader, name)
             assert int(applied) <= int(commit) and int(lag) >= 0
+
+
+def test_peers_over_mutual_tls_forward_a_worker_s_certificate_identity_and_nobody_else_s(group, tmp_path):
+    import trustme
+
+    from cis490fleet import tls
+
+    ca = trustme.CA()
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(ca_path)
+    contexts = {}
+    for name in "abc":
+        leaf = ca.issue_cert("127.0.0.1", "localhost", common_name=name)
+        cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+        leaf.cert_chain_pems[0].write_to_path(cert)
+        leaf.private_key_pem.write_to_path(key)
+        contexts[name] = (tls.server_context(cert, key, ca_path), tls.client_context(ca_path, cert, key))
+    ca.issue_cert("ws1").private_key_and_cert_chain_pem.write_to_path(tmp_path / "ws1.pem")
+    worker = tls.client_context(ca_path, tmp_path / "ws1.pem")
+    g = three(group, tls=contexts)
+    f = g.follower()
+    status, headers, body = http_call(g.urls[f], "POST", "/v1/job/claim", {"capability": {}}, context=worker)
+    assert status == 200 and headers["x-forwarded-by"] == f, body
+    assert g.coords[g.leader()].store.job(body["job_id"], time.time())["host"] == "ws1"
+    # A worker cannot pass itself off as a forwarding peer to speak for another host.
+    status, _, body = http_call(g.urls[g.leader()], "POST", "/v1/job/claim", {"capability": {}}, context=worker,
+                                headers={"x-forwarded-by": f, "x-lab-host": "ws2"})
+    assert status == 403 and "certificate" in body["detail"]
