@@ -738,7 +738,7 @@ class Worker:
         for attempt in range(1, self.upload_tries + 1):
             try:
                 if not record.get("artifact_id"):
-                    answer = self.client.upload(job_id, lease, record["bundle"])
+                    answer = self.client.upload(job_id, lease, record["bundle"], sha256=record.get("sha256"))
                     record["artifact_id"] = answer["artifact_id"]
                     self._save_record(record)
                 self.client.complete(job_id, lease, record["artifact_id"])
