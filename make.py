@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 STAMP = VENV / ".cis490fleet-setup"
-EXTRAS = {"demo": "train", "test": "dev,train", "soak": "dev,train", "bench": "dev,train,bench", "zipapp": ""}
+EXTRAS = {"demo": "train", "test": "dev,train,bench", "soak": "dev,train,bench", "bench": "dev,train,bench", "zipapp": ""}
 
 
 def venv_python() -> Path:
