@@ -590,61 +590,84 @@ _ANSWER_HEADERS = ("x-leader", "x-content-sha256", "content-disposition", "allow
 FORWARD_TIMEOUT_S = SOCKET_TIMEOUT_S + MAX_WAIT_S
 
 
-class _Upstream:
-    """The leader's answer as a stream for ``Response``: only ``read`` (so ``sendfile`` falls back to send)."""
+_upstreams = threading.local()  # per handler thread: leader URL -> kept-alive connection
 
-    def __init__(self, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection):
-        self._resp, self._conn = resp, conn
+
+def _upstream_conn(url: str, context, reuse: bool) -> tuple[http.client.HTTPConnection, bool]:
+    cache = _upstreams.__dict__.setdefault("conns", {})
+    conn = cache.pop(url, None)
+    if conn is not None and reuse:
+        return conn, True
+    if conn is not None:
+        conn.close()
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=FORWARD_TIMEOUT_S,
+                                           context=context), False
+    return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=FORWARD_TIMEOUT_S), False
+
+
+class _Upstream:
+    """The leader's answer as a stream for ``Response``: only ``read`` (so ``sendfile`` falls back to send).
+
+    Closing it after the whole answer was read keeps the connection for this thread's next forward."""
+
+    def __init__(self, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection, url: str):
+        self._resp, self._conn, self._url = resp, conn, url
 
     def read(self, n: int = -1) -> bytes:
         return self._resp.read(None if n is None or n < 0 else n)
 
     def close(self) -> None:
-        self._resp.close()
-        self._conn.close()
+        if self._resp.isclosed() and not self._resp.will_close:
+            _upstreams.__dict__.setdefault("conns", {})[self._url] = self._conn
+        else:
+            self._resp.close()
+            self._conn.close()
 
 
 def forward(req: Request, leader_url: str) -> Response:
-    """Proxy ``req`` whole (method, target, headers, streamed body) to the leader; stream its answer back."""
+    """Proxy ``req`` whole (method, target, headers, body) to the leader; stream its answer back.
+
+    A small body is read first, so a request that meets a kept-alive connection the
+    leader has just closed goes again on a fresh one; a large one (an upload) is
+    streamed through on a fresh connection."""
     node = getattr(req.app, "node_id", "?")
     if req.header("x-forwarded-by"):
         raise errors.Unavailable(f"forwarded by {req.header('x-forwarded-by')[:40]} but {node} is not the leader "
                                  "either (leadership is changing); retry in a second")
-    parts = urllib.parse.urlsplit(leader_url)
-    if parts.scheme == "https":
-        conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=FORWARD_TIMEOUT_S,
-                                           context=getattr(req.app, "peer_ssl_context", None))
-    else:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=FORWARD_TIMEOUT_S)
-    try:
-        conn.putrequest(req.method, req.handler.path, skip_accept_encoding=True)
-        for name, value in req.headers.items():
-            if name.lower() not in _HOP_HEADERS and name.lower() != "x-forwarded-by":
-                conn.putheader(name, value)
-        if req.peer_host and not req.header("x-lab-host"):
-            conn.putheader("x-lab-host", req.peer_host)
-        conn.putheader("x-forwarded-by", node)
-        if req.content_length is not None:
-            conn.putheader("content-length", str(req.content_length))
-        conn.endheaders()
-    except OSError as err:
-        conn.close()
-        raise errors.Unavailable(f"the leader at {leader_url} did not answer ({err}); retry in a second") from None
-    try:
-        while req.remaining > 0:
-            chunk = req.read(1 << 16)
-            if not chunk:
-                break
-            conn.send(chunk)
-        resp = conn.getresponse()
-    except (OSError, http.client.HTTPException) as err:
-        conn.close()
-        raise errors.Unavailable(f"the leader at {leader_url} failed while answering ({err}); retry") from None
+    body = req.body_bytes(limit=SMALL_STREAM) if (req.content_length or 0) <= SMALL_STREAM else None
+    context = getattr(req.app, "peer_ssl_context", None)
+    for attempt in (1, 2):
+        conn, reused = _upstream_conn(leader_url, context, reuse=body is not None and attempt == 1)
+        try:
+            conn.putrequest(req.method, req.handler.path, skip_accept_encoding=True)
+            for name, value in req.headers.items():
+                if name.lower() not in _HOP_HEADERS and name.lower() != "x-forwarded-by":
+                    conn.putheader(name, value)
+            if req.peer_host and not req.header("x-lab-host"):
+                conn.putheader("x-lab-host", req.peer_host)
+            conn.putheader("x-forwarded-by", node)
+            if req.content_length is not None:
+                conn.putheader("content-length", str(req.content_length))
+            conn.endheaders(body or None)
+            while body is None and req.remaining > 0:
+                chunk = req.read(1 << 16)
+                if not chunk:
+                    break
+                conn.send(chunk)
+            resp = conn.getresponse()
+            break
+        except (OSError, http.client.HTTPException) as err:
+            conn.close()
+            if reused:
+                continue  # the leader closed this idle connection: nothing of the request reached it
+            raise errors.Unavailable(f"the leader at {leader_url} did not answer ({err}); retry in a second") from None
     headers = {h: resp.getheader(h) for h in _ANSWER_HEADERS if resp.getheader(h)}
     headers["x-forwarded-by"] = node
     length = int(resp.getheader("content-length") or 0)
     return Response(status=resp.status, content_type=resp.getheader("content-type") or "application/octet-stream",
-                    headers=headers, stream=_Upstream(resp, conn), length=length)
+                    headers=headers, stream=_Upstream(resp, conn, leader_url), length=length)
 
 
 def make_router() -> Router:

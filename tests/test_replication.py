@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OPERATOR_TOKEN, http_call, manifest_toml, serve_command, serve_env, wait_health
+from conftest import OPERATOR_TOKEN, Conn, http_call, manifest_toml, serve_command, serve_env, wait_health
 from test_e2e import manifest as e2e_manifest
 from test_e2e import jobs_cli, slow_job, wait_for, workers  # noqa: F401  (fixture)
 
@@ -371,3 +371,18 @@ def test_peers_over_mutual_tls_forward_a_worker_s_certificate_identity_and_nobod
     status, _, body = http_call(g.urls[g.leader()], "POST", "/v1/job/claim", {"capability": {}}, context=worker,
                                 headers={"x-forwarded-by": f, "x-lab-host": "ws2"})
     assert status == 403 and "certificate" in body["detail"]
+
+
+def test_a_follower_keeps_one_connection_to_the_leader_per_client_connection(group):
+    g = three(group)
+    leader = g.coords[g.leader()]
+    accepted = []
+    leader.server.accept_hook = accepted.append
+    with Conn(g.urls[g.follower()]) as conn:
+        assert conn.call("GET", "/v1/jobs")[0] == 200
+        opened = len(accepted)
+        for i in range(5):
+            status, headers, _ = conn.call("POST", "/v1/job/claim", {"capability": {}}, {"x-lab-host": f"w{i}"})
+            assert status == 200 and headers["x-forwarded-by"]
+            assert conn.call("GET", "/v1/workers")[0] == 200
+    assert len(accepted) == opened, "each forwarded request opened a new connection to the leader"
