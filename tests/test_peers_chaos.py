@@ -323,8 +323,10 @@ def test_exactly_once_through_kill_pause_and_partition_of_the_leader(tmp_path):
 
 @needs_peers
 def test_follower_restarted_behind_catches_up(tmp_path):
-    """A follower that was down while every job ran gets the whole state back once restarted (§5.3, §7)."""
-    with PeerGroup(tmp_path / "peers", n=3, manifest_text=manifest(30)) as group:
+    """A follower that was down while every job ran gets the whole state back once restarted: the log
+    was compacted meanwhile (every 20 entries), so it needs the leader's snapshot (§7)."""
+    with PeerGroup(tmp_path / "peers", n=3, manifest_text=manifest(30),
+                   extra_args=("--raft-snapshot-every", "20")) as group:
         group.wait_up()
         leader = group.wait_leader(30)
         follower = next(n for n in group.node_ids if n != leader)
@@ -342,13 +344,15 @@ def test_follower_restarted_behind_catches_up(tmp_path):
 def test_soak_random_faults(tmp_path, seed):
     rng = random.Random(seed)
     print(f"seed {seed}")
-    with PeerGroup(tmp_path / "peers", n=3, manifest_text=manifest(400)) as group:
+    with PeerGroup(tmp_path / "peers", n=3, manifest_text=manifest(1000),
+                   extra_args=("--raft-snapshot-every", str(rng.choice((50, 500, 10000))))) as group:
         group.wait_up()
         group.wait_leader(30)
-        with Workload(group.urls, tmp_path / "work", raw=3, client=3, work_s=0.1) as work:
+        with Workload(group.urls, tmp_path / "work", raw=3, client=3, work_s=0.2, abandon_every=13,
+                      late_every=17, late_s=4.5) as work:
             for _ in range(12):
                 run_fault(group, work, rng.choice(("kill9", "pause", "partition", "delay")), rng,
-                          hold_s=rng.uniform(0.5, 4.0))
+                          hold_s=rng.uniform(0.5, 6.0))
                 time.sleep(rng.uniform(0.2, 1.5))
-            drain(group, work, timeout=120)
+            drain(group, work, timeout=180)
         verify(group, work)
