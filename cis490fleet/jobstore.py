@@ -30,7 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cis490fleet import db, jobs, policy
-from cis490fleet.errors import AmbiguousId, BadRequest, FleetError, InvalidTransition, NotFound, Unavailable
+from cis490fleet.errors import (AmbiguousId, BadRequest, FleetError, InvalidTransition, NotFound, Unavailable,
+                                error_from_wire)
 from cis490fleet.model import (COMPLETED, FAILED, HELD_STATUSES, HOST_ID_RE, JOB_ID_RE, PENDING, SHA256_RE, STATUSES,
                                FleetConfig, HostSpec, JobSpec, TrainerConfig, normalize_capability)
 
@@ -105,6 +106,10 @@ MIGRATIONS = [
         path TEXT NOT NULL,
         created REAL NOT NULL
     );
+    """,
+    # Client sessions: a command carrying client_id + serial applies once; a retry gets the first result.
+    """
+    CREATE TABLE sessions (client_id TEXT PRIMARY KEY, serial INTEGER NOT NULL, result TEXT NOT NULL);
     """,
 ]
 
@@ -233,6 +238,18 @@ OPS: dict[str, dict[str, tuple]] = {
     "requeue": {"job_id": (_job_id, _REQUIRED)},
     "sweep_stale": {},
 }
+
+
+def _session(cmd: object) -> tuple[str, int] | None:
+    """(client_id, serial) of a command that carries them, else None."""
+    if not isinstance(cmd, dict) or cmd.get("client_id") is None:
+        return None
+    client_id, serial = cmd["client_id"], cmd.get("serial")
+    if not isinstance(client_id, str) or not 0 < len(client_id) <= 128:
+        raise BadRequest(f"field 'client_id' must be a string of 1-128 characters; got {client_id!r:.60}")
+    if isinstance(serial, bool) or not isinstance(serial, int) or serial < 1:
+        raise BadRequest(f"field 'serial' must be a whole number >= 1 with 'client_id'; got {serial!r:.60}")
+    return client_id, serial
 
 
 def validate_command(cmd: object) -> tuple[str, dict]:
@@ -383,6 +400,12 @@ class JobStore:
                              "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(int(applied_index)),))
             for cmd in cmds:
                 try:
+                    session = _session(cmd)
+                    if session is not None:
+                        seen = self._session_result(conn, *session)
+                        if seen is not None:
+                            results.append(seen)
+                            continue
                     op, args = validate_command(cmd)
                 except FleetError as err:
                     results.append(err)
@@ -393,11 +416,32 @@ class JobStore:
                 except FleetError as err:
                     conn.execute("ROLLBACK TO cmd")
                     conn.execute("RELEASE cmd")
-                    results.append(err)
+                    result = err
                 else:
                     conn.execute("RELEASE cmd")
-                    results.append(result)
+                results.append(result)
+                if session is not None:
+                    saved = ({"error": result.code, "detail": result.detail} if isinstance(result, FleetError)
+                             else {"result": result})
+                    conn.execute("INSERT INTO sessions (client_id, serial, result) VALUES (?, ?, ?) ON CONFLICT "
+                                 "(client_id) DO UPDATE SET serial = excluded.serial, result = excluded.result",
+                                 (session[0], session[1], _dumps(saved)))
         return results
+
+    @staticmethod
+    def _session_result(conn, client_id: str, serial: int):
+        """The first result of a command already applied for this client (an error is returned, not raised);
+        None when ``serial`` is new."""
+        row = conn.execute("SELECT serial, result FROM sessions WHERE client_id = ?", (client_id,)).fetchone()
+        if row is None or serial > row[0]:
+            return None
+        if serial < row[0]:
+            return BadRequest(f"client {client_id[:40]!r}: serial {serial} is older than {row[0]}, which is already "
+                              "applied; use a new serial for a new command")
+        saved = json.loads(row[1])
+        if "error" in saved:
+            return error_from_wire(0, saved["error"], saved["detail"])
+        return saved["result"]
 
     def applied_index(self) -> int:
         """The Raft log index the queue has applied up to (0 when never replicated)."""

@@ -386,3 +386,25 @@ def test_a_follower_keeps_one_connection_to_the_leader_per_client_connection(gro
             assert status == 200 and headers["x-forwarded-by"]
             assert conn.call("GET", "/v1/workers")[0] == 200
     assert len(accepted) == opened, "each forwarded request opened a new connection to the leader"
+
+
+def test_a_retried_command_of_a_client_session_applies_once_and_answers_as_the_first_time(group):
+    g = three(group)
+    leader = g.coords[g.leader()]
+    claim_cmd = {"op": "claim", "host": "w1", "capability": {}, "lease": None, "lease_from_index": True,
+                 "client_id": "w1-session", "serial": 1}
+    first = leader.execute(claim_cmd)
+    assert first["job_id"]
+    assert leader.execute(claim_cmd) == first
+    assert g.converged()["claimed"] == 1
+    release = {"op": "release", "job_id": first["job_id"], "host": "w1", "lease": "wrong",
+               "client_id": "w1-session", "serial": 2}
+    with pytest.raises(errors.StaleLease):
+        leader.execute(release)
+    with pytest.raises(errors.StaleLease):  # the same answer, from the session, not a second try
+        leader.execute({**release, "lease": first["lease"]})
+    assert g.converged()["claimed"] == 1
+    with pytest.raises(errors.BadRequest, match="serial 1 is older than 2"):
+        leader.execute(claim_cmd)
+    for c in g.coords.values():
+        assert c.store.job(first["job_id"], time.time())["status"] == "claimed"
