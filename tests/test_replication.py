@@ -408,3 +408,30 @@ def test_a_retried_command_of_a_client_session_applies_once_and_answers_as_the_f
         leader.execute(claim_cmd)
     for c in g.coords.values():
         assert c.store.job(first["job_id"], time.time())["status"] == "claimed"
+
+
+def test_peers_come_from_the_flags_else_from_the_manifest_s_fleet_peers(tmp_path, caplog):
+    from cis490fleet.coordinator import _peer_settings, build_parser
+
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(manifest_toml(1, extra='[[fleet.peers]]\nid = "a"\nurl = "http://127.0.0.1:9001"\n'
+                                              '[[fleet.peers]]\nid = "b"\nurl = "http://127.0.0.1:9002/"\n'))
+    args = build_parser().parse_args(["--manifest", str(manifest), "--node-id", "a", "--raft-tick-ms", "20"])
+    peers, options, _ = _peer_settings(args)
+    assert peers == {"a": "http://127.0.0.1:9001", "b": "http://127.0.0.1:9002"}
+    assert options["tick_s"] == 0.02 and options["election_ticks"] == (10, 20)
+    flags = build_parser().parse_args(["--manifest", str(manifest), "--node-id", "x", "--peer", "x=http://h:1"])
+    assert _peer_settings(flags)[0] == {"x": "http://h:1"}
+    assert _peer_settings(build_parser().parse_args([]))[0] is None
+    for bad, message in ((["--peer", "a=http://h:1"], "needs --node-id"),
+                         (["--node-id", "a", "--peer", "a=http://h:1", "--peer", "a=http://h:2"], "id twice"),
+                         (["--node-id", "a", "--peer", "a=http://h:1", "--raft-election-ticks", "20-10"], "LO < HI")):
+        with pytest.raises(errors.ConfigError, match=message):
+            _peer_settings(build_parser().parse_args(bad))
+
+
+def test_a_group_of_two_warns_that_it_cannot_survive_a_loss(group, caplog):
+    caplog.set_level(logging.WARNING, logger="cis490fleet.replication")
+    g = group(n=2)
+    g.start("a")
+    assert "add a third --peer" in caplog.text
