@@ -17,7 +17,6 @@ because a second delivery could act twice. Bundles are never read into memory.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import logging
@@ -452,6 +451,8 @@ class Client:
                 _check_sha256(sha256, "sha256")
                 size = path.stat().st_size
             else:
+                import hashlib  # only uploads and downloads hash; `jobs status` starts faster without it
+
                 digest = hashlib.sha256()
                 size = 0
                 with open(path, "rb") as f:
@@ -509,6 +510,8 @@ class Client:
     def _download(self, path: str, dest: Path, expect: str | None) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}-{threading.get_ident()}")
+
+        import hashlib
 
         def sink(resp) -> str:
             digest = hashlib.sha256()

@@ -39,7 +39,6 @@ in ``[[sweeps]]`` it lists alternatives (``hidden = [[64, 64], [128]]``).
 from __future__ import annotations
 
 import datetime
-import difflib
 import itertools
 import json
 import math
@@ -153,6 +152,8 @@ def _show(value: Any) -> str:
 
 
 def _suggest(word: str, choices, listing: str = "expected one of") -> str:
+    import difflib  # only a manifest with a mistake needs it
+
     choices = [str(c) for c in choices]
     close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
     if close:
