@@ -588,7 +588,9 @@ class Replicator:
 
     def push_artifact(self, sha: str, meta: dict, timeout: float = 60.0) -> int:
         """Leader: send a stored bundle to every follower in parallel; returns how many peers hold it
-        (this one included) once a majority does, else raises Unavailable."""
+        (this one included) once a majority does, else raises Unavailable.
+
+        ``timeout`` is per socket operation; the wait for a majority also allows 10 MiB/s for the bytes."""
         path = self.artifacts.locate(sha)
         size = path.stat().st_size
         need = len(self.peers) // 2 + 1
@@ -619,7 +621,7 @@ class Replicator:
         others = [(p, u) for p, u in self.peers.items() if p != self.node_id]
         for pid, url in others:
             threading.Thread(target=push, args=(pid, url), name="raft-artifact-push", daemon=True).start()
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout + size / (10 << 20)
         for _ in others:
             with lock:
                 if ok[0] >= need:

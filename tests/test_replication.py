@@ -435,3 +435,20 @@ def test_a_group_of_two_warns_that_it_cannot_survive_a_loss(group, caplog):
     g = group(n=2)
     g.start("a")
     assert "add a third --peer" in caplog.text
+
+
+def test_a_follower_that_missed_an_upload_fetches_the_bundle_when_it_applies_the_record(group):
+    g = three(group)
+    leader = g.leader()
+    away = g.follower()
+    g.stop(away)
+    got = claim(g.urls[leader], "w1")
+    data = os.urandom(10_000)
+    sha = hashlib.sha256(data).hexdigest()
+    status, _, _ = http_call(g.urls[leader], "PUT", f"/v1/model/{got['job_id']}", data,
+                             headers={"x-lab-host": "w1", "x-lease": got["lease"], "x-content-sha256": sha})
+    assert status == 201
+    assert (g.tmp / away).exists() and not list((g.tmp / away).glob(f"models/*/{sha}"))
+    back = g.start(away)
+    wait_for("the returning follower to fetch the bundle", lambda: back.artifacts.locate(sha) is not None, timeout=10)
+    assert hashlib.sha256(back.artifacts.locate(sha).read_bytes()).hexdigest() == sha
