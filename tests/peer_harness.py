@@ -23,6 +23,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import queue
 import signal
 import socket
 import sqlite3
@@ -155,21 +156,44 @@ class LinkProxy:
         self._pump(client, upstream, pair)
 
     def _pump(self, src: socket.socket, dst: socket.socket | None, pair) -> None:
+        """Read ``src``; hand each chunk to a writer that sends it once its delay has passed. The delay is
+        latency, not a throughput cap: chunks read back to back leave back to back, each ``delay_ms`` late."""
+        out: queue.SimpleQueue | None = None
+        if dst is not None:
+            out = queue.SimpleQueue()
+            threading.Thread(target=self._write, args=(out, dst, pair), daemon=True).start()
         try:
             while True:
                 data = src.recv(CHUNK)
                 if not data:
                     break
                 mode = self._mode
-                if mode == "blackhole" or dst is None:
+                if mode == "blackhole" or out is None:
                     self.bytes_dropped += len(data)
                     continue
-                if mode == "delay" and self.delay_ms:
-                    time.sleep(self.delay_ms / 1000)
-                dst.sendall(data)
-                self.bytes_forwarded += len(data)
+                out.put((time.monotonic() + (self.delay_ms / 1000 if mode == "delay" else 0.0), data))
         except OSError:
             pass
+        if out is not None:
+            out.put(None)
+        else:
+            self._finish(pair)
+
+    def _write(self, out: queue.SimpleQueue, dst: socket.socket, pair) -> None:
+        while (item := out.get()) is not None:
+            due, data = item
+            wait = due - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+            self.bytes_forwarded += len(data)
+        self._finish(pair)
+
+    def _finish(self, pair) -> None:
+        """One direction ended: end the other too (a half-closed HTTP connection is of no use to a peer)."""
         with self._lock:
             tracked = pair in self._conns
             self._conns.discard(pair)

@@ -235,8 +235,13 @@ def test_differences_are_described():
 
 # -- the group under chaos -----------------------------------------------------------------------------
 
-needs_peers = pytest.mark.skipif("not serve_supports_peers()",
-                                 reason="serve does not take --peer yet (replicated coordinator not landed)")
+@pytest.fixture
+def peers_supported():
+    if not serve_supports_peers():
+        pytest.skip("serve does not take --peer: the replicated coordinator is not in this build")
+
+
+needs_peers = pytest.mark.usefixtures("peers_supported")
 
 
 def all_completed(group: PeerGroup, leader: str) -> bool:
