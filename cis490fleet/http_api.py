@@ -556,6 +556,7 @@ def h_metrics(req: Request):
 
 
 RAFT_MAX_BYTES = 256 << 20
+RAFT_PREFIX = "/v1/raft/"
 
 
 def h_raft_messages(req: Request):
@@ -932,9 +933,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 resp.close = True
             ms = (time.perf_counter() - t0) * 1000
             # Logged and counted before the answer goes out, so whoever sees the answer also sees the record.
-            self.server.observe(resp.status, ms)
-            access_log.info("%s %s %d %.1fms host=%s", method, _safe_target(path, parsed.query), resp.status, ms,
-                            str(host_for_log)[:64])
+            peer_traffic = path.startswith(RAFT_PREFIX)  # heartbeats many times a second: not client requests
+            if not peer_traffic:
+                self.server.observe(resp.status, ms)
+            access_log.log(logging.DEBUG if peer_traffic and resp.status < 400 else logging.INFO,
+                           "%s %s %d %.1fms host=%s", method, _safe_target(path, parsed.query), resp.status, ms,
+                           str(host_for_log)[:64])
             try:
                 self._write(resp, head=(method == "HEAD"))
             except OSError:

@@ -452,3 +452,16 @@ def test_a_follower_that_missed_an_upload_fetches_the_bundle_when_it_applies_the
     back = g.start(away)
     wait_for("the returning follower to fetch the bundle", lambda: back.artifacts.locate(sha) is not None, timeout=10)
     assert hashlib.sha256(back.artifacts.locate(sha).read_bytes()).hexdigest() == sha
+
+
+def test_peer_traffic_stays_out_of_the_request_counters_and_the_info_access_log(group, caplog):
+    caplog.set_level(logging.INFO, logger="cis490fleet.http_api.access")
+    g = three(group)
+    f = g.coords[g.follower()]
+    before = f.counters.snapshot()["counters"]["requests"]
+    time.sleep(0.5)  # ten heartbeat rounds at 50 ms ticks
+    assert f.replicator.status()["role"] == "follower"
+    assert f.counters.snapshot()["counters"]["requests"] == before
+    assert "/v1/raft/messages" not in caplog.text
+    assert http_call(g.urls[g.follower()], "GET", "/v1/health")[0] == 200
+    assert "/v1/health" in caplog.text
