@@ -316,3 +316,35 @@ def test_upload_with_the_bundles_known_sha_is_still_verified_by_the_server(live_
         assert client.upload(got["job_id"], got["lease"], bundle, sha256=sha)["artifact_id"] == sha
         with pytest.raises(errors.BadRequest, match="sha256"):
             client.upload(got["job_id"], got["lease"], bundle, sha256="not-a-sha")
+
+
+# -- the claim's capability cache ------------------------------------------------------------------------
+
+
+def test_claim_capability_cache_answers_as_if_every_claim_normalised_afresh(tmp_path):
+    """The store caches a claim's normalised and effective capability; 4 and 4.0 still normalise apart,
+    and a new manifest's [[hosts]] override applies to the very next claim with the same capability."""
+    from cis490fleet.model import FleetConfig, HostSpec, Manifest
+
+    def sync(hosts):
+        m = Manifest(fleet=FleetConfig(), hosts=tuple(hosts),
+                     jobs=tuple(JobSpec(model="mlp", mode="train", seed=i) for i in range(6))).to_json()
+        store.execute({"op": "sync_manifest", "now": 1.0, "manifest": m})
+
+    def claim(cap, lease):
+        return store.execute({"op": "claim", "now": 2.0, "host": "ws1", "capability": cap, "lease": lease})
+
+    def stored_cores():
+        return [w["capability"]["cores"] for w in store.workers(2.0) if w["host"] == "ws1"]
+
+    with JobStore(tmp_path / "queue.sqlite3") as store:
+        sync([])
+        cap = {"cores": 4, "ram_gib": 16.0, "slots": 3}
+        assert claim(dict(cap), "L1")["job"] is not None and stored_cores() == [4]
+        assert claim(dict(cap, cores=4.0), "L2")["job"] is not None and stored_cores() == [1]  # not an int
+        assert claim(dict(cap), "L3")["job"] is not None
+        assert claim(dict(cap), "L3b") == {"job": None}  # three held in its three slots
+        sync([HostSpec(id="ws1", slots=5)])
+        assert claim(dict(cap), "L4")["job"] is not None  # the override counts at once
+        sync([HostSpec(id="ws1", slots=4)])
+        assert claim(dict(cap), "L5") == {"job": None}
