@@ -23,6 +23,7 @@ import stat
 import sys
 import threading
 import time
+import urllib.parse
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -863,6 +864,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.port_file:
         _write_atomic(Path(args.port_file), coord.url + "\n")
     print(f"listening on {coord.url}", flush=True)
+    if peers:
+        own = peers[coord.node_id]
+        if urllib.parse.urlsplit(own).port not in (None, coord.server.port):
+            log.warning("--peer %s=%s names another port than this serve listens on (%d): the other peers reach "
+                        "it there only through a proxy", coord.node_id, own, coord.server.port)
     log.info("listening on %s (data %s, node %s)", coord.url, data_dir, coord.node_id)
     sd_notify("READY=1\nSTATUS=listening on " + coord.url)
 
