@@ -1,15 +1,16 @@
 """Chaos harness for a replicated coordinator group: link proxies, peer processes, faults, final state.
 
 - ``LinkProxy`` — a TCP proxy on 127.0.0.1 for one directed link (peer a -> peer b),
-  switchable at run time: ``pass``, ``delay`` (ms per chunk), ``blackhole``
+  switchable at run time: ``pass``, ``delay`` (added latency, ms), ``blackhole``
   (accept, read and drop every byte: the sender sees a timeout), ``refuse``
   (accept and reset at once: the sender sees a connection error) and ``reset``
   (cut every open connection once, then pass). Partitions without root.
 - ``PeerGroup`` — N ``serve --peer ...`` subprocesses, each with its own data folder
   and manifest copy; peer a's ``--peer b=URL`` is the proxy a->b, its own entry is its
-  real URL. Faults: ``kill9``, ``pause`` (SIGSTOP), ``resume`` (SIGCONT), ``restart``,
-  ``partition(groups)``, ``heal()``. ``wait_leader()`` finds the leader a majority names;
-  ``converged_states()`` reads every peer's ``queue.sqlite3`` read-only until all agree.
+  real URL (``proxies=False``: all direct, for benchmarks). Faults: ``kill9``, ``pause``
+  (SIGSTOP), ``resume`` (SIGCONT), ``restart``, ``partition(groups)``, ``heal()``.
+  ``wait_leader()`` finds the leader a majority names; ``converged_states()`` reads every
+  peer's ``queue.sqlite3`` read-only until all agree.
 - ``Workload`` — worker threads that claim, upload a small bundle and complete, half as the
   original fleet client does (raw http.client, ``x-lab-host``, no lease), half through our
   ``Client``; every acknowledged claim and complete goes into a ``History``.
