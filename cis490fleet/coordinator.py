@@ -786,7 +786,8 @@ def _peer_settings(args) -> tuple[dict[str, str] | None, dict, object]:
     try:
         election = (int(lo), int(hi))
     except ValueError:
-        raise errors.ConfigError(f"--raft-election-ticks {args.raft_election_ticks!r} is not LO-HI, e.g. 10-20") from None
+        raise errors.ConfigError(f"--raft-election-ticks {args.raft_election_ticks!r} is not LO-HI, "
+                                 "e.g. 10-20") from None
     if not sep or not 0 < args.raft_heartbeat_ticks < election[0] < election[1]:
         raise errors.ConfigError("need 0 < --raft-heartbeat-ticks < LO < HI of --raft-election-ticks; got "
                                  f"{args.raft_heartbeat_ticks} and {args.raft_election_ticks}")
@@ -866,9 +867,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"listening on {coord.url}", flush=True)
     if peers:
         own = peers[coord.node_id]
-        if urllib.parse.urlsplit(own).port not in (None, coord.server.port):
+        if urllib.parse.urlsplit(own).port not in (None, server.port):
             log.warning("--peer %s=%s names another port than this serve listens on (%d): the other peers reach "
-                        "it there only through a proxy", coord.node_id, own, coord.server.port)
+                        "it there only through a proxy", coord.node_id, own, server.port)
     log.info("listening on %s (data %s, node %s)", coord.url, data_dir, coord.node_id)
     sd_notify("READY=1\nSTATUS=listening on " + coord.url)
 

@@ -20,13 +20,15 @@ import pytest
 
 from conftest import OPERATOR_TOKEN, Conn, http_call, manifest_toml, serve_command, serve_env, wait_health
 from test_e2e import manifest as e2e_manifest
-from test_e2e import jobs_cli, slow_job, wait_for, workers  # noqa: F401  (fixture)
+import test_e2e
+from test_e2e import jobs_cli, slow_job, wait_for
 
 from cis490fleet import errors
 from cis490fleet.coordinator import Coordinator
 from cis490fleet.replication import cluster_id, parse_peer
 
 ROOT = Path(__file__).resolve().parent.parent
+workers = test_e2e.workers  # the e2e worker-process fixture
 FAST = {"tick_s": 0.05, "election_ticks": (10, 20), "heartbeat_ticks": 1}
 W1 = {"x-lab-host": "w1"}
 
@@ -310,7 +312,7 @@ def test_kill_9_of_the_leader_elects_another_and_loses_no_acknowledged_write(tmp
 
 
 @pytest.mark.skipif(os.name == "nt", reason="uses POSIX signals")
-def test_a_group_of_one_serves_a_worker_end_to_end(tmp_path, workers):  # noqa: F811
+def test_a_group_of_one_serves_a_worker_end_to_end(tmp_path, workers):
     (port,) = free_ports(1)
     url = f"http://127.0.0.1:{port}"
     manifest = tmp_path / "manifest.toml"
