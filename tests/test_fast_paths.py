@@ -348,3 +348,18 @@ def test_claim_capability_cache_answers_as_if_every_claim_normalised_afresh(tmp_
         assert claim(dict(cap), "L4")["job"] is not None  # the override counts at once
         sync([HostSpec(id="ws1", slots=4)])
         assert claim(dict(cap), "L5") == {"job": None}
+
+
+def test_date_header_is_the_current_second_though_formatted_once_a_second(live_server):
+    import email.utils
+
+    srv = live_server(manifest_toml(1))
+    with Conn(srv.url) as conn:
+        for _ in range(3):
+            before = int(time.time())
+            status, headers, _ = conn.call("GET", "/v1/health")
+            after = int(time.time())
+            assert status == 200
+            sent = email.utils.parsedate_to_datetime(headers["date"]).timestamp()
+            assert before <= sent <= after and headers["date"].endswith(" GMT")
+            time.sleep(0.6)
