@@ -52,6 +52,9 @@ class _HashingWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
+    def tell(self) -> int:
+        return self.size
+
     def write(self, data) -> int:
         data = bytes(data)
         self.raw.write(data)
@@ -114,8 +117,12 @@ def make_bundle(src_dir: str | os.PathLike, dest_path_without_ext: str | os.Path
     try:
         with open(tmp, "wb") as raw:
             sink = _HashingWriter(raw)
-            out = zstd.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(sink, closefd=False) if zstd else sink
-            with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8") as tar:
+            out = (zstd.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(sink, closefd=False, write_size=CHUNK)
+                   if zstd else sink)
+            # "w", not the stream mode "w|": the same bytes, but file data goes to zstd in 1 MiB
+            # writes instead of through tarfile's 10 KiB record buffer, which re-copies on every write.
+            with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                              copybufsize=CHUNK) as tar:
                 for arcname, path in _entries(src):
                     info = _tarinfo(arcname, path, src)
                     if info.isreg():
