@@ -169,3 +169,31 @@ def test_garbage_is_a_clear_error(tmp_path):
 def test_missing_source_folder(tmp_path):
     with pytest.raises(errors.BadRequest, match="not a folder"):
         bundle.make_bundle(tmp_path / "nope", tmp_path / "b")
+
+
+@pytest.mark.parametrize("with_zstd", [True, False])
+def test_bundle_bytes_equal_a_tarfile_stream_of_the_same_entries(tmp_path, monkeypatch, with_zstd):
+    """make_bundle feeds tarfile and zstd in large writes; the bytes must stay those of the plain
+    stream-mode recipe (tarfile "w|" into a default zstd stream), so existing artifact ids keep matching."""
+    if with_zstd:
+        zstandard = pytest.importorskip("zstandard")
+    else:
+        monkeypatch.setattr(bundle, "_zstandard", lambda: None)
+    src = write_tree(tmp_path / "src", mtime=1_000_000)
+    (src / "big.bin").write_bytes(os.urandom(3 * bundle.CHUNK + 12345))
+    path, sha, size = bundle.make_bundle(src, tmp_path / "b")
+
+    ref = io.BytesIO()
+    out = zstandard.ZstdCompressor(level=bundle.ZSTD_LEVEL).stream_writer(ref, closefd=False) if with_zstd else ref
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8") as tar:
+        for arcname, entry in bundle._entries(src):
+            info = bundle._tarinfo(arcname, entry, src)
+            if info.isreg():
+                with open(entry, "rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
+    if with_zstd:
+        out.close()
+    assert path.read_bytes() == ref.getvalue()
+    assert (sha, size) == (hashlib.sha256(ref.getvalue()).hexdigest(), len(ref.getvalue()))
