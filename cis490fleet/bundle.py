@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import queue
 import stat
 import tarfile
+import threading
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -42,12 +44,20 @@ def bundle_suffix(first_bytes: bytes) -> str:
 
 
 class _HashingWriter(io.RawIOBase):
-    """Writes through to a file while hashing and counting, so the bundle is read once."""
+    """Writes through to a file while a second thread hashes and counts, so the bundle is read once
+    and the sha256 overlaps compression (hashlib and zstd both release the GIL on large buffers)."""
 
     def __init__(self, raw: BinaryIO):
         self.raw = raw
         self.sha = hashlib.sha256()
         self.size = 0
+        self._pending: queue.Queue = queue.Queue(maxsize=8)
+        self._hasher = threading.Thread(target=self._hash, name="bundle-sha256", daemon=True)
+        self._hasher.start()
+
+    def _hash(self) -> None:
+        while (data := self._pending.get()) is not None:
+            self.sha.update(data)
 
     def writable(self) -> bool:
         return True
@@ -58,9 +68,16 @@ class _HashingWriter(io.RawIOBase):
     def write(self, data) -> int:
         data = bytes(data)
         self.raw.write(data)
-        self.sha.update(data)
+        self._pending.put(data)
         self.size += len(data)
         return len(data)
+
+    def hexdigest(self) -> str:
+        """The sha256 of everything written; also ends the hashing thread (call it once, also on failure)."""
+        if self._hasher.is_alive():
+            self._pending.put(None)
+            self._hasher.join()
+        return self.sha.hexdigest()
 
 
 def _entries(src: Path) -> list[tuple[str, Path]]:
@@ -114,6 +131,7 @@ def make_bundle(src_dir: str | os.PathLike, dest_path_without_ext: str | os.Path
     dest = Path(str(dest_path_without_ext) + (".tar.zst" if zstd else ".tar"))
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
+    sink = None
     try:
         with open(tmp, "wb") as raw:
             sink = _HashingWriter(raw)
@@ -134,11 +152,14 @@ def make_bundle(src_dir: str | os.PathLike, dest_path_without_ext: str | os.Path
                 out.close()
             raw.flush()
             os.fsync(raw.fileno())
+            sha = sink.hexdigest()
         os.replace(tmp, dest)
     except BaseException:
+        if sink is not None:
+            sink.hexdigest()
         tmp.unlink(missing_ok=True)
         raise
-    return dest, sink.sha.hexdigest(), sink.size
+    return dest, sha, sink.size
 
 
 def _open_stream(f: BinaryIO, path: Path) -> BinaryIO:
