@@ -510,11 +510,12 @@ class JobStore:
     def _max_attempts(retries: int | None, fleet: FleetConfig) -> int:
         return fleet.max_attempts if retries is None else retries + 1
 
-    def _save(self, conn, step: jobs.Step) -> None:
+    def _save(self, conn, step: jobs.Step, *, clear_progress: bool = False) -> None:
         j = step.job
         conn.execute(
             "UPDATE jobs SET status = ?, attempts = ?, tries = ?, host = ?, lease = ?, lease_expires = ?, "
-            "not_before = ?, artifact_id = ?, last_error = ?, updated = ? WHERE id = ?",
+            "not_before = ?, artifact_id = ?, last_error = ?, updated = ?"
+            + (", progress = NULL" if clear_progress else "") + " WHERE id = ?",
             (j.status, j.attempts, j.tries, j.host, j.lease, j.lease_expires, j.not_before, j.artifact_id,
              j.last_error, j.updated, j.id))
         if step.opened is not None:
@@ -680,11 +681,11 @@ class JobStore:
                 best = row
         if best is None:
             return {"job": None}
-        state, row = self._load(conn, best[0])
+        row = conn.execute(f"SELECT {STATE_COLUMNS}, spec FROM jobs WHERE id = ?", (best[0],)).fetchone()
+        state = _state(row)
         step = jobs.claim(state, host=host, lease=lease, now=now, stale_after_s=meta.fleet.stale_after_s)
-        self._save(conn, step)
-        conn.execute("UPDATE jobs SET progress = NULL WHERE id = ?", (state.id,))
-        spec_json = json.loads(conn.execute("SELECT spec FROM jobs WHERE id = ?", (state.id,)).fetchone()[0])
+        self._save(conn, step, clear_progress=True)
+        spec_json = json.loads(row[-1])
         return {"job_id": state.id, "job": {**spec_json, "id": state.id}, "lease": lease,
                 "attempt": step.opened.number, "heartbeat_s": meta.fleet.heartbeat_s,
                 "stale_after_s": meta.fleet.stale_after_s, "trainer": meta.trainer.to_json()}

@@ -363,3 +363,22 @@ def test_date_header_is_the_current_second_though_formatted_once_a_second(live_s
             sent = email.utils.parsedate_to_datetime(headers["date"]).timestamp()
             assert before <= sent <= after and headers["date"].endswith(" GMT")
             time.sleep(0.6)
+
+
+def test_claim_in_fewer_statements_still_clears_progress_and_returns_the_spec(tmp_path):
+    """The claim loads the spec with the job's state and clears progress in the state's UPDATE."""
+    from cis490fleet.model import FleetConfig, Manifest
+
+    spec = JobSpec(model="mlp", mode="train", seed=7, hyper={"lr": 0.1})
+    m = Manifest(fleet=FleetConfig(), jobs=(spec,)).to_json()
+    with JobStore(tmp_path / "queue.sqlite3") as store:
+        store.execute({"op": "sync_manifest", "now": 1.0, "manifest": m})
+        first = store.execute({"op": "claim", "now": 2.0, "host": "ws1", "capability": CPU, "lease": "L1"})
+        assert first["job"] == {**spec.to_json(), "id": spec.id}
+        store.execute({"op": "heartbeat", "now": 3.0, "job_id": spec.id, "host": "ws1", "lease": "L1",
+                       "progress": {"epoch": 3}, "log_tail": None})
+        assert store.job(spec.id, 3.0)["progress"] == {"epoch": 3}
+        store.execute({"op": "release", "now": 4.0, "job_id": spec.id, "host": "ws1", "lease": "L1"})
+        again = store.execute({"op": "claim", "now": 5.0, "host": "ws2", "capability": CPU, "lease": "L2"})
+        assert again["job_id"] == spec.id and again["job"] == first["job"]
+        assert store.job(spec.id, 5.0)["progress"] is None
