@@ -382,3 +382,35 @@ def test_claim_in_fewer_statements_still_clears_progress_and_returns_the_spec(tm
         again = store.execute({"op": "claim", "now": 5.0, "host": "ws2", "capability": CPU, "lease": "L2"})
         assert again["job_id"] == spec.id and again["job"] == first["job"]
         assert store.job(spec.id, 5.0)["progress"] is None
+
+
+# -- CLI start-up ------------------------------------------------------------------------------------------
+
+
+def _modules_after(code: str) -> set[str]:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    probe = f"import sys; sys.path.insert(0, {str(root)!r}); {code}; import json; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def test_manifest_check_imports_neither_logging_nor_subprocess():
+    """The zipapp compiles every module it imports; `manifest check` needs no logging, no subprocess
+    (only --describe runs a command) and no difflib (only a mistake gets a suggestion)."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "etc" / "training_manifest.toml.example"
+    loaded = _modules_after(f"from cis490fleet import cli; assert cli.main(['manifest', 'check', {str(example)!r}]) == 0")
+    assert {"cis490fleet.manifest", "tomllib"} <= loaded
+    assert not loaded & {"logging", "subprocess", "difflib"}
+
+
+def test_jobs_cli_does_not_import_hashlib_until_it_moves_a_bundle():
+    loaded = _modules_after("import cis490fleet.ops")
+    assert {"cis490fleet.client", "http.client"} <= loaded
+    assert not loaded & {"hashlib", "subprocess"}
