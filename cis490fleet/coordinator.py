@@ -415,8 +415,11 @@ class Coordinator:
             self._generation += 1
             self._wake.notify_all()
 
-    def claim(self, host: str, capability: dict, wait: float = 0.0) -> dict:
-        """A claim for ``host``; with ``wait``, hold on until a job is eligible or the wait ends."""
+    def claim(self, host: str, capability: dict, wait: float = 0.0, session: dict | None = None) -> dict:
+        """A claim for ``host``; with ``wait``, hold on until a job is eligible or the wait ends.
+
+        ``session`` (``client_id`` + ``serial``) goes into every try: the queue remembers only the try
+        that got a job, so a retried request gets that job and lease again instead of a second one."""
         deadline = time.monotonic() + max(0.0, wait)
         while True:
             with self._wake:
@@ -426,7 +429,8 @@ class Coordinator:
                 lease = {"lease": None, "lease_from_index": True}  # the fencing token is the claim's log index
             else:
                 lease = {"lease": secrets.token_hex(16)}
-            result = self.execute({"op": "claim", "host": host, "capability": capability, **lease})
+            result = self.execute({"op": "claim", "host": host, "capability": capability, **lease,
+                                   **(session or {})})
             self.counters.observe_claim((time.perf_counter() - t0) * 1000)
             if result.get("job") is not None or wait <= 0:
                 return result

@@ -42,6 +42,8 @@ MAX_WAIT_S = 60.0
 SOCKET_TIMEOUT_S = 60.0
 MAX_HANDLERS = 512
 MAX_LEASE_CHARS = 128
+CLIENT_ID_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
+MAX_SERIAL = 2**63 - 1  # SQLite's INTEGER
 MAX_ERROR_TEXT = 64 * 1024
 MAX_LOG_TAIL = 256 * 1024
 LINGER_S = 2.0
@@ -211,6 +213,24 @@ class Request:
             raise errors.BadRequest(f"x-lease is not a valid lease: expected the lease token from the claim "
                                     f"(at most {MAX_LEASE_CHARS} printable characters)")
         return value
+
+    def session(self) -> dict:
+        """``client_id`` + ``serial`` from ``x-client-id`` / ``x-client-serial`` for a write command, so a
+        retried request applies once; empty when neither is sent (the original client sends none)."""
+        client_id, serial = self.header("x-client-id"), self.header("x-client-serial")
+        if not client_id and not serial:
+            return {}
+        if not client_id:
+            raise errors.BadRequest("x-client-serial was sent without x-client-id: send both headers or neither")
+        if not serial:
+            raise errors.BadRequest("x-client-id was sent without x-client-serial: send both headers or neither")
+        if not CLIENT_ID_RE.fullmatch(client_id):
+            raise errors.BadRequest(f"x-client-id {client_id[:80]!r} is not a valid client id: use 16-64 letters, "
+                                    "digits, '_' or '-'")
+        if not (serial.isascii() and serial.isdigit()) or not 0 < int(serial) <= MAX_SERIAL:
+            raise errors.BadRequest(f"x-client-serial {serial[:40]!r} is not a positive whole number: send the "
+                                    f"request's serial, 1 to {MAX_SERIAL}")
+        return {"client_id": client_id, "serial": int(serial)}
 
     def require_operator(self) -> None:
         token = getattr(self.app, "operator_token", None)
@@ -394,6 +414,9 @@ def h_claim(req: Request):
     body = req.json_object()
     capability = field_object(body, "capability") or {}
     wait = field_number(body, "wait", 0, MAX_WAIT_S) or 0.0
+    session = req.session()
+    if session:
+        return req.app.claim(host, capability, wait, session=session)
     return req.app.claim(host, capability, wait)
 
 
@@ -410,7 +433,7 @@ def h_heartbeat(req: Request):
         body = {}
     elif not isinstance(body, dict):
         raise errors.BadRequest(f"heartbeat body must be a JSON object or an array of objects, got {_json_type(body)}")
-    cmd = {"op": "heartbeat", "job_id": job_id, "host": host, "lease": lease}
+    cmd = {"op": "heartbeat", "job_id": job_id, "host": host, "lease": lease, **req.session()}
     progress = field_object(body, "progress")
     if progress is not None:
         cmd["progress"] = progress
@@ -427,7 +450,8 @@ def h_complete(req: Request):
     lease = req.lease()
     artifact_id = field_string(req.json_object(), "artifact_id", required=True)
     sha_param(artifact_id)
-    req.app.execute({"op": "complete", "job_id": job_id, "host": host, "lease": lease, "artifact_id": artifact_id})
+    req.app.execute({"op": "complete", "job_id": job_id, "host": host, "lease": lease, "artifact_id": artifact_id,
+                     **req.session()})
     return {"ok": True}
 
 
@@ -436,7 +460,8 @@ def h_fail(req: Request):
     host = req.host_id()
     lease = req.lease()
     error = field_string(req.json_object(), "error", required=True)
-    result = req.app.execute({"op": "fail", "job_id": job_id, "host": host, "lease": lease, "error": error})
+    result = req.app.execute({"op": "fail", "job_id": job_id, "host": host, "lease": lease, "error": error,
+                              **req.session()})
     return {**result, "ok": True}
 
 
@@ -445,26 +470,27 @@ def h_release(req: Request):
     host = req.host_id()
     lease = req.lease()
     req.json()  # an optional, ignored body is read so the connection stays usable
-    req.app.execute({"op": "release", "job_id": job_id, "host": host, "lease": lease})
+    req.app.execute({"op": "release", "job_id": job_id, "host": host, "lease": lease, **req.session()})
     return {"ok": True}
 
 
 def h_cancel(req: Request):
     req.require_operator()
     job_id = req.app.resolve_job_id(job_ref_param(req.params["id"]))
-    req.app.execute({"op": "cancel", "job_id": job_id})
+    req.app.execute({"op": "cancel", "job_id": job_id, **req.session()})
     return {"ok": True}
 
 
 def h_requeue(req: Request):
     req.require_operator()
     job_id = req.app.resolve_job_id(job_ref_param(req.params["id"]))
-    req.app.execute({"op": "requeue", "job_id": job_id})
+    req.app.execute({"op": "requeue", "job_id": job_id, **req.session()})
     return {"ok": True}
 
 
 def h_reload(req: Request):
     req.require_operator()
+    req.session()  # checked like every write's; a reload re-reads the file, so repeating one is harmless anyway
     return req.app.reload_manifest()
 
 
@@ -495,7 +521,7 @@ def h_workers(req: Request):
 def h_register(req: Request):
     host = req.host_id()
     capability = field_object(req.json_object(), "capability", required=True)
-    result = req.app.execute({"op": "register_worker", "host": host, "capability": capability})
+    result = req.app.execute({"op": "register_worker", "host": host, "capability": capability, **req.session()})
     return {**result, "ok": True}
 
 

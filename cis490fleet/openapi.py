@@ -43,6 +43,17 @@ _HOST_HEADER = {"name": "x-lab-host", "in": "header", "required": False, "schema
                 "description": "the worker's host id; required unless a TLS client certificate names it"}
 _LEASE_HEADER = {"name": "x-lease", "in": "header", "required": False, "schema": {"type": "string"},
                  "description": "the lease from the claim; without it the job is fenced by host identity"}
+_SESSION = [{"$ref": "#/components/parameters/clientId"}, {"$ref": "#/components/parameters/clientSerial"}]
+PARAMETERS = {
+    "clientId": {"name": "x-client-id", "in": "header", "required": False,
+                 "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{16,64}$"},
+                 "description": "the client's session id (random, one per client); with x-client-serial, a retried "
+                                "write applies once and answers as the first time"},
+    "clientSerial": {"name": "x-client-serial", "in": "header", "required": False,
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+                     "description": "the write's number in the client's session, increasing; a retry sends the "
+                                    "same one, an older one is refused (400)"},
+}
 _WORKER = [{"labHost": []}, {"mutualTLS": []}]
 _OPERATOR = [{"operatorToken": []}]
 
@@ -52,7 +63,7 @@ def _body(schema: dict, required: bool = True) -> dict:
 
 
 def _worker_op(summary: str, body: dict | None, ok: dict, *errors: int) -> dict:
-    op = {"summary": summary, "security": _WORKER, "parameters": [_ID_PARAM, _HOST_HEADER, _LEASE_HEADER],
+    op = {"summary": summary, "security": _WORKER, "parameters": [_ID_PARAM, _HOST_HEADER, _LEASE_HEADER, *_SESSION],
           "responses": {"200": _json(ok), **_errors(400, 401, 403, 404, 409, *errors)}}
     if body is not None:
         op["requestBody"] = body
@@ -60,7 +71,7 @@ def _worker_op(summary: str, body: dict | None, ok: dict, *errors: int) -> dict:
 
 
 def _operator_op(summary: str, ok: dict, params: list | None = None, body: dict | None = None) -> dict:
-    op = {"summary": summary, "security": _OPERATOR, "parameters": list(params or []),
+    op = {"summary": summary, "security": _OPERATOR, "parameters": [*(params or []), *_SESSION],
           "responses": {"200": _json(ok), **_errors(400, 401, 403, 404, 409)}}
     if body is not None:
         op["requestBody"] = body
@@ -118,7 +129,7 @@ PATHS = {
     "/v1/openapi.json": {"get": {"summary": "this document", "responses": {"200": _json({"type": "object"})}}},
     "/v1/job/claim": {"post": {
         "summary": "claim one eligible job, optionally waiting up to `wait` seconds for one",
-        "security": _WORKER, "parameters": [_HOST_HEADER],
+        "security": _WORKER, "parameters": [_HOST_HEADER, *_SESSION],
         "requestBody": _body({"type": "object", "properties": {
             "capability": _ref("Capability"), "wait": {"type": "number", "minimum": 0, "maximum": 60}}}, False),
         "responses": {"200": _json(_ref("Claim")), **_errors(400, 401, 403, 413, 503)}}},
@@ -157,7 +168,8 @@ PATHS = {
         "200": _json({"type": "object", "required": ["workers"],
                       "properties": {"workers": {"type": "array", "items": {"type": "object"}}}})}}},
     "/v1/worker/register": {"post": {
-        "summary": "announce a worker and its capability", "security": _WORKER, "parameters": [_HOST_HEADER],
+        "summary": "announce a worker and its capability", "security": _WORKER,
+        "parameters": [_HOST_HEADER, *_SESSION],
         "requestBody": _body({"type": "object", "required": ["capability"],
                               "properties": {"capability": _ref("Capability")}}),
         "responses": {"200": _json(_OK), **_errors(400, 401, 403, 413)}}},
@@ -225,6 +237,7 @@ def document() -> dict:
         "paths": copy.deepcopy(PATHS),
         "components": {
             "schemas": copy.deepcopy(SCHEMAS),
+            "parameters": copy.deepcopy(PARAMETERS),
             "securitySchemes": {
                 "labHost": {"type": "apiKey", "in": "header", "name": "x-lab-host"},
                 "operatorToken": {"type": "apiKey", "in": "header", "name": "x-operator-token"},
