@@ -10,9 +10,13 @@ FleetError subclass the server raised, so callers catch ``StaleLease``,
 Retries: a request that never reached a server (refused, reset before it was
 sent, a kept-alive socket the server had closed) is always tried again, on the
 next URL. A request that was sent but got no answer, or got 502/503, is tried
-again only when repeating it is harmless (reads, heartbeat, register, upload,
-complete, fail, release, reload); ``claim``, ``cancel`` and ``requeue`` are not,
-because a second delivery could act twice. Bundles are never read into memory.
+again too: reads and uploads are harmless to repeat, and every write command
+carries a client session (``x-client-id`` + ``x-client-serial``) whose retries
+reuse the serial, so the coordinator applies it once and answers a retry with
+the first answer. That makes ``claim`` safe across a leader failover: the retry
+gets the job and lease the lost answer carried, not a second job. Each thread
+has its own session (the coordinator keeps one outstanding serial per client
+id), named after the client's random id. Bundles are never read into memory.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import select
 import threading
 import time
@@ -183,6 +188,19 @@ class Client:
         self._all_conns: list[http.client.HTTPConnection] = []
         self.connections_opened = 0
         self._rng = random.Random()
+        self.client_id = secrets.token_hex(16)
+        self._sessions = 0
+
+    def _session_headers(self) -> dict:
+        """The next serial of this thread's session; a retry of the same call sends these headers again."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            with self._lock:
+                self._sessions += 1
+                n = self._sessions
+            session = self._local.session = [f"{self.client_id}-{n}", 0]
+        session[1] += 1
+        return {"x-client-id": session[0], "x-client-serial": session[1]}
 
     # -- connections -------------------------------------------------------------------------
 
@@ -335,9 +353,13 @@ class Client:
 
     def _exchange(self, method: str, path: str, *, payload: Any = None, headers: dict | None = None,
                   body_path: Path | None = None, retry_sent: bool = True, timeout: float | None = None,
-                  sink: Callable | None = None) -> tuple[int, Any, Any]:
-        """Send one request to the first peer that answers: (status, headers, body or the sink's result)."""
+                  sink: Callable | None = None, session: bool = False) -> tuple[int, Any, Any]:
+        """Send one request to the first peer that answers: (status, headers, body or the sink's result).
+
+        ``session``: a write command; it gets the next serial, which every retry below repeats."""
         extra = dict(headers or {})
+        if session:
+            extra.update(self._session_headers())
         body = None
         if payload is not None:
             body = json.dumps(payload).encode()
@@ -417,27 +439,28 @@ class Client:
         payload: dict = {"capability": capability}
         if wait:
             payload["wait"] = wait
-        return self._call("POST", "/v1/job/claim", payload=payload, retry_sent=False,
+        return self._call("POST", "/v1/job/claim", payload=payload, session=True,
                           timeout=self.timeout + (wait or 0))
 
     def register(self, capability: dict) -> dict:
-        return self._call("POST", "/v1/worker/register", payload={"capability": capability})
+        return self._call("POST", "/v1/worker/register", payload={"capability": capability}, session=True)
 
     def heartbeat(self, job_id: str, lease, progress: dict | None = None, log_tail: str | None = None) -> dict:
         payload = {k: v for k, v in (("progress", progress), ("log_tail", log_tail)) if v is not None}
         return self._call("POST", f"/v1/job/{_quote(job_id)}/heartbeat", payload=payload,
-                          headers={"x-lease": lease})
+                          headers={"x-lease": lease}, session=True)
 
     def complete(self, job_id: str, lease, artifact_id: str) -> dict:
         return self._call("POST", f"/v1/job/{_quote(job_id)}/complete", payload={"artifact_id": artifact_id},
-                          headers={"x-lease": lease})
+                          headers={"x-lease": lease}, session=True)
 
     def fail(self, job_id: str, lease, error: str) -> dict:
         return self._call("POST", f"/v1/job/{_quote(job_id)}/fail", payload={"error": error},
-                          headers={"x-lease": lease})
+                          headers={"x-lease": lease}, session=True)
 
     def release(self, job_id: str, lease) -> dict:
-        return self._call("POST", f"/v1/job/{_quote(job_id)}/release", headers={"x-lease": lease})
+        return self._call("POST", f"/v1/job/{_quote(job_id)}/release", headers={"x-lease": lease},
+                          session=True)
 
     def upload(self, job_id: str, lease, path: str | Path, *, sha256: str | None = None) -> dict:
         """Stream the bundle at ``path`` (1 MiB chunks, never all in memory): ``{"artifact_id", "path", "deduplicated"}``.
@@ -484,13 +507,13 @@ class Client:
         return self._call("GET", "/v1/workers")
 
     def cancel(self, job_id: str) -> dict:
-        return self._call("POST", f"/v1/job/{_quote(job_id)}/cancel", retry_sent=False)
+        return self._call("POST", f"/v1/job/{_quote(job_id)}/cancel", session=True)
 
     def requeue(self, job_id: str) -> dict:
-        return self._call("POST", f"/v1/job/{_quote(job_id)}/requeue", retry_sent=False)
+        return self._call("POST", f"/v1/job/{_quote(job_id)}/requeue", session=True)
 
     def reload(self) -> dict:
-        return self._call("POST", "/v1/manifest/reload")
+        return self._call("POST", "/v1/manifest/reload", session=True)
 
     def metrics(self) -> str:
         status, _, data = self._exchange("GET", "/metrics", headers={"accept": "text/plain"})

@@ -245,23 +245,51 @@ def test_503_that_never_clears_raises_the_servers_error(serve_with):
     assert len(srv.requests) == 3
 
 
-def test_claim_is_not_repeated_once_sent(serve_with):
+def headers_of(request) -> dict:
+    return {k.lower(): v for k, v in request[2].items()}
+
+
+def test_claim_whose_answer_is_lost_is_repeated_with_the_same_session_serial(serve_with):
     srv = serve_with(lambda s, r: None)  # reads the request, then hangs up without answering
     client = fast(srv.url, retries=3)
-    with pytest.raises(errors.Unavailable, match="not repeated"):
+    with pytest.raises(errors.Unavailable, match="sent, but no answer"):
         client.claim({"host": "ws1"})
-    assert [r[1] for r in srv.requests] == ["/v1/job/claim"]
+    assert [r[1] for r in srv.requests] == ["/v1/job/claim"] * 4
+    sessions = {(headers_of(r)["x-client-id"], headers_of(r)["x-client-serial"]) for r in srv.requests}
+    assert len(sessions) == 1
+    (client_id, serial), = sessions
+    assert client_id.startswith(client.client_id) and serial == "1"
 
     with pytest.raises(errors.Unavailable):
-        client.health()
-    assert len(srv.requests) == 1 + 4
+        client.cancel("abc")
+    assert {headers_of(r)["x-client-serial"] for r in srv.requests[4:]} == {"2"}
 
 
-def test_claim_503_is_not_retried(serve_with):
-    srv = serve_with(lambda s, r: (503, {}, {"error": "unavailable", "detail": "shutting down"}))
-    with pytest.raises(errors.Unavailable, match="shutting down"):
-        fast(srv.url, retries=3).claim({"host": "ws1"}, wait=1)
-    assert len(srv.requests) == 1
+def test_claim_503_is_retried_with_the_same_serial(serve_with):
+    def flaky(server, req):
+        if len(server.requests) < 3:
+            return 503, {}, {"error": "unavailable", "detail": "no leader yet"}
+        return 200, {}, {"job": None}
+
+    srv = serve_with(flaky)
+    assert fast(srv.url, retries=3).claim({"host": "ws1"}, wait=1) == {"job": None}
+    assert [headers_of(r)["x-client-serial"] for r in srv.requests] == ["1", "1", "1"]
+
+
+def test_every_write_sends_a_new_serial_and_reads_send_none(serve_with):
+    srv = serve_with()
+    client = fast(srv.url, host_id="ws1", operator_token="t")
+    client.register({})
+    client.heartbeat("f" * 64, "L")
+    client.complete("f" * 64, "L", "a" * 64)
+    client.fail("f" * 64, "L", "boom")
+    client.release("f" * 64, "L")
+    client.requeue("abc")
+    client.reload()
+    client.jobs()
+    client.health()
+    serials = [headers_of(r).get("x-client-serial") for r in srv.requests]
+    assert serials == ["1", "2", "3", "4", "5", "6", "7", None, None]
 
 
 def test_claim_retried_on_another_peer_when_first_refuses_connections(serve_with):
