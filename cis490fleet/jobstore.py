@@ -243,12 +243,6 @@ OPS: dict[str, dict[str, tuple]] = {
 }
 
 
-def _empty_claim(op: str, result: object) -> bool:
-    """A claim that found no job changed nothing, so its session is not advanced: a long-poll repeats the
-    claim under the same serial until a job comes, and a retry of it simply claims again."""
-    return op == "claim" and isinstance(result, dict) and result.get("job") is None
-
-
 def _session(cmd: object) -> tuple[str, int] | None:
     """(client_id, serial) of a command that carries them, else None."""
     if not isinstance(cmd, dict) or cmd.get("client_id") is None:
@@ -342,7 +336,7 @@ class JobStore:
         self._closed = False
         self._meta_cache: tuple[tuple, _Meta] | None = None
         self._probes: dict[str, JobSpec] = {}
-        self._caps: dict[tuple, tuple[_Meta, str, dict]] = {}
+        self._caps: dict[tuple, tuple[_Meta, str, dict, dict]] = {}
         db.migrate(self._conn(), MIGRATIONS, what=f"job queue {Path(self.path).name}")
 
     # -------------------------------------------------------- connections
@@ -430,7 +424,7 @@ class JobStore:
                 else:
                     conn.execute("RELEASE cmd")
                 results.append(result)
-                if session is not None and not _empty_claim(op, result):
+                if session is not None:
                     saved = ({"error": result.code, "detail": result.detail} if isinstance(result, FleetError)
                              else {"result": result})
                     conn.execute("INSERT INTO sessions (client_id, serial, result) VALUES (?, ?, ?) ON CONFLICT "
@@ -625,24 +619,38 @@ class JobStore:
     def _upsert_worker(self, conn, host: str, cap: dict, now: float) -> None:
         conn.execute(UPSERT_WORKER_SQL, (host, _dumps(cap), now))
 
-    def _capability(self, meta: _Meta, capability: dict, spec: HostSpec | None) -> tuple[str, dict]:
-        """(the normalised capability as stored, the effective capability) for a claim.
+    def _capability(self, meta: _Meta, capability: dict, spec: HostSpec | None) -> tuple[str, dict, dict]:
+        """(the normalised capability as stored, the effective capability, its refusal verdicts) for a claim.
 
         Every claim of a worker repeats the same capability; normalising it, applying the
         host's overrides and serialising it cost about a fifth of a claim's CPU. ``repr``
         tells 4 from 4.0 and True, so equal keys normalise alike; an entry is used only
-        with the manifest (meta) it was computed under.
+        with the manifest (meta) it was computed under. The verdicts dict caches
+        ``_statically_refused`` for this capability and host entry.
         """
         key = (repr(capability), None if spec is None else spec.id)
         hit = self._caps.get(key)
         if hit is not None and hit[0] is meta:
-            return hit[1], hit[2]
+            return hit[1], hit[2], hit[3]
         detected = normalize_capability(capability)
         text, cap = _dumps(detected), policy.effective_capability(detected, spec)
         if len(self._caps) >= 1024:
             self._caps.clear()
-        self._caps[key] = (meta, text, cap)
-        return text, cap
+        verdicts: dict = {}
+        self._caps[key] = (meta, text, cap, verdicts)
+        return text, cap, verdicts
+
+    @staticmethod
+    def _statically_refused(verdicts: dict, class_key: str, probe: JobSpec, host: str, cap: dict,
+                            spec: HostSpec | None) -> bool:
+        """Whether ``policy.static_refusals`` refuses this class to the host, cached in ``verdicts`` (one
+        capability, one ``[[hosts]]`` entry, one manifest). Besides those and the class, the verdict depends
+        on the host id only through the class's allowed_hosts, which is therefore part of the key."""
+        key = (class_key, (host in probe.allowed_hosts) if probe.allowed_hosts else None)
+        refused = verdicts.get(key)
+        if refused is None:
+            refused = verdicts[key] = bool(policy.static_refusals(probe, host, cap, spec))
+        return refused
 
     def _op_register_worker(self, conn, now: float, host: str, capability: dict) -> dict:
         self._upsert_worker(conn, host, normalize_capability(capability), now)
@@ -667,7 +675,7 @@ class JobStore:
     def _op_claim(self, conn, now: float, host: str, capability: dict, lease: str) -> dict:
         meta = self._meta(conn)
         spec = meta.by_host.get(host)
-        cap_text, cap = self._capability(meta, capability, spec)
+        cap_text, cap, verdicts = self._capability(meta, capability, spec)
         conn.execute(UPSERT_WORKER_SQL, (host, cap_text, now))
         if policy.slot_refusal(host, conn.execute(HELD_SQL, (host,)).fetchone()[0], cap["slots"]):
             return {"job": None}
@@ -675,7 +683,7 @@ class JobStore:
         best = None
         for cls, key in conn.execute("SELECT id, key FROM classes ORDER BY id").fetchall():
             probe = self._probe(key)
-            if policy.static_refusals(probe, host, cap, spec):
+            if self._statically_refused(verdicts, key, probe, host, cap, spec):
                 continue
             if probe.prefer_cuda and not cap.get("cuda"):
                 if workers is None:

@@ -410,7 +410,27 @@ def test_manifest_check_imports_neither_logging_nor_subprocess():
     assert not loaded & {"logging", "subprocess", "difflib"}
 
 
-def test_jobs_cli_does_not_import_hashlib_until_it_moves_a_bundle():
+def test_jobs_cli_does_not_import_subprocess():
     loaded = _modules_after("import cis490fleet.ops")
     assert {"cis490fleet.client", "http.client"} <= loaded
-    assert not loaded & {"hashlib", "subprocess"}
+    assert "subprocess" not in loaded
+
+
+def test_cached_refusal_verdicts_keep_allowed_hosts_apart(tmp_path):
+    """The claim caches each class's static verdict per capability; the same capability from a host that a
+    class allows and from one it does not must still get different answers, in either order."""
+    from cis490fleet.model import FleetConfig, Manifest
+
+    pinned = [JobSpec(model="pinned", mode="train", seed=i, allowed_hosts=("ws1",), priority=10) for i in range(2)]
+    plain = [JobSpec(model="plain", mode="train", seed=i) for i in range(4)]
+    m = Manifest(fleet=FleetConfig(), jobs=tuple(pinned + plain)).to_json()
+    cap = dict(CPU, slots=10)
+    with JobStore(tmp_path / "queue.sqlite3") as store:
+        store.execute({"op": "sync_manifest", "now": 1.0, "manifest": m})
+
+        def model_claimed_by(host, lease):
+            got = store.execute({"op": "claim", "now": 2.0, "host": host, "capability": dict(cap), "lease": lease})
+            return got["job"]["model"]
+
+        assert [model_claimed_by("ws2", "L1"), model_claimed_by("ws1", "L2"),
+                model_claimed_by("ws2", "L3"), model_claimed_by("ws1", "L4")] == ["plain", "pinned", "plain", "pinned"]
