@@ -135,8 +135,9 @@ class DropFirstAnswer:
     """TCP proxy to ``target``: the first connection's request goes through, its answer is thrown away and
     the connection cut; later connections pass untouched."""
 
-    def __init__(self, target_port: int):
+    def __init__(self, target_port: int, on_drop=None):
         self.target = ("127.0.0.1", target_port)
+        self.on_drop = on_drop  # called after the answer was thrown away, before the client's socket is cut
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.connections = 0
@@ -162,6 +163,8 @@ class DropFirstAnswer:
             while data := src.recv(65536):
                 if drop:
                     self.dropped.set()
+                    if self.on_drop is not None:
+                        self.on_drop()
                     break
                 dst.sendall(data)
         except OSError:
@@ -183,8 +186,8 @@ class DropFirstAnswer:
 def proxy():
     made = []
 
-    def start(port: int) -> DropFirstAnswer:
-        made.append(DropFirstAnswer(port))
+    def start(port: int, on_drop=None) -> DropFirstAnswer:
+        made.append(DropFirstAnswer(port, on_drop))
         return made[-1]
 
     yield start

@@ -415,6 +415,27 @@ def test_a_retried_command_of_a_client_session_applies_once_and_answers_as_the_f
         assert c.store.job(first["job_id"], time.time())["status"] == "claimed"
 
 
+def test_a_claim_whose_answer_was_lost_with_the_leader_is_the_same_claim_on_the_next_leader(group):
+    from cis490fleet.client import Client
+    from test_client_sessions import DropFirstAnswer
+
+    g = three(group)
+    old = g.leader()
+    proxy = DropFirstAnswer(int(g.urls[old].rsplit(":", 1)[1]), on_drop=lambda: g.stop(old))
+    try:
+        others = [u for n, u in g.urls.items() if n != old]
+        client = Client([proxy.url, *others], host_id="w1", retries=20, backoff_s=0.05, backoff_max_s=0.5)
+        got = client.claim({"host": "w1"})
+    finally:
+        proxy.close()
+    assert proxy.dropped.is_set() and g.leader() != old
+    assert g.converged()["claimed"] == 1
+    for c in g.coords.values():
+        job = c.store.job(got["job_id"], time.time())
+        assert (job["status"], job["host"], job["attempt_count"], len(job["attempts"])) == ("claimed", "w1", 1, 1)
+    assert client.heartbeat(got["job_id"], got["lease"]) == {"ok": True, "cancel": False}
+
+
 def test_peers_come_from_the_flags_else_from_the_manifest_s_fleet_peers(tmp_path, caplog):
     from cis490fleet.coordinator import _peer_settings, build_parser
 
