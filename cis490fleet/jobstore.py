@@ -243,6 +243,12 @@ OPS: dict[str, dict[str, tuple]] = {
 }
 
 
+def _empty_claim(op: str, result: object) -> bool:
+    """A claim that found no job changed nothing, so its session is not advanced: a long-poll repeats the
+    claim under the same serial until a job comes, and a retry of it simply claims again."""
+    return op == "claim" and isinstance(result, dict) and result.get("job") is None
+
+
 def _session(cmd: object) -> tuple[str, int] | None:
     """(client_id, serial) of a command that carries them, else None."""
     if not isinstance(cmd, dict) or cmd.get("client_id") is None:
@@ -424,7 +430,7 @@ class JobStore:
                 else:
                     conn.execute("RELEASE cmd")
                 results.append(result)
-                if session is not None:
+                if session is not None and not _empty_claim(op, result):
                     saved = ({"error": result.code, "detail": result.detail} if isinstance(result, FleetError)
                              else {"result": result})
                     conn.execute("INSERT INTO sessions (client_id, serial, result) VALUES (?, ?, ?) ON CONFLICT "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 
@@ -252,3 +253,24 @@ def test_claims_from_many_threads_of_one_client_do_not_refuse_each_other(live_se
         t.join()
     assert all(isinstance(r, str) for r in results), results
     assert len(set(results)) == 8 and len(held(srv)) == 8
+
+
+def test_a_long_poll_claim_with_a_session_gets_the_job_that_frees_up_while_it_waits(live_server):
+    srv = live_server(manifest_toml(1))
+    holder = Client(srv.url, host_id="ws1")
+    first = holder.claim({"host": "ws1"})
+    waiter = Client(srv.url, host_id="ws2")
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(waiter.claim({"host": "ws2"}, wait=20)))
+    t.start()
+    try:
+        # Release only once the waiter's first try (which found nothing) has reached the store.
+        for _ in range(1000):
+            if any(w["host"] == "ws2" for w in srv.call("GET", "/v1/workers")[2]["workers"]):
+                break
+            time.sleep(0.01)
+        assert holder.release(first["job_id"], first["lease"]) == {"ok": True}
+    finally:
+        t.join(30)
+    assert got and got[0]["job_id"] == first["job_id"] and got[0]["lease"] != first["lease"]
+    assert [j["host"] for j in held(srv)] == ["ws2"]
