@@ -309,8 +309,8 @@ class Client:
             conn.close()
             raise
 
-    def _once_reconnecting(self, url: str, retry_sent: bool, *args):
-        """``_once``, repeated at once on a new socket when a kept-alive one died under a repeatable request.
+    def _once_reconnecting(self, url: str, *args):
+        """``_once``, repeated at once on a new socket when a kept-alive one died under the request.
 
         The server may close an idle connection just as a request is sent on it;
         the check in ``_once`` narrows that window but cannot close it.
@@ -318,7 +318,7 @@ class Client:
         try:
             return self._once(url, *args)
         except _NoAnswer as err:
-            if not (err.reused and retry_sent):
+            if not err.reused:
                 raise
             log.debug("kept-alive connection to %s closed under us (%s); reconnecting", url, err)
             return self._once(url, *args)
@@ -352,7 +352,7 @@ class Client:
         time.sleep(delay * (0.5 + self._rng.random() / 2))
 
     def _exchange(self, method: str, path: str, *, payload: Any = None, headers: dict | None = None,
-                  body_path: Path | None = None, retry_sent: bool = True, timeout: float | None = None,
+                  body_path: Path | None = None, timeout: float | None = None,
                   sink: Callable | None = None, session: bool = False) -> tuple[int, Any, Any]:
         """Send one request to the first peer that answers: (status, headers, body or the sink's result).
 
@@ -382,7 +382,7 @@ class Client:
                 url = self.urls[i]
                 try:
                     status, resp_headers, data = self._once_reconnecting(
-                        url, retry_sent, method, path, all_headers, body, body_path, timeout, sink)
+                        url, method, path, all_headers, body, body_path, timeout, sink)
                 except _NotSent as err:
                     last_problem = f"{where(url)}{err}"
                     log.debug("%s %s not sent to %s: %s", method, path, url, err)
@@ -390,12 +390,8 @@ class Client:
                 except _NoAnswer as err:
                     last_problem = f"{where(url)}sent, but no answer ({err})"
                     log.debug("%s %s got no answer from %s: %s", method, path, url, err)
-                    if not retry_sent:
-                        raise errors.Unavailable(
-                            f"{method} {path} was sent to {url} but no answer came back ({err}); "
-                            "it was not repeated because repeating it could act twice") from None
                     continue
-                if status in RETRY_STATUSES and retry_sent:
+                if status in RETRY_STATUSES:
                     last_reply = (url, status, resp_headers, data)
                     last_problem = f"{where(url)}HTTP {status}"
                     continue
