@@ -92,10 +92,6 @@ def backoff_s(failures: int, retry_backoff_s: float) -> float:
     return min(MAX_BACKOFF_S, retry_backoff_s * 2 ** min(failures - 1, 64))
 
 
-def claimable(job: JobState, now: float) -> bool:
-    return job.status == PENDING and (job.not_before is None or job.not_before <= now)
-
-
 def check_holder(job: JobState, host: str, lease: str | None) -> None:
     """Raise StaleLease unless (host, lease) is the current holder; ``lease=None`` fences by host alone."""
     if job.host is None or job.host != host or (lease is not None and lease != job.lease):

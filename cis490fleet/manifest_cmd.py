@@ -77,10 +77,10 @@ def summary(m: Manifest, checked: str | None) -> str:
         f"{m.source}: ok",
         f"  jobs:   {len(m.jobs)} ({waiting} waiting for others with 'after')",
         f"  hosts:  {len(m.hosts)}" + (f" ({', '.join(h.id for h in m.hosts)})" if m.hosts else ""),
-        f"  models: " + (", ".join(f"{name} {n}" for name, n in sorted(models.items())) or "none"),
+        "  models: " + (", ".join(f"{name} {n}" for name, n in sorted(models.items())) or "none"),
         f"  sweeps expanded: {m.sweeps_expanded}",
         f"  peers:  {len(m.fleet.peers)}" + (f" ({', '.join(p for p, _ in m.fleet.peers)})" if m.fleet.peers else ""),
-        f"  hyper keys checked against: "
+        "  hyper keys checked against: "
         + (checked or "nothing (declare [trainer].hyper_keys, or run with --describe)"),
     ]
     return "\n".join(lines)

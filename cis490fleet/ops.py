@@ -123,13 +123,6 @@ def job_started(job: dict) -> float | None:
     return timestamp(job.get("started"))
 
 
-def attempt_number(job: dict) -> Any:
-    attempts = job.get("attempts")
-    if isinstance(attempts, list):
-        return len(attempts) or None
-    return job.get("attempt") or attempts
-
-
 def count(value: Any) -> int:
     """A worker's running jobs: a list of ids or a number."""
     if isinstance(value, (list, tuple)):
@@ -541,8 +534,8 @@ def _add_common(p: argparse.ArgumentParser, top: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cis490fleet jobs", description="Look at and steer the fleet's training jobs.",
-        epilog=f"The operator token for cancel, requeue and reload comes from $CIS490_OPERATOR_TOKEN. "
-               f"Exit codes: 0 ok, 1 failed, 2 usage, 3 not found, 4 not authorised, 5 coordinator unreachable.")
+        epilog="The operator token for cancel, requeue and reload comes from $CIS490_OPERATOR_TOKEN. "
+               "Exit codes: 0 ok, 1 failed, 2 usage, 3 not found, 4 not authorised, 5 coordinator unreachable.")
     _add_common(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
