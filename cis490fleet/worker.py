@@ -169,6 +169,8 @@ def read_config_file(path: Path) -> dict:
         raise errors.ConfigError(f"{path}: cannot read it ({err.strerror})") from None
     except tomllib.TOMLDecodeError as err:
         raise errors.ConfigError(f"{path}: not valid TOML ({err})") from None
+    except UnicodeDecodeError as err:
+        raise errors.ConfigError(f"{path}: not UTF-8 text (bad byte at offset {err.start}); save it as UTF-8") from None
     for key in data:
         if key not in CONFIG_KEYS:
             near = difflib.get_close_matches(key, CONFIG_KEYS, n=1)

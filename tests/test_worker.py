@@ -83,6 +83,13 @@ def test_bad_config_names_what_is_wrong(tmp_path, text, flags, needle):
     assert "\n" not in str(info.value)
 
 
+def test_config_file_that_is_not_utf8_is_named(tmp_path):
+    cfg = tmp_path / "worker.toml"
+    cfg.write_bytes(b'receiver = "http://a:1"\nhost_id = "\xff"\n')
+    with pytest.raises(errors.ConfigError, match=r"worker.toml: not UTF-8 text \(bad byte at offset 35\)"):
+        worker.build_config(args(config=str(cfg)), {})
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(errors.ConfigError, match="no such file"):
         worker.build_config(args(config=str(tmp_path / "nope.toml")), {})
