@@ -21,6 +21,7 @@ id), named after the client's random id. Bundles are never read into memory.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -107,6 +108,17 @@ def _describe(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror and not hasattr(err, "reason"):
         return err.strerror.lower() if isinstance(err, ConnectionError) else err.strerror
     return str(err) or type(err).__name__
+
+
+@contextlib.contextmanager
+def _writing(dest: Path):
+    """A local file error while saving a download, as a ConfigError: the sink's OSError would otherwise
+    read as a network failure and be retried against the coordinator."""
+    try:
+        yield
+    except OSError as err:
+        raise errors.ConfigError(f"cannot write the download to {dest} ({err.strerror or err}); "
+                                 "choose a destination whose folder exists or can be created, and is writable") from None
 
 
 def _quote(segment: str) -> str:
@@ -527,19 +539,24 @@ class Client:
         return self._download("/v1/zipapp", Path(dest_path), expect=None)
 
     def _download(self, path: str, dest: Path, expect: str | None) -> Path:
-        dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}-{threading.get_ident()}")
+        with _writing(dest):
+            dest.parent.mkdir(parents=True, exist_ok=True)
 
         import hashlib
 
         def sink(resp) -> str:
             digest = hashlib.sha256()
-            with open(tmp, "wb") as f:
+            with _writing(dest):
+                f = open(tmp, "wb")
+            with f:
                 while chunk := resp.read(CHUNK):
                     digest.update(chunk)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
+                    with _writing(dest):
+                        f.write(chunk)
+                with _writing(dest):
+                    f.flush()
+                    os.fsync(f.fileno())
             return digest.hexdigest()
 
         try:
@@ -554,7 +571,8 @@ class Client:
                     raise errors.IntegrityError(
                         f"download of {path} has sha256 {result}, expected {want}; "
                         "the transfer or the stored file is damaged, try again")
-            os.replace(tmp, dest)
+            with _writing(dest):
+                os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
         return dest

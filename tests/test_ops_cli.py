@@ -404,6 +404,20 @@ def test_fetch_refuses_a_damaged_artifact_and_leaves_nothing(fleet, tmp_path):
     assert not dest.exists() or list(dest.iterdir()) == []
 
 
+@pytest.mark.parametrize("blocker", ["output is a file", "download name is a folder"])
+def test_fetch_into_a_place_it_cannot_write_is_one_line_exit_2(fleet, tmp_path, blocker):
+    job_id, sha, _ = _completed_job(fleet.url, tmp_path)
+    dest = tmp_path / "fetched"
+    if blocker == "output is a file":
+        dest.write_text("not a folder")
+    else:
+        (dest / f"mlp_train-{sha[:12]}.bundle").mkdir(parents=True)
+    code, out, err = jobs(fleet.url, "fetch", job_id, "-o", str(dest))
+    assert (code, out) == (2, "")
+    assert f"cannot write the download to {dest}" in err and len(err.splitlines()) == 1
+    assert [p.name for p in dest.iterdir()] == [f"mlp_train-{sha[:12]}.bundle"] if dest.is_dir() else True
+
+
 def test_fetch_of_a_job_without_artifact_is_exit_3(fleet, tmp_path):
     code, out, err = jobs(fleet.url, "fetch", all_ids(fleet.url)[0], "-o", str(tmp_path))
     assert code == 3 and "no artifact yet" in err
