@@ -199,6 +199,8 @@ def extract_bundle(path: str | os.PathLike, dest: str | os.PathLike) -> Path:
     path, dest = Path(path), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     dest = dest.resolve()
+    zstd = _zstandard()
+    unreadable = (tarfile.TarError,) + ((zstd.ZstdError,) if zstd is not None else ())
     with open(path, "rb") as f:
         stream = _open_stream(f, path)
         try:
@@ -206,7 +208,7 @@ def extract_bundle(path: str | os.PathLike, dest: str | os.PathLike) -> Path:
                 for member in tar:
                     _check_member(member, dest, path)
                     tar.extract(member, dest, filter="data")
-        except tarfile.TarError as err:
+        except unreadable as err:
             raise errors.IntegrityError(f"bundle {path} is not a readable tar archive ({err})") from None
         finally:
             if stream is not f:

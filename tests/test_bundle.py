@@ -166,6 +166,14 @@ def test_garbage_is_a_clear_error(tmp_path):
         bundle.extract_bundle(path, tmp_path / "out")
 
 
+def test_damaged_zstd_stream_is_a_clear_error(tmp_path):
+    pytest.importorskip("zstandard")
+    path = tmp_path / "junk.tar.zst"
+    path.write_bytes(bundle.ZSTD_MAGIC + b"not a zstd frame" * 40)
+    with pytest.raises(errors.IntegrityError, match="not a readable tar"):
+        bundle.extract_bundle(path, tmp_path / "out")
+
+
 def test_missing_source_folder(tmp_path):
     with pytest.raises(errors.BadRequest, match="not a folder"):
         bundle.make_bundle(tmp_path / "nope", tmp_path / "b")
