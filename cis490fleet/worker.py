@@ -820,6 +820,9 @@ class Worker:
         while not self.stopping:
             try:
                 outcome = self.run_once(slot)
+            except errors.FleetError as err:  # the coordinator refused us (403, 400...): it says why
+                log.warning("slot %d: %s", slot.index, err)
+                outcome = UNAVAILABLE
             except Exception:  # a bug must not silently kill a slot
                 log.exception("slot %d: unexpected error", slot.index)
                 outcome = UNAVAILABLE

@@ -561,6 +561,44 @@ def test_upload_failures_are_retried_then_the_job_fails(live_server, tmp_path, c
     assert w.pending_records() == []
 
 
+def test_a_refused_claim_is_logged_in_one_line_without_a_traceback(tmp_path, cpu_host, caplog):
+    import http.server
+    import threading
+
+    class RefuseClaims(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            refused = self.path == "/v1/job/claim"
+            body = json.dumps({"error": "forbidden", "detail": "host w1 may not claim here"} if refused
+                              else {"ok": True}).encode()
+            self.send_response(403 if refused else 200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefuseClaims)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        w = make_worker(f"http://127.0.0.1:{srv.server_address[1]}", tmp_path)
+        loop = threading.Thread(target=w._slot_loop, args=(w.slots[0],), daemon=True)
+        loop.start()
+        deadline = time.monotonic() + 10
+        while not any("may not claim" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        w.stop()
+        loop.join(10)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    (record, *_) = [r for r in caplog.records if "may not claim" in r.getMessage()]
+    assert record.exc_info is None and "\n" not in record.getMessage()
+    assert not loop.is_alive()
+
+
 def test_exit_when_idle(live_server, tmp_path, cpu_host):
     server = live_server(trainer_manifest("ok.py", ""))
     w = make_worker(server.url, tmp_path, exit_when_idle_s=0.5, wait_s=0.2)
