@@ -309,7 +309,9 @@ class Coordinator:
         self._closed = False
         self._data_lock = DataDirLock(self.data_dir)
         try:
-            self.store = JobStore(self.data_dir / "queue.sqlite3", synchronous=synchronous)
+            # Under Raft the log (synchronous=FULL) is the durable record and the queue is re-applied from it
+            # after a crash, so the queue skips its own fsync per commit (replication.py's docstring).
+            self.store = JobStore(self.data_dir / "queue.sqlite3", synchronous="NORMAL" if peers else synchronous)
         except BaseException:
             self._data_lock.release()
             raise
@@ -742,7 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow plain HTTP on a non-loopback address (only on a network you trust)")
     p.add_argument("--sweep-interval", type=float, help="seconds between stale sweeps (default min(heartbeat_s, 10))")
     p.add_argument("--synchronous", default="FULL", type=str.upper, choices=("FULL", "EXTRA", "NORMAL"),
-                   help="SQLite synchronous mode (default FULL: every acknowledged claim survives a power cut)")
+                   help="SQLite synchronous mode (default FULL: every acknowledged claim survives a power cut); "
+                   "with peers the Raft log is always FULL and the queue NORMAL, re-applied from the log")
     p.add_argument("--node-id", help="this peer's id in health answers (default: the host name)")
     p.add_argument("--peer", action="append", default=[], metavar="ID=URL",
                    help="a member of the replicated coordinator group (repeat for every member, this one included; "

@@ -491,3 +491,77 @@ def test_peer_traffic_stays_out_of_the_request_counters_and_the_info_access_log(
     assert "/v1/raft/messages" not in caplog.text
     assert http_call(g.urls[g.follower()], "GET", "/v1/health")[0] == 200
     assert "/v1/health" in caplog.text
+
+
+@pytest.mark.skipif(os.name == "nt", reason="uses POSIX signals")
+def test_kill_9_mid_load_with_the_log_compacted_every_few_entries_loses_no_acknowledged_claim(tmp_path):
+    """The queue runs with synchronous=NORMAL under Raft and the log is compacted every 3 entries: each peer
+    must still restart onto a queue that holds every acknowledged claim, and re-apply the rest from its log."""
+    import sqlite3
+    import threading
+
+    urls = {n: f"http://127.0.0.1:{p}" for n, p in zip("abc", free_ports(3))}
+    manifest = tmp_path / "manifest.toml"
+    manifest.write_text(manifest_toml(400))
+    extra = ("--raft-snapshot-every", "3")
+    procs = {n: start_peer(tmp_path, n, urls, manifest, extra) for n in urls}
+    acked: dict[str, str] = {}  # job id -> lease, as answered
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        i = 0
+        while not stop.wait(0.05):  # paced, so the jobs outlast the restarts
+            i += 1
+            try:
+                status, _, body = http_call(urls["abc"[(worker + i) % 3]], "POST", "/v1/job/claim",
+                                            {"capability": {}}, headers={"x-lab-host": f"w{worker}-{i}"}, timeout=5)
+            except OSError:
+                continue
+            if status == 200 and body.get("job_id"):
+                acked[body["job_id"]] = body["lease"]
+
+    try:
+        for url in urls.values():
+            wait_health(url, timeout=60)
+        leader = wait_for("a leader", lambda: (health(urls["a"]) or {}).get("leader"), timeout=20)
+        wait_for("the manifest synced", lambda: (health(urls[leader]) or {}).get("jobs", {}).get("pending") == 400)
+        threads = [threading.Thread(target=load, args=(w,), daemon=True) for w in range(4)]
+        for t in threads:
+            t.start()
+        victims = [leader, next(n for n in urls if n != leader)]
+        for victim in victims:
+            wait_for("claims before the kill", lambda n=len(acked): len(acked) >= n + 8, timeout=30, every=0.02)
+            procs[victim].send_signal(signal.SIGKILL)
+            procs[victim].wait(30)
+            wait_for("claims while a peer is down", lambda n=len(acked): len(acked) >= n + 5, timeout=30, every=0.02)
+            procs[victim] = start_peer(tmp_path, victim, urls, manifest, extra)
+            wait_health(urls[victim], timeout=60)
+        wait_for("claims after the restarts", lambda n=len(acked): len(acked) >= n + 5, timeout=30, every=0.02)
+        stop.set()
+        for t in threads:
+            t.join(30)
+
+        def same_applied():
+            hs = [health(u) for u in urls.values()]
+            return all(hs) and len({h["applied"] for h in hs}) == 1 and hs[0]["applied"] >= hs[0]["commit"]
+
+        wait_for("every peer applied everything", same_applied, timeout=30)
+    finally:
+        stop.set()
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
+    assert len(acked) >= 31
+    for name in urls:
+        conn = sqlite3.connect(f"file:{tmp_path / name / 'queue.sqlite3'}?mode=ro", uri=True)
+        raft_db = sqlite3.connect(f"file:{tmp_path / name / 'raft.sqlite3'}?mode=ro", uri=True)
+        try:
+            rows = dict(conn.execute("SELECT id, lease FROM jobs WHERE status = 'claimed'").fetchall())
+            snap = raft_db.execute("SELECT idx FROM snapshot").fetchone()
+        finally:
+            conn.close()
+            raft_db.close()
+        lost = {j: lease for j, lease in acked.items() if rows.get(j) != lease}
+        assert not lost, f"peer {name} lost acknowledged claims {lost}"
+        assert snap and snap[0] > 0, f"peer {name} never compacted its log"
