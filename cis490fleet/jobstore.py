@@ -766,22 +766,18 @@ class JobStore:
         return {"ok": True, "status": step.job.status, "retry_at": step.job.not_before}
 
     def _op_release(self, conn, now: float, job_id: str, host: str, lease: str | None) -> dict:
-        state, _ = self._load(conn, job_id)
-        step = jobs.release(state, host=host, lease=lease, now=now)
-        if step.job is not state:
-            self._save(conn, step)
-        return {"ok": True}
+        return self._apply_rule(conn, job_id, jobs.release, host=host, lease=lease, now=now)
 
     def _op_cancel(self, conn, now: float, job_id: str) -> dict:
-        state, _ = self._load(conn, job_id)
-        step = jobs.cancel(state, now=now)
-        if step.job is not state:
-            self._save(conn, step)
-        return {"ok": True}
+        return self._apply_rule(conn, job_id, jobs.cancel, now=now)
 
     def _op_requeue(self, conn, now: float, job_id: str) -> dict:
+        return self._apply_rule(conn, job_id, jobs.requeue, now=now)
+
+    def _apply_rule(self, conn, job_id: str, rule, **kw) -> dict:
+        """Load the job, apply a ``jobs`` rule to it and save the step unless it changed nothing."""
         state, _ = self._load(conn, job_id)
-        step = jobs.requeue(state, now=now)
+        step = rule(state, **kw)
         if step.job is not state:
             self._save(conn, step)
         return {"ok": True}
