@@ -665,8 +665,8 @@ class JobStore:
     def _live_workers(self, conn, meta: _Meta, now: float) -> list[_Worker]:
         held = dict(conn.execute(HELD_BY_HOST_SQL).fetchall())
         out = []
-        for host, cap_text, last_seen in conn.execute(
-                "SELECT host, capability, last_seen FROM workers WHERE last_seen >= ? ORDER BY host",
+        for host, cap_text in conn.execute(
+                "SELECT host, capability FROM workers WHERE last_seen >= ? ORDER BY host",
                 (now - meta.fleet.worker_timeout_s,)):
             spec = meta.by_host.get(host)
             out.append(_Worker(host, policy.effective_capability(json.loads(cap_text), spec), spec, held.get(host, 0)))
