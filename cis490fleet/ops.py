@@ -433,14 +433,18 @@ class Ops:
         self.client.download_artifact(artifact_id, partial)
         from cis490fleet import bundle
 
-        with open(partial, "rb") as f:
-            suffix = bundle.bundle_suffix(f.read(4))
-        path = dest_dir / f"{stem}{suffix}"
-        os.replace(partial, path)
         extracted = None
-        if a.extract:
-            bundle.extract_bundle(path, dest_dir / stem)
-            extracted = dest_dir / stem
+        try:
+            with open(partial, "rb") as f:
+                suffix = bundle.bundle_suffix(f.read(4))
+            path = dest_dir / f"{stem}{suffix}"
+            os.replace(partial, path)
+            if a.extract:
+                bundle.extract_bundle(path, dest_dir / stem)
+                extracted = dest_dir / stem
+        except OSError as err:
+            raise errors.ConfigError(f"cannot save the model under {dest_dir}: {err.strerror or err} "
+                                     f"({err.filename or partial}); choose another -o folder") from None
         if a.json:
             self.out.json({"job_id": job_id, "artifact_id": artifact_id, "path": str(path),
                            "extracted": str(extracted) if extracted else None})

@@ -418,6 +418,16 @@ def test_fetch_into_a_place_it_cannot_write_is_one_line_exit_2(fleet, tmp_path, 
     assert [p.name for p in dest.iterdir()] == [f"mlp_train-{sha[:12]}.bundle"] if dest.is_dir() else True
 
 
+def test_fetch_whose_final_name_is_taken_by_a_folder_is_one_line_exit_2(fleet, tmp_path):
+    job_id, sha, _ = _completed_job(fleet.url, tmp_path)
+    dest = tmp_path / "fetched"
+    for suffix in (".tar", ".tar.zst", ".tar.gz"):
+        (dest / f"mlp_train-{sha[:12]}{suffix}").mkdir(parents=True)
+    code, out, err = jobs(fleet.url, "fetch", job_id, "-o", str(dest))
+    assert (code, out) == (2, "")
+    assert f"cannot save the model under {dest}" in err and len(err.splitlines()) == 1
+
+
 def test_fetch_of_a_job_without_artifact_is_exit_3(fleet, tmp_path):
     code, out, err = jobs(fleet.url, "fetch", all_ids(fleet.url)[0], "-o", str(tmp_path))
     assert code == 3 and "no artifact yet" in err
