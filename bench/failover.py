@@ -133,9 +133,9 @@ def replicated_claim(bench) -> None:
                  "ratio >= 0.5", ratio >= 0.5, samples=rates, cpus=os.cpu_count())
 
 
-def catchup(bench) -> None:
+def catchup(bench, behind: int | None = None) -> None:
     run = _run_module()
-    behind = 10_000 if bench.quick else 100_000
+    behind = behind or (10_000 if bench.quick else 100_000)
     template = run.build_queue(bench.work / "templates" / f"catchup-{behind}.sqlite3",
                                run.jobs_json(behind + behind // 2))
     with seeded_group(bench.dir("catchup"), template) as group:
@@ -153,8 +153,10 @@ def catchup(bench) -> None:
             h = group.health(follower)
             if h is not None and (h.get("applied") or 0) >= target:
                 break
-            if time.monotonic() - t0 > 300:
-                raise RuntimeError(f"follower {follower} did not reach index {target} within 300 s: {h}")
+            peer = group.peers[follower]
+            if not peer.alive or time.monotonic() - t0 > 300:
+                state = "exited" if not peer.alive else f"did not reach index {target} within 300 s"
+                raise RuntimeError(f"follower {follower} {state} (health {h}):\n{peer.log_text(2000)}")
             time.sleep(0.02)
         seconds = time.monotonic() - t0
     bench.report("catchup", seconds, "s", seconds / 10, f"the goal of 10 s (behind by {res['ops']} claims, "

@@ -259,6 +259,7 @@ def peer_env(extra: dict | None = None, token: str | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CIS490_", "NOTIFY_SOCKET", "WATCHDOG_"))}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"  # a peer that dies of a signal leaves its threads' stacks in its log
     if token:
         env["CIS490_OPERATOR_TOKEN"] = token
     env.update(extra or {})
