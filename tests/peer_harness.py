@@ -892,3 +892,20 @@ def check_history(history: History, state: dict, *, expect_all_completed: bool =
         elif expect_all_completed and job[0] != "completed":
             problems.append(f"job {job_id[:12]} ended {job[0]}, not completed")
     return problems
+
+
+def missing_artifacts(data_dir: Path, state: dict) -> list[str]:
+    """Completed jobs whose bundle is not in this peer's artifact store with the right sha256."""
+    import hashlib
+
+    out = []
+    for job_id, job in state["jobs"].items():
+        sha = job[5]
+        if job[0] != "completed" or not sha:
+            continue
+        found = sorted((data_dir / "models").glob(f"*/{sha}/bundle*"))
+        if not found:
+            out.append(f"{data_dir.parent.name}: no bundle {sha[:12]} for job {job_id[:12]}")
+        elif hashlib.sha256(found[0].read_bytes()).hexdigest() != sha:
+            out.append(f"{data_dir.parent.name}: bundle {sha[:12]} for job {job_id[:12]} has other bytes")
+    return out

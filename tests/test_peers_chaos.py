@@ -25,7 +25,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from peer_harness import (History, LinkProxy, PeerGroup, Workload, check_history,  # noqa: E402
-                          describe_differences, serve_supports_peers)
+                          describe_differences, missing_artifacts, serve_supports_peers)
 
 MANIFEST_FLEET = ("[fleet]\nheartbeat_s = 1\nstale_after_s = 4\nmax_attempts = 50\n\n"
                   "[[sweeps]]\nmodel = \"mlp\"\nmode = \"train\"\n")
@@ -265,7 +265,9 @@ def drain(group: PeerGroup, work: Workload, timeout: float) -> None:
     work.finish()
 
 
-def verify(group: PeerGroup, work: Workload) -> dict:
+def verify(group: PeerGroup, work: Workload, bundles_on: tuple[str, ...] | None = None) -> dict:
+    """Replicas converged, the history checks out, and every completed job's bundle is on the peers
+    ``bundles_on`` (default: all)."""
     states = group.converged_states(timeout=30)
     history = work.history
     assert not history.errors, history.errors
@@ -277,6 +279,9 @@ def verify(group: PeerGroup, work: Workload) -> dict:
           f"attempts {sum(len(a) for a in state['attempts'].values())}")
     problems = check_history(history, state)
     assert not problems, "\n".join(problems[:20])
+    lost = [m for nid in (group.node_ids if bundles_on is None else bundles_on)
+            for m in missing_artifacts(group.peers[nid].data_dir, state)]
+    assert not lost, "\n".join(lost[:20])
     return state
 
 
@@ -328,10 +333,7 @@ def test_exactly_once_through_kill_pause_and_partition_of_the_leader(tmp_path):
         assert group.links[("b", "a")].accepted + group.links[("a", "b")].accepted > 0
 
 
-@needs_peers
-def test_follower_restarted_behind_catches_up(tmp_path):
-    """A follower that was down while every job ran gets the whole state back once restarted: the log
-    was compacted meanwhile (every 20 entries), so it needs the leader's snapshot (§7)."""
+def restart_behind(tmp_path, bundles_on_follower: bool) -> None:
     with PeerGroup(tmp_path / "peers", n=3, manifest_text=manifest(30),
                    extra_args=("--raft-snapshot-every", "20")) as group:
         group.wait_up()
@@ -342,7 +344,21 @@ def test_follower_restarted_behind_catches_up(tmp_path):
             drain(group, work, timeout=40)
         group.start(follower)
         group.wait_up(follower)
-        verify(group, work)
+        verify(group, work, None if bundles_on_follower else tuple(n for n in group.node_ids if n != follower))
+
+
+@needs_peers
+def test_follower_restarted_behind_catches_up(tmp_path):
+    """A follower that was down while every job ran gets the whole state back once restarted: the log
+    was compacted meanwhile (every 20 entries), so it needs the leader's snapshot (§7)."""
+    restart_behind(tmp_path, bundles_on_follower=False)
+
+
+@needs_peers
+@pytest.mark.xfail(reason="a snapshot install copies the queue, not the bundles its completed jobs name: the "
+                          "follower holds none of them, and cannot serve them once it leads", strict=False)
+def test_follower_restarted_behind_gets_the_bundles_too(tmp_path):
+    restart_behind(tmp_path, bundles_on_follower=True)
 
 
 @pytest.mark.soak
