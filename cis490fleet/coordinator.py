@@ -750,10 +750,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", action="append", default=[], metavar="ID=URL",
                    help="a member of the replicated coordinator group (repeat for every member, this one included; "
                    "default: [[fleet.peers]] of the manifest); with none, serve runs alone")
-    p.add_argument("--raft-tick-ms", type=float, default=100.0, help="Raft tick (default 100 ms)")
-    p.add_argument("--raft-heartbeat-ticks", type=int, default=1, help="ticks between leader heartbeats (default 1)")
-    p.add_argument("--raft-election-ticks", default="10-20", metavar="LO-HI",
-                   help="randomized election timeout in ticks (default 10-20: 1-2 s at 100 ms ticks)")
+    p.add_argument("--raft-tick-ms", type=float, default=50.0, help="Raft tick (default 50 ms)")
+    p.add_argument("--raft-heartbeat-ticks", type=int, default=3,
+                   help="ticks between leader heartbeats (default 3: every 150 ms)")
+    p.add_argument("--raft-election-ticks", default="20-40", metavar="LO-HI",
+                   help="randomized election timeout in ticks (default 20-40: 1.0-2.0 s at 50 ms ticks)")
     p.add_argument("--raft-snapshot-every", type=int, default=10_000, metavar="N",
                    help="compact the Raft log every N applied entries (default 10000; 0 never)")
     p.add_argument("--peer-ca", help="CA (PEM) that signs the peers' certificates (default --client-ca)")

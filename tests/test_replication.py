@@ -445,7 +445,7 @@ def test_peers_come_from_the_flags_else_from_the_manifest_s_fleet_peers(tmp_path
     args = build_parser().parse_args(["--manifest", str(manifest), "--node-id", "a", "--raft-tick-ms", "20"])
     peers, options, _ = _peer_settings(args)
     assert peers == {"a": "http://127.0.0.1:9001", "b": "http://127.0.0.1:9002"}
-    assert options["tick_s"] == 0.02 and options["election_ticks"] == (10, 20)
+    assert options["tick_s"] == 0.02 and options["election_ticks"] == (20, 40) and options["heartbeat_ticks"] == 3
     flags = build_parser().parse_args(["--manifest", str(manifest), "--node-id", "x", "--peer", "x=http://h:1"])
     assert _peer_settings(flags)[0] == {"x": "http://h:1"}
     assert _peer_settings(build_parser().parse_args([]))[0] is None
