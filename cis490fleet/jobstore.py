@@ -126,6 +126,9 @@ UPSERT_WORKER_SQL = ("INSERT INTO workers (host, capability, last_seen) VALUES (
 HELD_SQL = "SELECT count(*) FROM jobs WHERE host = ? AND status IN ('claimed', 'running')"
 HELD_BY_HOST_SQL = "SELECT host, count(*) FROM jobs WHERE status IN ('claimed', 'running') GROUP BY host"
 
+ARTIFACT_FIELDS = ("artifact_id", "job_id", "model", "mode", "host", "size", "path", "created")
+ARTIFACT_COLUMNS = ", ".join(ARTIFACT_FIELDS)
+
 STATE_COLUMNS = "id, status, attempts, tries, host, lease, lease_expires, not_before, artifact_id, last_error, updated"
 
 # ``started``: when the current attempt (number = tries) began, while a holder's lease is on the job.
@@ -328,6 +331,59 @@ def _probe(key: str) -> JobSpec:
                    allowed_hosts=tuple(c["allowed_hosts"]))
 
 
+class _Gate:
+    """Shared use of the store's connections by any number of threads, or exclusive use by one (the swap of
+    the queue file for a snapshot, and close), so no connection is closed while another thread is in it.
+
+    Shared entries nest within a thread. A waiting exclusive entry holds back new shared ones, so a stream
+    of reads cannot starve the swap; uncontended, a shared entry costs two acquires of a plain lock."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._users = 0
+        self._waiting = 0
+        self._exclusive = False
+        self._local = threading.local()
+
+    def enter(self) -> None:
+        local = self._local
+        depth = getattr(local, "depth", 0)
+        if not depth:
+            with self._cond:
+                while self._exclusive or self._waiting:
+                    self._cond.wait()
+                self._users += 1
+        local.depth = depth + 1
+
+    def leave(self) -> None:
+        local = self._local
+        local.depth -= 1
+        if not local.depth:
+            with self._cond:
+                self._users -= 1
+                if not self._users and self._waiting:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        if getattr(self._local, "depth", 0):
+            raise RuntimeError("the job queue's exclusive gate was asked for by a thread inside a shared use")
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._exclusive or self._users:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
 # ---------------------------------------------------------------- the store
 
 class JobStore:
@@ -340,34 +396,55 @@ class JobStore:
         self._lock = threading.Lock()
         self._conns: list[sqlite3.Connection] = []
         self._closed = False
+        self._gate = _Gate()
+        self._generation = 0  # bumped by replace_with: a thread's connection of an older one is closed
         self._meta_cache: tuple[tuple, _Meta] | None = None
         self._probes: dict[str, JobSpec] = {}
         self._caps: dict[tuple, tuple[_Meta, str, dict, dict]] = {}
-        db.migrate(self._conn(), MIGRATIONS, what=f"job queue {Path(self.path).name}")
+        with self._use() as conn:
+            db.migrate(conn, MIGRATIONS, what=f"job queue {Path(self.path).name}")
 
     # -------------------------------------------------------- connections
 
     def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and not self._closed:
+        """This thread's connection; use it only inside ``_use`` (tests may read through it directly)."""
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is not None and local.generation == self._generation and not self._closed:
             return conn
         with self._lock:
             if self._closed:
                 raise Unavailable("the job queue is closed (the coordinator is shutting down)")
             conn = db.connect(self.path, synchronous=self._synchronous)
             self._conns.append(conn)
-        self._local.conn = conn
+            local.generation = self._generation
+        local.conn = conn
         return conn
 
-    def close(self) -> None:
+    @contextlib.contextmanager
+    def _use(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, held in shared use of the gate for the block."""
+        self._gate.enter()
+        try:
+            yield self._conn()
+        finally:
+            self._gate.leave()
+
+    def _close_all(self) -> None:
+        """Close every thread's connection; the caller holds the gate exclusively."""
         with self._lock:
-            self._closed = True
             conns, self._conns = self._conns, []
+            self._generation += 1
         for conn in conns:
             try:
                 conn.close()
             except sqlite3.Error as err:  # pragma: no cover - closing is best effort
                 log.debug("closing a queue connection: %s", err)
+
+    def close(self) -> None:
+        with self._gate.exclusive():
+            self._closed = True
+            self._close_all()
 
     def __enter__(self):
         return self
@@ -378,20 +455,19 @@ class JobStore:
     @contextlib.contextmanager
     def _snapshot(self) -> Iterator[sqlite3.Connection]:
         """A read transaction, so a read made of several queries sees one state."""
-        conn = self._conn()
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
+        with self._use() as conn:
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
 
     # -------------------------------------------------------- writes
 
     def execute(self, cmd: dict) -> dict:
         """Apply one command in its own transaction; raises the command's FleetError."""
         op, args = validate_command(cmd)
-        conn = self._conn()
-        with db.transaction(conn):
+        with self._use() as conn, db.transaction(conn):
             return getattr(self, "_op_" + op)(conn, **args)
 
     def execute_batch(self, cmds: list[dict], applied_index: int | None = None) -> list:
@@ -402,9 +478,8 @@ class JobStore:
         ``applied_index`` (the Raft log index of the batch's last entry) is recorded in
         the same transaction, so a restarted peer re-applies exactly what the queue has not seen.
         """
-        conn = self._conn()
         results: list = []
-        with db.transaction(conn):
+        with self._use() as conn, db.transaction(conn):
             if applied_index is not None:
                 conn.execute("INSERT INTO meta (key, value) VALUES ('raft_applied', ?) "
                              "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(int(applied_index)),))
@@ -455,33 +530,33 @@ class JobStore:
 
     def applied_index(self) -> int:
         """The Raft log index the queue has applied up to (0 when never replicated)."""
-        row = self._conn().execute("SELECT value FROM meta WHERE key = 'raft_applied'").fetchone()
+        with self._use() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'raft_applied'").fetchone()
         return int(row[0]) if row else 0
 
     def backup_to(self, dest) -> None:
         """A consistent copy of the queue at ``dest`` (SQLite's online backup), for a follower's snapshot."""
         target = sqlite3.connect(str(dest))
         try:
-            self._conn().backup(target)
+            with self._use() as conn:
+                conn.backup(target)
         finally:
             target.close()
 
     def replace_with(self, path) -> None:
-        """Swap the queue file for ``path`` (a snapshot from the leader): close every connection, move the
-        file in, reopen. The caller makes sure no other thread uses the store meanwhile."""
-        with self._lock:
-            conns, self._conns = self._conns, []
-            self._local = threading.local()
-        for conn in conns:
-            try:
-                conn.close()
-            except sqlite3.Error as err:  # pragma: no cover - closing is best effort
-                log.debug("closing a queue connection: %s", err)
-        for suffix in ("-wal", "-shm"):
-            Path(self.path + suffix).unlink(missing_ok=True)
-        os.replace(path, self.path)
-        self._meta_cache = None
-        db.migrate(self._conn(), MIGRATIONS, what=f"job queue {Path(self.path).name}")
+        """Swap the queue file for ``path`` (a snapshot from the leader): wait until no thread is using the
+        store, close every connection, move the file in (dropping the old WAL and shared memory, which must
+        never meet the new file), and let each thread reopen on its next use. Other threads' reads and writes
+        wait meanwhile and then see the new queue."""
+        with self._gate.exclusive():
+            if self._closed:
+                raise Unavailable("the job queue is closed (the coordinator is shutting down)")
+            self._close_all()
+            for suffix in ("-wal", "-shm"):
+                Path(self.path + suffix).unlink(missing_ok=True)
+            os.replace(path, self.path)
+            self._meta_cache = None
+            db.migrate(self._conn(), MIGRATIONS, what=f"job queue {Path(self.path).name}")
 
     # -------------------------------------------------------- meta
 
@@ -949,31 +1024,46 @@ class JobStore:
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(STATUSES, 0)
-        for status, n in self._conn().execute("SELECT status, count(*) FROM jobs GROUP BY status"):
-            out[status] = n
+        with self._use() as conn:
+            for status, n in conn.execute("SELECT status, count(*) FROM jobs GROUP BY status"):
+                out[status] = n
         return out
 
     def artifact(self, artifact_id: str) -> dict | None:
-        row = self._conn().execute("SELECT artifact_id, job_id, model, mode, host, size, path, created FROM artifacts "
-                                   "WHERE artifact_id = ?", (artifact_id,)).fetchone()
+        with self._use() as conn:
+            row = conn.execute(f"SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE artifact_id = ?",
+                               (artifact_id,)).fetchone()
         if row is None:
             return None
-        return dict(zip(("artifact_id", "job_id", "model", "mode", "host", "size", "path", "created"), row))
+        return dict(zip(ARTIFACT_FIELDS, row))
+
+    def artifacts(self) -> list[dict]:
+        """Every recorded artifact (as ``artifact``), oldest first: what a peer restored from a snapshot
+        must fetch to hold the bundles its queue names."""
+        with self._use() as conn:
+            rows = conn.execute(f"SELECT {ARTIFACT_COLUMNS} FROM artifacts ORDER BY created, artifact_id").fetchall()
+        return [dict(zip(ARTIFACT_FIELDS, row)) for row in rows]
 
     def fleet(self) -> FleetConfig:
-        return self._meta(self._conn()).fleet
+        with self._use() as conn:
+            return self._meta(conn).fleet
 
     def trainer(self) -> TrainerConfig:
-        return self._meta(self._conn()).trainer
+        with self._use() as conn:
+            return self._meta(conn).trainer
 
     def hosts(self) -> list[HostSpec]:
-        return list(self._meta(self._conn()).hosts)
+        with self._use() as conn:
+            return list(self._meta(conn).hosts)
 
     def total_artifact_bytes(self) -> int:
-        return self._conn().execute("SELECT coalesce(sum(size), 0) FROM artifacts").fetchone()[0]
+        with self._use() as conn:
+            return conn.execute("SELECT coalesce(sum(size), 0) FROM artifacts").fetchone()[0]
 
     def pending_claimable_count(self, now: float, limit: int | None = None) -> int:
         """Pending jobs out of backoff and not waiting on dependencies (counting stops at ``limit``)."""
-        return self._conn().execute(
-            "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE status = 'pending' AND blocked = 0 "
-            "AND (not_before IS NULL OR not_before <= ?) LIMIT ?)", (now, -1 if limit is None else limit)).fetchone()[0]
+        with self._use() as conn:
+            return conn.execute(
+                "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE status = 'pending' AND blocked = 0 "
+                "AND (not_before IS NULL OR not_before <= ?) LIMIT ?)",
+                (now, -1 if limit is None else limit)).fetchone()[0]

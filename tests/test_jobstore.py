@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 
 import pytest
 
@@ -567,6 +568,68 @@ def test_workers_report_liveness_running_jobs_and_effective_slots(store):
     workers = {w["host"]: w for w in store.workers(T0 + 120)}
     assert workers["gpu1"]["live"] is False and workers["gpu1"]["slots"] == 3
     assert workers["ws1"]["live"] is True and len(workers["ws1"]["running"]) == 1
+
+
+# ------------------------------------------------------------------ snapshot swap
+
+def test_replace_with_while_other_threads_read_and_write_never_crashes_nor_mixes_files(tmp_path):
+    sources = {}
+    for n in (3, 5):
+        src = JobStore(tmp_path / f"src{n}.sqlite3")
+        sync(src, *seeds(n))
+        sources[n] = src
+    store = JobStore(tmp_path / "queue.sqlite3")
+    sources[3].backup_to(tmp_path / "first.sqlite3")
+    store.replace_with(tmp_path / "first.sqlite3")
+    stop = threading.Event()
+    problems: list = []
+    seen: set = set()
+
+    def reader():
+        try:
+            while not stop.is_set():
+                counts = store.counts()
+                listed, total = store.jobs()
+                assert sum(counts.values()) in (3, 5) and total in (3, 5) and len(listed) == total
+                assert store.fleet().max_attempts >= 1 and store.artifacts() == []
+                seen.add(total)
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            problems.append(err)
+
+    def writer():
+        try:
+            while not stop.is_set():
+                store.execute({"op": "register_worker", "now": T0, "host": "ws1", "capability": CPU})
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            problems.append(err)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)] + [threading.Thread(target=writer)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(40):
+            n = (3, 5)[i % 2]
+            copy = tmp_path / f"copy{i}.sqlite3"
+            sources[n].backup_to(copy)
+            store.replace_with(copy)
+            # the old file's WAL must not survive into the new one
+            assert sum(store.counts().values()) == n
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        store.close()
+        for src in sources.values():
+            src.close()
+    assert not problems, problems[0]
+    assert seen == {3, 5}
+
+
+def test_artifacts_lists_every_recorded_artifact(store):
+    job = sync(store, *seeds(1)) and claim(store)["job_id"]
+    finish(store, job)
+    assert [a["artifact_id"] for a in store.artifacts()] == [ART]
+    assert store.artifacts()[0] == store.artifact(ART)
 
 
 # ------------------------------------------------------------------ replay
