@@ -373,6 +373,8 @@ class Replicator:
         try:
             if self._unfinished is not None:
                 self._install_snapshot(self._unfinished)
+            else:
+                self._fetch_missing_artifacts()
             while not self._stop.is_set():
                 try:
                     item = self._inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
@@ -547,6 +549,7 @@ class Replicator:
                          snap.index)
                 # Entries between the snapshot and the copy are already in it: _apply skips them.
                 self._db_applied = applied
+                self._fetch_missing_artifacts()
                 return
             self._stop.wait(delay)
             delay = min(delay * 2, 2.0)
@@ -592,6 +595,34 @@ class Replicator:
             return
         self._fetching.add(sha)
         threading.Thread(target=self._fetch_artifact, args=(cmd,), name="raft-artifact-fetch", daemon=True).start()
+
+    def _fetch_missing_artifacts(self) -> None:
+        """Fetch in the background every bundle the queue records that this peer lacks: after a snapshot
+        install (its queue names bundles uploaded while this peer was away, whose record_artifact entries it
+        never applies) and at start-up (a fetch cut short by a crash is not retried by re-applying its entry)."""
+        if self.artifacts is None:
+            return
+        threading.Thread(target=self._catch_up_artifacts, name="raft-artifact-catch-up", daemon=True).start()
+
+    def _catch_up_artifacts(self) -> None:
+        try:
+            recorded = self.store.artifacts()
+        except errors.FleetError as err:
+            log.info("could not list the queue's artifacts to fetch the missing ones: %s", err)
+            return
+        missing = [a for a in recorded
+                   if a["artifact_id"] not in self._fetching and self.artifacts.locate(a["artifact_id"]) is None]
+        if missing:
+            log.info("fetching %d bundles the queue records and this peer lacks", len(missing))
+        for a in missing:
+            if self._stop.is_set():
+                return
+            sha = a["artifact_id"]
+            if sha in self._fetching:
+                continue
+            self._fetching.add(sha)
+            self._fetch_artifact({"artifact_id": sha, "model": a["model"], "mode": a["mode"], "job_id": a["job_id"],
+                                  "host": a["host"], "now": a["created"]})
 
     def _fetch_artifact(self, cmd: dict) -> None:
         sha = cmd["artifact_id"]
