@@ -717,6 +717,10 @@ def read_token(path: str | None, env: dict) -> str | None:
             token = p.read_text(encoding="utf-8").strip()
         except OSError as err:
             raise errors.ConfigError(f"--operator-token-file {path}: cannot read it ({err.strerror or err})") from None
+        except UnicodeDecodeError:
+            raise errors.ConfigError(f"--operator-token-file {path} is not UTF-8 text; write the token as plain "
+                                     "text, e.g. the output of: python3 -c 'import secrets; print(secrets.token_hex(16))'"
+                                     ) from None
         if not token:
             raise errors.ConfigError(f"--operator-token-file {path} is empty; put the operator token in it")
         if os.name != "nt":

@@ -145,6 +145,14 @@ def test_an_empty_token_file_is_refused(tmp_path):
     assert result.returncode == 2 and "empty" in result.stderr
 
 
+def test_a_token_file_that_is_not_text_is_one_line(tmp_path):
+    (tmp_path / "token").write_bytes(b"\xff\xfe\x00token")
+    result = run_serve("--data", str(tmp_path), "--bind", "127.0.0.1:0", "--operator-token-file",
+                       str(tmp_path / "token"))
+    assert result.returncode == 2 and "is not UTF-8 text" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_second_serve_on_the_same_data_folder_is_refused(serve_process):
     sp = serve_process()
     result = run_serve("--data", str(sp.data_dir), "--bind", "127.0.0.1:0")
