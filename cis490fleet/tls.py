@@ -19,23 +19,31 @@ def _check_file(path: str | Path, what: str, flag: str) -> str:
     return str(p)
 
 
-def server_context(cert: str | Path, key: str | Path | None = None, client_ca: str | Path | None = None) -> ssl.SSLContext:
-    """A server context presenting ``cert``/``key``; with ``client_ca``, every client must show a certificate it signed."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    cert_path = _check_file(cert, "certificate", "--cert")
-    key_path = _check_file(key, "private key", "--key") if key else None
+def _load_chain(ctx: ssl.SSLContext, cert: str | Path, key: str | Path | None, flags: tuple[str, str]) -> None:
+    cert_path = _check_file(cert, "certificate", flags[0])
+    key_path = _check_file(key, "private key", flags[1]) if key else None
     try:
         ctx.load_cert_chain(cert_path, key_path)
     except (ssl.SSLError, OSError) as err:
         raise ConfigError(f"cannot load certificate {cert_path!r} with key {key_path or cert_path!r}: {err}; "
-                          "check that --cert and --key are PEM files that belong together") from None
+                          f"check that {flags[0]} and {flags[1]} are PEM files that belong together") from None
+
+
+def _load_ca(ctx: ssl.SSLContext, ca: str | Path, what: str, flag: str) -> None:
+    ca_path = _check_file(ca, what, flag)
+    try:
+        ctx.load_verify_locations(cafile=ca_path)
+    except (ssl.SSLError, OSError) as err:
+        raise ConfigError(f"cannot load {what} {ca_path!r}: {err}; pass a PEM file of CA certificates") from None
+
+
+def server_context(cert: str | Path, key: str | Path | None = None, client_ca: str | Path | None = None) -> ssl.SSLContext:
+    """A server context presenting ``cert``/``key``; with ``client_ca``, every client must show a certificate it signed."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_chain(ctx, cert, key, ("--cert", "--key"))
     if client_ca:
-        ca_path = _check_file(client_ca, "client CA", "--client-ca")
-        try:
-            ctx.load_verify_locations(cafile=ca_path)
-        except (ssl.SSLError, OSError) as err:
-            raise ConfigError(f"cannot load client CA {ca_path!r}: {err}; pass a PEM file of CA certificates") from None
+        _load_ca(ctx, client_ca, "client CA", "--client-ca")
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
@@ -46,19 +54,9 @@ def client_context(ca: str | Path | None = None, cert: str | Path | None = None,
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if ca:
-        ca_path = _check_file(ca, "CA", "ca")
-        try:
-            ctx.load_verify_locations(cafile=ca_path)
-        except (ssl.SSLError, OSError) as err:
-            raise ConfigError(f"cannot load CA {ca_path!r}: {err}; pass a PEM file of CA certificates") from None
+        _load_ca(ctx, ca, "CA", "--ca")
     if cert:
-        cert_path = _check_file(cert, "certificate", "cert")
-        key_path = _check_file(key, "private key", "key") if key else None
-        try:
-            ctx.load_cert_chain(cert_path, key_path)
-        except (ssl.SSLError, OSError) as err:
-            raise ConfigError(f"cannot load client certificate {cert_path!r}: {err}; "
-                              "check that cert and key are PEM files that belong together") from None
+        _load_chain(ctx, cert, key, ("--cert", "--key"))
     return ctx
 
 
