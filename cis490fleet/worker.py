@@ -541,11 +541,31 @@ class Worker:
         cap = normalize_capability(detect(overrides, work_dir=str(self.work_dir)))
         if not self.slots:
             self.slots = plan_slots(cap, self.config.slots)
+        else:
+            cap = self._within_planned_gpus(cap)
         cap["slots"] = len(self.slots)
         cap["host"] = self.config.host_id
         self.capability = cap
         log.info("capability: %d slot(s) %s; cuda=%s, %d cores, %.1f GiB RAM", len(self.slots),
                  [s.gpu or "cpu" for s in self.slots], cap["cuda"], cap["cores"], cap["ram_gib"])
+        return cap
+
+    def _within_planned_gpus(self, cap: dict) -> dict:
+        """A re-detection advertises only the GPUs the running slots were given at start.
+
+        Slot threads keep the device they were planned with, so a GPU that appeared
+        since then would never be visible to a trainer: offering CUDA work for it
+        would start jobs on a slot without a GPU.
+        """
+        planned = {s.gpu for s in self.slots if s.gpu}
+        seen = {str(g.get("index", i)) for i, g in enumerate(cap["gpus"])} if cap["cuda"] else set()
+        if seen == planned:
+            return cap
+        log.warning("GPUs changed since start (planned %s, now %s); restart the worker to plan its slots again",
+                    sorted(planned) or "none", sorted(seen) or "none")
+        cap["gpus"] = [g for i, g in enumerate(cap["gpus"]) if str(g.get("index", i)) in planned]
+        cap["cuda"] = bool(cap["gpus"])
+        cap["vram_gib"] = max((float(g.get("vram_gib") or 0) for g in cap["gpus"]), default=0.0)
         return cap
 
     def register(self) -> bool:

@@ -368,3 +368,44 @@ def test_ctrl_c_stops_everything_the_demo_started(tmp_path):
             demo.kill()
     assert "stopping everything it started" in log.read_text()
     assert processes_mentioning(str(run_dir)) == []
+
+
+def test_sighup_detects_capability_again(serve_process, workers, tmp_path):
+    """A re-detection updates what the host offers; a GPU that appeared after start is not offered to CUDA work."""
+    server = serve_process(manifest=manifest("""
+        [[jobs]]
+        name = "big-gpu"
+        model = "mlp"
+        mode = "gpu"
+        require_cuda = true
+        min_vram_gib = 20
+        hyper = { steps = 2, sleep = 0.05 }
+    """))
+    fake_nvidia_smi(tmp_path, [(0, "Small GPU", 8192)])
+    w = workers(server.url, "e2e-hup")
+    client = Client(server.url)
+
+    def capability() -> dict | None:
+        for worker in client.workers()["workers"]:
+            if worker["host"] == "e2e-hup":
+                return worker["capability"]
+        return None
+
+    def wait_for(predicate, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not predicate() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert predicate(), f"{what}:\n{w.log_text()}"
+
+    wait_for(lambda: capability() is not None, "the worker registers")
+    assert capability()["vram_gib"] == pytest.approx(8.0)
+    time.sleep(1.5)  # several long-poll rounds: 8 GiB must leave the 20 GiB job alone
+    assert jobs_by_name(client)["big-gpu"]["status"] == "pending"
+
+    fake_nvidia_smi(tmp_path, [(0, "Big GPU", 24576), (1, "New GPU", 81920)])
+    w.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: jobs_by_name(client)["big-gpu"]["status"] == "completed", "the 20 GiB job completes")
+    cap = capability()
+    assert [g["name"] for g in cap["gpus"]] == ["Big GPU"] and cap["vram_gib"] == pytest.approx(24.0)
+    assert "SIGHUP: detecting capability again" in w.log_text()
+    assert "GPUs changed since start (planned ['0'], now ['0', '1'])" in w.log_text()
