@@ -275,3 +275,15 @@ def live_server(tmp_path_factory):
     yield start
     for live in servers:
         live.close()
+
+
+def wait_for(what: str, check, timeout: float = 60, every: float = 0.1):
+    """Poll ``check()`` until it returns something truthy and return that; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)

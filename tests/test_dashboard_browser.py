@@ -15,12 +15,11 @@ import re
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import OPERATOR_TOKEN, manifest_toml
+from conftest import OPERATOR_TOKEN, manifest_toml, wait_for
 
 from cis490fleet import dashboard, errors
 
@@ -122,15 +121,6 @@ WIDER_THAN_SCREEN = """() => Array.from(document.querySelectorAll('body *'))
     .map((e) => e.tagName + '.' + e.className + '#' + e.id + ' ' + Math.round(e.getBoundingClientRect().right))"""
 
 
-def wait_for(what: str, check, timeout: float = 60, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(every)
 
 
 def shot(page, name: str, full_page: bool = True) -> Path:

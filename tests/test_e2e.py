@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OPERATOR_TOKEN
-from test_worker import TRAINERS, fake_nvidia_smi, pid_alive
+from conftest import OPERATOR_TOKEN, wait_for
+from test_worker import fake_nvidia_smi, pid_alive, trainer_manifest
 
 from cis490fleet.client import Client
 
@@ -29,17 +29,8 @@ pytestmark = pytest.mark.skipif(os.name == "nt", reason="uses POSIX signals")
 
 def manifest(jobs: str, *, trainer: str = "slow.py", heartbeat_s: float = 0.5, stale_after_s: float = 2.0,
              max_attempts: int = 3) -> str:
-    command = json.dumps(["{python}", str(TRAINERS / trainer), "--model", "{model}", "--mode", "{mode}",
-                          "--hyper", "{hyper}", "--seed", "{seed}", "--out", "{out}"])
-    return textwrap.dedent(f"""
-        [fleet]
-        heartbeat_s = {heartbeat_s}
-        stale_after_s = {stale_after_s}
-        max_attempts = {max_attempts}
-        retry_backoff_s = 0.1
-        [trainer]
-        command = {command}
-    """) + textwrap.dedent(jobs)
+    return trainer_manifest(trainer, jobs, heartbeat_s=heartbeat_s, stale_after_s=stale_after_s,
+                            max_attempts=max_attempts)
 
 
 def slow_job(name: str = "slow", steps: int = 60, sleep: float = 0.1) -> str:
@@ -113,15 +104,6 @@ def workers(tmp_path):
                 pass
 
 
-def wait_for(what: str, check, timeout: float = 60, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(every)
 
 
 def jobs_by_name(client: Client) -> dict[str, dict]:
@@ -391,20 +373,14 @@ def test_sighup_detects_capability_again(serve_process, workers, tmp_path):
                 return worker["capability"]
         return None
 
-    def wait_for(predicate, what: str) -> None:
-        deadline = time.monotonic() + 30
-        while not predicate() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert predicate(), f"{what}:\n{w.log_text()}"
-
-    wait_for(lambda: capability() is not None, "the worker registers")
+    wait_for("the worker to register", lambda: capability() is not None, timeout=30)
     assert capability()["vram_gib"] == pytest.approx(8.0)
     time.sleep(1.5)  # several long-poll rounds: 8 GiB must leave the 20 GiB job alone
     assert jobs_by_name(client)["big-gpu"]["status"] == "pending"
 
     fake_nvidia_smi(tmp_path, [(0, "Big GPU", 24576), (1, "New GPU", 81920)])
     w.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: jobs_by_name(client)["big-gpu"]["status"] == "completed", "the 20 GiB job completes")
+    wait_for("the 20 GiB job to complete", lambda: jobs_by_name(client)["big-gpu"]["status"] == "completed", timeout=30)
     cap = capability()
     assert [g["name"] for g in cap["gpus"]] == ["Big GPU"] and cap["vram_gib"] == pytest.approx(24.0)
     assert "SIGHUP: detecting capability again" in w.log_text()

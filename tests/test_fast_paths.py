@@ -24,7 +24,7 @@ from cis490fleet import coordinator, http_api, manifest
 from cis490fleet.client import Client
 from cis490fleet.jobstore import JobStore
 from cis490fleet.model import JobSpec
-from conftest import OPERATOR_TOKEN, Conn, manifest_toml
+from conftest import OPERATOR_TOKEN, Conn, manifest_toml, wait_for
 
 T0 = 1_700_000_000.0
 CPU = {"os": "linux", "cores": 4, "ram_gib": 16.0, "cuda": False, "gpus": [], "slots": 4}
@@ -196,13 +196,6 @@ class _Gate:
         return getattr(self.store, name)
 
 
-def _wait_for(predicate, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
-
-
 def test_claims_over_http_that_arrive_together_share_one_commit(live_server):
     srv = live_server(manifest_toml(40))
     coord = srv.coordinator
@@ -217,11 +210,11 @@ def test_claims_over_http_that_arrive_together_share_one_commit(live_server):
 
     first = threading.Thread(target=claim, args=(0,))
     first.start()
-    _wait_for(lambda: gate.batch_sizes == [1], "the first claim never reached the writer")
+    wait_for("the first claim to reach the writer", lambda: gate.batch_sizes == [1], timeout=30, every=0.01)
     rest = [threading.Thread(target=claim, args=(i,)) for i in range(1, 16)]
     for t in rest:
         t.start()
-    _wait_for(lambda: coord.writer._queue.qsize() == 15, "the other claims never queued behind the commit")
+    wait_for("the other claims to queue behind the commit", lambda: coord.writer._queue.qsize() == 15, timeout=30, every=0.01)
     gate.open.set()
     for t in [first] + rest:
         t.join(30)
