@@ -19,6 +19,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -287,3 +288,12 @@ def wait_for(what: str, check, timeout: float = 60, every: float = 0.1):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(every)
+
+
+def closed_port_url() -> str:
+    """A loopback URL on a port nothing listens on (bound once, then released)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}"

@@ -19,6 +19,8 @@ import tracemalloc
 
 import pytest
 
+from conftest import closed_port_url
+
 from cis490fleet import errors
 from cis490fleet.client import Client, parse_urls
 
@@ -97,14 +99,6 @@ def serve_with():
     for srv in servers:
         srv.shutdown()
         srv.server_close()
-
-
-def closed_port_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
 
 
 def fast(urls, **kw) -> Client:

@@ -16,7 +16,6 @@ import os
 import pty
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ import pytest
 from cis490fleet import cli, ops
 from cis490fleet.client import Client
 from cis490fleet.model import compute_job_id
-from conftest import OPERATOR_TOKEN, ROOT, manifest_toml
+from conftest import OPERATOR_TOKEN, ROOT, closed_port_url, manifest_toml
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -70,14 +69,6 @@ def jobs_process(*args, env=None, timeout=60) -> subprocess.CompletedProcess:
     """The real command: ``python -m cis490fleet jobs ARGS``."""
     return subprocess.run([sys.executable, "-m", "cis490fleet", "jobs", *args], capture_output=True, text=True,
                           env=env or cli_env(), cwd=ROOT, timeout=timeout)
-
-
-def closed_port_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
 
 
 def worker(url: str, host: str = "ws1", slots: int = 2) -> tuple[Client, dict]:
