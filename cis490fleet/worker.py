@@ -837,6 +837,7 @@ class Worker:
 
     def _slot_loop(self, slot: Slot) -> None:
         delay = 0.5
+        settled = False  # --once: the queue was settled before the latest claim
         while not self.stopping:
             try:
                 outcome = self.run_once(slot)
@@ -847,10 +848,16 @@ class Worker:
                 log.exception("slot %d: unexpected error", slot.index)
                 outcome = UNAVAILABLE
             if outcome == IDLE and self.config.once:
-                if self.queue_settled():
+                # Exit only when a claim made after the queue settled found nothing: a job that
+                # went stale between the empty claim and the check is pending again by then.
+                if settled:
                     return
-                self._stopping.wait(0.5 if self.config.wait_s < 0.5 else 0)
-            elif outcome in (UNAVAILABLE, PENDING):
+                settled = self.queue_settled()
+                if not settled:
+                    self._stopping.wait(0.5 if self.config.wait_s < 0.5 else 0)
+                continue
+            settled = False
+            if outcome in (UNAVAILABLE, PENDING):
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 30.0)
             else:

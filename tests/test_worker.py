@@ -603,3 +603,25 @@ def test_exit_when_idle(live_server, tmp_path, cpu_host):
     server = live_server(trainer_manifest("ok.py", ""))
     w = make_worker(server.url, tmp_path, exit_when_idle_s=0.5, wait_s=0.2)
     assert w.run() == 0
+
+
+def test_once_claims_again_after_the_queue_settles_so_a_job_gone_stale_meanwhile_is_trained(
+        live_server, tmp_path, cpu_host):
+    """--once: the empty claim and the 'nothing held' check are two requests; a stale sweep between them must not
+    let the worker leave a pending job behind."""
+    server = live_server(trainer_manifest("ok.py", ONE_JOB, heartbeat_s=0.2, stale_after_s=1.0))
+    status, _, ghost = server.call("POST", "/v1/job/claim", {"capability": {}}, {"x-lab-host": "ghost"})
+    assert status == 200 and ghost["job"] is not None
+    claimed_at = time.monotonic()
+    w = make_worker(server.url, tmp_path, once=True)
+    settled = w.queue_settled
+
+    def sweep_then_check() -> bool:
+        time.sleep(max(0.0, claimed_at + 1.2 - time.monotonic()))
+        server.coordinator.sweep_once()  # the ghost's job goes back to pending after the empty claim
+        return settled()
+
+    w.queue_settled = sweep_then_check
+    assert w.run() == 0
+    job = only_job(server)
+    assert job["status"] == "completed" and job["host"] == "w1", job
