@@ -40,6 +40,7 @@ from cis490fleet.model import HOST_ID_RE, TrainerConfig, canonical_json, normali
 from cis490fleet.progress import changed_enough, progress_line, redraw, terminal_columns
 
 TAIL_BYTES = 4096
+LOG_LINE_MAX = 1 << 16
 DEFAULT_CONFIG = (Path(os.environ.get("ProgramData", r"C:\ProgramData")) / "cis490fleet" / "worker.toml"
                   if os.name == "nt" else Path("/etc/cis490fleet/worker.toml"))
 CONFIG_KEYS = ("receiver", "host_id", "work_dir", "slots", "grace_s", "wait_s", "ca", "cert", "key", "capability")
@@ -360,7 +361,8 @@ class TrainerRun:
         self.proc: subprocess.Popen | None = None
         self._stderr_tail: deque[bytes] = deque()
         self._stderr_len = 0
-        self._reader: threading.Thread | None = None
+        self._readers: list[threading.Thread] = []
+        self._log_lock = threading.Lock()
 
     @property
     def label(self) -> str:
@@ -396,37 +398,64 @@ class TrainerRun:
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
         else:
             kwargs["start_new_session"] = True
-        with open(self.log_path, "ab") as logf:
-            try:
-                self.proc = subprocess.Popen(argv, cwd=self.dir, env=env, stdin=subprocess.DEVNULL, stdout=logf,
-                                             stderr=subprocess.PIPE, **kwargs)
-            except OSError as err:
-                raise errors.FleetError(f"cannot start the trainer {argv[0]!r}: {err.strerror or err}; "
-                                        "check [trainer].command in the manifest") from None
+        try:
+            self.proc = subprocess.Popen(argv, cwd=self.dir, env=env, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+        except OSError as err:
+            raise errors.FleetError(f"cannot start the trainer {argv[0]!r}: {err.strerror or err}; "
+                                    "check [trainer].command in the manifest") from None
         self.pid_path.write_text(str(self.proc.pid))
-        self._reader = threading.Thread(target=self._pump_stderr, name=f"stderr-{self.job_id[:8]}", daemon=True)
-        self._reader.start()
+        logf = open(self.log_path, "ab", buffering=0)
+        self._readers = [threading.Thread(target=self._pump, args=(stream, logf, stream is self.proc.stderr),
+                                          name=f"{name}-{self.job_id[:8]}", daemon=True)
+                         for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr))]
+        for reader in self._readers:
+            reader.start()
+        threading.Thread(target=self._close_log_after_readers, args=(logf,), daemon=True).start()
         log.info("job %s attempt %d: started trainer pid %d on slot %d: %s",
                  self.label, self.attempt, self.proc.pid, self.slot.index, " ".join(argv))
 
-    def _pump_stderr(self) -> None:
-        assert self.proc and self.proc.stderr
-        fd = self.proc.stderr.fileno()
-        with open(self.log_path, "ab", buffering=0) as logf:
-            while True:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                logf.write(chunk)
-                self._stderr_tail.append(chunk)
-                self._stderr_len += len(chunk)
-                while self._stderr_len - len(self._stderr_tail[0]) >= TAIL_BYTES:
-                    self._stderr_len -= len(self._stderr_tail.popleft())
-        self.proc.stderr.close()
+    def _pump(self, stream, logf, is_stderr: bool) -> None:
+        """Copy one of the trainer's streams into train.log a whole line at a time.
+
+        An unbuffered Python trainer writes a line's text and its newline in two
+        system calls; copying bytes as they arrive would splice the other
+        stream's lines into the middle of this one's.
+        """
+        fd = stream.fileno()
+        partial = b""
+        while True:
+            chunk = os.read(fd, 65536)
+            if is_stderr and chunk:
+                self._keep_stderr(chunk)
+            data = partial + chunk
+            cut = data.rfind(b"\n") + 1 if chunk and len(data) < LOG_LINE_MAX else len(data)
+            if cut:
+                with self._log_lock:
+                    logf.write(data[:cut])
+            partial = data[cut:]
+            if not chunk:
+                break
+        stream.close()
+
+    def _keep_stderr(self, chunk: bytes) -> None:
+        self._stderr_tail.append(chunk)
+        self._stderr_len += len(chunk)
+        while self._stderr_len - len(self._stderr_tail[0]) >= TAIL_BYTES:
+            self._stderr_len -= len(self._stderr_tail.popleft())
+
+    def _close_log_after_readers(self, logf) -> None:
+        for reader in self._readers:
+            reader.join()
+        logf.close()
+
+    def wait_for_output(self, timeout: float = 5.0) -> None:
+        """Wait until everything the trainer wrote is in train.log (after it has exited)."""
+        for reader in self._readers:
+            reader.join(timeout=timeout)
 
     def stderr_tail(self) -> str:
-        if self._reader:
-            self._reader.join(timeout=5)
+        self.wait_for_output()
         return b"".join(self._stderr_tail)[-TAIL_BYTES:].decode("utf-8", "replace")
 
     def log_tail(self) -> str:
@@ -678,7 +707,7 @@ class Worker:
             how = signal_name(code)
             log.warning("job %s: trainer ended with %s", run.label, how)
             return self._report_failure(run, f"trainer {how}" + (f"; last stderr:\n{tail}" if tail.strip() else ""))
-        run.stderr_tail()
+        run.wait_for_output()
         return self._finish(run)
 
     # -- results ----------------------------------------------------------------------------
