@@ -37,10 +37,13 @@ EXIT_TERMINATED = 128 + 15
 
 # Defaults per model; the keys are what `--describe` reports.
 HYPER_DEFAULTS: dict[str, dict[str, float | int]] = {
+    "gbt": {"lr": 0.3, "trees": 20, "max_depth": 3, "min_leaf": 5, "bins": 32, "l2": 1.0},
     "logreg": {"lr": 0.1, "epochs": 10, "batch_size": 32, "weight_decay": 0.0},
     "mlp": {"lr": 0.05, "epochs": 10, "hidden": 32, "batch_size": 32, "weight_decay": 0.0},
 }
-INT_KEYS = {"epochs", "hidden", "batch_size"}
+# Whole-number keys and their upper bounds (a deep tree has 2**max_depth leaves).
+INT_KEYS = {"epochs": None, "hidden": None, "batch_size": None, "trees": None, "max_depth": 12, "min_leaf": None,
+            "bins": 256}
 
 SAMPLES = 512
 FEATURES = 8
@@ -82,8 +85,10 @@ def validate_hyper(model_name: str, raw: object) -> dict:
     for key, value in raw.items():
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if key in INT_KEYS:
-            if not (is_number and float(value).is_integer() and value >= 1):
-                raise UsageError(f"hyper {key} must be a whole number >= 1, got {json.dumps(value)}")
+            top = INT_KEYS[key]
+            if not (is_number and float(value).is_integer() and 1 <= value <= (top or value)):
+                bounds = f"from 1 to {top}" if top else ">= 1"
+                raise UsageError(f"hyper {key} must be a whole number {bounds}, got {json.dumps(value)}")
             value = int(value)
         elif key == "lr":
             if not (is_number and math.isfinite(value) and value > 0):
@@ -207,6 +212,36 @@ def _train(job: Job, stop: _Stop) -> int:
     xv = torch.tensor(x_val, dtype=torch.float32, device=device)
     yv = torch.tensor(y_val, dtype=torch.long, device=device)
 
+    job.out.mkdir(parents=True, exist_ok=True)
+    lines = [f"train {job.model} mode={job.mode} seed={job.seed} split={job.split_recipe} device={device.type} "
+             f"hyper={json.dumps(job.hyper, sort_keys=True)} train={len(y_train)} val={len(y_val)}"]
+    print(lines[0], flush=True)
+    history: list[dict] = []
+
+    def epoch_done(epoch: int, epochs: int, step: int, train_loss: float, metrics: dict) -> None:
+        entry = {"epoch": epoch, "train_loss": train_loss, **metrics}
+        history.append(entry)
+        line = f"epoch {epoch}/{epochs} loss {train_loss:.6f} " + " ".join(
+            f"{k} {v:.6f}" for k, v in sorted(metrics.items()))
+        lines.append(line)
+        print(line, flush=True)
+        _report(job.progress, {"step": step, "epoch": epoch, "epochs": epochs, "loss": train_loss,
+                               "metrics": metrics, "fraction": epoch / epochs})
+
+    fit = _fit_gbt if job.model == "gbt" else _fit_net
+    state = fit(torch, job, device, (xt, yt), (xv, yv) if len(y_val) else (xt, yt),
+                "val" if len(y_val) else "train", stop, epoch_done)
+    epochs = job.hyper["trees" if job.model == "gbt" else "epochs"]
+    interrupted = stop.requested
+    if interrupted:
+        lines.append(f"stopped by SIGTERM after {len(history)} of {epochs} epochs; saving what there is")
+        print(lines[-1], flush=True)
+    _save(torch, job, state, history, lines, device.type, epochs, interrupted)
+    return EXIT_TERMINATED if interrupted else 0
+
+
+def _fit_net(torch, job: Job, device, train, check, split: str, stop: _Stop, epoch_done) -> dict:
+    """An MLP or a logistic regression, minibatch SGD with momentum."""
     h = job.hyper
     if job.model == "mlp":
         net = torch.nn.Sequential(torch.nn.Linear(FEATURES, h["hidden"]), torch.nn.ReLU(),
@@ -217,16 +252,10 @@ def _train(job: Job, stop: _Stop) -> int:
     optimizer = torch.optim.SGD(net.parameters(), lr=h["lr"], momentum=0.9, weight_decay=h["weight_decay"])
     loss_fn = torch.nn.CrossEntropyLoss()
     shuffle = torch.Generator().manual_seed(job.seed)
-
-    job.out.mkdir(parents=True, exist_ok=True)
-    lines = [f"train {job.model} mode={job.mode} seed={job.seed} split={job.split_recipe} device={device.type} "
-             f"hyper={json.dumps(h, sort_keys=True)} train={len(y_train)} val={len(y_val)}"]
-    print(lines[0], flush=True)
-    history: list[dict] = []
+    xt, yt = train
     step = 0
-    epochs = h["epochs"]
-    n = len(y_train)
-    for epoch in range(1, epochs + 1):
+    n = len(yt)
+    for epoch in range(1, h["epochs"] + 1):
         net.train()
         total, seen = 0.0, 0
         order = torch.randperm(n, generator=shuffle).to(device)
@@ -243,23 +272,95 @@ def _train(job: Job, stop: _Stop) -> int:
             seen += len(idx)
         if stop.requested:
             break
-        metrics = _evaluate(torch, net, loss_fn, xv, yv, "val") if len(y_val) else \
-            _evaluate(torch, net, loss_fn, xt, yt, "train")
-        entry = {"epoch": epoch, "train_loss": total / seen, **metrics}
-        history.append(entry)
-        line = f"epoch {epoch}/{epochs} loss {entry['train_loss']:.6f} " + " ".join(
-            f"{k} {v:.6f}" for k, v in sorted(metrics.items()))
-        lines.append(line)
-        print(line, flush=True)
-        _report(job.progress, {"step": step, "epoch": epoch, "epochs": epochs, "loss": entry["train_loss"],
-                               "metrics": metrics, "fraction": epoch / epochs})
+        epoch_done(epoch, h["epochs"], step, total / seen, _evaluate(torch, net, loss_fn, *check, split))
+    return net.state_dict()
 
-    interrupted = stop.requested
-    if interrupted:
-        lines.append(f"stopped by SIGTERM after {len(history)} of {epochs} epochs; saving what there is")
-        print(lines[-1], flush=True)
-    _save(torch, job, net, history, lines, device.type, interrupted)
-    return EXIT_TERMINATED if interrupted else 0
+
+def _fit_gbt(torch, job: Job, device, train, check, split: str, stop: _Stop, epoch_done) -> dict:
+    """Gradient-boosted trees on the logistic loss, in torch alone (no new dependency).
+
+    Each tree is complete, of depth ``max_depth``, stored level by level: node i
+    sends a sample to child 2i+1, or 2i+2 when its feature is above the node's
+    threshold (a node that does not split has threshold +inf). Split search is
+    histogram-based over ``bins`` quantile bins per feature, done for a whole
+    level at once as matrix products, which keeps it deterministic on CUDA too.
+    One tree is one "epoch" of progress.
+    """
+    h = job.hyper
+    depth, l2 = h["max_depth"], h["l2"]
+    xt, yt = train
+    y = yt.float()
+    n = len(y)
+    bins = min(h["bins"], n)
+    cuts = [(k * n) // bins for k in range(1, bins)]
+    edges = xt.sort(dim=0).values[cuts].T.contiguous()                    # (FEATURES, bins-1)
+    binned = (xt.unsqueeze(2) > edges.unsqueeze(0)).sum(dim=2)            # (n, FEATURES) in [0, bins-1]
+    offsets = torch.arange(FEATURES, device=device) * bins
+    onehot = torch.nn.functional.one_hot(binned + offsets, FEATURES * bins).sum(dim=1).float()
+    flat_edges = torch.cat([edges, torch.full((FEATURES, 1), math.inf, device=device)], dim=1).flatten()
+    inner = 2 ** depth - 1
+    rate = y.mean().clamp(1e-6, 1 - 1e-6)
+    base = torch.log(rate / (1 - rate))
+    raw = base.expand(n).clone()
+    features, thresholds, leaves = [], [], []
+    model = {"base": base}
+    inf = torch.tensor(-math.inf, device=device)
+    for tree in range(1, h["trees"] + 1):
+        if stop.requested:
+            break
+        p = torch.sigmoid(raw)
+        grad, hess = p - y, p * (1 - p)
+        node = torch.zeros(n, dtype=torch.long, device=device)
+        feature = torch.zeros(inner, dtype=torch.long, device=device)
+        threshold = torch.full((inner,), math.inf, device=device)
+        for level in range(depth):
+            first, width = 2 ** level - 1, 2 ** level
+            member = torch.nn.functional.one_hot(node - first, width).float()          # (n, width)
+            sums = [(member * w.unsqueeze(1)).T @ onehot for w in (grad, hess, torch.ones_like(grad))]
+            g, hs, c = (t.view(width, FEATURES, bins) for t in sums)
+            gl, hl, cl = (t.cumsum(dim=2) for t in (g, hs, c))
+            gt, ht, ct = gl[..., -1:], hl[..., -1:], cl[..., -1:]
+            gain = gl ** 2 / (hl + l2) + (gt - gl) ** 2 / (ht - hl + l2) - gt ** 2 / (ht + l2)
+            allowed = (cl >= h["min_leaf"]) & (ct - cl >= h["min_leaf"])
+            allowed[..., -1] = False
+            gain = torch.where(allowed, gain, inf).view(width, -1)
+            best_gain, best = gain.max(dim=1)
+            split_here = best_gain > 1e-9
+            feature[first:first + width] = torch.where(split_here, best // bins, 0)
+            threshold[first:first + width] = torch.where(split_here, flat_edges[best], math.inf)
+            node = 2 * node + 1 + (xt.gather(1, feature[node].unsqueeze(1)).squeeze(1) > threshold[node]).long()
+        member = torch.nn.functional.one_hot(node - inner, inner + 1).float()
+        leaf = -h["lr"] * (member.T @ grad) / (member.T @ hess + l2)
+        raw = raw + leaf[node - inner]
+        features.append(feature)
+        thresholds.append(threshold)
+        leaves.append(leaf)
+        model = {"base": base, "feature": torch.stack(features), "threshold": torch.stack(thresholds),
+                 "leaf": torch.stack(leaves)}
+        train_loss = torch.nn.functional.binary_cross_entropy_with_logits(raw, y).item()
+        epoch_done(tree, h["trees"], tree, train_loss, _evaluate_gbt(torch, model, *check, split))
+    return model
+
+
+def predict_gbt(torch, model: dict, x):
+    """Logits (log-odds of class 1) of a saved gbt model for the rows of ``x``."""
+    raw = model["base"].expand(len(x)).clone()
+    if "feature" not in model:
+        return raw
+    inner = model["feature"].shape[1]
+    for feature, threshold, leaf in zip(model["feature"], model["threshold"], model["leaf"]):
+        node = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        for _ in range(inner.bit_length()):
+            node = 2 * node + 1 + (x.gather(1, feature[node].unsqueeze(1)).squeeze(1) > threshold[node]).long()
+        raw = raw + leaf[node - inner]
+    return raw
+
+
+def _evaluate_gbt(torch, model: dict, x, y, split: str) -> dict:
+    raw = predict_gbt(torch, model, x)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(raw, y.float()).item()
+    accuracy = ((raw > 0).long() == y).float().mean().item()
+    return {f"{split}_loss": loss, f"{split}_accuracy": accuracy}
 
 
 def _evaluate(torch, net, loss_fn, x, y, split: str) -> dict:
@@ -281,15 +382,16 @@ def _report(progress: Path | None, row: dict) -> None:
         print(f"cis490fleet train: cannot write progress to {progress}: {err}", file=sys.stderr)
 
 
-def _save(torch, job: Job, net, history: list[dict], lines: list[str], device: str, interrupted: bool) -> None:
+def _save(torch, job: Job, state: dict, history: list[dict], lines: list[str], device: str, epochs: int,
+          interrupted: bool) -> None:
     buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, buffer)
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, buffer)
     (job.out / "model.pt").write_bytes(buffer.getvalue())
     final = history[-1] if history else {}
     metrics = {
         "model": job.model, "mode": job.mode, "seed": job.seed, "split_recipe": job.split_recipe,
         "hyper": job.hyper, "device": device, "torch": torch.__version__.split("+")[0],
-        "epochs": job.hyper["epochs"], "epochs_done": len(history), "interrupted": interrupted,
+        "epochs": epochs, "epochs_done": len(history), "interrupted": interrupted,
         "history": history, **{k: v for k, v in final.items() if k != "epoch"},
     }
     (job.out / "metrics.json").write_text(json.dumps(metrics, sort_keys=True, indent=2) + "\n", encoding="utf-8")

@@ -311,9 +311,9 @@ def test_the_quickstart_demo(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "jobs status" in proc.stdout
     models = tmp_path / "run" / "models"
-    assert sorted(p.name for p in models.iterdir()) == ["logreg-base", "logreg-l2", "mlp-finetune", "mlp-holdout",
-                                                        "mlp-small", "mlp-wide"], proc.stdout
-    assert len(list(models.glob("*/*/model.pt"))) == 6, proc.stdout
+    assert sorted(p.name for p in models.iterdir()) == ["gbt-small", "logreg-base", "logreg-l2", "mlp-finetune",
+                                                        "mlp-holdout", "mlp-small", "mlp-wide"], proc.stdout
+    assert len(list(models.glob("*/*/model.pt"))) == 7, proc.stdout
 
 
 def processes_mentioning(text: str) -> list[str]:

@@ -151,7 +151,7 @@ def test_example_manifest_is_valid_and_exercises_every_constraint():
     assert [h.id for h in m.hosts] == ["pi", "ws-a", "ws-b", "win-cpu"]
     assert m.sweeps_expanded > 0
     assert any(j.after for j in m.jobs)
-    assert {j.model for j in m.jobs} <= {"mlp", "logreg"}
+    assert {j.model for j in m.jobs} == {"mlp", "logreg", "gbt"}
     assert any(j.require_cuda for j in m.jobs) and any(j.prefer_cuda for j in m.jobs)
     assert any(j.min_vram_gib for j in m.jobs) and any(j.min_ram_gib for j in m.jobs)
     assert any(j.allowed_hosts for j in m.jobs) and any(j.retries is not None for j in m.jobs)
@@ -165,9 +165,9 @@ def test_example_manifest_is_valid_and_exercises_every_constraint():
 
 
 def test_example_passes_the_describe_table_of_the_built_in_trainer():
-    table = {"mlp": ["lr", "epochs", "hidden", "batch_size", "weight_decay"],
-             "logreg": ["lr", "epochs", "batch_size", "weight_decay"]}
-    assert len(manifest.load(EXAMPLE, describe=table).jobs) >= 12
+    from cis490fleet import trainer
+
+    assert len(manifest.load(EXAMPLE, describe=trainer.describe()).jobs) >= 12
 
 
 # -- sweeps --
@@ -735,7 +735,7 @@ def test_check_of_the_example_exits_0_with_a_summary():
     assert f"  jobs:   {len(m.jobs)} " in proc.stdout
     assert "  hosts:  4 (pi, ws-a, ws-b, win-cpu)" in proc.stdout
     assert f"  sweeps expanded: {m.sweeps_expanded}" in proc.stdout
-    assert "  models: logreg " in proc.stdout and ", mlp " in proc.stdout
+    assert "  models: gbt 1, logreg " in proc.stdout and ", mlp " in proc.stdout
     assert "hyper keys checked against: trainer.hyper_keys" in proc.stdout
 
 

@@ -50,7 +50,8 @@ def test_describe_lists_hyper_keys_without_importing_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env_for(tmp_path), capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"logreg": ["batch_size", "epochs", "lr", "weight_decay"],
+    assert json.loads(proc.stdout) == {"gbt": ["bins", "l2", "lr", "max_depth", "min_leaf", "trees"],
+                                       "logreg": ["batch_size", "epochs", "lr", "weight_decay"],
                                        "mlp": ["batch_size", "epochs", "hidden", "lr", "weight_decay"]}
     via_cli = subprocess.run([sys.executable, "-m", "cis490fleet", "train", "--describe"], env=env_for(tmp_path),
                              capture_output=True, text=True, timeout=60)
@@ -62,11 +63,14 @@ def test_describe_lists_hyper_keys_without_importing_torch(tmp_path):
     ({"epochs": 0}, "default", "hyper epochs must be a whole number >= 1, got 0"),
     ({"lr": "fast"}, "default", 'hyper lr must be a number > 0, got "fast"'),
     ({"hidden": True}, "default", "hyper hidden must be a whole number >= 1, got true"),
+    ({"max_depth": 13}, "default", "hyper max_depth must be a whole number from 1 to 12, got 13"),
+    ({"bins": 2.5}, "default", "hyper bins must be a whole number from 1 to 256, got 2.5"),
     ({}, "holdout-95", "unknown split recipe 'holdout-95'"),
     ([1], "default", "--hyper must be a JSON object"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, hyper, recipe, message):
-    proc = train(tmp_path, "mlp", hyper, tmp_path / "out", recipe=recipe)
+    model = "gbt" if {"max_depth", "bins"} & set(hyper if isinstance(hyper, dict) else ()) else "mlp"
+    proc = train(tmp_path, model, hyper, tmp_path / "out", recipe=recipe)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
@@ -145,10 +149,51 @@ def test_logreg_trains_and_saves_a_loadable_state_dict(tmp_path):
 
 
 @needs_torch
+def test_gbt_trains_boosted_trees_that_the_saved_model_reproduces(tmp_path):
+    hyper = {"trees": 12, "max_depth": 3}
+    first = train(tmp_path, "gbt", hyper, tmp_path / "run1", seed=3)
+    assert first.returncode == 0, first.stderr
+    rows = progress_rows(tmp_path)
+    assert [r["epoch"] for r in rows] == list(range(1, 13)) and rows[-1]["fraction"] == 1.0
+    assert rows[-1]["loss"] < rows[0]["loss"], "boosting did not lower the training loss"
+    metrics = json.loads((tmp_path / "run1" / "metrics.json").read_text())
+    assert metrics["epochs"] == 12 and metrics["epochs_done"] == 12 and metrics["interrupted"] is False
+    assert metrics["hyper"] == {"lr": 0.3, "trees": 12, "max_depth": 3, "min_leaf": 5, "bins": 32, "l2": 1.0}
+    assert metrics["val_accuracy"] > 0.65, "the synthetic problem is learnable; chance is about 0.5"
+
+    # The saved trees alone give back the figures reported during training.
+    check = ("import json, sys, torch\nfrom cis490fleet import trainer\n"
+             "model = torch.load(sys.argv[1], weights_only=True)\n"
+             "assert model['feature'].shape == (12, 7) and model['leaf'].shape == (12, 8), model['leaf'].shape\n"
+             "x_train, y_train, x_val, y_val = trainer.make_dataset(3, 0.2)\n"
+             "x, y = torch.tensor(x_train), torch.tensor(y_train)\n"
+             "raw = trainer.predict_gbt(torch, model, x)\n"
+             "loss = torch.nn.functional.binary_cross_entropy_with_logits(raw, y.float()).item()\n"
+             "val = trainer._evaluate_gbt(torch, model, torch.tensor(x_val), torch.tensor(y_val), 'val')\n"
+             "print(json.dumps({'train_loss': loss, **val}))\n")
+    again = subprocess.run([sys.executable, "-W", "ignore", "-c", check, str(tmp_path / "run1" / "model.pt")],
+                           env=env_for(tmp_path), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    figures = json.loads(again.stdout)
+    assert figures["train_loss"] == pytest.approx(metrics["train_loss"], rel=1e-5)
+    assert figures["val_accuracy"] == metrics["val_accuracy"]
+    assert figures["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)
+
+    second = train(tmp_path, "gbt", hyper, tmp_path / "run2", seed=3)
+    assert second.returncode == 0, second.stderr
+    for name in ("metrics.json", "model.pt", "train.log"):
+        assert (tmp_path / "run1" / name).read_bytes() == (tmp_path / "run2" / name).read_bytes(), name
+    deeper = train(tmp_path, "gbt", {**hyper, "max_depth": 4}, tmp_path / "run3", seed=3)
+    assert deeper.returncode == 0
+    assert (tmp_path / "run3" / "model.pt").read_bytes() != (tmp_path / "run1" / "model.pt").read_bytes()
+
+
+@needs_torch
 @pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
-def test_sigterm_saves_what_it_has_and_exits_non_zero(tmp_path):
+@pytest.mark.parametrize("model,hyper", [("mlp", {"epochs": 1_000_000}), ("gbt", {"trees": 1_000_000})])
+def test_sigterm_saves_what_it_has_and_exits_non_zero(tmp_path, model, hyper):
     out = tmp_path / "out"
-    proc = subprocess.Popen(train_argv("mlp", {"epochs": 1_000_000}, out), env=env_for(tmp_path),
+    proc = subprocess.Popen(train_argv(model, hyper, out), env=env_for(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         for _ in range(1200):
