@@ -184,9 +184,6 @@ class ArtifactStore:
         f = open(path, "rb")
         return f, os.fstat(f.fileno()).st_size
 
-    def total_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.models_dir.glob("*/*/bundle.*") if p.is_file())
-
     def index(self) -> Iterator[dict]:
         """Rows of ``index.jsonl`` in upload order; a torn last line (crash mid-append) is skipped."""
         try:

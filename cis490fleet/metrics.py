@@ -10,7 +10,6 @@ by wrapping the claim route's handler.
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 import time
@@ -18,7 +17,6 @@ from typing import Any, Callable, Iterable
 
 from cis490fleet import model
 
-log = logging.getLogger(__name__)
 
 PREFIX = "cis490fleet"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -232,14 +230,11 @@ def render(*, health: dict, workers: list[dict], counters: dict, artifact_bytes:
 
 
 def _artifact_bytes(app) -> int | None:
-    store = getattr(app, "artifacts", None)
-    if store is None or not hasattr(store, "total_bytes"):
+    """The stored bundles' bytes as the queue records them: a scrape costs one SUM, not a walk of the disk."""
+    store = getattr(app, "store", None)
+    if store is None or not hasattr(store, "total_artifact_bytes"):
         return None
-    try:
-        return int(store.total_bytes())
-    except OSError as err:
-        log.warning("metrics: cannot size the artifact store: %s", err)
-        return None
+    return int(store.total_artifact_bytes())
 
 
 def scrape(app, claim_latency: Histogram | None = None) -> str:
