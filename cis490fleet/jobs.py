@@ -185,6 +185,20 @@ def requeue(job: JobState, *, now: float) -> Step:
     return Step(new)
 
 
+def out_of_tries(job: JobState, *, now: float, max_attempts: int) -> Step | None:
+    """A pending job whose tries are used up under the current limit fails rather than run again.
+
+    Happens when a manifest reload lowers ``retries`` (or ``max_attempts``) below
+    the tries a retrying job has already had.
+    """
+    if job.status != PENDING or job.attempts < max_attempts:
+        return None
+    error = f"out of tries: {job.attempts} used, the manifest now allows {max_attempts}"
+    if job.last_error:
+        error += f"; last error: {job.last_error}"
+    return Step(replace(job, status=FAILED, not_before=None, last_error=error, updated=now))
+
+
 def is_stale(job: JobState, now: float) -> bool:
     return job.status in HELD_STATUSES and job.lease_expires is not None and job.lease_expires <= now
 

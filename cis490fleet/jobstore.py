@@ -692,10 +692,22 @@ class JobStore:
         gone = sorted(job_id for job_id, flag in present.items() if flag == 1 and job_id not in seen)
         conn.executemany("UPDATE jobs SET in_manifest = 1 WHERE id = ?", [(j,) for j in back])
         conn.executemany("UPDATE jobs SET in_manifest = 0 WHERE id = ?", [(j,) for j in gone])
+        exhausted = self._fail_out_of_tries(conn, now, fleet)
         self._refresh_blocked(conn)
         total = len(present) + len(inserts)
         kept = len(seen) - len(inserts)
-        return {"added": len(inserts), "kept": kept, "removed": total - len(seen), "total": total}
+        return {"added": len(inserts), "kept": kept, "removed": total - len(seen), "total": total,
+                "out_of_tries": exhausted}
+
+    def _fail_out_of_tries(self, conn, now: float, fleet: FleetConfig) -> int:
+        rows = conn.execute(f"SELECT {STATE_COLUMNS}, retries FROM jobs WHERE status = 'pending' AND attempts > 0 "
+                            "AND attempts >= coalesce(retries + 1, ?) ORDER BY seq", (fleet.max_attempts,)).fetchall()
+        for row in rows:
+            step = jobs.out_of_tries(_state(row), now=now, max_attempts=self._max_attempts(row[-1], fleet))
+            if step is not None:
+                self._save(conn, step)
+                log.info("job %s: %s", row[0][:12], step.job.last_error)
+        return len(rows)
 
     def _upsert_worker(self, conn, host: str, cap: dict, now: float) -> None:
         conn.execute(UPSERT_WORKER_SQL, (host, _dumps(cap), now))

@@ -320,6 +320,9 @@ class Ops:
         else:
             self.out.line("manifest reloaded: " + ", ".join(
                 f"{result.get(k, 0)} {k}" for k in ("added", "kept", "removed", "total")))
+            if result.get("out_of_tries"):
+                self.out.line(f"{result['out_of_tries']} pending job(s) failed: the new retries limit leaves them "
+                              "no tries ('jobs list --status failed'; 'jobs requeue ID' gives a job its tries back)")
         return EXIT_OK
 
     # workers / peers ---------------------------------------------------------------------------

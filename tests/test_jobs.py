@@ -148,6 +148,15 @@ def test_expire_returns_a_stale_job_to_pending_then_fails_it_after_the_last_try(
     assert last.job.last_error == "no heartbeat for 600s on 2 attempts"
 
 
+def test_out_of_tries_fails_only_a_pending_job_whose_tries_reached_the_limit():
+    waiting = JobState(JOB, attempts=2, tries=2, not_before=T0 + 60, last_error="oom")
+    assert jobs.out_of_tries(waiting, now=T0, max_attempts=3) is None
+    step = jobs.out_of_tries(waiting, now=T0, max_attempts=2)
+    assert step.job.status == "failed" and step.job.not_before is None and step.closed is None
+    assert step.job.last_error == "out of tries: 2 used, the manifest now allows 2; last error: oom"
+    assert jobs.out_of_tries(claimed(attempts=5).job, now=T0, max_attempts=1) is None  # held: its holder decides
+
+
 def test_expire_ignores_jobs_that_are_not_held():
     for job in (JobState(JOB), jobs.cancel(claimed().job, now=T0).job):
         assert jobs.expire(job, now=T0 + 10 * STALE, max_attempts=3, stale_after_s=STALE) is None

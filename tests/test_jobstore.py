@@ -147,10 +147,10 @@ def test_bad_commands_are_refused_with_a_sentence_naming_the_problem(store, cmd,
 
 def test_sync_is_idempotent_and_keeps_statuses(store):
     jobs = seeds(5)
-    assert sync(store, *jobs) == {"added": 5, "kept": 0, "removed": 0, "total": 5}
+    assert sync(store, *jobs) == {"added": 5, "kept": 0, "removed": 0, "total": 5, "out_of_tries": 0}
     first = claim(store)
     before = dump(store)
-    assert sync(store, *jobs, now=T0 + 10) == {"added": 0, "kept": 5, "removed": 0, "total": 5}
+    assert sync(store, *jobs, now=T0 + 10) == {"added": 0, "kept": 5, "removed": 0, "total": 5, "out_of_tries": 0}
     assert dump(store) == before
     assert store.job(first["job_id"], T0)["status"] == "claimed"
 
@@ -158,11 +158,11 @@ def test_sync_is_idempotent_and_keeps_statuses(store):
 def test_sync_adds_new_jobs_flags_removed_ones_and_unflags_returning_ones(store):
     a, b, c = seeds(3)
     sync(store, a, b)
-    assert sync(store, b, c) == {"added": 1, "kept": 1, "removed": 1, "total": 3}
+    assert sync(store, b, c) == {"added": 1, "kept": 1, "removed": 1, "total": 3, "out_of_tries": 0}
     listed = {j["id"]: j["in_manifest"] for j in store.jobs()[0]}
     assert listed == {a.id: False, b.id: True, c.id: True}
     assert store.job(a.id, T0)["status"] == "pending"  # stays (and stays claimable) until cancelled
-    assert sync(store, a, b, c) == {"added": 0, "kept": 3, "removed": 0, "total": 3}
+    assert sync(store, a, b, c) == {"added": 0, "kept": 3, "removed": 0, "total": 3, "out_of_tries": 0}
     assert store.job(a.id, T0)["in_manifest"] is True
 
 
@@ -185,6 +185,29 @@ def test_sync_stores_fleet_trainer_and_hosts_replacing_old_ones(store):
     assert [h.id for h in store.hosts()] == ["ws2"]
     assert store.fleet().heartbeat_s == 30
     assert store.trainer().command[0] == "{python}"
+
+
+def test_a_reload_that_lowers_retries_below_the_tries_used_fails_the_job_instead_of_running_it_again(store):
+    tried, fresh = JobSpec(model="mlp", mode="train", seed=0, retries=3), JobSpec(model="mlp", mode="train", seed=1)
+    sync(store, tried, fresh, retry_backoff_s=0)
+    for n in (1, 2):
+        got = claim(store, lease=f"L{n}", now=T0 + n, cap=CPU)
+        assert got["job_id"] == tried.id and got["attempt"] == n
+        store.execute({"op": "fail", "now": T0 + n, "job_id": tried.id, "host": "ws1", "lease": f"L{n}",
+                       "error": f"oom {n}"})
+    assert store.job(tried.id, T0 + 3)["status"] == "pending"  # 2 of 4 tries used
+
+    lowered = JobSpec(model="mlp", mode="train", seed=0, retries=1)  # 2 tries in all: none left
+    assert lowered.id == tried.id
+    result = sync(store, lowered, fresh, now=T0 + 3, retry_backoff_s=0)
+    assert result["out_of_tries"] == 1 and result["kept"] == 2
+    detail = store.job(tried.id, T0 + 3)
+    assert detail["status"] == "failed"
+    assert detail["last_error"] == "out of tries: 2 used, the manifest now allows 2; last error: oom 2"
+    assert claim(store, lease="L3", now=T0 + 4)["job_id"] == fresh.id  # never the exhausted job
+    assert claim(store, host="ws2", lease="L4", now=T0 + 5) == {"job": None}
+    assert sync(store, lowered, fresh, now=T0 + 6, retry_backoff_s=0)["out_of_tries"] == 0
+    assert store.job(fresh.id, T0 + 6)["status"] == "claimed"
 
 
 def test_sync_refuses_a_malformed_manifest_and_changes_nothing(store):
