@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 from cis490fleet import __version__
@@ -54,7 +55,20 @@ def setup_logging(debug: bool = False, level: str | None = None) -> None:
     )
 
 
+def restore_ctrl_c() -> None:
+    """Let Ctrl-C (SIGINT) stop the command even when it was started with SIGINT ignored.
+
+    A shell without job control starts background commands that way, and Python
+    keeps an inherited SIG_IGN: `jobs watch` started from a script could then
+    not be interrupted, only killed.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        restore_ctrl_c()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = False
     while argv and argv[0].startswith("-"):

@@ -483,10 +483,16 @@ def test_watch_on_a_terminal_draws_progress_bars_in_colour(fleet):
     assert len(job_line) == 50  # cut to the terminal's width, so a redraw never wraps
 
 
-def test_watch_stops_on_ctrl_c_with_exit_0(fleet):
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# A shell without job control starts background commands with SIGINT ignored, and children inherit that.
+@pytest.mark.parametrize("started_with", [None, _ignore_sigint], ids=["default", "sigint-ignored-by-parent"])
+def test_watch_stops_on_ctrl_c_with_exit_0(fleet, started_with):
     proc = subprocess.Popen([sys.executable, "-m", "cis490fleet", "jobs", "--receiver", fleet.url, "watch",
                              "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli_env(), cwd=ROOT)
+                            env=cli_env(), cwd=ROOT, preexec_fn=started_with)
     try:
         first = proc.stdout.readline()
         assert "pending 3" in first
