@@ -111,6 +111,10 @@ MIGRATIONS = [
     """
     CREATE TABLE sessions (client_id TEXT PRIMARY KEY, serial INTEGER NOT NULL, result TEXT NOT NULL);
     """,
+    # Failed attempts, newest first (recent_failures), as a walk of this index however long the history.
+    """
+    CREATE INDEX attempts_failed ON attempts(ended DESC) WHERE outcome IN ('failed', 'stale');
+    """,
 ]
 
 # The claim seek: the best claimable job of one class. Its WHERE and ORDER BY
@@ -125,6 +129,16 @@ UPSERT_WORKER_SQL = ("INSERT INTO workers (host, capability, last_seen) VALUES (
 
 HELD_SQL = "SELECT count(*) FROM jobs WHERE host = ? AND status IN ('claimed', 'running')"
 HELD_BY_HOST_SQL = "SELECT host, count(*) FROM jobs WHERE status IN ('claimed', 'running') GROUP BY host"
+
+# recent_failures in two index walks of attempts_failed, so no sort of the whole history: the ``ended`` of the
+# limit-th newest failed attempt, then every failed attempt at least as new (ties on ``ended`` included, so the
+# cut does not depend on the order SQLite meets them in); the few rows are ordered in Python.
+FAILURES_CUT_SQL = ("SELECT ended FROM attempts INDEXED BY attempts_failed WHERE outcome IN ('failed', 'stale') "
+                    "ORDER BY ended DESC LIMIT 1 OFFSET ?")
+FAILURES_SQL = ("SELECT a.job, j.name, j.model, j.mode, a.number, a.host, a.ended, a.outcome, a.error, j.status, "
+                "j.seq FROM attempts a INDEXED BY attempts_failed JOIN jobs j ON j.id = a.job "
+                "WHERE a.outcome IN ('failed', 'stale') AND a.ended >= ?")
+FAILURE_FIELDS = ("job_id", "name", "model", "mode", "attempt", "host", "ended", "outcome", "error", "status")
 
 ARTIFACT_FIELDS = ("artifact_id", "job_id", "model", "mode", "host", "size", "path", "created")
 ARTIFACT_COLUMNS = ", ".join(ARTIFACT_FIELDS)
@@ -1016,6 +1030,19 @@ class JobStore:
             rows = conn.execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs{clause} ORDER BY seq LIMIT ? OFFSET ?",
                                 params + [-1 if limit is None else limit, offset or 0]).fetchall()
         return [self._summary(r) for r in rows], total
+
+    def recent_failures(self, limit: int) -> list[dict]:
+        """Attempts that failed or went stale, newest ``ended`` first (ties: queue order, attempt number), each
+        with its job's current status: a job still retrying, or one that later completed, shows here too."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise BadRequest(f"limit must be a whole number >= 0; got {limit!r}")
+        if limit == 0:
+            return []
+        with self._snapshot() as conn:
+            cut = conn.execute(FAILURES_CUT_SQL, (limit - 1,)).fetchone()
+            rows = conn.execute(FAILURES_SQL, (float("-inf") if cut is None else cut[0],)).fetchall()
+        rows.sort(key=lambda r: (-r[6], r[10], r[4]))
+        return [dict(zip(FAILURE_FIELDS, r)) for r in rows[:limit]]
 
     def workers(self, now: float) -> list[dict]:
         with self._snapshot() as conn:

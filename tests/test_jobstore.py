@@ -10,7 +10,7 @@ import pytest
 from cis490fleet import db
 from cis490fleet.errors import (AmbiguousId, BadRequest, ConfigError, FleetError, InvalidTransition, NotFound,
                                 StaleLease, Unavailable)
-from cis490fleet.jobstore import CLAIM_SQL, HELD_SQL, MIGRATIONS, JobStore
+from cis490fleet.jobstore import CLAIM_SQL, FAILURES_CUT_SQL, FAILURES_SQL, HELD_SQL, MIGRATIONS, JobStore
 from cis490fleet.model import FleetConfig, HostSpec, JobSpec, Manifest, compute_job_id
 
 T0 = 1_700_000_000.0
@@ -294,6 +294,15 @@ def test_claim_query_uses_the_index_in_order(store):
     assert "TEMP B-TREE" not in plan
     held = " | ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + HELD_SQL, ("ws1",)))
     assert "USING INDEX jobs_held" in held or "USING COVERING INDEX jobs_held" in held
+
+
+def test_recent_failures_walk_their_partial_index_without_sorting(store):
+    conn = store._conn()
+    for sql in (FAILURES_CUT_SQL, FAILURES_SQL):
+        plan = " | ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, (0,)))
+        assert "USING INDEX attempts_failed" in plan or "USING COVERING INDEX attempts_failed" in plan, plan
+        assert "TEMP B-TREE" not in plan and "SCAN a " not in plan, plan
+    assert "(ended>?)" in " | ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + FAILURES_SQL, (0,)))
 
 
 def test_claim_finds_the_one_eligible_job_among_200000_ineligible(store):
@@ -582,6 +591,46 @@ def test_listing_filters_pages_and_counts(store):
     assert store.pending_claimable_count(T0) == 5
     with pytest.raises(BadRequest, match="unknown status"):
         store.jobs(status="done")
+
+
+def fail(store, job_id, now, host="ws1", lease="L1", error="boom"):
+    return store.execute({"op": "fail", "now": now, "job_id": job_id, "host": host, "lease": lease, "error": error})
+
+
+def test_recent_failures_list_failed_and_stale_attempts_of_a_job_that_later_completed(store):
+    sync(store, *seeds(2), max_attempts=3, retry_backoff_s=10, stale_after_s=60, heartbeat_s=10)
+    job = claim(store, lease="L1")["job_id"]
+    fail(store, job, T0 + 5, error="CUDA out of memory\nTraceback ...")
+    assert claim(store, host="ws2", lease="L2", now=T0 + 20)["attempt"] == 2
+    store.execute({"op": "sweep_stale", "now": T0 + 80})
+    assert [f["status"] for f in store.recent_failures(10)] == ["pending", "pending"]  # retrying
+    assert claim(store, lease="L3", now=T0 + 200)["attempt"] == 3
+    finish(store, job, lease="L3", now=T0 + 210)
+
+    got = store.recent_failures(10)
+    assert got == [
+        {"job_id": job, "name": None, "model": "mlp", "mode": "train", "attempt": 2, "host": "ws2", "ended": T0 + 80,
+         "outcome": "stale", "error": "no heartbeat for 60s", "status": "completed"},
+        {"job_id": job, "name": None, "model": "mlp", "mode": "train", "attempt": 1, "host": "ws1", "ended": T0 + 5,
+         "outcome": "failed", "error": "CUDA out of memory\nTraceback ...", "status": "completed"}]
+    assert store.recent_failures(1) == got[:1] and store.recent_failures(0) == []
+    assert store.job(job, T0 + 210)["status"] == "completed"
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(BadRequest, match="limit must be a whole number"):
+            store.recent_failures(bad)
+
+
+def test_recent_failures_order_ties_by_queue_order_and_cut_after_them(store):
+    jobs = [JobSpec(model="mlp", mode="train", seed=i, priority=i) for i in range(4)]
+    sync(store, *jobs, max_attempts=5, stale_after_s=60, heartbeat_s=10)
+    for i in range(4):  # highest priority first: attempts are written in the reverse of queue order
+        assert claim(store, host=f"h{i}", lease=f"L{i}")["job_id"] == jobs[3 - i].id
+    store.execute({"op": "sweep_stale", "now": T0 + 60})  # all four go stale in one sweep: one ``ended``
+    first = claim(store, host="h9", lease="X", now=T0 + 61)["job_id"]
+    fail(store, first, T0 + 70, host="h9", lease="X")
+    got = [(f["job_id"], f["attempt"]) for f in store.recent_failures(3)]
+    assert got == [(first, 2), (jobs[0].id, 1), (jobs[1].id, 1)]
+    assert [f["job_id"] for f in store.recent_failures(1000)] == [first] + [j.id for j in jobs]
 
 
 def test_workers_report_liveness_running_jobs_and_effective_slots(store):
