@@ -514,6 +514,11 @@ class Client:
     def workers(self) -> dict:
         return self._call("GET", "/v1/workers")
 
+    def failures(self, limit: int | None = None) -> dict:
+        """``{"failures": [...]}``: the newest failed or stale attempts (the server's default is 20)."""
+        qs = "" if limit is None else "?" + urllib.parse.urlencode({"limit": limit})
+        return self._call("GET", "/v1/failures" + qs)
+
     def cancel(self, job_id: str) -> dict:
         return self._call("POST", f"/v1/job/{_quote(job_id)}/cancel", session=True)
 

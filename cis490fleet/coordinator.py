@@ -476,6 +476,10 @@ class Coordinator:
         self._barrier()
         return self._read(self.store.workers, time.time())
 
+    def failures(self, limit: int = 20) -> list:
+        self._barrier()
+        return self._read(self.store.recent_failures, limit)
+
     def fleet(self) -> FleetConfig:
         return self._read(self.store.fleet)
 

@@ -518,6 +518,10 @@ def h_workers(req: Request):
     return {"workers": req.app.workers()}
 
 
+def h_failures(req: Request):
+    return {"failures": req.app.failures(req.query_int("limit", 20, 1, 1000))}
+
+
 def h_register(req: Request):
     host = req.host_id()
     capability = field_object(req.json_object(), "capability", required=True)
@@ -715,6 +719,7 @@ def make_router() -> Router:
         ("GET", "/v1/job/{id}", h_job),
         ("GET", "/v1/jobs", h_jobs),
         ("GET", "/v1/workers", h_workers),
+        ("GET", "/v1/failures", h_failures),
         ("POST", "/v1/worker/register", h_register),
         ("PUT", "/v1/model/{job_id}", h_upload),
         ("GET", "/v1/artifact/{sha256}", h_artifact),

@@ -111,6 +111,19 @@ SCHEMAS = {
                              "lease": {"type": ["string", "integer"]}, "attempt": {"type": "integer"},
                              "heartbeat_s": {"type": "number"}, "stale_after_s": {"type": "number"},
                              "trainer": {"type": "object"}}},
+    "Failure": {"type": "object",
+                "required": ["job_id", "name", "model", "mode", "attempt", "host", "ended", "outcome", "error",
+                             "status"],
+                "properties": {"job_id": _HEX64, "name": {"type": ["string", "null"]}, "model": {"type": "string"},
+                               "mode": {"type": "string"},
+                               "attempt": {"type": "integer", "description": "the attempt record's number"},
+                               "host": {"type": "string"}, "ended": {"type": "number"},
+                               "outcome": {"enum": ["failed", "stale"],
+                                           "description": "stale: the holder stopped heartbeating"},
+                               "error": {"type": ["string", "null"]},
+                               "status": {"type": "string",
+                                          "description": "the job's status now: pending while it is retried, "
+                                                         "completed when a later attempt succeeded"}}},
     "Progress": {"type": "object", "properties": {"progress": {"type": "object"}, "log_tail": {"type": "string"}}},
 }
 
@@ -167,6 +180,12 @@ PATHS = {
     "/v1/workers": {"get": {"summary": "known workers and when they were last seen", "responses": {
         "200": _json({"type": "object", "required": ["workers"],
                       "properties": {"workers": {"type": "array", "items": {"type": "object"}}}})}}},
+    "/v1/failures": {"get": {
+        "summary": "the newest failed or stale attempts of any job, newest first, with the job's current status",
+        "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
+                                                                  "default": 20}}],
+        "responses": {"200": _json({"type": "object", "required": ["failures"], "properties": {
+            "failures": {"type": "array", "items": _ref("Failure")}}}), **_errors(400)}}},
     "/v1/worker/register": {"post": {
         "summary": "announce a worker and its capability", "security": _WORKER,
         "parameters": [_HOST_HEADER, *_SESSION],

@@ -450,6 +450,30 @@ def test_job_detail_by_id_or_unique_prefix(live_server):
     assert_error(srv.call("GET", f"/v1/job/{'f' * 63}"), 404, "not_found")
 
 
+def test_failures_lists_failed_attempts_newest_first_with_the_jobs_status_now(srv):
+    assert srv.call("GET", "/v1/failures")[2] == {"failures": []}
+    first, second = claim(srv, "ws1"), claim(srv, "ws2")
+    for c, host, error in ((first, "ws1", "CUDA out of memory\nTraceback"), (second, "ws2", "disk full")):
+        status, _, body = srv.call("POST", f"/v1/job/{c['job_id']}/fail", {"error": error}, worker(host, c["lease"]))
+        assert status == 200 and body["status"] == "pending", body
+    status, headers, body = srv.call("GET", "/v1/failures")
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert [(f["job_id"], f["host"], f["error"]) for f in body["failures"]] == [
+        (second["job_id"], "ws2", "disk full"), (first["job_id"], "ws1", "CUDA out of memory\nTraceback")]
+    newest = body["failures"][0]
+    assert set(newest) == {"job_id", "name", "model", "mode", "attempt", "host", "ended", "outcome", "error",
+                           "status"}
+    assert (newest["model"], newest["mode"], newest["attempt"], newest["outcome"], newest["status"]) == (
+        "mlp", "train", 1, "failed", "pending")
+    assert isinstance(newest["ended"], float)
+    assert srv.call("GET", "/v1/failures?limit=1")[2] == {"failures": body["failures"][:1]}
+    assert srv.call("GET", "/v1/failures?limit=1000")[2] == body
+    assert_error(srv.call("GET", "/v1/failures?limit=0"), 400, "bad_request", "limit=0", "1..1000")
+    assert_error(srv.call("GET", "/v1/failures?limit=1001"), 400, "bad_request", "limit=1001", "1..1000")
+    assert_error(srv.call("GET", "/v1/failures?limit=ten"), 400, "bad_request", "limit", "not an integer")
+    assert_error(srv.call("POST", "/v1/failures", {}), 405)
+
+
 def test_register_and_list_workers(srv):
     status, _, body = srv.call("POST", "/v1/worker/register", {"capability": {"cores": 8, "cuda": False}},
                                worker("ws7"))
