@@ -1,4 +1,5 @@
-"""The ``jobs`` operator CLI: status, list, show, cancel, requeue, reload, workers, logs, fetch, watch, peers.
+"""The ``jobs`` operator CLI: status, list, show, failures, cancel, requeue, reload, workers, logs, fetch, watch,
+peers.
 
 Shell over ``client.Client``: every command is a few requests and a rendering.
 Read commands print the server's JSON unchanged with ``--json``; tables are
@@ -128,6 +129,14 @@ def count(value: Any) -> int:
     if isinstance(value, (list, tuple)):
         return len(value)
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def first_line(text: Any) -> str | None:
+    """The first non-blank line of an error text: the worker's summary ("trainer exit code 1; last
+    stderr:"), before the stderr tail."""
+    if text is None:
+        return None
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
 
 
 def log_text(value: Any) -> str:
@@ -281,6 +290,23 @@ class Ops:
             out.line("log tail")
             for line in tail.splitlines():
                 out.line(f"  {line}")
+        return EXIT_OK
+
+    def cmd_failures(self) -> int:
+        result = self.client.failures(self.args.limit)
+        if self.args.json:
+            self.out.json(result)
+            return EXIT_OK
+        failures = result.get("failures", [])
+        if not failures:
+            self.out.line("no failed attempts")
+            return EXIT_OK
+        now = time.time()
+        rows = [[ago(f.get("ended"), now), short(f.get("job_id")), f.get("name"), f"{f.get('model')}/{f.get('mode')}",
+                 f.get("attempt"), f.get("host"), f.get("outcome"), f.get("status"), first_line(f.get("error"))]
+                for f in failures]
+        self.out.table(["WHEN", "ID", "NAME", "MODEL/MODE", "ATTEMPT", "HOST", "OUTCOME", "NOW", "ERROR"], rows,
+                       {7: lambda s: self.out.paint(s, s)})
         return EXIT_OK
 
     # writes ------------------------------------------------------------------------------------
@@ -561,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offset", type=_non_negative_int, default=0, help="skip this many jobs")
     p = add("show", "one job: spec, attempts, last error, why pending, log tail")
     p.add_argument("id", help="a job id or a unique prefix of one")
+    p = add("failures", "the newest failed or stale attempts, also of jobs still retrying or since completed")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="at most this many attempts (default 20)")
     p = add("cancel", "cancel jobs (a running job's worker is told to stop)")
     p.add_argument("ids", nargs="+", metavar="ID")
     p = add("requeue", "put failed or cancelled jobs back in the queue")

@@ -201,6 +201,30 @@ def test_show_by_unique_prefix_with_attempts_error_and_log(fleet):
     assert detail["id"] == job_id and detail["attempts"][0]["host"] == "ws1"
 
 
+def test_failures_table_shows_failed_attempts_of_jobs_still_retrying(fleet):
+    code, out, err = jobs(fleet.url, "failures")
+    assert (code, out, err) == (0, "no failed attempts\n", "")
+    w, cap = worker(fleet.url)
+    first, second = w.claim(cap), w.claim(cap)
+    w.fail(first["job_id"], first["lease"], "CUDA out of memory\nTraceback line 2")
+    w.fail(second["job_id"], second["lease"], "\n  disk full\n")
+
+    code, out, err = jobs(fleet.url, "failures")
+    lines = out.splitlines()
+    assert (code, err) == (0, "")
+    assert lines[0].split() == ["WHEN", "ID", "NAME", "MODEL/MODE", "ATTEMPT", "HOST", "OUTCOME", "NOW", "ERROR"]
+    assert re.match(rf"\d+s ago\s+{second['job_id'][:12]}\s+-\s+mlp/train\s+1\s+ws1\s+failed\s+pending\s+"
+                    r"disk full$", lines[1]), out
+    assert re.match(rf"\d+s ago\s+{first['job_id'][:12]}\s+.*\s+pending\s+CUDA out of memory$", lines[1 + 1]), out
+    assert len(lines) == 3 and "Traceback" not in out
+
+    code, out, _ = jobs(fleet.url, "failures", "--limit", "1", "--json")
+    got = json.loads(out)["failures"]
+    assert code == 0 and [(f["job_id"], f["attempt"], f["status"]) for f in got] == [(second["job_id"], 1, "pending")]
+    assert got[0]["error"] == "\n  disk full\n"
+    assert jobs(fleet.url, "failures", "--limit", "0")[0] == 2
+
+
 def test_show_of_pending_job_says_why(fleet):
     code, out, _ = jobs(fleet.url, "show", all_ids(fleet.url)[0])
     assert code == 0
