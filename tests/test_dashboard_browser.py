@@ -232,6 +232,9 @@ def test_live_fleet_in_the_browser_then_an_operator_cancel(browser, serve_proces
 
     failures = page.locator("#failures")
     wait_for("the failure on the page", lambda: "CUDA out of memory" in failures.inner_text())
+    failure = failures.locator(f'li[data-key="{claim["job_id"]}/1"]')
+    assert "attempt 1 failed" in failure.inner_text() and failure.locator(".now").inner_text() == "failed"
+    assert page.locator("#failures-count").inner_text() == "1"
     workers_text = page.locator("#workers").inner_text()
     assert "ws1" in workers_text and "gpu-box" in workers_text and "RTX 4090" in workers_text
     assert page.locator("#peers li.leader").count() == 1 and "★" in page.locator("#peers").inner_text()
@@ -281,6 +284,9 @@ def test_live_fleet_in_the_browser_then_an_operator_cancel(browser, serve_proces
     row.locator("button.armed[data-action=requeue]").click()
     wait_for("the requeue", lambda: sp.call("GET", f"/v1/job/{claim['job_id']}")[2]["job"]["status"] == "pending")
     wait_for("the row to say so", lambda: row.locator(".badge").inner_text() == "pending")
+    wait_for("the failed attempt to show its job pending again",
+             lambda: failure.locator(".now").inner_text() == "pending")
+    assert "CUDA out of memory" in failure.inner_text() and page.locator("#failures-count").inner_text() == ""
     page.click("#admin button[data-action=reload]")
     page.click("#admin button.armed[data-action=reload]")
     wait_for("the reload toast", lambda: "manifest reloaded: 0 added, 31 kept" in page.locator("#toast").inner_text())

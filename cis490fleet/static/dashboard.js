@@ -139,17 +139,17 @@
   }
 
   async function poll() {
-    const [health, workers, page, running, claimed, failed] = await Promise.all([
+    const [health, workers, page, running, claimed, failures, failed] = await Promise.all([
       api("/v1/health"), api("/v1/workers"), api(jobsQuery()),
       api("/v1/jobs?status=running&limit=200"), api("/v1/jobs?status=claimed&limit=200"),
-      api("/v1/jobs?status=failed&limit=200"),
+      api("/v1/failures?limit=8"), api("/v1/jobs?status=failed&limit=1"),
     ]);
     if (page.total > 0 && state.offset >= page.total) {
       state.offset = Math.max(0, Math.floor((page.total - 1) / state.limit) * state.limit);
       return poll();
     }
     const data = { health, workers: workers.workers || [], page, running: [...running.jobs, ...claimed.jobs],
-      failed: failed.jobs || [], failedTotal: failed.total ?? (failed.jobs || []).length, at: serverNow() };
+      failures: failures.failures || [], failedTotal: failed.total ?? 0, at: serverNow() };
     record(data.running, data.at);
     await learnStarts(data.running);
     return data;
@@ -236,7 +236,7 @@
     renderRunning(d.running);
     renderWorkers(d.workers);
     renderPeers(d.health);
-    renderFailures(d.failed, d.failedTotal);
+    renderFailures(d.failures, d.failedTotal);
     renderJobs(d.page);
     renderOperator();
   }
@@ -388,20 +388,26 @@
       });
   }
 
-  function renderFailures(failed, total) {
-    const recent = failed.slice().sort((a, b) => (b.updated || 0) - (a.updated || 0)).slice(0, 8);
-    $("failures-empty").hidden = recent.length > 0;
+  // The newest failed or stale attempts (the server's order), also of jobs still retrying or since completed;
+  // the count is of jobs failed for good.
+  function renderFailures(failures, total) {
+    $("failures-empty").hidden = failures.length > 0;
     setText($("failures-count"), total ? String(total) : "");
-    keyed($("failures"), recent, (j) => j.id,
-      (j) => el("li", {}, el("div", { class: "meta" },
-        el("button", { type: "button", class: "link", dataset: { detail: j.id }, text: short(j.id) }),
-        el("b", { class: "name" }), el("span", { class: "where muted" }), el("span", { class: "when muted" })),
+    keyed($("failures"), failures, (f) => `${f.job_id}/${f.attempt}`,
+      (f) => el("li", {}, el("div", { class: "meta" },
+        el("button", { type: "button", class: "link", dataset: { detail: f.job_id }, text: short(f.job_id) }),
+        el("b", { class: "name" }), el("span", { class: "where muted" }), el("span", { class: "attempt muted" }),
+        el("span", { class: "badge now", title: "the job's status now" }), el("span", { class: "when muted" })),
         el("pre", { class: "err" })),
-      (li, j) => {
-        setText(li.querySelector(".name"), j.name || "");
-        setText(li.querySelector(".where"), `${j.model}/${j.mode}${j.host ? " on " + j.host : ""}`);
-        setText(li.querySelector(".when"), ago(j.updated));
-        setText(li.querySelector(".err"), j.last_error || "(no error text)");
+      (li, f) => {
+        setText(li.querySelector(".name"), f.name || "");
+        setText(li.querySelector(".where"), `${f.model}/${f.mode} on ${f.host}`);
+        setText(li.querySelector(".attempt"), `attempt ${f.attempt} ${f.outcome}`);
+        const now = li.querySelector(".now");
+        now.className = `badge now s-${f.status}`;
+        setText(now, f.status);
+        setText(li.querySelector(".when"), ago(f.ended));
+        setText(li.querySelector(".err"), f.error || "(no error text)");
       });
   }
 
