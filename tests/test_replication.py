@@ -204,7 +204,8 @@ def test_a_follower_far_behind_installs_the_leader_s_queue_as_a_snapshot(group, 
     caplog.set_level(logging.INFO, logger="cis490fleet.replication")
     g.start(lagging)
     assert g.converged()["claimed"] == 8
-    assert "installed the leader's queue" in caplog.text
+    # The swapped-in queue is visible before the driver thread logs the install: wait for the line.
+    wait_for("the snapshot install logged", lambda: "installed the leader's queue" in caplog.text, timeout=10)
 
 
 def test_messages_from_another_cluster_are_refused(group):
