@@ -580,9 +580,14 @@ class Bench:
                 "check": py + [str(pyz), "manifest", "check", str(example)],
                 "toml_floor": py + ["-c", "import tomllib"],
             }
+            # The pyz keeps its compiled modules in a per-user folder (bytecode_cache): the first start
+            # after an install compiles them (timed as "cold"), every later one reads them.
             env = {k: v for k, v in os.environ.items() if not k.startswith("CIS490_")}
-            for name, argv in commands.items():  # warm the page cache
+            env["CIS490_CACHE_DIR"] = str(work / "bytecode-cache")
+            for name, argv in commands.items():  # warm the page cache and the bytecode cache
+                t0 = time.perf_counter()
                 subprocess.run(argv, capture_output=True, env=env, timeout=60, check=True)
+                times.setdefault(f"{name}_cold", []).append(time.perf_counter() - t0)
             for _ in range(runs):
                 for name, argv in commands.items():
                     t0 = time.perf_counter()
@@ -591,11 +596,14 @@ class Bench:
         med = {k: statistics.median(v) for k, v in times.items()}
         r1 = med["status"] / med["http_floor"]
         r2 = med["check"] / med["toml_floor"]
-        self.report("cli_jobs_status", med["status"] * 1000, "ms (10,000 jobs)", r1,
+        self.report("cli_jobs_status", med["status"] * 1000,
+                    f"ms (10,000 jobs; first start after install {fmt(med['status_cold'] * 1000)} ms)", r1,
                     f"python3 -I -c 'import http.client, json' ({fmt(med['http_floor'] * 1000)} ms)", "ratio <= 1.5",
                     r1 <= 1.5, samples=times)
-        self.report("cli_manifest_check", med["check"] * 1000, "ms", r2,
-                    f"python3 -I -c 'import tomllib' ({fmt(med['toml_floor'] * 1000)} ms)", "ratio <= 1.5", r2 <= 1.5)
+        self.report("cli_manifest_check", med["check"] * 1000,
+                    f"ms (first start after install {fmt(med['check_cold'] * 1000)} ms)", r2,
+                    f"python3 -I -c 'import tomllib' ({fmt(med['toml_floor'] * 1000)} ms)", "ratio <= 1.5", r2 <= 1.5,
+                    samples=times)
 
     # -- idle coordinator ----------------------------------------------------------------------------
 

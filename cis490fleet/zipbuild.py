@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 PACKAGE = "cis490fleet"
 SHEBANG = b"#!/usr/bin/env python3\n"
 EPOCH = (1980, 1, 1, 0, 0, 0)
-ENTRY_POINT = b'"""Entry point of the cis490fleet zipapp."""\n\nfrom cis490fleet.cli import main\n\nraise SystemExit(main())\n'
+ENTRY_POINT = (b'"""Entry point of the cis490fleet zipapp."""\n\nfrom cis490fleet import bytecode_cache\n\n'
+               b'bytecode_cache.install()\n\nfrom cis490fleet.cli import main  # noqa: E402\n\n'
+               b'raise SystemExit(main())\n')
 BUILD_MODULE = "_build.py"
 UNIX = 3
 

@@ -35,6 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 OPERATOR_TOKEN = "test-operator-token-0123456789"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _zipapp_bytecode_cache_in_a_temp_folder(tmp_path_factory):
+    """A pyz run by a test keeps its compiled modules here, not in the user's ~/.cache."""
+    os.environ.setdefault("CIS490_CACHE_DIR", str(tmp_path_factory.mktemp("bytecode-cache")))
+
+
 def manifest_toml(n_jobs: int = 3, *, model: str = "mlp", mode: str = "train", heartbeat_s: float = 30,
                   stale_after_s: float = 600, max_attempts: int = 3, max_artifact_bytes: int | None = None,
                   extra: str = "") -> str:

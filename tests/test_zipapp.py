@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import marshal
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import cis490fleet
-from cis490fleet import zipbuild
+from cis490fleet import bytecode_cache, zipbuild
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -136,3 +137,69 @@ def test_commit_comes_from_git_when_not_given():
         assert len(sha) == 40
         known = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{sha}^{{commit}}"], timeout=60)
         assert known.returncode == 0, f"{sha} is not a commit of this checkout"
+
+
+# -- the per-user cache of compiled modules (bytecode_cache) --
+
+def run_cached(pyz: Path, *args: str, cwd: Path, cache: Path, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-I", *flags, str(pyz), *args], cwd=cwd,
+                          env={**bare_env(), "CIS490_CACHE_DIR": str(cache)}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def cache_entry(cache: Path, pyz: Path, module: str) -> Path:
+    origin = f"{pyz}{os.sep}cis490fleet{os.sep}{module}.py"
+    with zipfile.ZipFile(pyz) as zf:
+        source = zf.read(f"cis490fleet/{module}.py")
+    return cache / bytecode_cache.entry_name(origin, source)
+
+
+def test_compiled_modules_are_kept_per_user_and_read_on_the_next_start(tmp_path, pyz):
+    cache = tmp_path / "cache"
+    example = str(ROOT / "etc" / "demo_manifest.toml")
+    first = run_cached(pyz, "manifest", "check", example, cwd=tmp_path, cache=cache)
+    assert first.returncode == 0, first.stderr
+    cli_entry, manifest_entry = cache_entry(cache, pyz, "cli"), cache_entry(cache, pyz, "manifest")
+    for entry in (cli_entry, manifest_entry):
+        code = marshal.loads(entry.read_bytes())
+        assert code.co_filename.startswith(f"{pyz}{os.sep}cis490fleet{os.sep}")
+    assert not any(p.name.endswith(".tmp") for p in cache.iterdir())
+
+    # The next start executes what the cache holds: an entry replaced by other code runs that code.
+    cli_entry.write_bytes(marshal.dumps(compile("def main():\n    print('from the cache')\n", "x", "exec")))
+    second = run_cached(pyz, "manifest", "check", example, cwd=tmp_path, cache=cache)
+    assert second.returncode == 0 and second.stdout == "from the cache\n", second.stderr
+
+    # A damaged entry is compiled again and rewritten.
+    cli_entry.write_bytes(b"\x00not marshal data")
+    third = run_cached(pyz, "manifest", "check", example, cwd=tmp_path, cache=cache)
+    assert third.returncode == 0 and third.stdout == first.stdout, third.stderr
+    assert marshal.loads(cli_entry.read_bytes()).co_filename.endswith("cli.py")
+
+
+def test_an_unusable_cache_folder_or_python_b_changes_nothing_but_speed(tmp_path, pyz):
+    example = str(ROOT / "etc" / "demo_manifest.toml")
+    plain = run_pyz(pyz, "manifest", "check", example, cwd=tmp_path)  # no HOME: no cache at all
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
+    blocked = run_cached(pyz, "manifest", "check", example, cwd=tmp_path, cache=not_a_folder)
+    assert (blocked.returncode, blocked.stdout, blocked.stderr) == (0, plain.stdout, "")
+    read_only = run_cached(pyz, "manifest", "check", example, cwd=tmp_path, cache=tmp_path / "b", flags=("-B",))
+    assert (read_only.returncode, read_only.stdout) == (0, plain.stdout)
+    assert not (tmp_path / "b").exists()
+
+
+def test_cache_entries_are_named_by_interpreter_origin_and_source():
+    name = bytecode_cache.entry_name("a.pyz/cis490fleet/m.py", b"x = 1\n")
+    assert name == bytecode_cache.entry_name("a.pyz/cis490fleet/m.py", b"x = 1\n")
+    assert name != bytecode_cache.entry_name("a.pyz/cis490fleet/m.py", b"x = 2\n")
+    assert name != bytecode_cache.entry_name("b.pyz/cis490fleet/m.py", b"x = 1\n")
+
+
+def test_cache_folder_follows_the_platform_conventions():
+    assert bytecode_cache.cache_dir({"CIS490_CACHE_DIR": "/c", "HOME": "/h"}) == "/c"
+    if os.name != "nt":
+        assert bytecode_cache.cache_dir({"HOME": "/h"}) == os.path.join("/h", ".cache", "cis490fleet", "bytecode")
+        assert bytecode_cache.cache_dir({"XDG_CACHE_HOME": "/x", "HOME": "/h"}) == os.path.join(
+            "/x", "cis490fleet", "bytecode")
+        assert bytecode_cache.cache_dir({}) is None
