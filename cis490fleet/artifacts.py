@@ -113,13 +113,21 @@ class ArtifactStore:
         digest = hashlib.sha256()
         head = b""
         got = 0
+        # One buffer for the whole body when the source can fill it: a fresh 1 MiB bytes object per
+        # chunk costs an mmap, its page faults and an munmap each time.
+        readinto = getattr(fileobj, "readinto", None)
+        view = memoryview(bytearray(CHUNK)) if readinto is not None else None
         with os.fdopen(fd, "wb") as out:
             while got < length:
-                chunk = fileobj.read(min(CHUNK, length - got))
+                want = min(CHUNK, length - got)
+                if view is not None:
+                    chunk = view[:readinto(view[:want]) or 0]
+                else:
+                    chunk = fileobj.read(want)
                 if not chunk:
                     break
                 if len(head) < 4:
-                    head += chunk[:4 - len(head)]
+                    head += bytes(chunk[:4 - len(head)])
                 digest.update(chunk)
                 out.write(chunk)
                 got += len(chunk)

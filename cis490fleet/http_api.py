@@ -146,6 +146,19 @@ class Request:
             self.handler.close_connection = True
         return data
 
+    def readinto(self, buffer) -> int:
+        """``read`` into ``buffer`` (a writable bytes-like object): the upload's copy loop reuses one buffer."""
+        if self.remaining <= 0:
+            return 0
+        self.handler.send_continue()
+        view = memoryview(buffer).cast("B")
+        n = self.handler.rfile.readinto(view[:self.remaining]) or 0
+        self.remaining -= n
+        if not n:
+            self.remaining = 0
+            self.handler.close_connection = True
+        return n
+
     def body_bytes(self, limit: int = MAX_JSON_BYTES) -> bytes:
         if self._length is not None and self._length > limit:
             raise errors.TooLarge(f"request body of {self._length} bytes is over the limit of {limit} bytes")

@@ -97,26 +97,44 @@ def test_only_the_declared_length_is_read(tmp_path):
     assert body.read() == b"next request on a keep-alive connection"
 
 
-def test_large_upload_streams_in_chunks(tmp_path):
-    class Source(io.RawIOBase):
-        """4 MiB + 3 bytes, produced on demand; records the largest read asked for."""
+class ReadSource:
+    """4 MiB + 3 bytes produced on demand through read() only; records the largest read asked for."""
 
-        def __init__(self, size):
-            self.left, self.largest = size, 0
+    def __init__(self, size):
+        self.left, self.largest = size, 0
 
-        def read(self, n=-1):
-            self.largest = max(self.largest, n)
-            n = min(n, self.left)
-            self.left -= n
-            return b"\xab" * n
+    def read(self, n=-1):
+        self.largest = max(self.largest, n)
+        n = min(n, self.left)
+        self.left -= n
+        return b"\xab" * n
 
+
+class ReadintoSource(ReadSource):
+    """The same through readinto(), as a socket's body reader offers it: the store reuses one buffer."""
+
+    def __init__(self, size):
+        super().__init__(size)
+        self.buffers = set()
+
+    def readinto(self, b):
+        self.buffers.add(id(b.obj) if isinstance(b, memoryview) else id(b))
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+@pytest.mark.parametrize("source", [ReadSource, ReadintoSource])
+def test_large_upload_streams_in_chunks(tmp_path, source):
     size = 4 * 2**20 + 3
     store = ArtifactStore(tmp_path)
-    src = Source(size)
+    src = source(size)
     result = store.put(src, sha256=sha(b"\xab" * size), length=size, model="mlp", mode="m", job_id=JOB,
                        host="ws1", now=0.0)
     assert result["size"] == size and (tmp_path / result["path"]).stat().st_size == size
-    assert src.largest <= 2**20
+    assert 0 < src.largest <= 2**20
+    if source is ReadintoSource:
+        assert len(src.buffers) == 1
 
 
 @pytest.mark.parametrize("field,value", [
