@@ -41,6 +41,11 @@ def _zipapp_bytecode_cache_in_a_temp_folder(tmp_path_factory):
     os.environ.setdefault("CIS490_CACHE_DIR", str(tmp_path_factory.mktemp("bytecode-cache")))
 
 
+def clean_env() -> dict:
+    """This process's environment without cis490fleet's settings, except where a pyz keeps its bytecode."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("CIS490_") or k == "CIS490_CACHE_DIR"}
+
+
 def manifest_toml(n_jobs: int = 3, *, model: str = "mlp", mode: str = "train", heartbeat_s: float = 30,
                   stale_after_s: float = 600, max_attempts: int = 3, max_artifact_bytes: int | None = None,
                   extra: str = "") -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OPERATOR_TOKEN, manifest_toml, wait_for
+from conftest import OPERATOR_TOKEN, clean_env, manifest_toml, wait_for
 
 from cis490fleet import dashboard, errors
 
@@ -181,7 +181,7 @@ def worker(tmp_path):
 
     def start(url: str, host: str = "ws1") -> tuple[subprocess.Popen, Path, Path]:
         work_dir, log_path = tmp_path / f"work-{host}", tmp_path / f"worker-{host}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CIS490_")}
+        env = clean_env()
         env.update(PATH=fake_nvidia_smi(tmp_path), PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
         with open(log_path, "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "cis490fleet", "work", "--receiver", url, "--host-id", host,

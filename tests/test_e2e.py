@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OPERATOR_TOKEN, wait_for
+from conftest import OPERATOR_TOKEN, clean_env, wait_for
 from test_worker import fake_nvidia_smi, pid_alive, trainer_manifest
 
 from cis490fleet.client import Client
@@ -52,7 +52,7 @@ class WorkerProcess:
         self.log_path = tmp_path / f"worker-{host}.log"
         argv = [sys.executable, "-m", "cis490fleet", "work", "--receiver", url, "--host-id", host,
                 "--work-dir", str(self.work_dir), *args]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CIS490_")}
+        env = clean_env()
         env.update(PATH=path_env, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
@@ -120,7 +120,7 @@ def held_by(client: Client, name: str, host: str) -> dict | None:
 
 
 def jobs_cli(url: str, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIS490_")}
+    env = clean_env()
     env.update(PYTHONPATH=str(ROOT), CIS490_OPERATOR_TOKEN=OPERATOR_TOKEN)
     return subprocess.run([sys.executable, "-m", "cis490fleet", "jobs", "--receiver", url, *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=60)
@@ -303,7 +303,7 @@ def test_the_built_in_torch_trainer_end_to_end(serve_process, workers, tmp_path)
 
 def test_the_quickstart_demo(tmp_path):
     pytest.importorskip("torch")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIS490_")}
+    env = clean_env()
     env["PATH"] = fake_nvidia_smi(tmp_path, [])
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--run-dir", str(tmp_path / "run"),
                            "--pyz", str(tmp_path / "demo.pyz"), "--timeout", "240"],
@@ -332,7 +332,7 @@ def processes_mentioning(text: str) -> list[str]:
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds leftover processes through /proc")
 def test_ctrl_c_stops_everything_the_demo_started(tmp_path):
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIS490_")}
+    env = clean_env()
     env["PATH"] = fake_nvidia_smi(tmp_path, [])
     env["PYTHONUNBUFFERED"] = "1"
     log = tmp_path / "demo.log"

@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import pytest
 
 from cis490fleet import enroll, errors, worker
+from conftest import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINERS = ROOT / "tests" / "trainers"
@@ -92,7 +93,7 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def run_cli(*argv, cwd=ROOT, timeout=120) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIS490_")}
+    env = clean_env()
     env["PYTHONPATH"] = str(ROOT)
     return subprocess.run([sys.executable, "-m", "cis490fleet", *map(str, argv)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -463,7 +464,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, pyz, argv, says):
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to run a child as nobody")
 def test_a_live_install_needs_root():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIS490_")}
+    env = clean_env()
     env["PYTHONPATH"] = str(ROOT)
     python = "/usr/bin/python3"  # the test's own interpreter may sit in a folder only root can enter
     try:

@@ -27,7 +27,7 @@ import pytest
 from cis490fleet import cli, ops
 from cis490fleet.client import Client
 from cis490fleet.model import compute_job_id
-from conftest import OPERATOR_TOKEN, ROOT, closed_port_url, manifest_toml
+from conftest import OPERATOR_TOKEN, ROOT, clean_env, closed_port_url, manifest_toml
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -59,7 +59,7 @@ def jobs(url, *args, stdout=None) -> tuple[int, str, str]:
 
 
 def cli_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIS490_")}
+    env = clean_env()
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env

@@ -16,6 +16,7 @@ import pytest
 
 from cis490fleet import errors, worker
 from cis490fleet.worker import Slot, TrainerRun, WorkerConfig
+from conftest import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB_ID = "ab" * 32
@@ -517,7 +518,7 @@ def test_on_a_terminal_each_running_job_gets_a_live_progress_line(live_server, t
     server = live_server(trainer_manifest("slow.py", ONE_JOB.replace("steps = 40, sleep = 0.1",
                                                                      "steps = 10, sleep = 0.3")))
     master, slave = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIS490_")}
+    env = clean_env()
     env.update(PATH=fake_nvidia_smi(tmp_path, []), PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "cis490fleet", "work", "--receiver", server.url, "--host-id",
                              "tty", "--work-dir", str(tmp_path / "work"), "--once", "--wait", "0"],
