@@ -330,7 +330,8 @@ def _fit_gbt(torch, job: Job, device, train, check, split: str, stop: _Stop, epo
             threshold[first:first + width] = torch.where(split_here, flat_edges[best], math.inf)
             node = 2 * node + 1 + (xt.gather(1, feature[node].unsqueeze(1)).squeeze(1) > threshold[node]).long()
         member = torch.nn.functional.one_hot(node - inner, inner + 1).float()
-        leaf = -h["lr"] * (member.T @ grad) / (member.T @ hess + l2)
+        weight = member.T @ hess + l2
+        leaf = torch.where(weight > 0, -h["lr"] * (member.T @ grad) / weight.clamp_min(1e-12), 0.0)  # 0: empty leaf
         raw = raw + leaf[node - inner]
         features.append(feature)
         thresholds.append(threshold)

@@ -189,6 +189,17 @@ def test_gbt_trains_boosted_trees_that_the_saved_model_reproduces(tmp_path):
 
 
 @needs_torch
+def test_gbt_without_l2_leaves_unreached_leaves_at_zero_not_nan(tmp_path):
+    proc = train(tmp_path, "gbt", {"l2": 0, "max_depth": 7, "min_leaf": 1, "trees": 2}, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    check = ("import sys, torch\nm = torch.load(sys.argv[1], weights_only=True)\n"
+             "assert not torch.isnan(m['leaf']).any(), 'NaN leaves'\nassert (m['leaf'] == 0).any()\n")
+    loaded = subprocess.run([sys.executable, "-W", "ignore", "-c", check, str(tmp_path / "out" / "model.pt")],
+                            capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+
+
+@needs_torch
 @pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
 @pytest.mark.parametrize("model,hyper", [("mlp", {"epochs": 1_000_000}), ("gbt", {"trees": 1_000_000})])
 def test_sigterm_saves_what_it_has_and_exits_non_zero(tmp_path, model, hyper):
