@@ -283,7 +283,7 @@ def _fit_gbt(torch, job: Job, device, train, check, split: str, stop: _Stop, epo
     sends a sample to child 2i+1, or 2i+2 when its feature is above the node's
     threshold (a node that does not split has threshold +inf). Split search is
     histogram-based over ``bins`` quantile bins per feature, done for a whole
-    level at once as matrix products, which keeps it deterministic on CUDA too.
+    level at once as matrix products rather than scatter-adds, which CUDA does not run deterministically.
     One tree is one "epoch" of progress.
     """
     h = job.hyper
