@@ -362,7 +362,6 @@ class TrainerRun:
         self._stderr_tail: deque[bytes] = deque()
         self._stderr_len = 0
         self._readers: list[threading.Thread] = []
-        self._log_lock = threading.Lock()
 
     @property
     def label(self) -> str:
@@ -405,37 +404,36 @@ class TrainerRun:
             raise errors.FleetError(f"cannot start the trainer {argv[0]!r}: {err.strerror or err}; "
                                     "check [trainer].command in the manifest") from None
         self.pid_path.write_text(str(self.proc.pid))
-        logf = open(self.log_path, "ab", buffering=0)
-        self._readers = [threading.Thread(target=self._pump, args=(stream, logf, stream is self.proc.stderr),
+        self._readers = [threading.Thread(target=self._pump, args=(stream, stream is self.proc.stderr),
                                           name=f"{name}-{self.job_id[:8]}", daemon=True)
                          for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr))]
         for reader in self._readers:
             reader.start()
-        threading.Thread(target=self._close_log_after_readers, args=(logf,), daemon=True).start()
         log.info("job %s attempt %d: started trainer pid %d on slot %d: %s",
                  self.label, self.attempt, self.proc.pid, self.slot.index, " ".join(argv))
 
-    def _pump(self, stream, logf, is_stderr: bool) -> None:
+    def _pump(self, stream, is_stderr: bool) -> None:
         """Copy one of the trainer's streams into train.log a whole line at a time.
 
         An unbuffered Python trainer writes a line's text and its newline in two
         system calls; copying bytes as they arrive would splice the other
-        stream's lines into the middle of this one's.
+        stream's lines into the middle of this one's. Each stream appends through
+        its own O_APPEND descriptor, so each write lands whole at the end.
         """
         fd = stream.fileno()
         partial = b""
-        while True:
-            chunk = os.read(fd, 65536)
-            if is_stderr and chunk:
-                self._keep_stderr(chunk)
-            data = partial + chunk
-            cut = data.rfind(b"\n") + 1 if chunk and len(data) < LOG_LINE_MAX else len(data)
-            if cut:
-                with self._log_lock:
+        with open(self.log_path, "ab", buffering=0) as logf:
+            while True:
+                chunk = os.read(fd, 65536)
+                if is_stderr and chunk:
+                    self._keep_stderr(chunk)
+                data = partial + chunk
+                cut = data.rfind(b"\n") + 1 if chunk and len(data) < LOG_LINE_MAX else len(data)
+                if cut:
                     logf.write(data[:cut])
-            partial = data[cut:]
-            if not chunk:
-                break
+                partial = data[cut:]
+                if not chunk:
+                    break
         stream.close()
 
     def _keep_stderr(self, chunk: bytes) -> None:
@@ -443,11 +441,6 @@ class TrainerRun:
         self._stderr_len += len(chunk)
         while self._stderr_len - len(self._stderr_tail[0]) >= TAIL_BYTES:
             self._stderr_len -= len(self._stderr_tail.popleft())
-
-    def _close_log_after_readers(self, logf) -> None:
-        for reader in self._readers:
-            reader.join()
-        logf.close()
 
     def wait_for_output(self, timeout: float = 5.0) -> None:
         """Wait until everything the trainer wrote is in train.log (after it has exited)."""
