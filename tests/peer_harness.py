@@ -641,6 +641,14 @@ class _Worker(threading.Thread):
         except Exception as err:  # a broken worker must show up in the test, not vanish with its thread
             self.history.error(f"{self.host}: {type(err).__name__}: {err}")
 
+    def record_claim(self, data: dict) -> dict | None:
+        """The claim answer's job as the history records it, or None for ``{"job": null}``."""
+        if data.get("job") is None:
+            return None
+        claim = {"job_id": data["job_id"], "attempt": data["attempt"], "lease": data.get("lease")}
+        self.history.add("claims", host=self.host, kind=self.kind, **claim)
+        return claim
+
     def retry(self, op, claim: dict, what: str):
         """Repeat ``op`` (harmless to repeat) until it answers; None/False when refused or out of time."""
         deadline = time.monotonic() + self.workload.op_deadline_s
@@ -702,11 +710,7 @@ class RawWorker(_Worker):
         if status != 200:
             self.history.error(f"{self.host}: claim answered {status} {data!r:.200}")
             return None
-        if data.get("job") is None:
-            return None
-        claim = {"job_id": data["job_id"], "attempt": data["attempt"], "lease": data.get("lease")}
-        self.history.add("claims", host=self.host, kind=self.kind, **claim)
-        return claim
+        return self.record_claim(data)
 
     def upload(self, claim: dict) -> str:
         body, sha = bundle_bytes(claim["job_id"], self.host, claim["attempt"])
@@ -755,11 +759,7 @@ class ClientWorker(_Worker):
         except (self.errors.Unavailable, self.errors.NotLeader, OSError):
             self.history.note_unknown()
             return None
-        if data.get("job") is None:
-            return None
-        claim = {"job_id": data["job_id"], "attempt": data["attempt"], "lease": data.get("lease")}
-        self.history.add("claims", host=self.host, kind=self.kind, **claim)
-        return claim
+        return self.record_claim(data)
 
     def _call(self, fn, *args, **kw):
         try:
