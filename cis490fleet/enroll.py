@@ -122,11 +122,17 @@ def stop_timeout_s(grace_s: float) -> int:
     return int(math.ceil(grace_s)) + STOP_MARGIN_S
 
 
+def _hardening(state: PurePath, data: PurePath) -> str:
+    """The sandbox both units share: read-only system and no homes, writes to the state and data folders only."""
+    writable = [str(state)] + ([] if _under(data, state) else [str(data)])
+    return (f"NoNewPrivileges=yes\nProtectSystem=strict\nProtectHome=yes\nPrivateTmp=yes\n"
+            f"StateDirectory=cis490fleet\nStateDirectoryMode=0750\nReadWritePaths={' '.join(writable)}")
+
+
 def render_worker_unit(*, python: str = LINUX_PYTHON, pyz: PurePath = LINUX.pyz,
                        config: PurePath = LINUX.worker_config, user: str = SERVICE_USER,
                        grace_s: float = DEFAULT_GRACE_S, work_dir: PurePath = LINUX.work_dir,
                        state: PurePath = LINUX.state) -> str:
-    writable = [str(state)] + ([] if _under(work_dir, state) else [str(work_dir)])
     return f"""\
 # Written by `cis490fleet enroll worker`; enroll rewrites it when it changes.
 [Unit]
@@ -145,13 +151,7 @@ Environment=PYTHONUNBUFFERED=1
 # jobs back, then exits. Whatever is left gets SIGKILL after TimeoutStopSec.
 KillMode=mixed
 TimeoutStopSec={stop_timeout_s(grace_s)}
-NoNewPrivileges=yes
-ProtectSystem=strict
-ProtectHome=yes
-PrivateTmp=yes
-StateDirectory=cis490fleet
-StateDirectoryMode=0750
-ReadWritePaths={" ".join(writable)}
+{_hardening(state, work_dir)}
 # GPUs stay reachable: no PrivateDevices= or DevicePolicy= here; enroll adds the
 # user to whichever of the video and render groups the host has.
 
@@ -163,7 +163,6 @@ WantedBy=multi-user.target
 def render_coordinator_unit(*, python: str = LINUX_PYTHON, pyz: PurePath = LINUX.pyz,
                             env_file: PurePath = LINUX.coordinator_env, user: str = SERVICE_USER,
                             data_dir: PurePath = LINUX.data_dir, state: PurePath = LINUX.state) -> str:
-    writable = [str(state)] + ([] if _under(data_dir, state) else [str(data_dir)])
     return f"""\
 # Written by `cis490fleet enroll coordinator`; enroll rewrites it when it changes.
 # Options of `serve` live in {env_file}.
@@ -184,13 +183,7 @@ RestartSec=5
 Environment=PYTHONUNBUFFERED=1
 KillMode=mixed
 TimeoutStopSec={COORDINATOR_STOP_S}
-NoNewPrivileges=yes
-ProtectSystem=strict
-ProtectHome=yes
-PrivateTmp=yes
-StateDirectory=cis490fleet
-StateDirectoryMode=0750
-ReadWritePaths={" ".join(writable)}
+{_hardening(state, data_dir)}
 
 [Install]
 WantedBy=multi-user.target
