@@ -104,7 +104,7 @@ def migrate(conn: sqlite3.Connection, migrations: list[str], *, what: str = "dat
         if current > target:
             raise ConfigError(
                 f"{what} has schema version {current} but this program knows only up to {target}; "
-                "run a newer cis490fleet on it, or move the file away to start empty")
+                "run the newer cis490fleet that wrote it")
         for index in range(current, target):
             for statement in split_statements(migrations[index]):
                 conn.execute(statement)

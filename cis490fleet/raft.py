@@ -207,13 +207,15 @@ class RaftNode:
         for offset, e in enumerate(self._log):
             if e["index"] != self._snap_index + 1 + offset:
                 raise ConfigError(f"raft storage of {node_id}: log is not contiguous after index "
-                                  f"{self._snap_index} (found entry {e['index']}); restore the raft store from a peer")
+                                  f"{self._snap_index} (found entry {e['index']}); restore this peer's "
+                                  "own raft store from its backup (a copy of another peer's carries that peer's vote)")
         hs = state.hard_state
         self.term, self.vote = hs.term, hs.vote
         self.commit = max(hs.commit, self._snap_index)
         if self.commit > self.last_index():
             raise ConfigError(f"raft storage of {node_id}: commit index {self.commit} is beyond the last entry "
-                              f"{self.last_index()}; restore the raft store from a peer")
+                              f"{self.last_index()}; restore this peer's "
+                              "own raft store from its backup (a copy of another peer's carries that peer's vote)")
         self.applied = min(max(applied, self._snap_index), self.commit)
         self._unstable = self.last_index() + 1  # first entry not yet handed out for persistence
         self._persisted = HardState(self.term, self.vote, self.commit)

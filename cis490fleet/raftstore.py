@@ -115,7 +115,9 @@ class SqliteRaftStore:
             db.migrate(self._conn, MIGRATIONS, what=f"raft store {self.path}")
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"{self.path}: cannot open the raft store ({exc}); "
-                              "move the file away to rejoin the group empty") from exc
+                              "restore it from a backup of this peer; never start this peer id with an empty "
+                              "raft store, since a peer that forgot its vote and log can elect a second leader "
+                              "in a term or lose committed entries") from exc
 
     def load(self) -> StorageState:
         conn = self._conn

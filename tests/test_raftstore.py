@@ -146,7 +146,8 @@ def test_sqlite_refuses_a_file_that_is_not_a_raft_store(tmp_path):
     with pytest.raises(ConfigError) as err:
         SqliteRaftStore(path)
     message = str(err.value)
-    assert str(path) in message and "move the file away" in message and "\n" not in message
+    assert str(path) in message and "restore it from a backup" in message and "\n" not in message
+    assert "move" not in message and "empty raft store" in message  # an emptied store breaks Raft's safety
 
 
 WRITER = textwrap.dedent("""
