@@ -1,0 +1,198 @@
+"""Request signing, used by both sides of the wire: what is signed, how, and when a signature is fresh.
+
+Pure core: every function takes its inputs and ``now``; the caller draws the
+nonce and reads the clock. A host (or a peer, with the cluster key) never sends
+its key: it sends HMAC-SHA256 over the canonical string of the request
+(``canonical``), with a timestamp and a nonce. The receiver recomputes it
+(``verify``), refuses a timestamp outside ``WINDOW_S`` of its own clock, and
+refuses a (signer, nonce) pair it has already seen (``NonceMemory``), so a
+captured request cannot be replayed. The body enters as its sha256; a streamed
+upload enters as the ``x-content-sha256`` it declares, which the artifact store
+verifies against every byte it receives.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import hmac
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from cis490fleet import errors
+
+VERSION = "cis490fleet-v1"
+WINDOW_S = 300
+"""A signature's timestamp may differ from the receiver's clock by this much, either way."""
+MAX_NONCES = 1_000_000
+KEY_BYTES = 32
+
+H_SIGNER = "x-fleet-signer"
+H_TIME = "x-fleet-time"
+H_NONCE = "x-fleet-nonce"
+H_SIGNATURE = "x-fleet-signature"
+SIGNATURE_HEADERS = (H_SIGNER, H_TIME, H_NONCE, H_SIGNATURE)
+SIGNED_HEADERS = ("x-lab-host", "x-lease", "x-client-id", "x-client-serial", "x-fleet-identity",
+                  "x-fleet-client-nonce", "x-artifact")
+"""Headers whose values the signature covers (absent ones as empty), besides method, target and body."""
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_NONCE_RE = re.compile(r"[0-9a-f]{32}")
+_SIG_RE = re.compile(r"[0-9a-f]{64}")
+_SIGNER_RE = re.compile(r"(host|peer)/[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_KEY_RE = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Signed:
+    """A request's signature headers, parsed: who signed, when, with which nonce."""
+
+    signer: str  # "host/<host id>" or "peer/<node id>"
+    timestamp: int
+    nonce: str
+    signature: str
+
+    @property
+    def kind(self) -> str:
+        return self.signer.partition("/")[0]
+
+    @property
+    def name(self) -> str:
+        return self.signer.partition("/")[2]
+
+
+def body_sha256(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def parse_key(text: str, source: str) -> bytes:
+    """A key as stored and printed (64 hex digits) -> its 32 bytes; ConfigError naming ``source`` otherwise."""
+    text = text.strip()
+    if not _KEY_RE.fullmatch(text):
+        raise errors.ConfigError(f"{source} does not hold a key: expected 64 hex digits (what `jobs hosts add` "
+                                 "prints, or a cluster key file serve created)")
+    return bytes.fromhex(text)
+
+
+def canonical(method: str, target: str, timestamp: int, nonce: str, body_sha: str, signer: str,
+              headers: dict[str, str] | None = None) -> bytes:
+    """The bytes that are signed: one field per line, so no field can run into the next."""
+    headers = {k.lower(): v for k, v in (headers or {}).items()}
+    lines = [VERSION, signer, method.upper(), target, str(int(timestamp)), nonce, body_sha]
+    lines += [f"{name}:{str(headers.get(name) or '').strip()}" for name in SIGNED_HEADERS]
+    return "\n".join(lines).encode("utf-8", "surrogateescape")
+
+
+def sign(key: bytes, message: bytes) -> str:
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def signature_headers(key: bytes, signer: str, method: str, target: str, body_sha: str, now: float, nonce: str,
+                      headers: dict[str, str] | None = None) -> dict[str, str]:
+    """The four headers that sign a request made at ``now`` (already corrected by the clock offset)."""
+    timestamp = int(now)
+    message = canonical(method, target, timestamp, nonce, body_sha, signer, headers)
+    return {H_SIGNER: signer, H_TIME: str(timestamp), H_NONCE: nonce, H_SIGNATURE: sign(key, message)}
+
+
+def parse(get) -> Signed | None:
+    """The signature headers via ``get(name)``; None when the request carries none; Unauthorized when malformed."""
+    values = [get(name) for name in SIGNATURE_HEADERS]
+    if all(v is None or v == "" for v in values):
+        return None
+    signer, timestamp, nonce, signature = ((v or "").strip() for v in values)
+    missing = [n for n, v in zip(SIGNATURE_HEADERS, (signer, timestamp, nonce, signature)) if not v]
+    if missing:
+        raise errors.Unauthorized(f"signed request without {', '.join(missing)}: send all of "
+                                  f"{', '.join(SIGNATURE_HEADERS)} (the cis490fleet client does)")
+    if not _SIGNER_RE.fullmatch(signer):
+        raise errors.Unauthorized(f"{H_SIGNER} {signer[:80]!r} is not host/<host id> or peer/<node id>")
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+        raise errors.Unauthorized(f"{H_TIME} {timestamp[:40]!r} is not a whole number of seconds since the epoch")
+    if not _NONCE_RE.fullmatch(nonce):
+        raise errors.Unauthorized(f"{H_NONCE} must be 32 lowercase hex digits, drawn at random for each request")
+    if not _SIG_RE.fullmatch(signature):
+        raise errors.Unauthorized(f"{H_SIGNATURE} must be 64 lowercase hex digits (HMAC-SHA256)")
+    return Signed(signer, int(timestamp), nonce, signature)
+
+
+def check_time(timestamp: int, now: float, window: float = WINDOW_S) -> None:
+    skew = timestamp - now
+    if abs(skew) > window:
+        raise errors.Unauthorized(f"the request's {H_TIME} is {abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} "
+                                  f"this coordinator's clock (at most {window:.0f} s allowed); set the host's clock "
+                                  "right (NTP), the client corrects small offsets from the Date header itself")
+
+
+def verify(key: bytes, signed: Signed, method: str, target: str, body_sha: str, now: float,
+           headers: dict[str, str] | None = None, window: float = WINDOW_S) -> None:
+    """Unauthorized unless ``signed`` is ``key``'s signature of this request and its time is within the window.
+
+    The nonce is checked separately (``NonceMemory.check_and_add``), after the signature, so an unsigned
+    stranger cannot fill the memory."""
+    check_time(signed.timestamp, now, window)
+    expected = sign(key, canonical(method, target, signed.timestamp, signed.nonce, body_sha, signed.signer, headers))
+    if not hmac.compare_digest(expected, signed.signature):
+        raise errors.Unauthorized(f"the signature does not match the request (signer {signed.signer}): the body, "
+                                  "target or a signed header changed on the way, or the key is not the one the fleet "
+                                  "holds for this signer; check --host-key-file (a rotated key must be replaced)")
+
+
+class NonceMemory:
+    """The (signer, nonce) pairs seen in the time window, oldest first, at most ``capacity``.
+
+    When full, the oldest pair is forgotten and ``floor`` rises to its timestamp: a request no newer
+    than that is refused as if replayed, so forgetting never lets a replay through."""
+
+    def __init__(self, capacity: int = MAX_NONCES, window: float = WINDOW_S):
+        self.capacity = capacity
+        self.window = window
+        self.floor = float("-inf")
+        self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check_and_add(self, signer: str, nonce: str, timestamp: int, now: float) -> None:
+        self._expire(now)
+        key = (signer, nonce)
+        if key in self._seen or timestamp <= self.floor:
+            raise errors.Unauthorized(f"this request (signer {signer}, nonce {nonce[:8]}...) was already received: "
+                                      "a replay is refused; sign each request with a fresh nonce")
+        while len(self._seen) >= self.capacity:
+            _, oldest = self._seen.popitem(last=False)
+            self.floor = max(self.floor, oldest)
+        self._seen[key] = timestamp
+
+    def _expire(self, now: float) -> None:
+        """Forget pairs whose timestamps the window refuses anyway. Entries arrive roughly in time order,
+        so this looks only at the front."""
+        limit = now - self.window
+        while self._seen:
+            key, ts = next(iter(self._seen.items()))
+            if ts >= limit:
+                break
+            del self._seen[key]
+
+
+def clock_offset(date_header: str | None, now: float) -> float | None:
+    """Server clock minus ours, from an answer's ``Date`` (1 s resolution); None when absent or unreadable."""
+    if not date_header:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(date_header)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed is None or parsed.tzinfo is None:
+        return None
+    return parsed.timestamp() - now
+
+
+def corrected_offset(previous: float, observed: float | None) -> float:
+    """The offset a client signs with next: kept while within the Date header's one second of error."""
+    if observed is None:
+        return previous
+    if abs(observed - previous) <= 1.5:
+        return previous
+    return float(round(observed))
