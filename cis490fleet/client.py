@@ -131,6 +131,20 @@ def _check_sha256(value: str, what: str) -> str:
     return value
 
 
+def _not_a_coordinator(url: str, method: str, path: str, answer: str, data: bytes) -> errors.Unavailable:
+    """A reply without the coordinator's JSON error shape: the URL points at some other web server (or a proxy
+    in front of one), so say that, with the page's first line of text, instead of passing on its 404 as a
+    missing job."""
+    import re
+
+    text = re.sub(r"<[^>]*>", " ", data[:4096].decode("utf-8", "replace"))
+    first = next((" ".join(line.split()) for line in text.splitlines() if line.strip()), "")
+    return errors.Unavailable(
+        f"{url} is not a cis490fleet coordinator: {method} {path} answered {answer}"
+        + (f" ({first[:120]})" if first else "")
+        + f"; point --receiver / {ENV_RECEIVER} at the URL that 'serve' prints")
+
+
 def _fill_attributes(err: errors.FleetError) -> errors.FleetError:
     """Give a FleetError rebuilt from the wire the attributes its class promises."""
     if isinstance(err, errors.StaleLease):
@@ -422,8 +436,7 @@ class Client:
             doc = json.loads(data)
             code, detail = str(doc["error"]), str(doc.get("detail") or doc["error"])
         except (ValueError, TypeError, KeyError):
-            text = data.decode("utf-8", "replace").strip().splitlines()
-            code, detail = "", f"{method} {url}{path}: HTTP {status}" + (f": {text[0][:200]}" if text else "")
+            return _not_a_coordinator(url, method, path, f"HTTP {status}", data)
         return _fill_attributes(errors.error_from_wire(status, code, detail))
 
     def _call(self, method: str, path: str, **kw) -> Any:
@@ -433,9 +446,7 @@ class Client:
         try:
             return json.loads(data)
         except ValueError:
-            raise errors.FleetError(
-                f"{method} {self.urls[self._preferred]}{path} answered HTTP {status} with a body that is not JSON; "
-                "is that URL a cis490fleet coordinator?") from None
+            raise _not_a_coordinator(self.urls[self._preferred], method, path, f"HTTP {status}", data) from None
 
     # -- the wire API ------------------------------------------------------------------------
 

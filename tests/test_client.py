@@ -319,14 +319,14 @@ def test_stale_lease_from_wire_has_its_attributes(serve_with):
 
 def test_non_json_error_names_status_and_url(serve_with):
     srv = serve_with(lambda s, r: (500, {"content-type": "text/html"}, b"<h1>proxy exploded</h1>"))
-    with pytest.raises(errors.FleetError, match=r"HTTP 500.*proxy exploded") as info:
+    with pytest.raises(errors.Unavailable, match=r"not a cis490fleet coordinator.*HTTP 500 .proxy exploded.") as info:
         fast(srv.url).workers()
     assert srv.url in str(info.value)
 
 
 def test_non_json_success_is_reported(serve_with):
     srv = serve_with(lambda s, r: (200, {}, b"hello"))
-    with pytest.raises(errors.FleetError, match="not JSON"):
+    with pytest.raises(errors.Unavailable, match="is not a cis490fleet coordinator.*HTTP 200 .hello."):
         fast(srv.url).health()
 
 

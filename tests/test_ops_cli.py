@@ -615,3 +615,23 @@ def test_mutual_tls_with_ca_cert_and_key(serve_process, tmp_path):
 
     missing = jobs_process("--receiver", sp.url, "--ca", str(tmp_path / "nope.pem"), "list")
     assert missing.returncode == 2 and "nope.pem" in missing.stderr
+
+
+def test_a_url_that_is_not_a_coordinator_says_so_and_exits_5(tmp_path):
+    """A plain web server on loopback (404 pages in HTML) is not taken for a coordinator with a missing job."""
+    import http.server
+
+    (tmp_path / "index.html").write_text("<!DOCTYPE HTML><title>hello</title>")
+    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **kw)  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        for argv in (["show", "3fa9"], ["status"], ["list"]):
+            code, out, err = jobs(url, *argv)
+            assert (code, out) == (5, ""), (argv, err)
+            (line,) = err.splitlines()
+            assert "not a cis490fleet coordinator" in line and url in line and "DOCTYPE" not in line
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
