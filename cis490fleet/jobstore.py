@@ -29,7 +29,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from cis490fleet import db, jobs, policy
+from cis490fleet import db, failure_text, jobs, policy
 from cis490fleet.errors import (AmbiguousId, BadRequest, FleetError, InvalidTransition, NotFound, Unavailable,
                                 error_from_wire)
 from cis490fleet.model import (COMPLETED, FAILED, HELD_STATUSES, HOST_ID_RE, JOB_ID_RE, PENDING, SHA256_RE, STATUSES,
@@ -312,12 +312,6 @@ def _state(row) -> jobs.JobState:
     return jobs.JobState(id=row[0], status=row[1], attempts=row[2], tries=row[3], host=row[4], lease=row[5],
                          lease_expires=row[6], not_before=row[7], artifact_id=row[8], last_error=row[9],
                          updated=row[10])
-
-
-def _first_line(text: str | None) -> str | None:
-    if text is None:
-        return None
-    return text.strip().splitlines()[0] if text.strip() else text
 
 
 class _Meta:
@@ -940,7 +934,7 @@ class JobStore:
         return {"id": row[0], "name": row[1], "model": row[2], "mode": row[3], "status": row[4],
                 "priority": row[5], "attempts": row[6], "host": row[7], "progress": _loads(row[8]),
                 "updated": row[9], "created": row[10], "in_manifest": bool(row[11]),
-                "last_error": _first_line(row[12]), "artifact_id": row[13], "seed": spec.get("seed"),
+                "last_error": failure_text.summary(row[12]), "artifact_id": row[13], "seed": spec.get("seed"),
                 "hyper": spec.get("hyper", {}), "started": row[15]}
 
     def job(self, job_id: str, now: float) -> dict:

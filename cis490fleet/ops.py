@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from cis490fleet import errors
+from cis490fleet import errors, failure_text
 from cis490fleet.errors import (  # noqa: F401 (jobs documents all six)
     EXIT_FAILED, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNAUTHORISED, EXIT_UNREACHABLE, EXIT_USAGE, exit_code,
 )
@@ -129,14 +129,6 @@ def count(value: Any) -> int:
     if isinstance(value, (list, tuple)):
         return len(value)
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def first_line(text: Any) -> str | None:
-    """The first non-blank line of an error text: the worker's summary ("trainer exit code 1; last
-    stderr:"), before the stderr tail."""
-    if text is None:
-        return None
-    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
 
 
 def log_text(value: Any) -> str:
@@ -277,7 +269,7 @@ class Ops:
             out.line()
             out.line("attempts")
             rows = [[a.get("number"), a.get("host"), when(a.get("started"), now), when(a.get("ended"), now),
-                     a.get("outcome") or "(current)", a.get("error")] for a in attempts if isinstance(a, dict)]
+                     a.get("outcome") or "(current)", failure_text.summary(a.get("error"))] for a in attempts if isinstance(a, dict)]
             out.table(["#", "HOST", "STARTED", "ENDED", "OUTCOME", "ERROR"], rows, indent="  ")
         if job.get("last_error"):
             out.line()
@@ -303,7 +295,7 @@ class Ops:
             return EXIT_OK
         now = time.time()
         rows = [[ago(f.get("ended"), now), short(f.get("job_id")), f.get("name"), f"{f.get('model')}/{f.get('mode')}",
-                 f.get("attempt"), f.get("host"), f.get("outcome"), f.get("status"), first_line(f.get("error"))]
+                 f.get("attempt"), f.get("host"), f.get("outcome"), f.get("status"), failure_text.summary(f.get("error"))]
                 for f in failures]
         self.out.table(["WHEN", "ID", "NAME", "MODEL/MODE", "ATTEMPT", "HOST", "OUTCOME", "NOW", "ERROR"], rows,
                        {7: lambda s: self.out.paint(s, s)})

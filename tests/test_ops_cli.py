@@ -635,3 +635,28 @@ def test_a_url_that_is_not_a_coordinator_says_so_and_exits_5(tmp_path):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+TRAINER_CRASH = ("trainer exit code 1; last stderr:\n"
+                 "epoch 1 loss 0.93\n"
+                 "Traceback (most recent call last):\n"
+                 '  File "train.py", line 12, in <module>\n'
+                 "    raise ValueError(\"lr must be > 0, got -0.1\")\n"
+                 "ValueError: lr must be > 0, got -0.1\n\n")
+
+
+def test_failures_list_and_show_give_the_trainers_own_last_line(fleet):
+    """The worker's summary of a crash ("trainer exit code 1; last stderr:") hides the reason on the lines after
+    it: each one-line view shows the trainer's last meaningful line, with the exit code after it."""
+    w, cap = worker(fleet.url)
+    claim = w.claim(cap)
+    w.fail(claim["job_id"], claim["lease"], TRAINER_CRASH)
+    want = "ValueError: lr must be > 0, got -0.1 (trainer exit code 1)"
+
+    code, out, _ = jobs(fleet.url, "failures")
+    assert code == 0 and out.splitlines()[1].endswith(want), out
+    code, out, _ = jobs(fleet.url, "show", claim["job_id"])
+    assert code == 0 and re.search(r"^\s+1\s+ws1\s.*failed\s+" + re.escape(want) + "$", out, re.M), out
+    assert "last error\n  trainer exit code 1; last stderr:\n  epoch 1 loss 0.93\n" in out
+    code, out, _ = jobs(fleet.url, "list", "--json")
+    assert {j["last_error"] for j in json.loads(out)["jobs"] if j["id"] == claim["job_id"]} == {want}
