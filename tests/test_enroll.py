@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pytest
 
-from cis490fleet import enroll, errors, worker
+from cis490fleet import enroll, errors, worker_config
 from conftest import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,7 +187,7 @@ def test_worker_install_writes_exactly_these_files(tmp_path, pyz, pem_files, cap
         "key": "/etc/cis490fleet/host.key",
     }
     config_path = root / "etc/cis490fleet/worker.toml"
-    assert worker.read_config_file(config_path)  # the worker's own reader accepts every key
+    assert worker_config.read_config_file(config_path)  # the worker's own reader accepts every key
 
     unit = written["/etc/systemd/system/cis490fleet-worker.service"][1].decode()
     assert unit == enroll.render_worker_unit(grace_s=20)

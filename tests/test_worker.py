@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from cis490fleet import errors, worker
-from cis490fleet.worker import Slot, TrainerRun, WorkerConfig
+from cis490fleet import errors, slots, trainer_process, worker, worker_config, worker_view
+from cis490fleet.slots import Slot
+from cis490fleet.trainer_process import TrainerRun
+from cis490fleet.worker_config import WorkerConfig
 from conftest import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +25,7 @@ JOB_ID = "ab" * 32
 
 
 def args(**kw) -> argparse.Namespace:
-    ns = worker.parse_args([])
+    ns = worker_config.parse_args([])
     for k, v in kw.items():
         setattr(ns, k, v)
     return ns
@@ -47,11 +49,11 @@ def test_flags_override_the_config_file(tmp_path):
         [capability]
         cuda = false
     """)
-    c = worker.build_config(args(config=str(cfg)), {})
+    c = worker_config.build_config(args(config=str(cfg)), {})
     assert c.receivers == ("http://127.0.0.1:1", "http://127.0.0.1:2")
     assert (c.host_id, c.slots, c.grace_s, c.wait_s) == ("ws1", 2, 7.0, 20.0)
     assert c.capability == {"cuda": False}
-    c = worker.build_config(args(config=str(cfg), receiver=["http://10.0.0.9:8445/"], host_id="ws2", slots=3,
+    c = worker_config.build_config(args(config=str(cfg), receiver=["http://10.0.0.9:8445/"], host_id="ws2", slots=3,
                                  grace=1.5, wait=0.5, work_dir=str(tmp_path / "w")), {})
     assert c.receivers == ("http://10.0.0.9:8445",)
     assert (c.host_id, c.slots, c.grace_s, c.wait_s, c.work_dir) == ("ws2", 3, 1.5, 0.5, tmp_path / "w")
@@ -59,7 +61,7 @@ def test_flags_override_the_config_file(tmp_path):
 
 def test_receiver_from_the_environment_beats_the_file(tmp_path):
     cfg = write(tmp_path / "worker.toml", 'receiver = "http://a:1"\nhost_id = "h"\n')
-    c = worker.build_config(args(config=str(cfg)), {"CIS490_RECEIVER": "http://b:2, http://c:3"})
+    c = worker_config.build_config(args(config=str(cfg)), {"CIS490_RECEIVER": "http://b:2, http://c:3"})
     assert c.receivers == ("http://b:2", "http://c:3")
 
 
@@ -79,7 +81,7 @@ def test_receiver_from_the_environment_beats_the_file(tmp_path):
 def test_bad_config_names_what_is_wrong(tmp_path, text, flags, needle):
     cfg = write(tmp_path / "worker.toml", text)
     with pytest.raises(errors.ConfigError) as info:
-        worker.build_config(args(config=str(cfg), **flags), {})
+        worker_config.build_config(args(config=str(cfg), **flags), {})
     assert needle in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -88,16 +90,16 @@ def test_config_file_that_is_not_utf8_is_named(tmp_path):
     cfg = tmp_path / "worker.toml"
     cfg.write_bytes(b'receiver = "http://a:1"\nhost_id = "\xff"\n')
     with pytest.raises(errors.ConfigError, match=r"worker.toml: not UTF-8 text \(bad byte at offset 35\)"):
-        worker.build_config(args(config=str(cfg)), {})
+        worker_config.build_config(args(config=str(cfg)), {})
 
 
 def test_missing_config_file(tmp_path):
     with pytest.raises(errors.ConfigError, match="no such file"):
-        worker.build_config(args(config=str(tmp_path / "nope.toml")), {})
+        worker_config.build_config(args(config=str(tmp_path / "nope.toml")), {})
 
 
 def test_example_config_parses(tmp_path):
-    data = worker.read_config_file(ROOT / "etc" / "worker.toml.example")
+    data = worker_config.read_config_file(ROOT / "etc" / "worker.toml.example")
     assert data["receiver"] and data["host_id"]
 
 
@@ -115,7 +117,7 @@ def test_bad_flag_is_one_line_and_exit_2(tmp_path):
 
 
 def test_fill_command_replaces_known_placeholders_only():
-    argv = worker.fill_command(["{python}", "-c", "{not_one}", "--hyper={hyper}", "{out}/x"],
+    argv = trainer_process.fill_command(["{python}", "-c", "{not_one}", "--hyper={hyper}", "{out}/x"],
                                {"python": "py", "hyper": '{"lr":0.1}', "out": "/o", "model": "m", "mode": "a",
                                 "seed": "1", "split_recipe": "d", "train_hosts": "[]"})
     assert argv == ["py", "-c", "{not_one}", '--hyper={"lr":0.1}', "/o/x"]
@@ -124,23 +126,23 @@ def test_fill_command_replaces_known_placeholders_only():
 def test_plan_slots_one_per_gpu_else_one():
     cpu = {"cuda": False, "gpus": []}
     two = {"cuda": True, "gpus": [{"index": 0}, {"index": 3}]}
-    assert worker.plan_slots(cpu, None) == [Slot(0, "")]
-    assert worker.plan_slots(cpu, 2) == [Slot(0, ""), Slot(1, "")]
-    assert worker.plan_slots(two, None) == [Slot(0, "0"), Slot(1, "3")]
-    assert worker.plan_slots(two, 3) == [Slot(0, "0"), Slot(1, "3"), Slot(2, "0")]
-    assert worker.plan_slots({"cuda": False, "gpus": [{"index": 0}]}, None) == [Slot(0, "")]
+    assert slots.plan_slots(cpu, None) == [Slot(0, "")]
+    assert slots.plan_slots(cpu, 2) == [Slot(0, ""), Slot(1, "")]
+    assert slots.plan_slots(two, None) == [Slot(0, "0"), Slot(1, "3")]
+    assert slots.plan_slots(two, 3) == [Slot(0, "0"), Slot(1, "3"), Slot(2, "0")]
+    assert slots.plan_slots({"cuda": False, "gpus": [{"index": 0}]}, None) == [Slot(0, "")]
 
 
 def test_signal_name():
-    assert worker.signal_name(3) == "exit code 3"
-    assert worker.signal_name(-9) == "killed by SIGKILL"
+    assert trainer_process.signal_name(3) == "exit code 3"
+    assert trainer_process.signal_name(-9) == "killed by SIGKILL"
 
 
 def test_progress_reads_the_last_complete_json_line(tmp_path):
     p = tmp_path / "progress.jsonl"
-    assert worker.read_progress(p) is None
+    assert trainer_process.read_progress(p) is None
     p.write_text('{"epoch": 1, "fraction": 0.25}\n{"epoch": 2, "fraction": 0.5, "loss": 0.5}\n{"epo')
-    got = worker.read_progress(p)
+    got = trainer_process.read_progress(p)
     assert got == {"epoch": 2, "fraction": 0.5, "loss": 0.5}
 
 
@@ -198,7 +200,7 @@ def test_progress_view_redraws_its_lines_in_place_in_the_shared_format(tmp_path)
     run.dir.mkdir(parents=True)
     run.progress_path.write_text(json.dumps({"epoch": 3, "epochs": 10, "loss": 0.41234, "fraction": 0.42}) + "\n")
     screen = io.StringIO()
-    view = worker.ProgressView(screen)
+    view = worker_view.ProgressView(screen)
     view.draw([run], now=158.0)
     first = screen.getvalue()
     full = f"slot 0 {run.label} [########............] epoch 3/10 loss 0.4123 42% ETA 1m20s"
@@ -233,7 +235,7 @@ def test_stderr_tail_keeps_the_last_4_kib_of_a_noisy_trainer(tmp_path):
     assert wait_exit(run) == 3
     tail = run.stderr_tail()
     assert tail.endswith("err line 19999\n") and "out line" not in tail
-    assert len(tail.encode()) <= worker.TAIL_BYTES
+    assert len(tail.encode()) <= trainer_process.TAIL_BYTES
     # Both streams land in train.log whole-line, each in its own order, never spliced mid-line
     # (an unbuffered trainer writes a line's text and its newline in two system calls).
     lines = run.log_path.read_text().splitlines()
@@ -320,7 +322,7 @@ def test_start_up_kills_trainers_left_by_a_killed_worker(tmp_path):
         other = tmp_path / "work" / ("cd" * 32) / "attempt-1"
         other.mkdir(parents=True)
         (other / "trainer.pid").write_text(str(stranger.pid))
-        assert worker.kill_orphans(tmp_path / "work") == 1
+        assert trainer_process.kill_orphans(tmp_path / "work") == 1
         assert run.proc.wait(timeout=10) == -signal.SIGKILL
         assert stranger.poll() is None
         assert not (other / "trainer.pid").exists() and not run.pid_path.exists()
@@ -400,7 +402,7 @@ def test_run_once_trains_uploads_and_completes(live_server, tmp_path, cpu_host):
     server = live_server(trainer_manifest("ok.py", ONE_JOB))
     w = make_worker(server.url, tmp_path)
     assert w.capability["slots"] == 1 and w.capability["cuda"] is False
-    assert w.run_once() == worker.COMPLETED
+    assert w.run_once() == slots.COMPLETED
     job = only_job(server)
     assert job["status"] == "completed" and job["artifact_id"]
     status, headers, data = server.call("GET", f"/v1/artifact/{job['artifact_id']}")
@@ -412,14 +414,14 @@ def test_run_once_trains_uploads_and_completes(live_server, tmp_path, cpu_host):
     bundle_path.write_bytes(data)
     bundle.extract_bundle(bundle_path, tmp_path / "x")
     assert json.loads((tmp_path / "x" / "result.json").read_text())["model"] == "mlp"
-    assert w.run_once() == worker.IDLE
-    assert not list(w.pending_dir.iterdir())
+    assert w.run_once() == slots.IDLE
+    assert not list(w.outbox.pending_dir.iterdir())
 
 
 def test_a_crashing_trainer_fails_the_job_with_its_stderr(live_server, tmp_path, cpu_host):
     server = live_server(trainer_manifest("crash.py", ONE_JOB, max_attempts=1))
     w = make_worker(server.url, tmp_path)
-    assert w.run_once() == worker.FAILED
+    assert w.run_once() == slots.FAILED
     job = only_job(server)
     assert job["status"] == "failed"
     assert "exit code 3" in job["last_error"] and "boom: simulated trainer crash" in job["last_error"]
@@ -429,8 +431,8 @@ def test_an_artifact_over_the_limit_fails_the_job(live_server, tmp_path, cpu_hos
     server = live_server(trainer_manifest("noisy.py", ONE_JOB.replace("steps = 40, sleep = 0.1", "lines = 10"),
                                           max_attempts=1, extra_fleet="max_artifact_bytes = 10"))
     w = make_worker(server.url, tmp_path)
-    w.backoff_s = 0.01
-    assert w.run_once() == worker.FAILED
+    w.outbox.backoff_s = 0.01
+    assert w.run_once() == slots.FAILED
     job = only_job(server)
     assert job["status"] == "failed" and "upload failed" in job["last_error"], job["last_error"]
 
@@ -453,7 +455,7 @@ def test_cancel_stops_the_trainer_and_reports_nothing(live_server, tmp_path, cpu
     import threading
     t = threading.Thread(target=cancel_when_running)
     t.start()
-    assert w.run_once() == worker.CANCELLED
+    assert w.run_once() == slots.CANCELLED
     t.join()
     assert not pid_alive(cancel_when_running.pid)
     assert only_job(server)["status"] == "cancelled"
@@ -469,14 +471,14 @@ def test_results_wait_on_disk_while_the_coordinator_is_away(serve_process, tmp_p
     run.spawn()
     assert wait_exit(run) == 0
     server.stop()
-    assert w._finish(run) == worker.PENDING
-    (record,) = w.pending_records()
+    assert w.outbox.finish(run) == slots.PENDING
+    (record,) = w.outbox.pending_records()
     assert record["job_id"] == claim["job_id"] and Path(record["bundle"]).is_file()
 
     again = serve_process(data_dir=server.data_dir, manifest=trainer_manifest("ok.py", ONE_JOB, heartbeat_s=1,
                                                                               stale_after_s=60))
     w2 = make_worker(again.url, tmp_path)  # a restarted worker, same work folder
-    assert w2.pending_records() == []
+    assert w2.outbox.pending_records() == []
     assert job_detail(again, claim["job_id"])["status"] == "completed"
 
 
@@ -555,15 +557,15 @@ def test_on_a_terminal_each_running_job_gets_a_live_progress_line(live_server, t
 def test_upload_failures_are_retried_then_the_job_fails(live_server, tmp_path, cpu_host):
     server = live_server(trainer_manifest("ok.py", ONE_JOB, max_attempts=1))
     w = make_worker(server.url, tmp_path)
-    w.backoff_s = 0.01
+    w.outbox.backoff_s = 0.01
     claim = w.client.claim(w.capability)
     record = {"action": "complete", "job_id": claim["job_id"], "lease": claim["lease"], "attempt": 1,
               "bundle": str(tmp_path / "vanished.tar.zst"), "label": "one"}
-    assert w._deliver(record) == worker.FAILED
+    assert w.outbox.deliver(record) == slots.FAILED
     job = only_job(server)
     assert job["status"] == "failed"
-    assert f"upload failed after {w.upload_tries} tries" in job["last_error"] and "vanished" in job["last_error"]
-    assert w.pending_records() == []
+    assert f"upload failed after {w.outbox.upload_tries} tries" in job["last_error"] and "vanished" in job["last_error"]
+    assert w.outbox.pending_records() == []
 
 
 def test_a_refused_claim_is_logged_in_one_line_without_a_traceback(tmp_path, cpu_host, caplog):

@@ -1,0 +1,263 @@
+"""One attempt's trainer process: its folder, argv and environment, process group, train.log and progress.
+
+Starts and stops the process and reads what it wrote; never talks to the coordinator
+(lease_keeper.py keeps the lease, result_outbox.py delivers the result).
+
+Layout under the work folder::
+
+    <job_id>/attempt-N/train.log       trainer stdout + stderr
+    <job_id>/attempt-N/progress.jsonl  CIS490_PROGRESS: one JSON object per line
+    <job_id>/attempt-N/out/            CIS490_OUT, bundled on exit 0
+    <job_id>/attempt-N/trainer.pid     while it runs (kill_orphans reads it after a crash)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from cis490fleet import errors
+from cis490fleet.model import TrainerConfig, canonical_json
+from cis490fleet.slots import Slot
+from cis490fleet.worker_view import logger
+
+log = logger(__name__)
+
+TAIL_BYTES = 4096
+LOG_LINE_MAX = 1 << 16
+PLACEHOLDER_RE = re.compile(r"\{(python|model|mode|hyper|seed|split_recipe|train_hosts|out)\}")
+
+
+def fill_command(template: list[str], values: dict[str, str]) -> list[str]:
+    """The trainer argv: each known ``{placeholder}`` replaced; other braces (JSON) left alone."""
+    return [PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], str(arg)) for arg in template]
+
+
+def signal_name(returncode: int) -> str:
+    """How a trainer ended, in words: 'exit code 3' or 'killed by SIGKILL'."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def read_tail(path: Path, limit: int = TAIL_BYTES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def read_progress(path: Path) -> dict | None:
+    """The trainer's latest complete progress line (a JSON object), or None."""
+    text = read_tail(path, 16384)
+    for line in reversed(text.splitlines()[1 if len(text) >= 16384 else 0:]):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def package_root() -> str:
+    """The folder (or .pyz) that holds the cis490fleet package, so `{python} -m cis490fleet` works in trainers."""
+    import cis490fleet
+
+    return str(Path(cis490fleet.__file__).resolve().parent.parent)
+
+
+class TrainerRun:
+    """One attempt of one job: the trainer process, its folder, log and progress."""
+
+    def __init__(self, claim: dict, slot: Slot, work_dir: Path, now: float):
+        self.job_id: str = claim["job_id"]
+        self.lease: str | None = claim.get("lease")
+        self.attempt: int = int(claim.get("attempt") or 1)
+        self.spec: dict = claim.get("job") or {}
+        self.heartbeat_s = float(claim.get("heartbeat_s") or 30.0)
+        self.trainer: dict = claim.get("trainer") or {}
+        self.slot = slot
+        self.dir = work_dir / self.job_id / f"attempt-{self.attempt}"
+        self.out = self.dir / "out"
+        self.log_path = self.dir / "train.log"
+        self.progress_path = self.dir / "progress.jsonl"
+        self.pid_path = self.dir / "trainer.pid"
+        self.started = now
+        self.proc: subprocess.Popen | None = None
+        self._stderr_tail: deque[bytes] = deque()
+        self._stderr_len = 0
+        self._readers: list[threading.Thread] = []
+
+    @property
+    def label(self) -> str:
+        name = self.spec.get("name") or f"{self.spec.get('model', '?')}/{self.spec.get('mode', '?')}"
+        return f"{self.job_id[:12]} ({name})"
+
+    def command(self) -> list[str]:
+        template = self.trainer.get("command") or list(TrainerConfig().command)
+        spec = self.spec
+        return fill_command(template, {
+            "python": sys.executable,
+            "model": str(spec.get("model", "")),
+            "mode": str(spec.get("mode", "")),
+            "hyper": canonical_json(spec.get("hyper") or {}),
+            "seed": str(spec.get("seed", 0)),
+            "split_recipe": str(spec.get("split_recipe", "default")),
+            "train_hosts": json.dumps(list(spec.get("train_hosts") or [])),
+            "out": str(self.out),
+        })
+
+    def spawn(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        argv = self.command()
+        env = dict(os.environ)
+        env.update({
+            "CIS490_JOB_ID": self.job_id, "CIS490_ATTEMPT": str(self.attempt), "CIS490_OUT": str(self.out),
+            "CIS490_PROGRESS": str(self.progress_path), "CUDA_VISIBLE_DEVICES": self.slot.gpu,
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(p for p in (package_root(), env.get("PYTHONPATH")) if p),
+        })
+        kwargs: dict[str, Any] = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        else:
+            kwargs["start_new_session"] = True
+        try:
+            self.proc = subprocess.Popen(argv, cwd=self.dir, env=env, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+        except OSError as err:
+            raise errors.FleetError(f"cannot start the trainer {argv[0]!r}: {err.strerror or err}; "
+                                    "check [trainer].command in the manifest") from None
+        self.pid_path.write_text(str(self.proc.pid))
+        self._readers = [threading.Thread(target=self._pump, args=(stream, stream is self.proc.stderr),
+                                          name=f"{name}-{self.job_id[:8]}", daemon=True)
+                         for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr))]
+        for reader in self._readers:
+            reader.start()
+        log.info("job %s attempt %d: started trainer pid %d on slot %d: %s",
+                 self.label, self.attempt, self.proc.pid, self.slot.index, " ".join(argv))
+
+    def _pump(self, stream, is_stderr: bool) -> None:
+        """Copy one of the trainer's streams into train.log a whole line at a time.
+
+        An unbuffered Python trainer writes a line's text and its newline in two
+        system calls; copying bytes as they arrive would splice the other
+        stream's lines into the middle of this one's. Each stream appends through
+        its own O_APPEND descriptor, so each write lands whole at the end.
+        """
+        fd = stream.fileno()
+        partial = b""
+        with open(self.log_path, "ab", buffering=0) as logf:
+            while True:
+                chunk = os.read(fd, 65536)
+                if is_stderr and chunk:
+                    self._keep_stderr(chunk)
+                data = partial + chunk
+                cut = data.rfind(b"\n") + 1 if chunk and len(data) < LOG_LINE_MAX else len(data)
+                if cut:
+                    logf.write(data[:cut])
+                partial = data[cut:]
+                if not chunk:
+                    break
+        stream.close()
+
+    def _keep_stderr(self, chunk: bytes) -> None:
+        self._stderr_tail.append(chunk)
+        self._stderr_len += len(chunk)
+        while self._stderr_len - len(self._stderr_tail[0]) >= TAIL_BYTES:
+            self._stderr_len -= len(self._stderr_tail.popleft())
+
+    def wait_for_output(self, timeout: float = 5.0) -> None:
+        """Wait until everything the trainer wrote is in train.log (after it has exited)."""
+        for reader in self._readers:
+            reader.join(timeout=timeout)
+
+    def stderr_tail(self) -> str:
+        self.wait_for_output()
+        return b"".join(self._stderr_tail)[-TAIL_BYTES:].decode("utf-8", "replace")
+
+    def log_tail(self) -> str:
+        return read_tail(self.log_path)
+
+    def progress(self) -> dict | None:
+        return read_progress(self.progress_path)
+
+    def poll(self) -> int | None:
+        code = self.proc.poll() if self.proc else None
+        if code is not None:
+            self.pid_path.unlink(missing_ok=True)
+        return code
+
+    def _signal_group(self, sig: int) -> None:
+        assert self.proc
+        try:
+            if os.name == "nt":
+                if sig == signal.SIGTERM:
+                    self.proc.send_signal(signal.CTRL_BREAK_EVENT)
+                else:
+                    self.proc.kill()
+            else:
+                os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError, OSError):
+            pass
+
+    def stop(self, grace_s: float) -> int | None:
+        """SIGTERM to the trainer's process group, SIGKILL after ``grace_s``; returns the exit status."""
+        if not self.proc:
+            return None
+        if self.proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                log.warning("job %s: trainer pid %d ignored SIGTERM for %.0fs; killing it",
+                            self.label, self.proc.pid, grace_s)
+        # The group may hold children that outlived the trainer; they go too.
+        self._signal_group(signal.SIGKILL)
+        code = self.proc.wait()
+        self.pid_path.unlink(missing_ok=True)
+        return code
+
+
+def kill_orphans(work_dir: Path) -> int:
+    """Kill trainers a killed worker left behind (their jobs go to others); returns how many.
+
+    A pid is trusted only when /proc shows that process runs with that job's id in
+    CIS490_JOB_ID, so a reused pid is never hit; elsewhere the pid file is only dropped.
+    """
+    killed = 0
+    for pid_file in work_dir.glob("*/attempt-*/trainer.pid"):
+        job_id = pid_file.parent.parent.name
+        try:
+            pid = int(pid_file.read_text().strip())
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except (OSError, ValueError):
+            environ = b""
+        if f"CIS490_JOB_ID={job_id}".encode() in environ.split(b"\0"):
+            log.warning("killing trainer pid %d of job %s left by an earlier run of this worker", pid, job_id[:12])
+            try:
+                os.killpg(pid, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+        pid_file.unlink(missing_ok=True)
+    return killed
