@@ -453,9 +453,12 @@ class Client:
     def health(self) -> dict:
         return self._call("GET", "/v1/health")
 
-    def claim(self, capability: dict, wait: float | None = None) -> dict:
-        """``{"job": None}`` or the claim (job_id, job, lease, attempt, heartbeat_s, stale_after_s, trainer)."""
+    def claim(self, capability: dict, wait: float | None = None, slot: dict | None = None) -> dict:
+        """``{"job": None}`` or the claim (job_id, job, lease, attempt, heartbeat_s, stale_after_s, trainer;
+        with ``slot`` also the GPUs it gives the job)."""
         payload: dict = {"capability": capability}
+        if slot is not None:
+            payload["slot"] = slot
         if wait:
             payload["wait"] = wait
         return self._call("POST", "/v1/job/claim", payload=payload, session=True,

@@ -417,7 +417,8 @@ class Coordinator:
             self._generation += 1
             self._wake.notify_all()
 
-    def claim(self, host: str, capability: dict, wait: float = 0.0, session: dict | None = None) -> dict:
+    def claim(self, host: str, capability: dict, wait: float = 0.0, session: dict | None = None,
+              slot: dict | None = None) -> dict:
         """A claim for ``host``; with ``wait``, hold on until a job is eligible or the wait ends.
 
         ``session`` (``client_id`` + ``serial``) goes into every try: the queue remembers only the try
@@ -432,7 +433,7 @@ class Coordinator:
             else:
                 lease = {"lease": secrets.token_hex(16)}
             result = self.execute({"op": "claim", "host": host, "capability": capability, **lease,
-                                   **(session or {})})
+                                   **({} if slot is None else {"slot": slot}), **(session or {})})
             self.counters.observe_claim((time.perf_counter() - t0) * 1000)
             if result.get("job") is not None or wait <= 0:
                 return result

@@ -427,10 +427,12 @@ def h_claim(req: Request):
     body = req.json_object()
     capability = field_object(body, "capability") or {}
     wait = field_number(body, "wait", 0, MAX_WAIT_S) or 0.0
+    slot = field_object(body, "slot")
+    extra = {"slot": slot} if slot is not None else {}
     session = req.session()
     if session:
-        return req.app.claim(host, capability, wait, session=session)
-    return req.app.claim(host, capability, wait)
+        return req.app.claim(host, capability, wait, session=session, **extra)
+    return req.app.claim(host, capability, wait, **extra)
 
 
 def h_heartbeat(req: Request):

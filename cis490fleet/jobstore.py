@@ -115,6 +115,14 @@ MIGRATIONS = [
     """
     CREATE INDEX attempts_failed ON attempts(ended DESC) WHERE outcome IN ('failed', 'stale');
     """,
+    # GPU placement per attempt ({"gpus", "vram_gib", "share"}: the coordinator's VRAM accounting), the peak
+    # VRAM each job's trainer reported, and the largest peak per model (the need of a rerun without
+    # min_vram_gib).
+    """
+    ALTER TABLE attempts ADD COLUMN placement TEXT;
+    ALTER TABLE jobs ADD COLUMN peak_vram_gib REAL;
+    CREATE TABLE model_vram (model TEXT PRIMARY KEY, peak_vram_gib REAL NOT NULL) WITHOUT ROWID;
+    """,
 ]
 
 # The claim seek: the best claimable job of one class. Its WHERE and ORDER BY
@@ -128,6 +136,9 @@ UPSERT_WORKER_SQL = ("INSERT INTO workers (host, capability, last_seen) VALUES (
                      "SET capability = excluded.capability, last_seen = max(last_seen, excluded.last_seen)")
 
 HELD_SQL = "SELECT count(*) FROM jobs WHERE host = ? AND status IN ('claimed', 'running')"
+# The GPU placements of a host's held jobs, for the VRAM accounting of its next claim.
+PLACED_SQL = ("SELECT a.placement FROM jobs j JOIN attempts a ON a.job = j.id AND a.number = j.tries "
+              "WHERE j.host = ? AND j.status IN ('claimed', 'running') AND a.placement IS NOT NULL")
 HELD_BY_HOST_SQL = "SELECT host, count(*) FROM jobs WHERE status IN ('claimed', 'running') GROUP BY host"
 
 # recent_failures in two index walks of attempts_failed, so no sort of the whole history: the ``ended`` of the
@@ -237,13 +248,41 @@ def _size(op, name, v):
     return v
 
 
+def _opt_slot(op, name, v):
+    """A claim's slot: {"index": n >= 0, "gpus": [GPU index, ...] or [{"index", "free_vram_gib"?}, ...]}."""
+    if v is None:
+        return None
+    want = 'an object {"index": slot number, "gpus": [{"index": GPU index, "free_vram_gib": GiB}, ...]}'
+    if not isinstance(v, dict):
+        raise _bad(op, name, want, v)
+    index = v.get("index")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 1024:
+        raise _bad(op, f"{name}.index", "a slot number from 0 to 1023", index)
+    raw = v.get("gpus", [])
+    if not isinstance(raw, list) or len(raw) > 64:
+        raise _bad(op, f"{name}.gpus", "a list of at most 64 GPUs", raw)
+    gpus, free = [], {}
+    for i, g in enumerate(raw):
+        gpu = g.get("index") if isinstance(g, dict) else g
+        if isinstance(gpu, bool) or not isinstance(gpu, int) or not 0 <= gpu < 1024:
+            raise _bad(op, f"{name}.gpus[{i}]", "a GPU index from 0 to 1023, or an object with one", g)
+        gpus.append(gpu)
+        f = g.get("free_vram_gib") if isinstance(g, dict) else None
+        if f is not None:
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f < 0:
+                raise _bad(op, f"{name}.gpus[{i}].free_vram_gib", "a number of GiB >= 0", f)
+            free[gpu] = float(f)
+    return {"index": index, "gpus": gpus, "free": free}
+
+
 _REQUIRED = object()
 
 # op -> {field: (checker, default)}; every op also takes "now".
 OPS: dict[str, dict[str, tuple]] = {
     "sync_manifest": {"manifest": (_dict, _REQUIRED)},
     "register_worker": {"host": (_host, _REQUIRED), "capability": (_dict, _REQUIRED)},
-    "claim": {"host": (_host, _REQUIRED), "capability": (_dict, _REQUIRED), "lease": (_lease, _REQUIRED)},
+    "claim": {"host": (_host, _REQUIRED), "capability": (_dict, _REQUIRED), "lease": (_lease, _REQUIRED),
+              "slot": (_opt_slot, None)},
     "heartbeat": {"job_id": (_job_id, _REQUIRED), "host": (_host, _REQUIRED), "lease": (_opt_lease, None),
                   "progress": (_opt_dict, None), "log_tail": (_opt_text(LOG_TAIL_MAX), None)},
     "record_artifact": {"artifact_id": (_sha, _REQUIRED), "job_id": (_job_id, _REQUIRED), "host": (_host, _REQUIRED),
@@ -336,7 +375,8 @@ def _probe(key: str) -> JobSpec:
     c = json.loads(key)
     return JobSpec(model=c["model"], mode="*", require_cuda=c["require_cuda"], prefer_cuda=c["prefer_cuda"],
                    min_vram_gib=float(c["min_vram_gib"]), min_ram_gib=float(c["min_ram_gib"]),
-                   allowed_hosts=tuple(c["allowed_hosts"]))
+                   allowed_hosts=tuple(c["allowed_hosts"]), gpus=c.get("gpus", 0),
+                   gpu_share=c.get("gpu_share", False), mixed_gpus=c.get("mixed_gpus", False))
 
 
 class _Gate:
@@ -390,6 +430,46 @@ class _Gate:
             with self._cond:
                 self._exclusive = False
                 self._cond.notify_all()
+
+
+class _HostGpus:
+    """One host's GPUs as a claim sees them: the host's GPUs, what its held jobs were given on them, and
+    the measured VRAM peaks of models; read once, asked per job class and slot."""
+
+    def __init__(self, store: "JobStore", conn, host: str, cap: dict, spec: HostSpec | None):
+        self.host = host
+        self.gpus = policy.host_gpus(cap)
+        self.plan = policy.plan_slots(cap)
+        self.share = bool(spec and spec.gpu_share)
+        self.placed = []
+        for (text,) in conn.execute(PLACED_SQL, (host,)):
+            p = json.loads(text)
+            self.placed += [policy.Placed(g, float(p["vram_gib"]), bool(p["share"])) for g in p["gpus"]]
+        self.measured = store._measured_vram(conn)
+
+    def slot_gpus(self, slot: dict) -> list[int]:
+        """The GPUs the worker names for its slot; without them (or naming GPUs the host does not have),
+        the slot's GPUs in the coordinator's plan."""
+        if slot["gpus"] and set(slot["gpus"]) <= {g["index"] for g in self.gpus}:
+            return slot["gpus"]
+        return self.plan[slot["index"]]["gpus"] if slot["index"] < len(self.plan) else []
+
+    def place(self, job: JobSpec, slot: dict) -> tuple[list[int] | None, float, str | None]:
+        """(GPUs given or None, the VRAM accounted per GPU, the refusal or None)."""
+        need = policy.vram_need(job, self.measured.get(job.model))
+        given, refusal = policy.place_gpus(job, self.host, need, self.slot_gpus(slot), self.gpus, self.placed,
+                                           host_share=self.share, free_reported=slot.get("free"))
+        return given, need, refusal
+
+    def refusal(self, job: JobSpec) -> str | None:
+        """Why no slot of the host could take the job now (the first slot's reason), None when one could."""
+        reasons = []
+        for planned in self.plan:
+            given, _, refusal = self.place(job, {"index": planned["index"], "gpus": planned["gpus"]})
+            if given is not None:
+                return None
+            reasons.append(refusal)
+        return reasons[0] if reasons else None
 
 
 # ---------------------------------------------------------------- the store
@@ -754,8 +834,27 @@ class JobStore:
         return refused
 
     def _op_register_worker(self, conn, now: float, host: str, capability: dict) -> dict:
-        self._upsert_worker(conn, host, normalize_capability(capability), now)
-        return {"ok": True}
+        """Records the worker and answers its slots as the coordinator sees them (the manifest's [[hosts]]
+        slots, else the worker's own count), each with its GPUs: the worker runs exactly these."""
+        detected = normalize_capability(capability)
+        self._upsert_worker(conn, host, detected, now)
+        cap = policy.effective_capability(detected, self._meta(conn).by_host.get(host))
+        return {"ok": True, "slots": policy.plan_slots(cap)}
+
+    @staticmethod
+    def _record_peak_vram(conn, job_id: str, peak) -> None:
+        """Keep the largest VRAM peak a trainer reported for the job, and for its model (a rerun's need)."""
+        if isinstance(peak, bool) or not isinstance(peak, (int, float)) or not 0 < peak < 1e6:
+            return
+        conn.execute("UPDATE jobs SET peak_vram_gib = max(coalesce(peak_vram_gib, 0), ?) WHERE id = ?",
+                     (float(peak), job_id))
+        conn.execute("INSERT INTO model_vram (model, peak_vram_gib) SELECT model, ? FROM jobs WHERE id = ? "
+                     "ON CONFLICT (model) DO UPDATE SET peak_vram_gib = max(peak_vram_gib, excluded.peak_vram_gib)",
+                     (float(peak), job_id))
+
+    @staticmethod
+    def _measured_vram(conn) -> dict[str, float]:
+        return dict(conn.execute("SELECT model, peak_vram_gib FROM model_vram").fetchall())
 
     def _live_workers(self, conn, meta: _Meta, now: float) -> list[_Worker]:
         held = dict(conn.execute(HELD_BY_HOST_SQL).fetchall())
@@ -773,13 +872,14 @@ class JobStore:
         return any(w.host != exclude and w.cap.get("cuda") and w.held < w.cap["slots"]
                    and not policy.static_refusals(probe, w.host, w.cap, w.spec) for w in workers)
 
-    def _op_claim(self, conn, now: float, host: str, capability: dict, lease: str) -> dict:
+    def _op_claim(self, conn, now: float, host: str, capability: dict, lease: str, slot: dict | None) -> dict:
         meta = self._meta(conn)
         spec = meta.by_host.get(host)
         cap_text, cap, verdicts = self._capability(meta, capability, spec)
         conn.execute(UPSERT_WORKER_SQL, (host, cap_text, now))
         if policy.slot_refusal(host, conn.execute(HELD_SQL, (host,)).fetchone()[0], cap["slots"]):
             return {"job": None}
+        gpus = None if slot is None else _HostGpus(self, conn, host, cap, spec)
         workers = None
         best = None
         for cls, key in conn.execute("SELECT id, key FROM classes ORDER BY id").fetchall():
@@ -792,18 +892,29 @@ class JobStore:
                 if policy.prefer_cuda_refusal(probe, host, cap, self._cuda_host_available(probe, workers, host)):
                     continue
             row = conn.execute(CLAIM_SQL, (cls, now)).fetchone()
-            if row is not None and (best is None or (-row[1], row[2]) < (-best[1], best[2])):
-                best = row
+            if row is None or (best is not None and (-row[1], row[2]) >= (-best[0][1], best[0][2])):
+                continue
+            placed = None if gpus is None else gpus.place(probe, slot)
+            if placed is None or placed[0] is not None:
+                best = (row, placed)
         if best is None:
             return {"job": None}
-        row = conn.execute(f"SELECT {STATE_COLUMNS}, spec FROM jobs WHERE id = ?", (best[0],)).fetchone()
+        row = conn.execute(f"SELECT {STATE_COLUMNS}, spec FROM jobs WHERE id = ?", (best[0][0],)).fetchone()
         state = _state(row)
         step = jobs.claim(state, host=host, lease=lease, now=now, stale_after_s=meta.fleet.stale_after_s)
         self._save(conn, step, clear_progress=True)
         spec_json = json.loads(row[-1])
-        return {"job_id": state.id, "job": {**spec_json, "id": state.id}, "lease": lease,
-                "attempt": step.opened.number, "heartbeat_s": meta.fleet.heartbeat_s,
-                "stale_after_s": meta.fleet.stale_after_s, "trainer": meta.trainer.to_json()}
+        answer = {"job_id": state.id, "job": {**spec_json, "id": state.id}, "lease": lease,
+                  "attempt": step.opened.number, "heartbeat_s": meta.fleet.heartbeat_s,
+                  "stale_after_s": meta.fleet.stale_after_s, "trainer": meta.trainer.to_json(),
+                  "slots": cap["slots"]}
+        if best[1] is not None:
+            given, need = best[1][0], best[1][1]
+            conn.execute("UPDATE attempts SET placement = ? WHERE job = ? AND number = ?",
+                         (_dumps({"gpus": given, "vram_gib": need if given else 0.0,
+                                  "share": bool(spec_json.get("gpu_share"))}), state.id, step.opened.number))
+            answer.update({"gpus": given, "slot": slot["index"]})
+        return answer
 
     def _op_heartbeat(self, conn, now: float, job_id: str, host: str, lease: str | None,
                       progress: dict | None, log_tail: str | None) -> dict:
@@ -820,6 +931,7 @@ class JobStore:
             except (TypeError, ValueError):
                 raise BadRequest("heartbeat: field 'progress' must be plain JSON "
                                  "(numbers, strings, lists, objects)") from None
+            self._record_peak_vram(conn, job_id, progress.get("peak_vram_gib"))
         if log_tail is not None:
             conn.execute("UPDATE attempts SET log_tail = ? WHERE job = ? AND number = ?",
                          (log_tail, job_id, state.tries))
@@ -942,7 +1054,8 @@ class JobStore:
         if not (isinstance(job_id, str) and JOB_ID_RE.match(job_id)):
             job_id = self.resolve(job_id)
         with self._snapshot() as conn:
-            row = conn.execute(f"SELECT {SUMMARY_COLUMNS}, not_before, retries, blocked, tries FROM jobs "
+            row = conn.execute(f"SELECT {SUMMARY_COLUMNS}, not_before, retries, blocked, tries, peak_vram_gib "
+                               "FROM jobs "
                                "WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise NotFound(f"no job {job_id[:12]} in the queue; list jobs with 'cis490fleet jobs list'")
@@ -951,15 +1064,15 @@ class JobStore:
             spec = JobSpec.from_json(json.loads(row[14]))
             attempts = [
                 {"number": a[0], "host": a[1], "lease": a[2][:8], "started": a[3], "ended": a[4], "outcome": a[5],
-                 "error": a[6]}
-                for a in conn.execute("SELECT number, host, lease, started, ended, outcome, error FROM attempts "
-                                      "WHERE job = ? ORDER BY number", (job_id,))]
+                 "error": a[6], **({"gpus": json.loads(a[7])["gpus"]} if a[7] else {})}
+                for a in conn.execute("SELECT number, host, lease, started, ended, outcome, error, placement "
+                                      "FROM attempts WHERE job = ? ORDER BY number", (job_id,))]
             tail = conn.execute("SELECT log_tail FROM attempts WHERE job = ? AND log_tail IS NOT NULL "
                                 "ORDER BY number DESC LIMIT 1", (job_id,)).fetchone()
             out.update({
                 "spec": spec.to_json(), "attempts": attempts, "attempt_count": row[6],
                 "max_attempts": self._max_attempts(row[17], meta.fleet), "last_error": row[12],
-                "log_tail": tail[0] if tail else None, "not_before": row[16],
+                "log_tail": tail[0] if tail else None, "not_before": row[16], "peak_vram_gib": row[20],
                 "why_pending": self._why_pending(conn, meta, spec, row[4], row[16], now),
             })
         return out
@@ -993,6 +1106,10 @@ class JobStore:
                 slot = policy.slot_refusal(w.host, w.held, w.cap["slots"])
                 if slot:
                     refused.append(slot)
+                else:
+                    gpu = _HostGpus(self, conn, w.host, w.cap, w.spec).refusal(spec)
+                    if gpu:
+                        refused.append(gpu)
             if refused:
                 reasons += [f"{w.host}: {r}" for r in refused]
             else:

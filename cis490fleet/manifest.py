@@ -19,11 +19,15 @@ Format (a full example: etc/training_manifest.toml.example)::
                        describe    argv printing that table as JSON ({python} allowed)
     [[hosts]]          id, allow_jobs / deny_jobs (globs over model names; deny wins),
                        slots, role (worker | coordinator | both),
-                       capability (overrides of detected values: cuda, vram_gib, ...)
+                       capability (overrides of detected values: cuda, vram_gib, ...),
+                       gpu_share (jobs may share a GPU while their VRAM needs fit),
+                       speed (> 0, relative to 1.0: which hosts finish a job sooner)
     [[jobs]]           model, mode (required); hyper (table), split_recipe ("default"),
                        train_hosts (strings), seed (0): these six make the job id;
                        require_cuda, prefer_cuda, min_vram_gib, min_ram_gib,
-                       allowed_hosts, priority, retries, name, after (names)
+                       allowed_hosts, priority, retries, name, after (names),
+                       gpus (N GPUs of one host), gpu_share, mixed_gpus (with gpus:
+                       GPUs of different models will do), expected_minutes (> 0)
     [[sweeps]]         the keys of [[jobs]]; model, mode, split_recipe, seed,
                        train_hosts (a list of lists) and each hyper.<key> may be a
                        list of alternatives. The cross product becomes jobs, in
@@ -70,12 +74,13 @@ FLEET_KEYS = ("name", "peers", "stale_after_s", "heartbeat_s", "max_attempts", "
               "retry_backoff_s", "worker_timeout_s")
 PEER_KEYS = ("id", "url")
 TRAINER_KEYS = ("command", "hyper_keys", "describe")
-HOST_KEYS = ("id", "allow_jobs", "deny_jobs", "slots", "role", "capability")
+HOST_KEYS = ("id", "allow_jobs", "deny_jobs", "slots", "role", "capability", "gpu_share", "speed")
 CAPABILITY_KEYS = ("cuda", "vram_gib", "ram_gib", "disk_free_gib", "cores", "slots", "gpus", "os", "python",
                    "torch", "git_commit")
 GPU_KEYS = ("index", "name", "vram_gib")
 JOB_KEYS = ("model", "mode", "hyper", "split_recipe", "train_hosts", "seed", "require_cuda", "prefer_cuda",
-            "min_vram_gib", "min_ram_gib", "allowed_hosts", "priority", "retries", "name", "after")
+            "min_vram_gib", "min_ram_gib", "allowed_hosts", "priority", "retries", "name", "after", "gpus",
+            "gpu_share", "mixed_gpus", "expected_minutes")
 
 _NAME_RULE = "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 _HOST_RULE = "use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -431,6 +436,11 @@ class _Parser:
                     values[key] = self.strings(f"{where}.{key}", entry[key])
             if "slots" in entry:
                 values["slots"] = self.integer(f"{where}.slots", entry["slots"], minimum=1)
+            if "gpu_share" in entry:
+                values["gpu_share"] = self.boolean(f"{where}.gpu_share", entry["gpu_share"])
+            if "speed" in entry:
+                speed = self.number(f"{where}.speed", entry["speed"], positive=True)
+                values["speed"] = speed if speed is _BAD else float(speed)
             if "role" in entry:
                 role = entry["role"]
                 if role not in ROLES:
@@ -593,9 +603,14 @@ class _Parser:
 
     def constraints(self, label: str, raw: dict) -> Any:
         out: dict[str, Any] = {}
-        for key in ("require_cuda", "prefer_cuda"):
+        for key in ("require_cuda", "prefer_cuda", "gpu_share", "mixed_gpus"):
             if key in raw:
                 out[key] = self.boolean(f"{label}.{key}", raw[key])
+        if "gpus" in raw:
+            out["gpus"] = self.integer(f"{label}.gpus", raw["gpus"], minimum=1)
+        if "expected_minutes" in raw:
+            v = self.number(f"{label}.expected_minutes", raw["expected_minutes"], positive=True)
+            out["expected_minutes"] = v if v is _BAD else float(v)
         for key in ("min_vram_gib", "min_ram_gib"):
             if key in raw:
                 v = self.number(f"{label}.{key}", raw[key])

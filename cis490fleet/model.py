@@ -165,15 +165,19 @@ class HostSpec:
     slots: int | None = None  # None: from the worker's detected capability
     capability: dict = field(default_factory=dict, hash=False, compare=True)  # overrides, e.g. {"cuda": False}
     role: str = "worker"  # "worker", "coordinator" or "both": informational
+    gpu_share: bool = False  # jobs may share one of its GPUs while their VRAM needs fit together
+    speed: float | None = None  # relative to 1.0; None: learned from finished attempts, else 1.0
 
     def to_json(self) -> dict:
         return {"id": self.id, "allow_jobs": list(self.allow_jobs), "deny_jobs": list(self.deny_jobs),
-                "slots": self.slots, "capability": dict(self.capability), "role": self.role}
+                "slots": self.slots, "capability": dict(self.capability), "role": self.role,
+                "gpu_share": self.gpu_share, "speed": self.speed}
 
     @classmethod
     def from_json(cls, d: dict) -> "HostSpec":
         return cls(id=d["id"], allow_jobs=tuple(d.get("allow_jobs", ("*",))), deny_jobs=tuple(d.get("deny_jobs", ())),
-                   slots=d.get("slots"), capability=dict(d.get("capability", {})), role=d.get("role", "worker"))
+                   slots=d.get("slots"), capability=dict(d.get("capability", {})), role=d.get("role", "worker"),
+                   gpu_share=bool(d.get("gpu_share", False)), speed=d.get("speed"))
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,10 @@ class JobSpec:
     retries: int | None = None  # None: fleet.max_attempts - 1
     name: str | None = None
     after: tuple[str, ...] = ()  # names of jobs that must complete first
+    gpus: int = 0  # N >= 1: N GPUs of one host (CUDA_VISIBLE_DEVICES lists them); 0: the slot's GPU if it fits
+    gpu_share: bool = False  # may share a GPU with other sharing jobs while their VRAM needs fit together
+    mixed_gpus: bool = False  # with gpus > 1: GPUs of different models will do
+    expected_minutes: float | None = None  # on a host of speed 1.0; None: learned from earlier runs
 
     @property
     def id(self) -> str:
@@ -204,12 +212,29 @@ class JobSpec:
         return fleet.max_attempts if self.retries is None else self.retries + 1
 
     def constraint_key(self) -> str:
-        """Jobs with equal keys are eligible for exactly the same hosts (dependencies aside)."""
-        return canonical_json({
+        """Jobs with equal keys are eligible for exactly the same hosts and GPUs (dependencies aside).
+
+        The GPU fields join the key only when set, so the keys of jobs without them stay as they were.
+        """
+        key = {
             "model": self.model, "require_cuda": self.require_cuda, "prefer_cuda": self.prefer_cuda,
             "min_vram_gib": self.min_vram_gib, "min_ram_gib": self.min_ram_gib,
             "allowed_hosts": sorted(self.allowed_hosts),
-        })
+        }
+        key.update(self._gpu_fields())
+        return canonical_json(key)
+
+    def _gpu_fields(self) -> dict:
+        """The GPU fields that differ from their defaults: left out of the JSON and class key of a job
+        without them, so those of jobs written before these fields existed stay as they were."""
+        out: dict[str, Any] = {}
+        if self.gpus:
+            out["gpus"] = self.gpus
+        if self.gpu_share:
+            out["gpu_share"] = True
+        if self.mixed_gpus:
+            out["mixed_gpus"] = True
+        return out
 
     def to_json(self) -> dict:
         # Field by field: dataclasses.asdict deep-copies through copy.deepcopy and was a third of a
@@ -219,7 +244,8 @@ class JobSpec:
                 "require_cuda": self.require_cuda, "prefer_cuda": self.prefer_cuda,
                 "min_vram_gib": self.min_vram_gib, "min_ram_gib": self.min_ram_gib,
                 "allowed_hosts": list(self.allowed_hosts), "priority": self.priority, "retries": self.retries,
-                "name": self.name, "after": list(self.after)}
+                "name": self.name, "after": list(self.after), **self._gpu_fields(),
+                **({} if self.expected_minutes is None else {"expected_minutes": self.expected_minutes})}
 
     @classmethod
     def from_json(cls, d: dict) -> "JobSpec":

@@ -110,7 +110,12 @@ SCHEMAS = {
               "properties": {"job": {"oneOf": [{"type": "null"}, _ref("JobSpec")]}, "job_id": _HEX64,
                              "lease": {"type": ["string", "integer"]}, "attempt": {"type": "integer"},
                              "heartbeat_s": {"type": "number"}, "stale_after_s": {"type": "number"},
-                             "trainer": {"type": "object"}}},
+                             "trainer": {"type": "object"},
+                             "gpus": {"type": "array", "items": {"type": "integer"},
+                                      "description": "with a slot in the claim: the GPUs the job may use"},
+                             "slot": {"type": "integer"},
+                             "slots": {"type": "integer", "description": "the host's slots as the coordinator "
+                                                                         "sees them"}}},
     "Failure": {"type": "object",
                 "required": ["job_id", "name", "model", "mode", "attempt", "host", "ended", "outcome", "error",
                              "status"],
@@ -144,7 +149,14 @@ PATHS = {
         "summary": "claim one eligible job, optionally waiting up to `wait` seconds for one",
         "security": _WORKER, "parameters": [_HOST_HEADER, *_SESSION],
         "requestBody": _body({"type": "object", "properties": {
-            "capability": _ref("Capability"), "wait": {"type": "number", "minimum": 0, "maximum": 60}}}, False),
+            "capability": _ref("Capability"), "wait": {"type": "number", "minimum": 0, "maximum": 60},
+            "slot": {"type": "object", "description": "the claiming slot and its GPUs (with their free VRAM); "
+                     "the answer's `gpus` are the GPUs the job may use",
+                     "required": ["index"], "properties": {
+                         "index": {"type": "integer", "minimum": 0},
+                         "gpus": {"type": "array", "items": {"type": "object", "required": ["index"], "properties": {
+                             "index": {"type": "integer", "minimum": 0},
+                             "free_vram_gib": {"type": "number", "minimum": 0}}}}}}}}, False),
         "responses": {"200": _json(_ref("Claim")), **_errors(400, 401, 403, 413, 503)}}},
     "/v1/job/{id}/heartbeat": {"post": _worker_op(
         "report progress; the answer says whether to cancel",
@@ -191,7 +203,13 @@ PATHS = {
         "parameters": [_HOST_HEADER, *_SESSION],
         "requestBody": _body({"type": "object", "required": ["capability"],
                               "properties": {"capability": _ref("Capability")}}),
-        "responses": {"200": _json(_OK), **_errors(400, 401, 403, 413)}}},
+        "responses": {"200": _json({"type": "object", "required": ["ok"], "properties": {
+            "ok": {"const": True},
+            "slots": {"type": "array", "description": "the slots the worker runs: the manifest's [[hosts]] slots, "
+                      "else its own count; each with its GPUs",
+                      "items": {"type": "object", "properties": {
+                          "index": {"type": "integer"}, "gpus": {"type": "array", "items": {"type": "integer"}}}}}}}),
+            **_errors(400, 401, 403, 413)}}},
     "/v1/model/{job_id}": {"put": {
         "summary": "upload the job's model bundle (streamed, verified, content-addressed)", "security": _WORKER,
         "parameters": [_JOB_ID_PARAM, _HOST_HEADER, _LEASE_HEADER,

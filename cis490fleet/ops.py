@@ -71,6 +71,13 @@ class Out:
         self.line(json.dumps(value, indent=2, sort_keys=True))
 
 
+def _gpu_list(gpus: Any) -> str:
+    """An attempt's GPUs: "0,1", "cpu" when its slot gave it none, "-" when the worker sent no slot."""
+    if not isinstance(gpus, list):
+        return "-"
+    return ",".join(str(g) for g in gpus) or "cpu"
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -251,6 +258,8 @@ class Ops:
             fields.append(("progress", format_progress(job.get("progress"), started, now)))
         if job.get("artifact_id"):
             fields.append(("artifact", job.get("artifact_id")))
+        if job.get("peak_vram_gib"):
+            fields.append(("peak VRAM", f"{float(job['peak_vram_gib']):.2f} GiB (measured by the trainer)"))
         spec = job.get("spec")
         if isinstance(spec, dict):
             known = {k for k, _ in fields} | {"id", "job_id", "in_manifest"}
@@ -268,9 +277,10 @@ class Ops:
         if isinstance(attempts, list) and attempts:
             out.line()
             out.line("attempts")
-            rows = [[a.get("number"), a.get("host"), when(a.get("started"), now), when(a.get("ended"), now),
-                     a.get("outcome") or "(current)", failure_text.summary(a.get("error"))] for a in attempts if isinstance(a, dict)]
-            out.table(["#", "HOST", "STARTED", "ENDED", "OUTCOME", "ERROR"], rows, indent="  ")
+            rows = [[a.get("number"), a.get("host"), _gpu_list(a.get("gpus")), when(a.get("started"), now),
+                     when(a.get("ended"), now), a.get("outcome") or "(current)", failure_text.summary(a.get("error"))]
+                    for a in attempts if isinstance(a, dict)]
+            out.table(["#", "HOST", "GPUS", "STARTED", "ENDED", "OUTCOME", "ERROR"], rows, indent="  ")
         if job.get("last_error"):
             out.line()
             out.line("last error")

@@ -9,6 +9,7 @@ job still pending?").
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from cis490fleet.model import CANCELLED, CLAIMED, COMPLETED, FAILED, PENDING, RUNNING, HostSpec, JobSpec
@@ -59,6 +60,8 @@ def static_refusals(job: JobSpec, host_id: str, cap: dict, spec: HostSpec | None
                        f"the job is model {job.model!r}")
     if job.require_cuda and not cap.get("cuda"):
         out.append(f"host {host_id} has no CUDA; the job requires it")
+    if job.gpus and len(host_gpus(cap)) < job.gpus:
+        out.append(f"host {host_id} has {len(host_gpus(cap))} GPU(s); the job needs {job.gpus} (gpus)")
     vram = float(cap.get("vram_gib") or 0.0)
     if job.min_vram_gib > 0 and vram < job.min_vram_gib:
         out.append(f"host {host_id} has {_gib(vram)} GiB VRAM; the job needs {_gib(job.min_vram_gib)}")
@@ -119,3 +122,88 @@ def refusals(job: JobSpec, host_id: str, cap: dict, spec: HostSpec | None, *, he
         out.append(slot)
     out.extend(dependency_refusals(job, dep_status))
     return out
+
+
+# -- GPUs: slots, VRAM accounting, multi-GPU jobs --
+
+
+@dataclass(frozen=True)
+class Placed:
+    """The VRAM a held job was given on one GPU of its host (the store keeps it per attempt)."""
+
+    gpu: int
+    vram_gib: float
+    share: bool  # the job allows sharing its GPU (its own gpu_share)
+
+
+def host_gpus(cap: dict) -> list[dict]:
+    """The host's GPUs ({"index", "name", "vram_gib"}); a CUDA host whose capability names only its
+    ``vram_gib`` (a manifest override) has one GPU 0 of that size."""
+    if not cap.get("cuda"):
+        return []
+    gpus = [g for g in cap.get("gpus") or [] if isinstance(g.get("index"), int)]
+    if not gpus and float(cap.get("vram_gib") or 0.0) > 0:
+        return [{"index": 0, "name": "", "vram_gib": float(cap["vram_gib"])}]
+    return gpus
+
+
+def plan_slots(cap: dict) -> list[dict]:
+    """The host's slots as the coordinator sees them: ``cap["slots"]`` of them, slot i on GPU i (round robin
+    when slots outnumber GPUs, so two slots of a one-GPU host both use it); no GPU on a CPU host."""
+    indexes = [g["index"] for g in host_gpus(cap)]
+    return [{"index": i, "gpus": [indexes[i % len(indexes)]] if indexes else []} for i in range(cap["slots"])]
+
+
+def needs_gpu(job: JobSpec) -> bool:
+    return job.require_cuda or job.gpus > 0 or job.min_vram_gib > 0
+
+
+def vram_need(job: JobSpec, measured: float | None) -> float:
+    """VRAM to account per GPU: the manifest's min_vram_gib, else the peak measured in earlier runs."""
+    return job.min_vram_gib if job.min_vram_gib > 0 else float(measured or 0.0)
+
+
+def place_gpus(job: JobSpec, host_id: str, need: float, slot: list[int], gpus: list[dict], placed: list[Placed], *,
+               host_share: bool, free_reported: dict[int, float] | None = None) -> tuple[list[int] | None, str | None]:
+    """The GPUs a claim from ``slot`` gives ``job`` on this host, or (None, the refusal).
+
+    A GPU takes the job when nothing is placed on it, or when sharing is allowed (``gpu_share`` on the
+    host, or on this job and every job already there) and ``need`` fits in what the placed jobs leave
+    (and in the free VRAM the worker reported, when it did). The first GPU is the slot's; a job with
+    ``gpus = N`` takes N - 1 more of the host's, of the same model unless ``mixed_gpus``. A job that does
+    not need a GPU gets the slot's when it fits there, else none (it runs on the CPU).
+    """
+    by_index = {g["index"]: g for g in gpus}
+    free_reported = free_reported or {}
+
+    def check(index: int) -> str | None:
+        gpu = by_index.get(index)
+        if gpu is None:
+            return f"host {host_id} has no GPU {index}"
+        here = [p for p in placed if p.gpu == index]
+        if here and not (host_share or (job.gpu_share and all(p.share for p in here))):
+            return (f"GPU {index} of host {host_id} runs another job and is not shared "
+                    "(set gpu_share = true on the host, or on every job that shares it)")
+        free = float(gpu["vram_gib"]) - sum(p.vram_gib for p in here)
+        if index in free_reported:
+            free = min(free, free_reported[index])
+        if free < need:
+            return (f"GPU {index} of host {host_id} ({_gib(gpu['vram_gib'])} GiB) has {_gib(max(free, 0.0))} GiB "
+                    f"free; the job needs {_gib(need)}")
+        return None
+
+    own = slot[0] if slot else None
+    refused = check(own) if own is not None else f"this slot of host {host_id} has no GPU"
+    if not needs_gpu(job):
+        return ([] if refused else [own]), None
+    if refused:
+        return None, refused
+    count = max(job.gpus, 1)
+    name = by_index[own].get("name")
+    others = [g["index"] for g in sorted(gpus, key=lambda g: g["index"])
+              if g["index"] != own and (job.mixed_gpus or g.get("name") == name) and check(g["index"]) is None]
+    if len(others) < count - 1:
+        kind = "" if job.mixed_gpus else f" like GPU {own} ({name or 'unnamed'})"
+        return None, (f"the job needs {count} GPUs of one host{kind}; host {host_id} has "
+                      f"{len(others) + 1} free")
+    return [own] + others[:count - 1], None
