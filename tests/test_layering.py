@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cis490fleet"
 
 LAYERS = {
     "errors": 0, "model": 0, "manifest": 0, "policy": 0, "jobs": 0, "raft": 0, "signing": 0, "failure_text": 0,
-    "slots": 0,
+    "slots": 0, "bootstrap": 0,
     "db": 1, "jobstore": 1, "raftstore": 1, "artifacts": 1, "bundle": 1, "capability": 1,
     "client": 1, "tls": 1, "zipbuild": 1, "bytecode_cache": 1, "openapi": 1, "metrics": 1, "dashboard": 1,
     "http_api": 2, "coordinator": 2, "worker": 2, "ops": 2, "manifest_cmd": 2, "enroll": 2, "trainer": 2,
