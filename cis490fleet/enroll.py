@@ -92,6 +92,11 @@ class Layout:
         return self.etc / "worker.toml"
 
     @property
+    def host_key_file(self) -> PurePath:
+        """The host's signing key (from `jobs hosts add`), read by `work --host-key-file`."""
+        return self.etc / "host-signing.key"
+
+    @property
     def coordinator_env(self) -> PurePath:
         return self.etc / "coordinator.env"
 
@@ -132,7 +137,8 @@ def _hardening(state: PurePath, data: PurePath) -> str:
 def render_worker_unit(*, python: str = LINUX_PYTHON, pyz: PurePath = LINUX.pyz,
                        config: PurePath = LINUX.worker_config, user: str = SERVICE_USER,
                        grace_s: float = DEFAULT_GRACE_S, work_dir: PurePath = LINUX.work_dir,
-                       state: PurePath = LINUX.state) -> str:
+                       state: PurePath = LINUX.state, host_key_file: PurePath | None = None) -> str:
+    key_arg = f" --host-key-file {host_key_file}" if host_key_file else ""
     return f"""\
 # Written by `cis490fleet enroll worker`; enroll rewrites it when it changes.
 [Unit]
@@ -143,7 +149,7 @@ After=network-online.target
 [Service]
 Type=simple
 User={user}
-ExecStart={python} {pyz} work --config {config}
+ExecStart={python} {pyz} work --config {config}{key_arg}
 Restart=on-failure
 RestartSec=10
 Environment=PYTHONUNBUFFERED=1
@@ -202,12 +208,24 @@ def windows_principal(account: str) -> tuple[str, str]:
     return (sid, "ServiceAccount") if sid else (account, "S4U")
 
 
+def windows_secret_acl(path: str, reader: str | None) -> list[str]:
+    """icacls arguments that leave ``path`` to SYSTEM and Administrators (full) and ``reader`` (read) only:
+    inheritance off, every inherited entry gone."""
+    argv = ["icacls", path, "/inheritance:r", "/grant:r", "*S-1-5-18:(F)", "/grant:r", "*S-1-5-32-544:(F)"]
+    if reader:
+        sid = WINDOWS_SERVICE_SIDS.get(reader.strip().lower())
+        argv += ["/grant:r", f"*{sid}:(R)" if sid else f"{reader}:(R)"]
+    return argv
+
+
 def render_task_xml(*, python: str, pyz: PurePath, config: PurePath, working_dir: PurePath,
-                    account: str = WINDOWS_ACCOUNT, name: str = TASK_NAME) -> str:
+                    account: str = WINDOWS_ACCOUNT, name: str = TASK_NAME,
+                    host_key_file: PurePath | None = None) -> str:
     """Task Scheduler 1.2 definition: start at boot, restart on failure, and a 5-minute
     repetition that starts the worker again if it ever exited (IgnoreNew keeps one instance)."""
     user_id, logon = windows_principal(account)
-    arguments = subprocess.list2cmdline([str(pyz), "work", "--config", str(config)])
+    arguments = subprocess.list2cmdline([str(pyz), "work", "--config", str(config)]
+                                        + (["--host-key-file", str(host_key_file)] if host_key_file else []))
     return f"""\
 <?xml version="1.0" encoding="UTF-16"?>
 <Task version="1.2" xmlns="http://schemas.microsoft.com/windows/2004/02/mit/task">
@@ -404,8 +422,13 @@ class Installer:
             raise self._fail("read", target, err) from None
 
     def put(self, target: PurePath, data: bytes, *, mode: int = 0o644, keep: bool = False,
-            group: str | None = None, note: str = "") -> str:
-        """Write ``data`` atomically; returns "created", "updated", "unchanged" or "kept"."""
+            group: str | None = None, note: str = "", secret: bool = False) -> str:
+        """Write ``data`` atomically; returns "created", "updated", "unchanged" or "kept".
+
+        The temporary file is created with its final mode (and group) before a byte is written, so a
+        secret is never readable by others, not even for a moment. On Windows a ``secret`` gets an
+        ACL first: SYSTEM and Administrators, plus ``group`` (the task's account) to read it.
+        """
         old = self.read(target)
         if old is not None and keep:
             self.out(f"kept {target} (it exists; enroll does not change it{note})")
@@ -420,21 +443,29 @@ class Installer:
             return verb
         path = self.host(target)
         tmp = path.with_name(f".{path.name}.enroll-{os.getpid()}")
+        linux = self.layout.system == "linux"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            tmp.unlink(missing_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                         mode if linux else 0o600)
+            with open(fd, "wb") as f:
+                if linux and hasattr(os, "fchmod"):
+                    os.fchmod(fd, mode)  # the umask may have narrowed it
+                    if group and self.root is None:
+                        import grp
+
+                        os.fchown(fd, 0, grp.getgrnam(group).gr_gid)
+                if secret and not linux:
+                    self.run(windows_secret_acl(str(tmp), group))
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            if self.layout.system == "linux":
-                os.chmod(tmp, mode)
-                if group and self.root is None and hasattr(os, "chown"):
-                    import grp
-
-                    os.chown(tmp, 0, grp.getgrnam(group).gr_gid)
             os.replace(tmp, path)
-        except (OSError, KeyError) as err:
+        except (OSError, KeyError, errors.FleetError) as err:
             tmp.unlink(missing_ok=True)
+            if isinstance(err, errors.FleetError):
+                raise
             raise self._fail("write", target, err if isinstance(err, OSError) else OSError(str(err))) from None
         self.written.append(str(target))
         if verb == "updated":
@@ -711,7 +742,67 @@ def running_pyz() -> Path | None:
     return None
 
 
-def pyz_bytes(explicit: str | None) -> tuple[bytes, str]:
+MAX_PYZ_BYTES = 512 << 20
+
+
+def check_sha256(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    pin = raw.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", pin):
+        raise errors.ConfigError(f"--zipapp-sha256 {raw!r} is not a sha256 (64 hex digits); copy it from "
+                                 "`jobs hosts add` or `sha256sum cis490fleet.pyz`")
+    return pin
+
+
+def download_pyz(url: str, *, insecure: bool, ca: Path | None) -> bytes:
+    """The zipapp at ``url``: https:// (verified), or http:// only when ``insecure``."""
+    import urllib.error
+    import urllib.request
+
+    if url.startswith("http://") and not insecure:
+        raise errors.ConfigError(f"--pyz {url}: refusing a plain http:// download, which anyone on the path can "
+                                 "change; use the coordinator's https:// URL, or add --insecure on a trusted "
+                                 "network (the --zipapp-sha256 pin still checks the bytes)")
+    context = None
+    if url.startswith("https://"):
+        from cis490fleet import tls
+
+        context = tls.client_context(str(ca) if ca else None)
+    try:
+        with urllib.request.urlopen(url, timeout=60, context=context) as resp:
+            data = resp.read(MAX_PYZ_BYTES + 1)
+    except (OSError, urllib.error.URLError, ValueError) as err:
+        raise errors.Unavailable(f"cannot download the zipapp from {url} ({err}); check the URL, or copy "
+                                 "cis490fleet.pyz here and pass --pyz FILE") from None
+    if len(data) > MAX_PYZ_BYTES:
+        raise errors.ConfigError(f"{url} sent more than {MAX_PYZ_BYTES >> 20} MiB: that is not a cis490fleet zipapp")
+    return data
+
+
+def pyz_bytes(explicit: str | None, *, sha256: str | None = None, insecure: bool = False,
+              ca: Path | None = None) -> tuple[bytes, str]:
+    """The zipapp to install and where it came from; refused unless its sha256 is ``sha256`` (when given)."""
+    data, origin = _pyz_source(explicit, sha256=sha256, insecure=insecure, ca=ca)
+    if sha256 is not None:
+        import hashlib
+
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise errors.ConfigError(f"the zipapp from {origin} has sha256 {actual}, not the pinned {sha256}; "
+                                     "nothing was installed. Download it again from the coordinator, or check "
+                                     "the pin that `jobs hosts add` printed")
+    return data, origin
+
+
+def _pyz_source(explicit: str | None, *, sha256: str | None, insecure: bool, ca: Path | None) -> tuple[bytes, str]:
+    if explicit and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", explicit):
+        if not explicit.startswith(("https://", "http://")):
+            raise errors.ConfigError(f"--pyz {explicit}: only https:// (or, with --insecure, http://) URLs")
+        if sha256 is None:
+            raise errors.ConfigError(f"--pyz {explicit}: a downloaded zipapp needs --zipapp-sha256 HEX to pin it "
+                                     "(`jobs hosts add` prints it)")
+        return download_pyz(explicit, insecure=insecure, ca=ca), explicit
     if explicit:
         path = _source_file(explicit, "--pyz")
         return path.read_bytes(), str(path)
@@ -845,9 +936,31 @@ def install_tls_files(inst: Installer, kind: str, sources: dict[str, Path | None
             continue
         target = inst.layout.etc / TLS_TARGETS[kind][name]
         secret = name == "key"
-        inst.put(target, src.read_bytes(), mode=0o640 if secret else 0o644, group=group if secret else None)
+        inst.put(target, src.read_bytes(), mode=0o640 if secret else 0o644, group=group if secret else None,
+                 secret=secret)
         targets[name] = target
     return targets
+
+
+def read_host_key(raw: str | None) -> bytes | None:
+    """The host key from ``raw`` (a file, or ``-`` for standard input), checked, as the file's bytes."""
+    if raw is None:
+        return None
+    from cis490fleet.bootstrap import KEY_RE
+
+    if raw == "-":
+        text = sys.stdin.read(4096)
+    else:
+        try:
+            text = _source_file(raw, "--host-key-file").read_text(encoding="utf-8")[:4096]
+        except (OSError, UnicodeDecodeError) as err:
+            raise errors.ConfigError(f"--host-key-file {raw}: cannot read it ({err})") from None
+    key = text.strip()
+    if not KEY_RE.match(key):
+        where = "standard input" if raw == "-" else raw
+        raise errors.ConfigError(f"--host-key-file: {where} holds no host key (16-256 letters, digits or -_+/=.); "
+                                 "give the key `jobs hosts add HOST` printed")
+    return (key + "\n").encode()
 
 
 def install_worker(args, inst: Installer) -> int:
@@ -871,6 +984,9 @@ def install_worker(args, inst: Installer) -> int:
         raise errors.ConfigError("--ca/--cert/--key are for https:// receivers; give an https:// --receiver")
     work_dir = _target_path(layout, args.work_dir, "--work-dir") if args.work_dir else layout.work_dir
     python = args.python or (LINUX_PYTHON if layout.system == "linux" else _windows_python())
+    data, origin = pyz_bytes(args.pyz, sha256=check_sha256(args.zipapp_sha256), insecure=args.insecure,
+                             ca=tls_src["ca"])
+    host_key = read_host_key(args.host_key_file)
 
     tls_targets = {name: layout.etc / TLS_TARGETS["worker"][name] for name, src in tls_src.items() if src}
     settings = WorkerSettings(receivers=receivers, host_id=host_id, work_dir=work_dir,
@@ -898,10 +1014,12 @@ def install_worker(args, inst: Installer) -> int:
     user_created = False
     if layout.system == "linux":
         user_created = ensure_user(inst, user, gpu=True)
-    data, origin = pyz_bytes(args.pyz)
     out(f"pyz: {origin}")
     inst.put(layout.pyz, data, mode=0o644)
-    install_tls_files(inst, "worker", tls_src, user if layout.system == "linux" else None)
+    install_tls_files(inst, "worker", tls_src, user)
+    if host_key is not None:
+        inst.put(layout.host_key_file, host_key, mode=0o640, group=user, secret=True)
+    key_file = layout.host_key_file if host_key is not None or inst.read(layout.host_key_file) else None
     config_text = toml_dumps(settings.to_toml_doc(), header=(
         "cis490fleet worker settings, written by `cis490fleet enroll worker`.\n"
         "enroll keeps this file once it exists; edit it, then restart the worker service."))
@@ -912,13 +1030,14 @@ def install_worker(args, inst: Installer) -> int:
     start = not args.no_start
     if layout.system == "linux":
         unit = render_worker_unit(python=python, pyz=layout.pyz, config=layout.worker_config, user=user,
-                                  grace_s=settings.grace_s, work_dir=settings.work_dir, state=layout.state)
+                                  grace_s=settings.grace_s, work_dir=settings.work_dir, state=layout.state,
+                                  host_key_file=key_file)
         unit_state = inst.put(layout.unit("worker"), unit.encode())
         systemd_enable(inst, layout.unit("worker").name, unit_changed=unit_state in ("created", "updated"),
                        restart=bool(inst.updated), start=start)
     else:
         xml = render_task_xml(python=python, pyz=layout.pyz, config=layout.worker_config, working_dir=layout.base,
-                              account=user)
+                              account=user, host_key_file=key_file)
         inst.put(layout.task_xml, xml.encode("utf-16"))
         inst.run(["icacls", str(settings.work_dir), "/grant", f"{user}:(OI)(CI)M"])
         inst.run(["schtasks", "/Create", "/TN", TASK_NAME, "/XML", str(layout.task_xml), "/F"])
@@ -986,12 +1105,12 @@ def install_coordinator(args, inst: Installer) -> int:
     token_src = _source_file(args.operator_token_file, "--operator-token-file")
     data_dir = _target_path(layout, args.data, "--data") if args.data else layout.data_dir
     python = args.python or LINUX_PYTHON
+    data, origin = pyz_bytes(args.pyz, sha256=check_sha256(args.zipapp_sha256), insecure=args.insecure)
 
     report_capability(detect_capability({}, inst.host(data_dir)), out, check_service_python(inst, python))
 
     record = read_record(inst, "coordinator")
     user_created = ensure_user(inst, user, gpu=False)
-    data, origin = pyz_bytes(args.pyz)
     out(f"pyz: {origin}")
     inst.put(layout.pyz, data, mode=0o644)
     tls_targets = install_tls_files(inst, "coordinator", {"cert": cert, "key": key, "client_ca": client_ca}, user)
@@ -1002,11 +1121,11 @@ def install_coordinator(args, inst: Installer) -> int:
                  note="; edit it in place and run `jobs reload`")
     token_target = layout.etc / "operator.token"
     if token_src is not None:
-        inst.put(token_target, token_src.read_bytes(), mode=0o640, group=user, keep=True)
+        inst.put(token_target, token_src.read_bytes(), mode=0o640, group=user, keep=True, secret=True)
     elif inst.read(token_target) is None:
         import secrets
 
-        inst.put(token_target, (secrets.token_urlsafe(32) + "\n").encode(), mode=0o640, group=user)
+        inst.put(token_target, (secrets.token_urlsafe(32) + "\n").encode(), mode=0o640, group=user, secret=True)
     serve_args = ["--bind", args.bind, "--operator-token-file", str(token_target)]
     if manifest_src is not None or inst.read(manifest_target) is not None:
         serve_args += ["--manifest", str(manifest_target)]
@@ -1052,7 +1171,7 @@ def enrolled_kinds(inst: Installer) -> list[str]:
 def default_files(layout: Layout, kind: str) -> list[PurePath]:
     """What enroll writes by default: used when the record is gone."""
     if kind == "worker":
-        files = [layout.worker_config] + [layout.etc / n for n in TLS_TARGETS["worker"].values()]
+        files = [layout.worker_config, layout.host_key_file] + [layout.etc / n for n in TLS_TARGETS["worker"].values()]
         files.append(layout.unit("worker") if layout.system == "linux" else layout.task_xml)
         return files
     return [layout.coordinator_env, layout.etc / "operator.token", layout.unit("coordinator")] + [
@@ -1133,7 +1252,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     install = argparse.ArgumentParser(add_help=False, parents=[common])
     install.add_argument("--no-start", action="store_true", help="install and enable the service, but do not start it")
     install.add_argument("--python", help=f"interpreter the service runs (default {LINUX_PYTHON}; on Windows this one)")
-    install.add_argument("--pyz", help="install this zipapp instead of the running one")
+    install.add_argument("--pyz", metavar="FILE|URL",
+                         help="install this zipapp instead of the running one; an https:// URL is downloaded "
+                              "(needs --zipapp-sha256)")
+    install.add_argument("--zipapp-sha256", metavar="HEX",
+                         help="refuse to install a zipapp whose sha256 differs (the pin `jobs hosts add` prints)")
 
     p = argparse.ArgumentParser(prog="cis490fleet enroll",
                                 description="Install this zipapp as a service on this host, or remove it.")
@@ -1141,7 +1264,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     w = sub.add_parser("worker", parents=[install], help="install the worker service (systemd / Scheduled Task)")
     w.add_argument("--receiver", action="append", metavar="URL", required=True,
                    help="coordinator URL; repeat for several peers")
-    w.add_argument("--host-id", help="this host's id (default: the short host name)")
+    w.add_argument("--host-id", "--host", dest="host_id", help="this host's id (default: the short host name)")
+    w.add_argument("--host-key-file", metavar="FILE|-",
+                   help="this host's key from `jobs hosts add` (- reads it from standard input); installed "
+                        "readable by the service account only, for `work --host-key-file`")
+    w.add_argument("--insecure", action="store_true", help="allow an http:// --pyz download")
     w.add_argument("--ca", help="CA that signed the coordinator's certificate (copied next to the config)")
     w.add_argument("--cert", help="this host's client certificate (mutual TLS)")
     w.add_argument("--key", help="the client certificate's private key")
@@ -1157,7 +1284,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     c.add_argument("--key", help="server private key (PEM)")
     c.add_argument("--client-ca", help="CA of the workers' client certificates (mutual TLS)")
     c.add_argument("--operator-token-file", help="operator token to install (default: a new random one)")
-    c.add_argument("--insecure", action="store_true", help="allow a non-loopback --bind without TLS")
+    c.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --bind without TLS, and an http:// --pyz download")
     c.add_argument("--data", help="data folder (default /var/lib/cis490fleet/data)")
     u = sub.add_parser("uninstall", parents=[common], help="stop and remove what enroll installed")
     u.add_argument("kind", nargs="?", choices=KINDS, help="only this service (default: every one enrolled)")

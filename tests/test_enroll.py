@@ -518,6 +518,13 @@ class _Health(http.server.BaseHTTPRequestHandler):
     status = 200
 
     def do_GET(self):
+        if self.path == "/v1/zipapp":
+            body = self.server.zipapp
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         body = json.dumps({"ok": True, "role": "leader"}).encode()
         self.send_response(self.server.answer_status)
         self.send_header("content-type", "application/json")
@@ -534,9 +541,10 @@ def health_server():
     """Factory: a /v1/health answering ``status`` on 127.0.0.1, plain or with ``context``."""
     servers = []
 
-    def start(status: int = 200, context: ssl.SSLContext | None = None) -> str:
+    def start(status: int = 200, context: ssl.SSLContext | None = None, zipapp: bytes = b"") -> str:
         srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
         srv.answer_status = status
+        srv.zipapp = zipapp
         if context is not None:
             srv.socket = context.wrap_socket(srv.socket, server_side=True)
         threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -655,3 +663,103 @@ def test_round_trip_fetched_pyz_enrolls_and_the_installed_worker_completes_a_job
     status, _, body = sp.call("GET", "/v1/jobs")
     assert status == 200
     assert [(j["status"], j.get("host") or j.get("holder")) for j in body["jobs"]] == [("completed", "rt1")]
+
+
+# -- trust: a pinned zipapp, the host key on standard input, secrets never readable by others ----
+
+KEY = "hk_0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("kind", ["worker", "coordinator"])
+def test_a_zipapp_that_differs_from_the_pin_is_refused_before_anything_is_written(tmp_path, pyz, kind, capsys):
+    root = tmp_path / "root"
+    argv = (worker_args(root, pyz) if kind == "worker" else ["coordinator", "--root", root, "--pyz", pyz])
+    with pytest.raises(errors.ConfigError, match=f"has sha256 {sha(pyz)}, not the pinned {'0' * 64}"):
+        enroll.main([str(a) for a in argv] + ["--zipapp-sha256", "0" * 64])
+    assert not root.exists() or snapshot(root) == {}
+    rc, out = enroll_main(capsys, *argv, "--zipapp-sha256", sha(pyz).upper())
+    assert rc == 0, out
+    assert (root / "opt/cis490fleet/cis490fleet.pyz").read_bytes() == pyz.read_bytes()
+
+
+def test_a_downloaded_zipapp_needs_https_or_insecure_and_the_pin(tmp_path, pyz, health_server, capsys):
+    url = health_server(zipapp=pyz.read_bytes()) + "/v1/zipapp"
+    root = tmp_path / "root"
+    base = ["worker", "--root", str(root), "--receiver", "https://coord.lab:8445", "--host-id", "ws1",
+            "--skip-coordinator-check", "--pyz", url]
+    with pytest.raises(errors.ConfigError, match="needs --zipapp-sha256"):
+        enroll.main(base)
+    with pytest.raises(errors.ConfigError, match="refusing a plain http:// download"):
+        enroll.main(base + ["--zipapp-sha256", sha(pyz)])
+    with pytest.raises(errors.ConfigError, match="not the pinned"):
+        enroll.main(base + ["--zipapp-sha256", "1" * 64, "--insecure"])
+    assert not root.exists() or snapshot(root) == {}
+    rc, out = enroll_main(capsys, *base, "--zipapp-sha256", sha(pyz), "--insecure")
+    assert rc == 0, out
+    assert (root / "opt/cis490fleet/cis490fleet.pyz").read_bytes() == pyz.read_bytes()
+
+
+def test_the_host_key_comes_on_stdin_and_only_the_service_can_read_it(tmp_path, pyz):
+    root = tmp_path / "root"
+    env = clean_env()
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-m", "cis490fleet", "enroll", *map(str, worker_args(root, pyz)),
+                           "--host", "ws9", "--host-key-file", "-", "--zipapp-sha256", sha(pyz)],
+                          input=KEY + "\n", env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert KEY not in proc.stdout + proc.stderr
+    files = snapshot(root)
+    assert files["/etc/cis490fleet/host-signing.key"][1:] == (0o640, (KEY + "\n").encode())
+    unit = unit_settings(files["/etc/systemd/system/cis490fleet-worker.service"][2].decode())
+    assert unit["ExecStart"] == ["/usr/bin/python3 /opt/cis490fleet/cis490fleet.pyz work --config "
+                                 "/etc/cis490fleet/worker.toml --host-key-file /etc/cis490fleet/host-signing.key"]
+    assert tomllib.loads(files["/etc/cis490fleet/worker.toml"][2].decode())["host_id"] == "ws9"
+    # A later run without the flag keeps the installed key in the unit.
+    proc = subprocess.run([sys.executable, "-m", "cis490fleet", "enroll", *map(str, worker_args(root, pyz))],
+                          env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot(root)["/etc/systemd/system/cis490fleet-worker.service"] == \
+        files["/etc/systemd/system/cis490fleet-worker.service"]
+
+
+@pytest.mark.parametrize("given", ["", "short", "two words here and there"])
+def test_a_missing_or_malformed_host_key_is_refused(tmp_path, pyz, given):
+    key_file = tmp_path / "key"
+    key_file.write_text(given)
+    with pytest.raises(errors.ConfigError, match="holds no host key"):
+        enroll.main([str(a) for a in worker_args(tmp_path / "root", pyz)] + ["--host-key-file", str(key_file)])
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="strace is not installed on this host")
+def test_secret_files_are_created_with_their_final_mode(tmp_path, pyz, pem_files):
+    """strace records the mode each file is created with: a secret must never exist readable by others."""
+    root = tmp_path / "root"
+    key_file = tmp_path / "given.key"
+    key_file.write_text(KEY)
+    trace = tmp_path / "trace"
+    env = clean_env()
+    env["PYTHONPATH"] = str(ROOT)
+    for argv in (worker_args(root, pyz, "--host-key-file", key_file, "--ca", pem_files["ca"],
+                             "--cert", pem_files["cert"], "--key", pem_files["key"]),
+                 ["coordinator", "--root", root, "--pyz", pyz]):
+        proc = subprocess.run(["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=openat,chmod,fchmod",
+                               sys.executable, "-m", "cis490fleet", "enroll", *map(str, argv)],
+                              env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+                              preexec_fn=lambda: os.umask(0o022))
+        assert proc.returncode == 0, proc.stderr
+        created = {}
+        for line in trace.read_text().splitlines():
+            found = re.search(r'openat\(AT_FDCWD, "([^"]*)", ([A-Z_|]+), (0\d+)\)', line)
+            if found and "O_CREAT" in found.group(2) and str(root) in found.group(1):
+                created[Path(found.group(1)).name] = int(found.group(3), 8) & ~0o022
+        secrets = {name: mode for name, mode in created.items()
+                   if any(s in name for s in ("host-signing.key", "host.key", "operator.token"))}
+        assert secrets, created
+        assert all(mode & 0o037 == 0 for mode in secrets.values()), secrets

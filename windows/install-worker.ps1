@@ -5,15 +5,18 @@ Install (or remove) the cis490fleet worker as a Scheduled Task on this Windows h
 .DESCRIPTION
 What `python cis490fleet.pyz enroll worker` does on Windows, for hosts where you would
 rather run PowerShell: copies the zipapp to %ProgramData%\cis490fleet\cis490fleet.pyz
-(from -Pyz, else downloaded from the coordinator's /v1/zipapp and checked against its
-x-content-sha256 header), writes %ProgramData%\cis490fleet\worker.toml unless it exists,
+(from -Pyz, else downloaded from the coordinator's /v1/zipapp: https:// only unless
+-Insecure), refuses it unless its sha256 is -ZipappSha256 (the pin `jobs hosts add`
+prints; a header of the same response proves nothing), installs the host key (-HostKeyFile,
+or - to take it from the pipeline) readable by SYSTEM, Administrators and -Account only,
+writes %ProgramData%\cis490fleet\worker.toml unless it exists,
 and registers the task "cis490fleet-worker": it starts at boot under -Account, restarts
 on failure (RestartCount/RestartInterval), and a 5-minute repetition starts it again if
 it ever exited (one instance at a time). -Uninstall removes all of it; the work folder
 stays unless -Purge is given. Run it from an elevated PowerShell.
 
 .EXAMPLE
-.\install-worker.ps1 -Receiver https://coord.lab:8445 -HostId ws3
+'KEY-FROM-JOBS-HOSTS-ADD' | .\install-worker.ps1 -Receiver https://coord.lab:8445 -HostId ws3 -HostKeyFile - -ZipappSha256 HEX
 .EXAMPLE
 .\install-worker.ps1 -Uninstall
 #>
@@ -29,6 +32,11 @@ param(
     [string]$Ca = '',
     [string]$Cert = '',
     [string]$Key = '',
+    [string]$HostKeyFile = '',
+    [string]$ZipappSha256 = '',
+    [Parameter(ValueFromPipeline = $true)]
+    [string]$PipedHostKey = '',
+    [switch]$Insecure,
     [switch]$NoStart,
     [switch]$Uninstall,
     [switch]$Purge
@@ -49,6 +57,22 @@ function Stop-WithError([string]$Message) {
     exit 1
 }
 
+# Leaves $Path to SYSTEM and Administrators (full) and $Reader (read): inheritance off, every other entry gone.
+function Set-SecretAcl([string]$Path, [string]$Reader) {
+    & icacls.exe $Path /inheritance:r /grant:r '*S-1-5-18:(F)' /grant:r '*S-1-5-32-544:(F)' /grant:r "${Reader}:(R)" | Out-Null
+    if ($LASTEXITCODE -ne 0) { Stop-WithError "cannot restrict the ACL of $Path (icacls exit $LASTEXITCODE)" }
+}
+
+# Writes a secret: an empty file gets its ACL first, then the bytes, then it takes the final name.
+function Write-Secret([string]$Path, [string]$Text, [string]$Reader) {
+    $part = "$Path.part"
+    if (Test-Path -LiteralPath $part) { Remove-Item -LiteralPath $part -Force }
+    [IO.File]::WriteAllText($part, '', (New-Object Text.UTF8Encoding($false)))
+    Set-SecretAcl $part $Reader
+    [IO.File]::WriteAllText($part, $Text, (New-Object Text.UTF8Encoding($false)))
+    Move-Item -LiteralPath $part -Destination $Path -Force
+}
+
 function ConvertTo-TomlString([string]$Text) {
     $escaped = $Text.Replace('\', '\\').Replace('"', '\"')
     return '"' + $escaped + '"'
@@ -66,6 +90,7 @@ if ($Uninstall) {
         Write-Output "removed task $TaskName"
     }
     $owned = @($PyzPath, $Config, (Join-Path $Base "$TaskName.xml"), (Join-Path $Base 'enrolled-worker.json'),
+               (Join-Path $Base 'host-signing.key'),
                (Join-Path $Base 'ca.pem'), (Join-Path $Base 'host.pem'), (Join-Path $Base 'host.key'))
     foreach ($file in $owned) {
         if (Test-Path -LiteralPath $file) {
@@ -97,6 +122,25 @@ if ($HostId -notmatch '^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$') {
     Stop-WithError "host id '$HostId' is not valid (letters, digits, '.', '_', '-', at most 63); pass -HostId"
 }
 if ([bool]$Cert -ne [bool]$Key) { Stop-WithError 'a client certificate needs both -Cert and -Key' }
+if ($ZipappSha256 -and $ZipappSha256 -notmatch '^[0-9a-fA-F]{64}$') {
+    Stop-WithError "-ZipappSha256 $ZipappSha256 is not a sha256 (64 hex digits); copy it from ``jobs hosts add``"
+}
+if (-not $Pyz -and -not $ZipappSha256) {
+    Stop-WithError 'a downloaded zipapp needs -ZipappSha256 HEX to pin it (`jobs hosts add` prints it), or pass -Pyz'
+}
+if (-not $Pyz -and $Receiver[0] -match '^http://' -and -not $Insecure) {
+    Stop-WithError "refusing a plain http:// download from $($Receiver[0]); use https://, or add -Insecure on a trusted network"
+}
+$HostKeyText = ''
+if ($HostKeyFile -eq '-') {
+    $HostKeyText = $PipedHostKey.Trim()
+} elseif ($HostKeyFile) {
+    if (-not (Test-Path -LiteralPath $HostKeyFile)) { Stop-WithError "-HostKeyFile $HostKeyFile does not exist" }
+    $HostKeyText = ([IO.File]::ReadAllText($HostKeyFile)).Trim()
+}
+if ($HostKeyFile -and $HostKeyText -notmatch '^[A-Za-z0-9_+/=.\-]{16,256}$') {
+    Stop-WithError 'the host key is missing or malformed; give the key `jobs hosts add HOST` printed'
+}
 
 # The interpreter the task runs: -Python, else the newest the py launcher knows, else python.exe on PATH.
 if (-not $Python) {
@@ -119,32 +163,43 @@ if ($LASTEXITCODE -ne 0) {
 
 New-Item -ItemType Directory -Force -Path $Base, $WorkDir | Out-Null
 
+$part = "$PyzPath.part"
 if ($Pyz) {
     if (-not (Test-Path -LiteralPath $Pyz)) { Stop-WithError "-Pyz $Pyz does not exist" }
-    Copy-Item -LiteralPath $Pyz -Destination $PyzPath -Force
+    Copy-Item -LiteralPath $Pyz -Destination $part -Force
+    $source = $Pyz
 } else {
     $source = $Receiver[0].TrimEnd('/') + '/v1/zipapp'
-    $part = "$PyzPath.part"
     try {
-        $response = Invoke-WebRequest -Uri $source -OutFile $part -PassThru -UseBasicParsing
+        Invoke-WebRequest -Uri $source -OutFile $part -UseBasicParsing | Out-Null
     } catch {
         Stop-WithError "cannot download $source ($($_.Exception.Message)); copy cis490fleet.pyz here and pass -Pyz"
     }
-    $declared = [string]$response.Headers['x-content-sha256']
-    $actual = (Get-FileHash -Algorithm SHA256 -LiteralPath $part).Hash.ToLowerInvariant()
-    if ($declared -and $declared.ToLowerInvariant() -ne $actual) {
-        Remove-Item -LiteralPath $part -Force
-        Stop-WithError "download of $source has sha256 $actual, the coordinator said $declared; try again"
-    }
-    Move-Item -LiteralPath $part -Destination $PyzPath -Force
 }
+# The pin comes from the operator, never from the response that brought the bytes.
+$actual = (Get-FileHash -Algorithm SHA256 -LiteralPath $part).Hash.ToLowerInvariant()
+if ($ZipappSha256 -and $actual -ne $ZipappSha256.ToLowerInvariant()) {
+    Remove-Item -LiteralPath $part -Force
+    Stop-WithError "$source has sha256 $actual, not the pinned $($ZipappSha256.ToLowerInvariant()); nothing was installed"
+}
+Move-Item -LiteralPath $part -Destination $PyzPath -Force
 Write-Output "installed $PyzPath"
+
+$KeyTarget = Join-Path $Base 'host-signing.key'
+if ($HostKeyText) {
+    Write-Secret $KeyTarget ($HostKeyText + "`n") $Account
+    Write-Output "installed $KeyTarget (SYSTEM, Administrators and $Account only)"
+}
 
 $tls = @{}
 foreach ($pair in @(@('ca', $Ca, 'ca.pem'), @('cert', $Cert, 'host.pem'), @('key', $Key, 'host.key'))) {
     if ($pair[1]) {
         $target = Join-Path $Base $pair[2]
-        Copy-Item -LiteralPath $pair[1] -Destination $target -Force
+        if ($pair[0] -eq 'key') {
+            Write-Secret $target ([IO.File]::ReadAllText($pair[1])) $Account
+        } else {
+            Copy-Item -LiteralPath $pair[1] -Destination $target -Force
+        }
         $tls[$pair[0]] = $target
     }
 }
@@ -170,8 +225,9 @@ if (Test-Path -LiteralPath $Config) {
 
 & icacls.exe $WorkDir /grant "${Account}:(OI)(CI)M" | Out-Null
 
-$action = New-ScheduledTaskAction -Execute $Python -Argument "`"$PyzPath`" work --config `"$Config`"" `
-    -WorkingDirectory $Base
+$workArgs = "`"$PyzPath`" work --config `"$Config`""
+if (Test-Path -LiteralPath $KeyTarget) { $workArgs += " --host-key-file `"$KeyTarget`"" }
+$action = New-ScheduledTaskAction -Execute $Python -Argument $workArgs -WorkingDirectory $Base
 $atBoot = New-ScheduledTaskTrigger -AtStartup
 $again = New-ScheduledTaskTrigger -Once -At ([datetime]'2024-01-01T00:00:00') -RepetitionInterval (New-TimeSpan -Minutes 5)
 if ($ServiceAccounts -contains $Account.ToUpperInvariant()) {
