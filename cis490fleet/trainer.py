@@ -12,6 +12,16 @@ The contract a worker relies on, for this trainer and any other:
   ``{"step", "epoch", "epochs", "loss", "metrics": {...}, "fraction"}``;
 - exit 0 on success, 2 for bad arguments (a one-line message), and on SIGTERM
   save what there is and exit 143;
+- checkpoints, optional: ``CIS490_CHECKPOINT_DIR`` is a folder to keep the newest
+  checkpoint in, each written atomically (a temporary file, then a rename), after
+  which a progress line names it (``"checkpoint": "<file name>"``); the worker
+  uploads that folder. ``CIS490_RESUME_FROM``, when set, is a folder holding the
+  newest checkpoint folder of an earlier attempt of the same job, verified by the
+  worker: the trainer carries on from there. This trainer checkpoints after every
+  epoch (every tree for gbt) and on SIGTERM, and a resumed run ends with the same
+  bytes in its output folder as an uninterrupted one (on the CPU): the checkpoint
+  holds the model, the optimizer, every random state, the shuffled order of the
+  epoch in progress and the history;
 - ``--describe`` prints ``{model: [hyper keys]}`` as JSON, quickly.
 
 This is the only module that imports torch, and only inside ``_train``.
@@ -34,6 +44,8 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_TERMINATED = 128 + 15
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
 
 # Defaults per model; the keys are what `--describe` reports.
 HYPER_DEFAULTS: dict[str, dict[str, float | int]] = {
@@ -66,6 +78,13 @@ class Job:
     out: Path
     progress: Path | None
     device_requested: bool
+    checkpoint_dir: Path | None = None
+    resume_from: Path | None = None
+
+    def identity(self) -> dict:
+        """What a checkpoint must match to be resumed by this job."""
+        return {"model": self.model, "mode": self.mode, "hyper": self.hyper, "seed": self.seed,
+                "split_recipe": self.split_recipe}
 
 
 def describe() -> dict[str, list[str]]:
@@ -150,10 +169,14 @@ def parse_args(argv: list[str]) -> Job | None:
         raise UsageError(f"--hyper is not valid JSON ({err.msg} at character {err.pos}): {args.hyper}") from None
     cuda = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
     progress = os.environ.get("CIS490_PROGRESS")
+    checkpoint_dir = os.environ.get("CIS490_CHECKPOINT_DIR")
+    resume_from = os.environ.get("CIS490_RESUME_FROM")
     return Job(model=args.model, mode=args.mode, hyper=validate_hyper(args.model, raw), seed=args.seed,
                split_recipe=args.split_recipe, holdout=holdout_fraction(args.split_recipe), out=Path(args.out),
                progress=Path(progress) if progress else None,
-               device_requested=bool(cuda) and cuda not in ("-1", "none", "NoDevFiles"))
+               device_requested=bool(cuda) and cuda not in ("-1", "none", "NoDevFiles"),
+               checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+               resume_from=Path(resume_from) if resume_from else None)
 
 
 class _Stop:
@@ -217,31 +240,114 @@ def _train(job: Job, stop: _Stop) -> int:
              f"hyper={json.dumps(job.hyper, sort_keys=True)} train={len(y_train)} val={len(y_val)}"]
     print(lines[0], flush=True)
     history: list[dict] = []
+    epochs = job.hyper["trees" if job.model == "gbt" else "epochs"]
 
-    def epoch_done(epoch: int, epochs: int, step: int, train_loss: float, metrics: dict) -> None:
+    resumed = _load_checkpoint(torch, job)
+    if resumed is not None:
+        history[:] = resumed["history"]
+        lines[1:] = resumed["lines"][1:]
+        torch.set_rng_state(resumed["torch_rng"])
+        random.setstate(resumed["python_rng"])
+        print(f"resuming from the checkpoint in {job.resume_from} after {len(history)} of {epochs} epochs",
+              flush=True)
+
+    def checkpoint(fit_state: dict) -> str | None:
+        """Write the newest checkpoint (atomically); its file name, or None without CIS490_CHECKPOINT_DIR."""
+        if job.checkpoint_dir is None:
+            return None
+        data = {"format": CHECKPOINT_FORMAT, "job": job.identity(), "fit": fit_state, "history": history,
+                "lines": lines, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+        buffer = io.BytesIO()
+        torch.save(data, buffer)
+        try:
+            _write_atomic(job.checkpoint_dir / CHECKPOINT_NAME, buffer.getvalue())
+        except OSError as err:
+            print(f"cis490fleet train: cannot write a checkpoint to {job.checkpoint_dir}: {err}", file=sys.stderr)
+            return None
+        return CHECKPOINT_NAME
+
+    def epoch_done(epoch: int, step: int, train_loss: float, metrics: dict, fit_state: dict) -> None:
         entry = {"epoch": epoch, "train_loss": train_loss, **metrics}
         history.append(entry)
         line = f"epoch {epoch}/{epochs} loss {train_loss:.6f} " + " ".join(
             f"{k} {v:.6f}" for k, v in sorted(metrics.items()))
         lines.append(line)
         print(line, flush=True)
-        _report(job.progress, {"step": step, "epoch": epoch, "epochs": epochs, "loss": train_loss,
-                               "metrics": metrics, "fraction": epoch / epochs})
+        row = {"step": step, "epoch": epoch, "epochs": epochs, "loss": train_loss, "metrics": metrics,
+               "fraction": epoch / epochs}
+        name = checkpoint(fit_state)
+        _report(job.progress, {**row, "checkpoint": name} if name else row)
+
+    def stopped(fit_state: dict) -> None:
+        name = checkpoint(fit_state)
+        if name:
+            done = len(history)
+            _report(job.progress, {"epoch": done, "epochs": epochs, "fraction": done / epochs, "checkpoint": name})
 
     fit = _fit_gbt if job.model == "gbt" else _fit_net
     state = fit(torch, job, device, (xt, yt), (xv, yv) if len(y_val) else (xt, yt),
-                "val" if len(y_val) else "train", stop, epoch_done)
-    epochs = job.hyper["trees" if job.model == "gbt" else "epochs"]
+                "val" if len(y_val) else "train", stop, epoch_done, stopped,
+                resumed["fit"] if resumed is not None else None)
     interrupted = stop.requested
     if interrupted:
-        lines.append(f"stopped by SIGTERM after {len(history)} of {epochs} epochs; saving what there is")
-        print(lines[-1], flush=True)
+        note = f"stopped by SIGTERM after {len(history)} of {epochs} epochs; saving what there is"
+        print(note, flush=True)
+        lines = lines + [note]
     _save(torch, job, state, history, lines, device.type, epochs, interrupted)
     return EXIT_TERMINATED if interrupted else 0
 
 
-def _fit_net(torch, job: Job, device, train, check, split: str, stop: _Stop, epoch_done) -> dict:
-    """An MLP or a logistic regression, minibatch SGD with momentum."""
+def _write_atomic(path: Path, data: bytes) -> None:
+    """``path`` holds either its old bytes or all of ``data``, never a part: a temporary file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_checkpoint(torch, job: Job) -> dict | None:
+    """The checkpoint in ``CIS490_RESUME_FROM`` when it is one of this job's; else None, saying why on stderr.
+
+    A checkpoint that cannot be used never fails the job: training starts from the beginning.
+    """
+    if job.resume_from is None:
+        return None
+    path = job.resume_from / CHECKPOINT_NAME
+    if not path.is_file():
+        print(f"cis490fleet train: no {CHECKPOINT_NAME} in {job.resume_from}; starting from the beginning",
+              file=sys.stderr)
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for a damaged file
+        print(f"cis490fleet train: cannot read the checkpoint {path} ({type(err).__name__}: {err}); "
+              "starting from the beginning", file=sys.stderr)
+        return None
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        print(f"cis490fleet train: {path} is not a checkpoint of this trainer (format "
+              f"{data.get('format') if isinstance(data, dict) else None!r}, expected {CHECKPOINT_FORMAT}); "
+              "starting from the beginning", file=sys.stderr)
+        return None
+    if data.get("job") != job.identity():
+        print(f"cis490fleet train: the checkpoint {path} belongs to another job ({json.dumps(data.get('job'))}); "
+              "starting from the beginning", file=sys.stderr)
+        return None
+    return data
+
+
+def _fit_net(torch, job: Job, device, train, check, split: str, stop: _Stop, epoch_done, stopped,
+             resume: dict | None) -> dict:
+    """An MLP or a logistic regression, minibatch SGD with momentum.
+
+    A checkpoint holds the weights, the optimizer's momentum, the shuffling generator and, when
+    taken mid-epoch (SIGTERM), that epoch's order and where in it training stopped.
+    """
     h = job.hyper
     if job.model == "mlp":
         net = torch.nn.Sequential(torch.nn.Linear(FEATURES, h["hidden"]), torch.nn.ReLU(),
@@ -253,13 +359,29 @@ def _fit_net(torch, job: Job, device, train, check, split: str, stop: _Stop, epo
     loss_fn = torch.nn.CrossEntropyLoss()
     shuffle = torch.Generator().manual_seed(job.seed)
     xt, yt = train
-    step = 0
+    step, first, position = 0, 1, None
+    if resume is not None:
+        net.load_state_dict(resume["net"])
+        optimizer.load_state_dict(resume["optimizer"])
+        shuffle.set_state(resume["shuffle"])
+        step, first, position = resume["step"], resume["epoch"] + 1, resume["position"]
+
+    def snapshot(epoch: int, position: dict | None = None) -> dict:
+        return {"net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                "optimizer": _to_cpu(optimizer.state_dict()), "shuffle": shuffle.get_state(), "step": step,
+                "epoch": epoch, "position": position}
+
     n = len(yt)
-    for epoch in range(1, h["epochs"] + 1):
+    for epoch in range(first, h["epochs"] + 1):
         net.train()
-        total, seen = 0.0, 0
-        order = torch.randperm(n, generator=shuffle).to(device)
-        for start in range(0, n, h["batch_size"]):
+        if position is not None:
+            order, done = position["order"].to(device), position["next"]
+            total, seen = position["total"], position["seen"]
+            position = None
+        else:
+            order, done = torch.randperm(n, generator=shuffle).to(device), 0
+            total, seen = 0.0, 0
+        for start in range(done, n, h["batch_size"]):
             if stop.requested:
                 break
             idx = order[start:start + h["batch_size"]]
@@ -270,13 +392,26 @@ def _fit_net(torch, job: Job, device, train, check, split: str, stop: _Stop, epo
             step += 1
             total += loss.item() * len(idx)
             seen += len(idx)
+            done = start + len(idx)
         if stop.requested:
+            stopped(snapshot(epoch - 1, {"order": order.cpu(), "next": done, "total": total, "seen": seen}))
             break
-        epoch_done(epoch, h["epochs"], step, total / seen, _evaluate(torch, net, loss_fn, *check, split))
+        metrics = _evaluate(torch, net, loss_fn, *check, split)
+        epoch_done(epoch, step, total / seen, metrics, snapshot(epoch))
     return net.state_dict()
 
 
-def _fit_gbt(torch, job: Job, device, train, check, split: str, stop: _Stop, epoch_done) -> dict:
+def _to_cpu(value):
+    """A copy of a (nested) state dict with every tensor on the CPU, so a checkpoint resumes on any host."""
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value.detach().cpu() if hasattr(value, "detach") else value
+
+
+def _fit_gbt(torch, job: Job, device, train, check, split: str, stop: _Stop, epoch_done, stopped,
+             resume: dict | None) -> dict:
     """Gradient-boosted trees on the logistic loss, in torch alone (no new dependency).
 
     Each tree is complete, of depth ``max_depth``, stored level by level: node i
@@ -284,7 +419,7 @@ def _fit_gbt(torch, job: Job, device, train, check, split: str, stop: _Stop, epo
     threshold (a node that does not split has threshold +inf). Split search is
     histogram-based over ``bins`` quantile bins per feature, done for a whole
     level at once as matrix products rather than scatter-adds, which CUDA does not run deterministically.
-    One tree is one "epoch" of progress.
+    One tree is one "epoch" of progress; a checkpoint holds the trees so far and the training logits.
     """
     h = job.hyper
     depth, l2 = h["max_depth"], h["l2"]
@@ -303,10 +438,26 @@ def _fit_gbt(torch, job: Job, device, train, check, split: str, stop: _Stop, epo
     base = torch.log(rate / (1 - rate))
     raw = base.expand(n).clone()
     features, thresholds, leaves = [], [], []
-    model = {"base": base}
+    next_tree = 1
+    if resume is not None:
+        base, raw = resume["base"].to(device), resume["raw"].to(device)
+        features, thresholds, leaves = ([t.to(device) for t in resume[k]] for k in ("features", "thresholds", "leaves"))
+        next_tree = resume["tree"] + 1
+
+    def snapshot(tree: int) -> dict:
+        return {"tree": tree, "base": base.cpu(), "raw": raw.cpu(), "features": [t.cpu() for t in features],
+                "thresholds": [t.cpu() for t in thresholds], "leaves": [t.cpu() for t in leaves]}
+
+    def as_model() -> dict:
+        if not features:
+            return {"base": base}
+        return {"base": base, "feature": torch.stack(features), "threshold": torch.stack(thresholds),
+                "leaf": torch.stack(leaves)}
+
     inf = torch.tensor(-math.inf, device=device)
-    for tree in range(1, h["trees"] + 1):
+    for tree in range(next_tree, h["trees"] + 1):
         if stop.requested:
+            stopped(snapshot(tree - 1))
             break
         p = torch.sigmoid(raw)
         grad, hess = p - y, p * (1 - p)
@@ -336,11 +487,9 @@ def _fit_gbt(torch, job: Job, device, train, check, split: str, stop: _Stop, epo
         features.append(feature)
         thresholds.append(threshold)
         leaves.append(leaf)
-        model = {"base": base, "feature": torch.stack(features), "threshold": torch.stack(thresholds),
-                 "leaf": torch.stack(leaves)}
         train_loss = torch.nn.functional.binary_cross_entropy_with_logits(raw, y).item()
-        epoch_done(tree, h["trees"], tree, train_loss, _evaluate_gbt(torch, model, *check, split))
-    return model
+        epoch_done(tree, tree, train_loss, _evaluate_gbt(torch, as_model(), *check, split), snapshot(tree))
+    return as_model()
 
 
 def predict_gbt(torch, model: dict, x):

@@ -272,3 +272,122 @@ def test_fixture_noisy(tmp_path):
     assert p.returncode == 0
     assert len(stdout.splitlines()) == 5001 and len(stderr.splitlines()) == 5000
     assert (tmp_path / "out" / "result.json").exists()
+
+
+# Checkpoints: a run stopped at any point and resumed ends with the same output bytes as one that never stopped.
+
+def _first_progress_line_then_block(fifo: Path, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    """Read one progress line from the FIFO the trainer reports to, then close it: the trainer's next report
+    blocks (opening a FIFO for writing waits for a reader), so it stops right after its next checkpoint."""
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    data = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while b"\n" not in data:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the trainer reported no progress"
+            try:
+                data += os.read(fd, 4096)
+            except BlockingIOError:
+                pass
+            time.sleep(0.01)
+    finally:
+        os.close(fd)
+
+
+def _wait_blocked(ckpt: Path, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    """Until the trainer has written a checkpoint after the first one and sits blocked on its report."""
+    deadline = time.monotonic() + timeout
+    first = (ckpt / "checkpoint.pt").stat().st_mtime_ns
+    while (ckpt / "checkpoint.pt").stat().st_mtime_ns == first:
+        assert proc.poll() is None and time.monotonic() < deadline, "no second checkpoint"
+        time.sleep(0.01)
+    time.sleep(0.2)
+
+
+RESUMABLE = [("mlp", {"epochs": 6, "hidden": 8}), ("logreg", {"epochs": 6}),
+             ("gbt", {"trees": 6, "max_depth": 2})]
+
+
+@needs_torch
+@pytest.mark.skipif(os.name == "nt", reason="POSIX FIFO and signals")
+@pytest.mark.parametrize("model,hyper", RESUMABLE)
+def test_kill_9_after_a_checkpoint_then_resume_gives_the_same_bytes(tmp_path, model, hyper):
+    whole = train(tmp_path, model, hyper, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+
+    fifo, ckpt = tmp_path / "progress.fifo", tmp_path / "ckpt"
+    os.mkfifo(fifo)
+    env = env_for(tmp_path, CIS490_PROGRESS=str(fifo), CIS490_CHECKPOINT_DIR=str(ckpt))
+    proc = subprocess.Popen(train_argv(model, hyper, tmp_path / "first"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        _first_progress_line_then_block(fifo, proc)
+        _wait_blocked(ckpt, proc)
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint.pt"], "a temporary file was left behind"
+
+    resumed = subprocess.run(train_argv(model, hyper, tmp_path / "resumed"), capture_output=True, text=True,
+                             env=env_for(tmp_path, CIS490_RESUME_FROM=str(ckpt)), cwd=tmp_path, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    epochs = hyper.get("epochs") or hyper["trees"]
+    done = int(resumed.stdout.split("resuming from the checkpoint in ")[1].split(" after ")[1].split()[0])
+    assert 2 <= done < epochs, resumed.stdout
+    assert f"epoch {done}/{epochs}" not in resumed.stdout and f"epoch {epochs}/{epochs}" in resumed.stdout
+    for name in ("model.pt", "metrics.json", "train.log"):
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+@needs_torch
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_sigterm_mid_epoch_checkpoints_where_it_stopped_and_resumes_to_the_same_bytes(tmp_path):
+    hyper = {"epochs": 3, "batch_size": 1, "hidden": 8}
+    whole = train(tmp_path, "mlp", hyper, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.Popen(train_argv("mlp", hyper, tmp_path / "first"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env=env_for(tmp_path, CIS490_CHECKPOINT_DIR=str(ckpt)))
+    try:
+        assert proc.stdout.readline().startswith("train mlp")  # torch is loaded: training has begun
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143, stderr
+    rows = progress_rows(tmp_path)
+    assert rows[-1]["checkpoint"] == "checkpoint.pt" and rows[-1]["epoch"] < 3, rows[-1]
+
+    resumed = subprocess.run(train_argv("mlp", hyper, tmp_path / "resumed"), capture_output=True, text=True,
+                             env=env_for(tmp_path, CIS490_RESUME_FROM=str(ckpt)), cwd=tmp_path, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from the checkpoint" in resumed.stdout
+    for name in ("model.pt", "metrics.json", "train.log"):
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+@needs_torch
+@pytest.mark.parametrize("content,why", [(b"not a checkpoint", "cannot read the checkpoint"),
+                                         (None, "belongs to another job")])
+def test_an_unusable_checkpoint_starts_from_the_beginning_and_says_why(tmp_path, content, why):
+    hyper = {"epochs": 2, "hidden": 8}
+    resume = tmp_path / "resume"
+    if content is None:  # a real checkpoint, of another seed
+        other = train_argv("mlp", hyper, tmp_path / "other", seed=99)
+        done = subprocess.run(other, env=env_for(tmp_path, CIS490_CHECKPOINT_DIR=str(resume)), capture_output=True,
+                              cwd=tmp_path, timeout=240)
+        assert done.returncode == 0
+    else:
+        resume.mkdir()
+        (resume / "checkpoint.pt").write_bytes(content)
+    whole = train(tmp_path, "mlp", hyper, tmp_path / "whole")
+    again = subprocess.run(train_argv("mlp", hyper, tmp_path / "again"), capture_output=True, text=True,
+                           env=env_for(tmp_path, CIS490_RESUME_FROM=str(resume)), cwd=tmp_path, timeout=240)
+    assert again.returncode == 0 and whole.returncode == 0, again.stderr
+    assert why in again.stderr and "starting from the beginning" in again.stderr and "Traceback" not in again.stderr
+    assert (tmp_path / "again" / "model.pt").read_bytes() == (tmp_path / "whole" / "model.pt").read_bytes()
