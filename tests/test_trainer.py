@@ -276,33 +276,25 @@ def test_fixture_noisy(tmp_path):
 
 # Checkpoints: a run stopped at any point and resumed ends with the same output bytes as one that never stopped.
 
-def _first_progress_line_then_block(fifo: Path, proc: subprocess.Popen, timeout: float = 240.0) -> None:
-    """Read one progress line from the FIFO the trainer reports to, then close it: the trainer's next report
-    blocks (opening a FIFO for writing waits for a reader), so it stops right after its next checkpoint."""
-    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    data = b""
-    deadline = time.monotonic() + timeout
+def _killed_after_one_more_epoch(tmp_path: Path, model: str, hyper: dict, ckpt: Path, resume: Path | None) -> None:
+    """Train with the progress file a FIFO nobody reads: after its next epoch the trainer writes a checkpoint,
+    then blocks opening the FIFO (a writer waits for a reader), and is killed there with SIGKILL."""
+    fifo = tmp_path / f"progress-{ckpt.name}.fifo"
+    os.mkfifo(fifo)
+    env = env_for(tmp_path, CIS490_PROGRESS=str(fifo), CIS490_CHECKPOINT_DIR=str(ckpt),
+                  **({"CIS490_RESUME_FROM": str(resume)} if resume else {}))
+    proc = subprocess.Popen(train_argv(model, hyper, tmp_path / f"out-{ckpt.name}"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
     try:
-        while b"\n" not in data:
+        deadline = time.monotonic() + 240
+        while not (ckpt / "checkpoint.pt").exists():
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the trainer reported no progress"
-            try:
-                data += os.read(fd, 4096)
-            except BlockingIOError:
-                pass
-            time.sleep(0.01)
+            assert time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.05)
     finally:
-        os.close(fd)
-
-
-def _wait_blocked(ckpt: Path, proc: subprocess.Popen, timeout: float = 240.0) -> None:
-    """Until the trainer has written a checkpoint after the first one and sits blocked on its report."""
-    deadline = time.monotonic() + timeout
-    first = (ckpt / "checkpoint.pt").stat().st_mtime_ns
-    while (ckpt / "checkpoint.pt").stat().st_mtime_ns == first:
-        assert proc.poll() is None and time.monotonic() < deadline, "no second checkpoint"
-        time.sleep(0.01)
-    time.sleep(0.2)
+        proc.kill()
+        proc.wait()
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint.pt"], "a temporary file was left behind"
 
 
 RESUMABLE = [("mlp", {"epochs": 6, "hidden": 8}), ("logreg", {"epochs": 6}),
@@ -316,27 +308,17 @@ def test_kill_9_after_a_checkpoint_then_resume_gives_the_same_bytes(tmp_path, mo
     whole = train(tmp_path, model, hyper, tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
 
-    fifo, ckpt = tmp_path / "progress.fifo", tmp_path / "ckpt"
-    os.mkfifo(fifo)
-    env = env_for(tmp_path, CIS490_PROGRESS=str(fifo), CIS490_CHECKPOINT_DIR=str(ckpt))
-    proc = subprocess.Popen(train_argv(model, hyper, tmp_path / "first"), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, cwd=tmp_path)
-    try:
-        _first_progress_line_then_block(fifo, proc)
-        _wait_blocked(ckpt, proc)
-        proc.kill()
-    finally:
-        proc.kill()
-        proc.wait()
-    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint.pt"], "a temporary file was left behind"
-
+    # Killed after epoch 1, resumed and killed after epoch 2, then resumed to the end.
+    _killed_after_one_more_epoch(tmp_path, model, hyper, tmp_path / "ckpt1", None)
+    _killed_after_one_more_epoch(tmp_path, model, hyper, tmp_path / "ckpt2", tmp_path / "ckpt1")
+    ckpt = tmp_path / "ckpt2"
     resumed = subprocess.run(train_argv(model, hyper, tmp_path / "resumed"), capture_output=True, text=True,
                              env=env_for(tmp_path, CIS490_RESUME_FROM=str(ckpt)), cwd=tmp_path, timeout=240)
     assert resumed.returncode == 0, resumed.stderr
     epochs = hyper.get("epochs") or hyper["trees"]
     done = int(resumed.stdout.split("resuming from the checkpoint in ")[1].split(" after ")[1].split()[0])
-    assert 2 <= done < epochs, resumed.stdout
-    assert f"epoch {done}/{epochs}" not in resumed.stdout and f"epoch {epochs}/{epochs}" in resumed.stdout
+    assert done == 2, resumed.stdout
+    assert "epoch 2/" not in resumed.stdout and f"epoch 3/{epochs}" in resumed.stdout
     for name in ("model.pt", "metrics.json", "train.log"):
         assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
@@ -362,6 +344,11 @@ def test_sigterm_mid_epoch_checkpoints_where_it_stopped_and_resumes_to_the_same_
     assert proc.returncode == 143, stderr
     rows = progress_rows(tmp_path)
     assert rows[-1]["checkpoint"] == "checkpoint.pt" and rows[-1]["epoch"] < 3, rows[-1]
+    check = ("import sys, torch\nc = torch.load(sys.argv[1], weights_only=True)\n"
+             "assert c['fit']['position'] is not None, 'not stopped inside an epoch'\n")
+    inside = subprocess.run([sys.executable, "-W", "ignore", "-c", check, str(ckpt / "checkpoint.pt")],
+                            capture_output=True, text=True, timeout=120)
+    assert inside.returncode == 0, inside.stderr
 
     resumed = subprocess.run(train_argv("mlp", hyper, tmp_path / "resumed"), capture_output=True, text=True,
                              env=env_for(tmp_path, CIS490_RESUME_FROM=str(ckpt)), cwd=tmp_path, timeout=240)
