@@ -24,7 +24,7 @@ from cis490fleet.errors import (  # noqa: F401 (jobs documents all six)
     EXIT_FAILED, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNAUTHORISED, EXIT_UNREACHABLE, EXIT_USAGE, exit_code,
 )
 from cis490fleet.client import ENV_RECEIVER, Client
-from cis490fleet.progress import format_duration, format_progress, progress_line, terminal_columns
+from cis490fleet.progress import format_duration, format_progress, observe, progress_line, terminal_columns
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,7 @@ class Ops:
         self.out = out
         self.err = err_stream
         self._client: Client | None = None
+        self._history: dict[tuple, list[tuple[float, float]]] = {}
 
     @property
     def client(self) -> Client:
@@ -524,11 +525,16 @@ class Ops:
         live = sum(1 for w in snap["workers"] if w.get("live"))
         lines = [head + f"  workers {live}/{len(snap['workers'])}"]
         columns = terminal_columns(self.out.stream) - 2
+        history = {}
         for job in snap["running"]:
             started = job_started(job)
+            key = (job.get("id"), started)
+            history[key] = observe(self._history.get(key, []), job.get("progress"), now)
             label = f"{short(job.get('id'))} {job.get('model')}/{job.get('mode')} on {job.get('host') or '?'}"
             label += f" ({age(started, now)})" if bars else f" {job.get('status')} age {age(started, now)}"
-            lines.append("  " + progress_line(label, job.get("progress"), started, now, tty=bars, columns=columns))
+            lines.append("  " + progress_line(label, job.get("progress"), started, now, tty=bars, columns=columns,
+                                              history=history[key]))
+        self._history = history
         return lines
 
 

@@ -63,15 +63,43 @@ def render_bar(fraction: float | None, width: int = BAR_WIDTH) -> str:
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
-def eta_seconds(progress: dict | None, started: float | None, now: float) -> float | None:
-    """Seconds left: the trainer's own ``eta_s``, else extrapolated from the time since ``started``."""
+HISTORY_POINTS = 12
+
+
+def observe(history: list[tuple[float, float]], progress: dict | None, now: float,
+            keep: int = HISTORY_POINTS) -> list[tuple[float, float]]:
+    """``history`` of (when first seen, fraction) points with ``progress`` added when its fraction moved on;
+    the last ``keep`` points. A fraction that went back (a new attempt) starts a new history."""
+    f = fraction(progress)
+    if f is None or (history and history[-1][1] == f):
+        return history
+    if history and f < history[-1][1]:
+        return [(now, f)]
+    return (history + [(now, f)])[-keep:]
+
+
+def eta_seconds(progress: dict | None, started: float | None, now: float,
+                history: list[tuple[float, float]] = ()) -> float | None:
+    """Seconds left: the trainer's own ``eta_s``, else the rate over ``history`` (see ``observe``), else
+    extrapolated from the time since ``started``.
+
+    With a history the estimate is made as of the last point and counts down from there, so it does not
+    climb while a refreshing view waits for the next report; the rate over all points smooths out bursts."""
     if not isinstance(progress, dict):
         return None
     eta = _number(progress.get("eta_s"))
     if eta is not None:
         return max(0.0, eta)
     f = fraction(progress)
-    if started is None or f is None or not 0 < f < 1:
+    if f is None or not 0 < f < 1:
+        return None
+    if history and history[-1][1] == f:
+        (t0, f0), (t1, _) = history[0], history[-1]
+        if t1 > t0 and f > f0:
+            return max(0.0, (1 - f) * (t1 - t0) / (f - f0) - (now - t1))
+        if started is not None and t1 > started:
+            return max(0.0, (t1 - started) * (1 - f) / f - (now - t1))
+    if started is None:
         return None
     elapsed = now - started
     return elapsed * (1 - f) / f if elapsed > 0 else None
@@ -83,7 +111,8 @@ def _format_loss(loss: float) -> str:
     return f"{loss:.4f}"
 
 
-def format_progress(progress: dict | None, started: float | None, now: float) -> str:
+def format_progress(progress: dict | None, started: float | None, now: float,
+                    history: list[tuple[float, float]] = ()) -> str:
     """'epoch 3/10 loss 0.4123 42% ETA 1m20s' (parts that are unknown are left out); 'starting' with none."""
     if not isinstance(progress, dict) or not progress:
         return "starting"
@@ -100,7 +129,7 @@ def format_progress(progress: dict | None, started: float | None, now: float) ->
     f = fraction(progress)
     if f is not None:
         parts.append(f"{100 * f:.0f}%")
-    eta = eta_seconds(progress, started, now)
+    eta = eta_seconds(progress, started, now, history)
     if eta is not None and (f is None or f < 1):
         parts.append(f"ETA {format_duration(eta)}")
     return " ".join(parts) or "running"
@@ -122,10 +151,11 @@ def _fit(text: str, columns: int | None) -> str:
 
 
 def progress_line(label: str, progress: dict | None, started: float | None, now: float, *, tty: bool,
-                  columns: int | None = 80, bar_width: int = BAR_WIDTH) -> str:
+                  columns: int | None = 80, bar_width: int = BAR_WIDTH,
+                  history: list[tuple[float, float]] = ()) -> str:
     """One job's line. On a terminal: 'label [####....] epoch 3/10 ...' cut to ``columns``;
     otherwise a plain log line 'label: epoch 3/10 ...' (no bar, never cut)."""
-    text = format_progress(progress, started, now)
+    text = format_progress(progress, started, now, history)
     if not tty:
         return f"{label}: {text}"
     return _fit(f"{label} {render_bar(fraction(progress), bar_width)} {text}", columns)

@@ -660,3 +660,21 @@ def test_failures_list_and_show_give_the_trainers_own_last_line(fleet):
     assert "last error\n  trainer exit code 1; last stderr:\n  epoch 1 loss 0.93\n" in out
     code, out, _ = jobs(fleet.url, "list", "--json")
     assert {j["last_error"] for j in json.loads(out)["jobs"] if j["id"] == claim["job_id"]} == {want}
+
+
+def test_watch_eta_counts_down_between_reports():
+    """Refreshes between two progress reports: the ETA shown counts down; it never climbs while waiting."""
+    watch = ops.Ops(ops.build_parser().parse_args(["watch"]), ops.Out(io.StringIO(), color=False), io.StringIO())
+    t0 = 1_800_000_000.0
+
+    def eta_at(now: float, f: float) -> str:
+        job = {"id": "a" * 64, "model": "mlp", "mode": "train", "host": "ws1", "status": "running",
+               "started": t0, "progress": {"fraction": f}}
+        (_, line) = watch.watch_lines({"health": {"jobs": {"running": 1}}, "workers": [], "running": [job]},
+                                      now, bars=False)
+        return re.search(r"ETA (\S+)", line).group(1)
+
+    shown = [eta_at(t0 + t, 0.1 * (t // 10)) for t in range(10, 40, 2)]
+    seconds = [sum(int(n) * {"s": 1, "m": 60}[u] for n, u in re.findall(r"(\d+)([sm])", s)) for s in shown]
+    assert all(b <= a for a, b in zip(seconds, seconds[1:])), shown
+    assert shown[0] == "1m30s" and shown[-1] == "1m02s", shown

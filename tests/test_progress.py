@@ -147,3 +147,39 @@ def test_terminal_columns_asks_the_terminal_behind_the_stream():
     finally:
         os.close(master)
         os.close(slave)
+
+
+def _watch(reports: dict[float, float], refreshes) -> list[float]:
+    """The ETA a refreshing view shows at each of ``refreshes``, the trainer having reported fraction
+    ``reports[t]`` at time t (a job started at 0)."""
+    history, shown = [], []
+    for now in refreshes:
+        p = {"fraction": max(f for t, f in reports.items() if t <= now)}
+        history = progress.observe(history, p, now)
+        shown.append(progress.eta_seconds(p, 0.0, now, history))
+    return shown
+
+
+def test_eta_counts_down_between_reports_instead_of_climbing():
+    shown = _watch({0: 0.0, 10: 0.1, 20: 0.2, 30: 0.3}, range(10, 40))
+    assert all(b <= a for a, b in zip(shown, shown[1:]) if a is not None), shown
+    assert shown[0] == 90.0 and shown[-1] == pytest.approx(61.0)  # 10 s per tenth: 70 s left at 30, 9 s gone
+
+
+def test_eta_is_smoothed_over_the_history_not_the_last_report_alone():
+    """A burst (one report that jumped) moves the ETA by what the whole history says, not by the burst alone."""
+    steady = {t: t / 100 for t in range(0, 50, 10)}
+    shown = _watch({**steady, 50: 0.9}, range(10, 51))
+    rate_of_whole_history = (0.9 - 0.1) / (50 - 10)
+    assert shown[-1] == pytest.approx((1 - 0.9) / rate_of_whole_history)
+
+
+def test_history_keeps_only_points_where_the_fraction_moved_and_is_bounded():
+    history = []
+    for now, f in [(1, 0.1), (2, 0.1), (3, 0.2), (4, None), (5, 0.2)]:
+        history = progress.observe(history, {"fraction": f} if f is not None else None, now)
+    assert history == [(1, 0.1), (3, 0.2)]
+    for now in range(100):
+        history = progress.observe(history, {"fraction": now / 100}, now)
+    assert len(history) == progress.HISTORY_POINTS and history[-1] == (99, 0.99)
+    assert progress.observe(history, {"fraction": 0.05}, 100) == [(100, 0.05)]  # a restarted attempt
