@@ -40,15 +40,16 @@ class NotFound(FleetError):
 
 
 class AmbiguousId(FleetError):
-    """An id prefix matches more than one job."""
+    """An id prefix, or a job name, matches more than one job."""
 
     code = "ambiguous_id"
 
-    def __init__(self, prefix: str, matches: list[str]):
+    def __init__(self, prefix: str, matches: list[str], detail: str | None = None):
         self.prefix = prefix
         self.matches = list(matches)
         shown = ", ".join(m[:12] for m in self.matches[:5])
-        super().__init__(f"id prefix {prefix!r} matches {len(self.matches)} jobs ({shown}...); give more characters")
+        super().__init__(detail or f"id prefix {prefix!r} matches {len(self.matches)} jobs ({shown}...); "
+                         "give more characters")
 
 
 class StaleLease(FleetError):

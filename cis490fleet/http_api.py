@@ -49,7 +49,6 @@ MAX_LOG_TAIL = 256 * 1024
 LINGER_S = 2.0
 SMALL_STREAM = 256 * 1024  # streamed bodies up to this size go out in the same send as the headers
 EXTENSIONS = ("cis490fleet.dashboard", "cis490fleet.metrics")
-_PREFIX_RE = re.compile(r"^[0-9a-f]{4,64}$")
 _SECRET_QUERY_KEYS = re.compile(r"token|secret|key|pass|auth|lease", re.I)
 
 
@@ -335,11 +334,10 @@ def job_id_param(value: str) -> str:
 
 
 def job_ref_param(value: str) -> str:
-    """A job id or an operator's unique prefix (at least 4 hex digits)."""
-    value = value.lower()
-    if not _PREFIX_RE.match(value):
-        raise errors.BadRequest(f"job id {value[:80]!r} is not valid: expected 64 hex digits or a unique prefix "
-                                "of at least 4")
+    """A job's manifest name, its id or an operator's unique prefix (at least 4 hex digits)."""
+    if not model.NAME_RE.match(value):
+        raise errors.BadRequest(f"job {value[:80]!r} is not valid: expected a job name from the manifest, 64 hex "
+                                "digits or a unique prefix of at least 4")
     return value
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from cis490fleet import db, failure_text, jobs, policy
 from cis490fleet.errors import (AmbiguousId, BadRequest, FleetError, InvalidTransition, NotFound, Unavailable,
                                 error_from_wire)
-from cis490fleet.model import (COMPLETED, FAILED, HELD_STATUSES, HOST_ID_RE, JOB_ID_RE, PENDING, SHA256_RE, STATUSES,
+from cis490fleet.model import (COMPLETED, FAILED, HELD_STATUSES, HOST_ID_RE, JOB_ID_RE, NAME_RE, PENDING, SHA256_RE, STATUSES,
                                FleetConfig, HostSpec, JobSpec, TrainerConfig, normalize_capability)
 
 log = logging.getLogger(__name__)
@@ -1009,23 +1009,43 @@ class JobStore:
 
     # -------------------------------------------------------- reads
 
-    def resolve(self, id_or_prefix: str) -> str:
-        """The full job id for an id or a unique hex prefix of at least 4 characters."""
-        text = str(id_or_prefix).strip().lower()
-        if not text or any(ch not in "0123456789abcdef" for ch in text) or len(text) > 64:
-            raise BadRequest(f"{id_or_prefix!r} is not a job id: give the id or its first {PREFIX_MIN}+ hex digits")
-        if len(text) < PREFIX_MIN:
-            raise BadRequest(f"job id prefix {text!r} is too short: give at least {PREFIX_MIN} hex digits")
+    def resolve(self, ref: str) -> str:
+        """The full job id for a job's manifest name, its id, or a unique hex prefix of at least 4 characters.
+
+        A name is looked up first (names are what people remember); a name that several jobs carry (an edited
+        job keeps its name, the old one stays in the queue) is AmbiguousId listing each of them."""
+        text = str(ref).strip()
+        with self._snapshot() as conn:
+            named = (conn.execute("SELECT id, model, mode, status, in_manifest FROM jobs WHERE name = ? ORDER BY seq",
+                                  (text,)).fetchall() if NAME_RE.match(text) else [])
+        if len(named) == 1:
+            return named[0][0]
+        if named:
+            shown = ", ".join(f"{r[0][:12]} ({r[1]}/{r[2]}, {r[3]}" + ("" if r[4] else ", no longer in the manifest")
+                              + ")" for r in named[:5])
+            raise AmbiguousId(text, [r[0] for r in named],
+                              f"name {text!r} names {len(named)} jobs: {shown}{', ...' if len(named) > 5 else ''}; "
+                              "give the id (or a unique prefix of it) of the one you mean")
+        hint = "'cis490fleet jobs list' shows each job's name and id"
+        lower = text.lower()
+        if not lower or any(ch not in "0123456789abcdef" for ch in lower) or len(lower) > 64:
+            if NAME_RE.match(text):
+                raise NotFound(f"no job is named {text!r}; {hint}")
+            raise BadRequest(f"{ref!r} is neither a job name nor a job id: give a name from the manifest, the id "
+                             f"or its first {PREFIX_MIN}+ hex digits")
+        if len(lower) < PREFIX_MIN:
+            raise NotFound(f"no job is named {text!r}, and a job id prefix needs at least {PREFIX_MIN} hex digits; "
+                           + hint)
         with self._snapshot() as conn:
             rows = conn.execute("SELECT id FROM jobs WHERE id >= ? AND id < ? ORDER BY id LIMIT 2",
-                                (text, text + "g")).fetchall()
+                                (lower, lower + "g")).fetchall()
             if len(rows) > 1:
                 rows = conn.execute("SELECT id FROM jobs WHERE id >= ? AND id < ? ORDER BY id",
-                                    (text, text + "g")).fetchall()
+                                    (lower, lower + "g")).fetchall()
         if not rows:
-            raise NotFound(f"no job id starts with {text!r}; list jobs with 'cis490fleet jobs list'")
+            raise NotFound(f"no job is named {text!r} and no job id starts with {lower!r}; {hint}")
         if len(rows) > 1:
-            raise AmbiguousId(text, [r[0] for r in rows])
+            raise AmbiguousId(lower, [r[0] for r in rows])
         return rows[0][0]
 
     def check_holder(self, job_id: str, host: str, lease: str | None) -> dict:

@@ -36,7 +36,8 @@ def _errors(*statuses: int) -> dict:
 
 
 _ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
-             "description": "a job id (64 hex digits); operator endpoints and GET also take a unique prefix"}
+             "description": "a job id (64 hex digits); operator endpoints and GET also take a unique prefix of 4+ hex "
+                            "digits or the job's manifest name (an ambiguous one is a 400 listing its jobs)"}
 _JOB_ID_PARAM = {"name": "job_id", "in": "path", "required": True, "schema": _HEX64}
 _SHA_PARAM = {"name": "sha256", "in": "path", "required": True, "schema": _HEX64}
 _HOST_HEADER = {"name": "x-lab-host", "in": "header", "required": False, "schema": {"type": "string"},

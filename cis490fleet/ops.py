@@ -559,6 +559,9 @@ def new_log_text(old: str, new: str) -> str:
 # -- arguments --------------------------------------------------------------------------------------
 
 
+JOB_REF_HELP = "a job's name in the manifest, its id, or a unique prefix of the id (4+ hex digits)"
+
+
 def _add_common(p: argparse.ArgumentParser, top: bool) -> None:
     """The global options, accepted before and after the subcommand."""
     d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
@@ -594,21 +597,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, help="at most this many jobs")
     p.add_argument("--offset", type=_non_negative_int, default=0, help="skip this many jobs")
     p = add("show", "one job: spec, attempts, last error, why pending, log tail")
-    p.add_argument("id", help="a job id or a unique prefix of one")
+    p.add_argument("id", help=JOB_REF_HELP)
     p = add("failures", "the newest failed or stale attempts, also of jobs still retrying or since completed")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="at most this many attempts (default 20)")
     p = add("cancel", "cancel jobs (a running job's worker is told to stop)")
-    p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument("ids", nargs="+", metavar="ID", help=JOB_REF_HELP)
     p = add("requeue", "put failed or cancelled jobs back in the queue")
-    p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument("ids", nargs="+", metavar="ID", help=JOB_REF_HELP)
     add("reload", "reload the coordinator's training manifest")
     add("workers", "workers, when they were last seen, what they run")
     p = add("logs", "a job's log tail")
-    p.add_argument("id", help="a job id or a unique prefix of one")
+    p.add_argument("id", help=JOB_REF_HELP)
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the job ends")
     p.add_argument("--interval", type=_positive_float, default=2.0, metavar="S", help="seconds between polls")
     p = add("fetch", "download a job's artifact and verify its sha256")
-    p.add_argument("id", help="a job id or a unique prefix of one")
+    p.add_argument("id", help=JOB_REF_HELP)
     p.add_argument("-o", "--output", metavar="DIR", help="folder to write into (default: the current one)")
     p.add_argument("--extract", action="store_true", help="also extract the bundle next to it")
     p = add("watch", "a refreshing view of the queue and running jobs")

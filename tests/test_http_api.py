@@ -262,7 +262,7 @@ def test_ids_are_validated_before_lookup(srv):
     assert_error(srv.call("POST", f"/v1/job/{'A' * 64}/heartbeat", {}, worker("ws1")), 400, "bad_request")
     assert_error(srv.call("POST", f"/v1/job/{'0' * 64}/heartbeat", {}, worker("ws1")), 404, "not_found")
     assert_error(srv.call("GET", "/v1/job/..%2f..%2fetc"), 400, "bad_request")
-    assert_error(srv.call("GET", "/v1/job/abc"), 400, "bad_request", "prefix")
+    assert_error(srv.call("GET", "/v1/job/abc"), 404, "not_found", "no job is named", "prefix")  # a name, or too short a prefix
     assert_error(srv.call("GET", "/v1/artifact/nothex"), 400, "bad_request")
 
 

@@ -563,10 +563,12 @@ def test_resolve_takes_a_full_id_or_a_unique_prefix(store):
     with pytest.raises(AmbiguousId) as info:
         store.resolve(a.id[:4])
     assert info.value.matches == sorted([a.id, b.id])
-    with pytest.raises(BadRequest, match="at least 4"):
+    with pytest.raises(NotFound, match="at least 4"):
         store.resolve(a.id[:3])
-    with pytest.raises(BadRequest, match="not a job id"):
+    with pytest.raises(NotFound, match="no job is named 'train-3'"):
         store.resolve("train-3")
+    with pytest.raises(BadRequest, match="neither a job name nor a job id"):
+        store.resolve("no/such")
     with pytest.raises(NotFound):
         store.resolve("0000000")
 

@@ -678,3 +678,32 @@ def test_watch_eta_counts_down_between_reports():
     seconds = [sum(int(n) * {"s": 1, "m": 60}[u] for n, u in re.findall(r"(\d+)([sm])", s)) for s in shown]
     assert all(b <= a for a, b in zip(seconds, seconds[1:])), shown
     assert shown[0] == "1m30s" and shown[-1] == "1m02s", shown
+
+
+NAMED = '[[jobs]]\nname = "baseline"\nmodel = "mlp"\nmode = "base"\nhyper = {{ lr = {lr} }}\n'
+
+
+def test_job_names_work_wherever_an_id_prefix_does(serve_process, operator, tmp_path):
+    """``jobs show baseline``: the manifest's names are what people remember; an ambiguous name lists each job
+    it names, and a name that names nothing says so (exit 3)."""
+    fleet = serve_process(manifest=manifest_toml(2, extra=NAMED.format(lr=0.1)))
+    (baseline,) = [j["id"] for j in Client(fleet.url).jobs()["jobs"] if j["name"] == "baseline"]
+    code, out, err = jobs(fleet.url, "show", "baseline")
+    assert (code, err) == (0, "") and re.search(rf"^id\s+{baseline}$", out, re.M)
+    for verb, done in (("cancel", "cancelled"), ("requeue", "requeued")):
+        code, out, err = jobs(fleet.url, verb, "baseline")
+        assert (code, err, out) == (0, "", f"{done} {baseline[:12]}  baseline\n")
+    code, out, err = jobs(fleet.url, "logs", "baseline")
+    assert code == 0 and "has no log" in err
+    code, out, err = jobs(fleet.url, "fetch", "baseline", "-o", str(tmp_path))
+    assert code == 3 and f"job {baseline[:12]} has no artifact yet" in err
+
+    code, out, err = jobs(fleet.url, "show", "basline")
+    assert (code, out) == (3, "") and "no job is named 'basline'" in err
+
+    manifest = Path(fleet.argv[fleet.argv.index("--manifest") + 1])
+    manifest.write_text(manifest_toml(2, extra=NAMED.format(lr=0.2)), encoding="utf-8")
+    assert jobs(fleet.url, "reload")[0] == 0
+    code, out, err = jobs(fleet.url, "show", "baseline")
+    assert (code, out) == (3, "") and "name 'baseline' names 2 jobs" in err, err
+    assert baseline[:12] in err and "no longer in the manifest" in err and len(err.splitlines()) == 1
