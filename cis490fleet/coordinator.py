@@ -30,6 +30,7 @@ from pathlib import Path
 from cis490fleet import __version__, errors, model
 from cis490fleet.metrics import Histogram
 from cis490fleet.model import FleetConfig, Manifest
+from cis490fleet.notifier import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +336,8 @@ class Coordinator:
             self.writer = self.replicator
         else:
             self.writer = GroupCommitWriter(self.store, max_batch=max_batch, on_applied=self._after_commit)
+        self.notifier = Notifier(self.store, self.store.fleet,
+                                 is_leader=lambda: self.replicator is None or self.replicator.is_leader())
         self.writer.start()
 
     @property
@@ -411,6 +414,7 @@ class Coordinator:
                 wake = True
         if wake:
             self.wake_waiters()
+        self.notifier.observe(cmds, results)
 
     def wake_waiters(self) -> None:
         with self._wake:
@@ -627,6 +631,7 @@ class Coordinator:
         for t in threads:
             t.start()
         self._threads += threads
+        self.notifier.start()
 
     def listen(self, host: str, port: int, ssl_context=None):
         """Bind the HTTP server (not yet serving); sets ``url``."""
@@ -664,6 +669,7 @@ class Coordinator:
             t.join(5)
         self._readers.shutdown(wait=True)
         self.writer.stop(grace)
+        self.notifier.stop()
         self.store.close()
         log.info("database closed")
         self._data_lock.release()

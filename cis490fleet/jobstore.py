@@ -1199,6 +1199,13 @@ class JobStore:
                 out[status] = n
         return out
 
+    def sweep_counts(self, sweep: str) -> tuple[dict[str, int], float | None]:
+        """How many jobs of one sweep (``JobSpec.sweep``) are in each status, and when the last of them changed."""
+        with self._use() as conn:
+            rows = conn.execute("SELECT status, count(*), max(updated) FROM jobs "
+                                "WHERE json_extract(spec, '$.sweep') = ? GROUP BY status", (sweep,)).fetchall()
+        return {r[0]: r[1] for r in rows}, max((r[2] for r in rows), default=None)
+
     def artifact(self, artifact_id: str) -> dict | None:
         with self._use() as conn:
             row = conn.execute(f"SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE artifact_id = ?",

@@ -42,6 +42,7 @@ in ``[[sweeps]]`` it lists alternatives (``hidden = [[64, 64], [128]]``).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import itertools
 import json
@@ -57,10 +58,13 @@ from cis490fleet.errors import ManifestError
 from cis490fleet.model import (
     HOST_ID_RE,
     NAME_RE,
+    NOTIFY_EVENTS,
+    NOTIFY_FORMATS,
     FleetConfig,
     HostSpec,
     JobSpec,
     Manifest,
+    NotifyTarget,
     TrainerConfig,
 )
 
@@ -69,7 +73,9 @@ DESCRIBE_PLACEHOLDERS = ("python",)
 ROLES = ("worker", "coordinator", "both")
 MAX_SWEEP_JOBS = 10_000
 
-TOP_KEYS = ("fleet", "trainer", "hosts", "jobs", "sweeps")
+TOP_KEYS = ("fleet", "trainer", "hosts", "jobs", "sweeps", "notify")
+NOTIFY_KEYS = ("url", "on", "format", "secret_env")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 FLEET_KEYS = ("name", "peers", "stale_after_s", "heartbeat_s", "max_attempts", "max_artifact_bytes",
               "retry_backoff_s", "worker_timeout_s")
 PEER_KEYS = ("id", "url")
@@ -186,6 +192,7 @@ class _Entry:
     labels: list[str] = field(default_factory=list)
     names: list[str | None] = field(default_factory=list)
     prefix: str | None = None  # a sweep's name
+    sweep: str | None = None  # what its jobs' JobSpec.sweep says: the sweep's name, else "sweeps[<index>]"
     after: tuple[str, ...] = ()
     resolved_after: tuple[str, ...] = ()
 
@@ -325,6 +332,9 @@ class _Parser:
     def manifest(self, data: dict) -> Manifest:
         self.known_keys("", data, TOP_KEYS)
         fleet = self.fleet(data.get("fleet", {}))
+        notify = self.notify(data.get("notify", []))
+        if notify:
+            fleet = dataclasses.replace(fleet, notify=notify)
         trainer = self.trainer(data.get("trainer"))
         hosts = self.hosts(data.get("hosts", []))
         entries = [self.entry("jobs", i, raw, trainer) for i, raw in enumerate(self.tables("jobs", data.get("jobs", [])))]
@@ -388,6 +398,47 @@ class _Parser:
             if pid is not _BAD and url is not _BAD:
                 peers.append((pid, url.rstrip("/")))
         return tuple(peers)
+
+    def notify(self, raw: Any) -> tuple[NotifyTarget, ...]:
+        targets = []
+        for i, entry in enumerate(self.tables("notify", raw)):
+            where = _label("notify", i, entry, "url")
+            if entry is None:
+                continue
+            self.known_keys(where, entry, NOTIFY_KEYS)
+            url = entry.get("url", _BAD)
+            if "url" not in entry:
+                self.missing(where, "url")
+            elif not isinstance(url, str) or not _URL_RE.match(url):
+                self.problem(f"{where}.url", f"expected an http:// or https:// URL, got {_show(url)}")
+                url = _BAD
+            values: dict[str, Any] = {}
+            if "on" in entry:
+                on = self.strings(f"{where}.on", entry["on"])
+                if on is not _BAD:
+                    for j, event in enumerate(on):
+                        if event not in NOTIFY_EVENTS:
+                            self.problem(f"{where}.on[{j}]", f"unknown event {_show(event)}"
+                                                             f"{_suggest(event, NOTIFY_EVENTS)}")
+                            on = _BAD
+                if on is not _BAD and not on:
+                    self.problem(f"{where}.on", f"name at least one event of {', '.join(NOTIFY_EVENTS)}, or "
+                                                "remove the [[notify]] table")
+                    on = _BAD
+                values["on"] = on if on is _BAD else tuple(dict.fromkeys(on))
+            if "format" in entry:
+                fmt = entry["format"]
+                if fmt not in NOTIFY_FORMATS:
+                    self.problem(f"{where}.format", f"unknown format {_show(fmt)}{_suggest(str(fmt), NOTIFY_FORMATS)}")
+                    fmt = _BAD
+                values["format"] = fmt
+            if "secret_env" in entry:
+                values["secret_env"] = self.string(f"{where}.secret_env", entry["secret_env"], pattern=_ENV_NAME_RE,
+                                                   rule="the name of an environment variable of the coordinator "
+                                                        "(letters, digits and '_', not starting with a digit)")
+            if url is not _BAD and _BAD not in values.values():
+                targets.append(NotifyTarget(url=url, **values))
+        return tuple(targets)
 
     def missing(self, where: str, key: str) -> Any:
         self.problem(where, f"missing required key {key!r}")
@@ -574,7 +625,7 @@ class _Parser:
         if count > MAX_SWEEP_JOBS:
             self.problem(label, f"expands to {count} jobs, more than {MAX_SWEEP_JOBS}; split it into smaller sweeps")
             return None
-        entry = _Entry(label, sweep, fixed, after=after)
+        entry = _Entry(label, sweep, fixed, after=after, sweep=(name or f"sweeps[{index}]") if sweep else None)
         order = list(hyper)
         for i, combo in enumerate(itertools.product(*values)):
             identity = {}
@@ -712,7 +763,7 @@ class _Parser:
         seen: dict[str, str] = {}
         for entry in entries:
             for label, identity, name in zip(entry.labels, entry.identities, entry.names):
-                job = JobSpec(**identity, **entry.fixed, name=name, after=entry.resolved_after)
+                job = JobSpec(**identity, **entry.fixed, name=name, after=entry.resolved_after, sweep=entry.sweep)
                 job_id = job.id
                 if job_id in seen:
                     self.problem(label, f"the same job as {seen[job_id]} (id {job_id[:12]}): model, mode, hyper, "

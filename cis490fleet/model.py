@@ -92,6 +92,33 @@ def compute_job_id(model: str, mode: str, hyper: dict, split_recipe: str, train_
     return hashlib.sha256(canonical_json(identity).encode("utf-8")).hexdigest()
 
 
+NOTIFY_EVENTS = ("failed", "completed", "sweep_done", "host_lost")
+NOTIFY_FORMATS = ("json", "slack")
+
+
+@dataclass(frozen=True)
+class NotifyTarget:
+    """One ``[[notify]]`` table: the URL the coordinator POSTs the named events to.
+
+    ``secret_env`` names an environment variable of the coordinator that holds the HMAC key of the
+    signature header, so the secret itself stays out of the manifest and the replicated log."""
+
+    url: str
+    on: tuple[str, ...] = ("failed", "sweep_done", "host_lost")
+    format: str = "json"
+    secret_env: str | None = None
+
+    def to_json(self) -> dict:
+        return {"url": self.url, "on": list(self.on), "format": self.format, "secret_env": self.secret_env}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "NotifyTarget":
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "on" in d:
+            d["on"] = tuple(d["on"])
+        return cls(**d)
+
+
 @dataclass(frozen=True)
 class FleetConfig:
     """The ``[fleet]`` table. Times in seconds, sizes in bytes."""
@@ -104,16 +131,19 @@ class FleetConfig:
     max_artifact_bytes: int = 64 * 2**30
     retry_backoff_s: float = 30.0
     worker_timeout_s: float = 120.0  # a worker unseen this long is not live
+    notify: tuple[NotifyTarget, ...] = ()  # from the top-level [[notify]] tables
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["peers"] = [list(p) for p in self.peers]
+        d["notify"] = [n.to_json() for n in self.notify]
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "FleetConfig":
         d = dict(d)
         d["peers"] = tuple(tuple(p) for p in d.get("peers", ()))
+        d["notify"] = tuple(NotifyTarget.from_json(n) for n in d.get("notify", ()))
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -203,6 +233,7 @@ class JobSpec:
     gpu_share: bool = False  # may share a GPU with other sharing jobs while their VRAM needs fit together
     mixed_gpus: bool = False  # with gpus > 1: GPUs of different models will do
     expected_minutes: float | None = None  # on a host of speed 1.0; None: learned from earlier runs
+    sweep: str | None = None  # the [[sweeps]] entry it came from: its name, else "sweeps[<index>]"
 
     @property
     def id(self) -> str:
@@ -245,7 +276,8 @@ class JobSpec:
                 "min_vram_gib": self.min_vram_gib, "min_ram_gib": self.min_ram_gib,
                 "allowed_hosts": list(self.allowed_hosts), "priority": self.priority, "retries": self.retries,
                 "name": self.name, "after": list(self.after), **self._gpu_fields(),
-                **({} if self.expected_minutes is None else {"expected_minutes": self.expected_minutes})}
+                **({} if self.expected_minutes is None else {"expected_minutes": self.expected_minutes}),
+                **({} if self.sweep is None else {"sweep": self.sweep})}
 
     @classmethod
     def from_json(cls, d: dict) -> "JobSpec":
