@@ -157,6 +157,20 @@ def _gpus(timeout: float) -> list[dict] | None:
     return [g for g in gpus if isinstance(g, dict)]
 
 
+def free_vram(timeout: float = 2.0) -> dict[int, float]:
+    """GPU index -> free VRAM in GiB now, as ``nvidia-smi`` reports it; empty without it or when it fails."""
+    smi = shutil.which("nvidia-smi")
+    out = _run([smi, "--query-gpu=index,memory.free", "--format=csv,noheader,nounits"], timeout) if smi else None
+    free = {}
+    for line in (out or "").splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        try:
+            free[int(parts[0])] = round(float(parts[-1]) / 1024, 2)
+        except (ValueError, IndexError):
+            continue
+    return free
+
+
 def _torch_version() -> str | None:
     try:
         return importlib.metadata.version("torch")

@@ -31,3 +31,25 @@ def plan_slots(capability: dict, override: int | None) -> list[Slot]:
         gpus = [str(g.get("index", i)) for i, g in enumerate(capability.get("gpus") or [])]
     count = override or max(1, len(gpus))
     return [Slot(i, gpus[i % len(gpus)] if gpus else "") for i in range(count)]
+
+
+def slots_from_plan(plan: object) -> list[Slot] | None:
+    """The slots the coordinator's register answer lists (``[{"index", "gpus": [int]}]``), None when it
+    lists none (an older coordinator): the worker then keeps its own plan."""
+    if not isinstance(plan, list) or not plan:
+        return None
+    out = []
+    for i, entry in enumerate(plan):
+        gpus = entry.get("gpus") if isinstance(entry, dict) else None
+        if not isinstance(gpus, list) or not all(isinstance(g, int) and not isinstance(g, bool) for g in gpus):
+            return None
+        out.append(Slot(i, ",".join(str(g) for g in gpus)))
+    return out
+
+
+def visible_devices(claim: dict, slot: Slot) -> str:
+    """CUDA_VISIBLE_DEVICES for a claimed job: the GPUs the coordinator gave it, else its slot's."""
+    gpus = claim.get("gpus")
+    if isinstance(gpus, list) and all(isinstance(g, int) and not isinstance(g, bool) for g in gpus):
+        return ",".join(str(g) for g in gpus)
+    return slot.gpu

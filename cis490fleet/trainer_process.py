@@ -26,7 +26,7 @@ from typing import Any
 
 from cis490fleet import errors
 from cis490fleet.model import TrainerConfig, canonical_json
-from cis490fleet.slots import Slot
+from cis490fleet.slots import Slot, visible_devices
 from cis490fleet.worker_view import logger
 
 log = logger(__name__)
@@ -96,6 +96,7 @@ class TrainerRun:
         self.heartbeat_s = float(claim.get("heartbeat_s") or 30.0)
         self.trainer: dict = claim.get("trainer") or {}
         self.slot = slot
+        self.devices = visible_devices(claim, slot)
         self.dir = work_dir / self.job_id / f"attempt-{self.attempt}"
         self.out = self.dir / "out"
         self.log_path = self.dir / "train.log"
@@ -132,7 +133,8 @@ class TrainerRun:
         env = dict(os.environ)
         env.update({
             "CIS490_JOB_ID": self.job_id, "CIS490_ATTEMPT": str(self.attempt), "CIS490_OUT": str(self.out),
-            "CIS490_PROGRESS": str(self.progress_path), "CUDA_VISIBLE_DEVICES": self.slot.gpu,
+            "CIS490_PROGRESS": str(self.progress_path), "CUDA_VISIBLE_DEVICES": self.devices,
+            "CIS490_GPUS": str(len([d for d in self.devices.split(",") if d])),
             "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join(p for p in (package_root(), env.get("PYTHONPATH")) if p),
         })
@@ -153,8 +155,8 @@ class TrainerRun:
                          for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr))]
         for reader in self._readers:
             reader.start()
-        log.info("job %s attempt %d: started trainer pid %d on slot %d: %s",
-                 self.label, self.attempt, self.proc.pid, self.slot.index, " ".join(argv))
+        log.info("job %s attempt %d: started trainer pid %d on slot %d (GPUs: %s): %s",
+                 self.label, self.attempt, self.proc.pid, self.slot.index, self.devices or "none", " ".join(argv))
 
     def _pump(self, stream, is_stderr: bool) -> None:
         """Copy one of the trainer's streams into train.log a whole line at a time.

@@ -23,7 +23,7 @@ from cis490fleet.lease_keeper import LeaseKeeper
 from cis490fleet.model import normalize_capability
 from cis490fleet.progress import changed_enough, progress_line
 from cis490fleet.result_outbox import Outbox
-from cis490fleet.slots import IDLE, PENDING, RELEASED, UNAVAILABLE, Slot, plan_slots
+from cis490fleet.slots import IDLE, PENDING, RELEASED, UNAVAILABLE, Slot, plan_slots, slots_from_plan
 from cis490fleet.trainer_process import TrainerRun, kill_orphans, signal_name
 from cis490fleet.worker_config import WorkerConfig, build_config, parse_args
 from cis490fleet.worker_view import ProgressView, is_tty, logger, show
@@ -43,6 +43,7 @@ class Worker:
         self.work_dir = config.work_dir
         self.capability: dict = {}
         self.slots: list[Slot] = []
+        self._own_slots = 1  # this host's own count (config, else one per GPU), sent in the capability
         self.runs: dict[int, TrainerRun] = {}
         self._stopping = threading.Event()
         self.outbox = Outbox(self.client, self.work_dir / "pending", self._stopping)
@@ -70,9 +71,10 @@ class Worker:
         cap = normalize_capability(detect(overrides, work_dir=str(self.work_dir)))
         if not self.slots:
             self.slots = plan_slots(cap, self.config.slots)
+            self._own_slots = len(self.slots)
         else:
             cap = self._within_planned_gpus(cap)
-        cap["slots"] = len(self.slots)
+        cap["slots"] = self._own_slots
         cap["host"] = self.config.host_id
         self.capability = cap
         log.info("capability: %d slot(s) %s; cuda=%s, %d cores, %.1f GiB RAM", len(self.slots),
@@ -98,13 +100,20 @@ class Worker:
         return cap
 
     def register(self) -> bool:
+        """Announce this host; the answer's slots (the manifest's [[hosts]] slots, else ours) are the ones
+        this worker runs from then on."""
         try:
-            self.client.register(self.capability)
+            answer = self.client.register(self.capability)
         except errors.Unavailable as err:
             log.warning("cannot register yet: %s", err)
             return False
         self._registered = True
         log.info("registered as %s with %s", self.config.host_id, ", ".join(self.config.receivers))
+        slots = slots_from_plan(answer.get("slots") if isinstance(answer, dict) else None)
+        if slots is not None:
+            with self._lock:
+                self.slots = slots
+            log.info("the coordinator runs %d slot(s) here: %s", len(slots), [s.gpu or "cpu" for s in slots])
         return True
 
     def start(self) -> None:
@@ -135,7 +144,8 @@ class Worker:
         if not self._registered and not self.register():
             return UNAVAILABLE
         try:
-            claim = self.client.claim(self.capability, wait=self.config.wait_s if wait is None else wait)
+            claim = self.client.claim(self.capability, wait=self.config.wait_s if wait is None else wait,
+                                      slot=self._slot_claim(slot))
         except errors.Unavailable as err:
             log.warning("claim: %s", err)
             return UNAVAILABLE
@@ -154,6 +164,18 @@ class Worker:
             with self._lock:
                 self.runs.pop(slot.index, None)
                 self._last_busy = self.clock()
+
+    def _slot_claim(self, slot: Slot) -> dict:
+        """The claim's slot: its index and GPUs, each with the free VRAM the driver reports now."""
+        gpus = [int(g) for g in slot.gpu.split(",") if g]
+        free = self._free_vram() if gpus else {}
+        return {"index": slot.index,
+                "gpus": [{"index": g, **({"free_vram_gib": free[g]} if g in free else {})} for g in gpus]}
+
+    def _free_vram(self) -> dict[int, float]:
+        from cis490fleet import capability
+
+        return capability.free_vram()
 
     def _carry(self, run: TrainerRun) -> str:
         log.info("job %s: claimed attempt %d on slot %d", run.label, run.attempt, run.slot.index)
@@ -198,6 +220,11 @@ class Worker:
         delay = 0.5
         settled = False  # --once: the queue was settled before the latest claim
         while not self.stopping:
+            with self._lock:
+                if slot.index >= len(self.slots):
+                    log.info("slot %d: no longer one of this host's slots; it stops", slot.index)
+                    return
+                slot = self.slots[slot.index]
             try:
                 outcome = self.run_once(slot)
             except errors.FleetError as err:  # the coordinator refused us (403, 400...): it says why
@@ -244,14 +271,13 @@ class Worker:
     def run(self) -> int:
         """Run every slot until stopped (or idle with --once / --exit-when-idle); returns the exit code."""
         self.start()
-        threads = [threading.Thread(target=self._slot_loop, args=(s,), name=f"slot-{s.index}", daemon=True)
-                   for s in self.slots]
-        for t in threads:
-            t.start()
+        threads: list[threading.Thread] = []
+        self._start_slots(threads)
         view = ProgressView(sys.stdout) if is_tty() else None
         show(view)
         idle_limit = self.config.exit_when_idle_s
         while not self.stopping:
+            self._start_slots(threads)
             if not any(t.is_alive() for t in threads):
                 break
             if idle_limit is not None and self.idle_for() >= idle_limit:
@@ -273,6 +299,15 @@ class Worker:
             show(None)
         log.info("worker %s stopped", self.config.host_id)
         return 0
+
+    def _start_slots(self, threads: list[threading.Thread]) -> None:
+        """A thread for each slot that has none (a later registration may add slots)."""
+        with self._lock:
+            new = self.slots[len(threads):]
+        for slot in new:
+            t = threading.Thread(target=self._slot_loop, args=(slot,), name=f"slot-{slot.index}", daemon=True)
+            threads.append(t)
+            t.start()
 
     def _slot_busy(self, thread: threading.Thread) -> bool:
         index = int(thread.name.split("-")[1])
