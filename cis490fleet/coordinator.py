@@ -633,11 +633,16 @@ class Coordinator:
         self._threads += threads
         self.notifier.start()
 
-    def listen(self, host: str, port: int, ssl_context=None):
-        """Bind the HTTP server (not yet serving); sets ``url``."""
+    def listen(self, host: str, port: int, ssl_context=None, *, per_address: int | None = None):
+        """Bind the HTTP server (not yet serving); sets ``url``. The group's peers are exempt from the
+        per-address connection cap (a follower forwards many workers' long-polls)."""
+        from cis490fleet import connection_guard
         from cis490fleet.http_api import FleetHTTPServer
 
-        self.server = FleetHTTPServer((host, port), self, ssl_context=ssl_context)
+        exempt = (connection_guard.peer_addresses(self.replicator.peers.values()) if self.replicator
+                  else frozenset())
+        self.server = FleetHTTPServer((host, port), self, ssl_context=ssl_context, exempt=exempt,
+                                      per_address=per_address or connection_guard.PER_ADDRESS)
         scheme = "https" if ssl_context is not None else "http"
         shown = f"[{host}]" if ":" in host else host
         self.url = f"{scheme}://{shown}:{self.server.port}"
@@ -773,6 +778,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raft-snapshot-every", type=int, default=10_000, metavar="N",
                    help="compact the Raft log every N applied entries (default 10000; 0 never)")
     p.add_argument("--peer-ca", help="CA (PEM) that signs the peers' certificates (default --client-ca)")
+    p.add_argument("--max-connections-per-address", type=int, default=None, metavar="N",
+                   help="most connections one client address may hold at once (default 64; peers are exempt)")
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, metavar="N",
                    help=f"most queue commands committed in one transaction (default {MAX_BATCH}); 1 gives one "
                    "fsync per command, the baseline of bench/run.py")
@@ -832,6 +839,9 @@ def main(argv: list[str] | None = None) -> int:
     host, port = parse_bind(args.bind)
     if args.max_batch < 1:
         raise errors.ConfigError(f"--max-batch {args.max_batch} must be a whole number >= 1")
+    if args.max_connections_per_address is not None and args.max_connections_per_address < 1:
+        raise errors.ConfigError(f"--max-connections-per-address {args.max_connections_per_address} must be a "
+                                 "whole number >= 1")
     if args.sweep_interval is not None and not args.sweep_interval > 0:
         raise errors.ConfigError(f"--sweep-interval {args.sweep_interval} must be a number of seconds > 0")
     if (args.key or args.client_ca) and not args.cert:
@@ -861,7 +871,7 @@ def main(argv: list[str] | None = None) -> int:
         if coord.replicator is None:
             coord.load_manifest(at_start=True)  # a replicated group syncs when a leader is elected
         try:
-            server = coord.listen(host, port, ssl_context)
+            server = coord.listen(host, port, ssl_context, per_address=args.max_connections_per_address)
         except OSError as err:
             raise errors.ConfigError(f"cannot listen on {args.bind}: {err.strerror or err}; pick another --bind "
                                      "(port 0 picks a free one)") from None

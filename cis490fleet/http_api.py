@@ -32,7 +32,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
 
-from cis490fleet import __version__, errors, model, openapi, tls
+from cis490fleet import __version__, connection_guard, edge_json, errors, model, openapi, tls
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger(__name__ + ".access")
@@ -103,10 +103,6 @@ def error_response(err: errors.FleetError) -> Response:
     return resp
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
 class Request:
     """One parsed request as handlers see it. The body is read only when a handler asks for it."""
 
@@ -167,18 +163,8 @@ class Request:
         return data
 
     def json(self) -> Any:
-        """The JSON body; None for an empty body."""
-        raw = self.body_bytes()
-        if not raw.strip():
-            return None
-        try:
-            return json.loads(raw, parse_constant=_reject_constant)
-        except UnicodeDecodeError:
-            raise errors.BadRequest("request body is not UTF-8 text; send JSON encoded as UTF-8") from None
-        except RecursionError:
-            raise errors.BadRequest("request body is nested too deeply; send a flat JSON object") from None
-        except ValueError as err:
-            raise errors.BadRequest(f"request body is not valid JSON ({err}); send a JSON object") from None
+        """The JSON body (finite numbers, bounded depth: ``edge_json``); None for an empty body."""
+        return edge_json.parse(self.body_bytes())
 
     def json_object(self) -> dict:
         body = self.json()
@@ -603,11 +589,7 @@ RAFT_PREFIX = "/v1/raft/"
 
 
 def h_raft_messages(req: Request):
-    raw = req.body_bytes(limit=RAFT_MAX_BYTES)
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise errors.BadRequest("raft messages: the body is not JSON") from None
+    body = edge_json.parse(req.body_bytes(limit=RAFT_MAX_BYTES), what="raft messages")
     req.app.raft_receive(body)
     return {"ok": True}
 
@@ -830,9 +812,32 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         self.peer_host = None
         if isinstance(self.request, ssl.SSLSocket):
-            self.request.do_handshake()
+            # In this connection's own thread, under a deadline: a silent client holds only itself.
+            guard = self.server.guard
+            guard.arm(self.request, guard.handshake_s, "TLS handshake")
+            try:
+                self.request.do_handshake()
+            finally:
+                guard.disarm(self.request)
             self.peer_host = tls.peer_host_id(self.request)
         super().setup()
+
+    def handle_one_request(self):
+        """Wait (up to the socket timeout) for the next request's first byte; from then on its head must
+        arrive within the guard's head deadline, however slowly it trickles in."""
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True
+                return
+        except (OSError, ValueError):
+            self.close_connection = True
+            return
+        guard = self.server.guard
+        guard.arm(self.connection, guard.head_s, "request head")
+        try:
+            super().handle_one_request()
+        finally:
+            guard.disarm(self.connection)
 
     def parse_request(self) -> bool:
         """``BaseHTTPRequestHandler.parse_request`` with a plain header reader instead of the e-mail parser
@@ -874,7 +879,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if len(line) > MAX_HEADER_LINE:
                 self.send_error(431, "Line too long")
                 return False
-            if line in (b"\r\n", b"\n", b""):
+            if not line:  # the connection ended (or its head deadline passed) before the head did
+                self.close_connection = True
+                return False
+            if line in (b"\r\n", b"\n"):
                 break
             if len(items) >= MAX_HEADERS:
                 self.send_error(431, "Too many headers")
@@ -893,6 +901,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return False
             items.append((name, value.strip(" \t")))
         self.headers = Headers(items)
+        self.server.guard.disarm(self.connection)  # the head is complete: bodies have the socket timeout
         connection = (self.headers.get("connection") or "").lower()
         if connection == "close":
             self.close_connection = True
@@ -1068,8 +1077,12 @@ class FleetHTTPServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], app, *, ssl_context: ssl.SSLContext | None = None,
                  router: Router | None = None, max_handlers: int = MAX_HANDLERS,
-                 socket_timeout: float = SOCKET_TIMEOUT_S):
+                 socket_timeout: float = SOCKET_TIMEOUT_S, per_address: int = connection_guard.PER_ADDRESS,
+                 head_s: float = connection_guard.HEAD_S, handshake_s: float = connection_guard.HANDSHAKE_S,
+                 exempt: frozenset[str] = frozenset()):
         self.app = app
+        self.guard = connection_guard.ConnectionGuard(per_address=per_address, head_s=head_s,
+                                                      handshake_s=handshake_s, exempt=exempt)
         self.router = router or make_router()
         self.ssl_context = ssl_context
         self.socket_timeout = socket_timeout
@@ -1105,13 +1118,20 @@ class FleetHTTPServer(http.server.ThreadingHTTPServer):
         return sock, addr
 
     def process_request(self, request, client_address):
+        address = client_address[0]
+        if not self.guard.admit(address):
+            self._refuse_busy(request, f"{address} already holds {self.guard.per_address} connections, this "
+                                       "address's share; close idle ones or retry in a moment")
+            return
         if not self._slots.acquire(blocking=False):
-            self._refuse_busy(request)
+            self.guard.release(address)
+            self._refuse_busy(request, "every handler thread is in use; retry in a moment")
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
             self._slots.release()
+            self.guard.release(address)
             raise
 
     def process_request_thread(self, request, client_address):
@@ -1119,13 +1139,16 @@ class FleetHTTPServer(http.server.ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+            self.guard.release(client_address[0])
 
-    def _refuse_busy(self, sock) -> None:
-        log.warning("refusing a connection from %s: all handler threads are busy", sock.getpeername()[0]
-                    if not isinstance(sock, ssl.SSLSocket) else "a TLS client")
+    def server_close(self):
+        self.guard.stop()
+        super().server_close()
+
+    def _refuse_busy(self, sock, why: str) -> None:
+        self.guard.note_refusal(why)
         if not isinstance(sock, ssl.SSLSocket):
-            body = json.dumps({"error": "unavailable", "detail": "the coordinator is busy: every handler thread "
-                               "is in use; retry in a moment"}).encode()
+            body = json.dumps({"error": "unavailable", "detail": f"the coordinator is busy: {why}"}).encode()
             try:
                 sock.settimeout(1.0)
                 sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"

@@ -12,9 +12,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cis490fleet"
 
 LAYERS = {
     "errors": 0, "model": 0, "manifest": 0, "policy": 0, "jobs": 0, "raft": 0, "signing": 0, "failure_text": 0,
-    "slots": 0, "bootstrap": 0, "notify": 0,
+    "slots": 0, "bootstrap": 0, "notify": 0, "edge_json": 0,
     "db": 1, "jobstore": 1, "raftstore": 1, "artifacts": 1, "bundle": 1, "capability": 1,
     "client": 1, "tls": 1, "zipbuild": 1, "bytecode_cache": 1, "openapi": 1, "metrics": 1, "dashboard": 1,
+    "connection_guard": 1,
     "http_api": 2, "coordinator": 2, "worker": 2, "ops": 2, "manifest_cmd": 2, "enroll": 2, "trainer": 2,
     "progress": 1, "notifier": 1, "replication": 2, "worker_config": 1, "worker_view": 1,
     "trainer_process": 2, "lease_keeper": 2, "result_outbox": 2,

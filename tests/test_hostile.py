@@ -1,0 +1,183 @@
+"""Hostile input never kills anything: slow clients, deep or non-finite JSON, a full disk, a crashing handler,
+a dying thread. Everything runs for real: loopback sockets, a serve subprocess, a tmpfs that fills up."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+
+from cis490fleet import http_api
+from conftest import Conn, manifest_toml
+
+SLOW_CLIENTS = 520
+ATTACKER = "127.0.0.2"  # another loopback address: the per-address cap is per client address
+
+
+def worker(host: str) -> dict:
+    return {"x-lab-host": host}
+
+
+def serve_in_thread(server) -> None:
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+
+@pytest.fixture
+def srv(live_server):
+    return live_server(manifest_toml(3))
+
+
+def open_slow(port: int, n: int, first: bytes) -> list[socket.socket]:
+    """``n`` connections from ATTACKER that send ``first`` and then nothing; refused ones are closed."""
+    held = []
+    for _ in range(n):
+        sock = socket.socket()
+        sock.settimeout(5)
+        sock.bind((ATTACKER, 0))
+        try:
+            sock.connect(("127.0.0.1", port))
+            if first:
+                sock.sendall(first)
+        except OSError:
+            sock.close()
+            continue
+        held.append(sock)
+    return held
+
+
+def queue_dump(srv) -> list:
+    status, _, body = srv.call("GET", "/v1/jobs")
+    assert status == 200, body
+    return sorted((j["id"], j["status"], j["attempts"]) for j in body["jobs"])
+
+
+# -- slow clients hold only their own connections ---------------------------------------------
+
+
+def test_520_slow_clients_do_not_turn_another_client_away(srv):
+    slow = open_slow(srv.port, SLOW_CLIENTS, b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
+    try:
+        t0 = time.monotonic()
+        status, _, body = srv.call("GET", "/v1/health", timeout=10)
+        assert status == 200 and body["ok"] is True
+        assert time.monotonic() - t0 < 5
+        assert srv.server.guard.held(ATTACKER) <= srv.server.guard.per_address
+        # Beyond its share, the attacker's connections were answered 503 (or reset: it had sent bytes the
+        # server never read) and closed at once.
+        answers = [_answer_or_close(s, 0.01) for s in slow]
+        refused = [a for a in answers if a is not None]
+        assert len(refused) >= SLOW_CLIENTS - srv.server.guard.per_address - 1
+        assert all(a == b"" or a.startswith(b"HTTP/1.1 503") for a in refused)
+        assert any(a.startswith(b"HTTP/1.1 503") for a in refused)
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def _answer_or_close(sock: socket.socket, timeout: float) -> bytes | None:
+    """What the server sent (b"" when it closed), or None when it sent nothing within ``timeout``."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(4096)
+    except (TimeoutError, socket.timeout):
+        return None
+    except OSError:
+        return b""
+
+
+def test_a_head_that_trickles_in_is_dropped_at_its_deadline(srv):
+    quick = http_api.FleetHTTPServer(("127.0.0.1", 0), srv.coordinator, head_s=1.0)
+    serve_in_thread(quick)
+    try:
+        with socket.create_connection(("127.0.0.1", quick.port), timeout=10) as sock:
+            t0 = time.monotonic()
+            ended = None
+            # One byte every 0.2 s: a per-read timeout would never fire.
+            for byte in b"GET /v1/health HTTP/1.1\r\nHost: x\r\nx-pad: " + b"a" * 100:
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:
+                    ended = time.monotonic() - t0
+                    break
+                if _answer_or_close(sock, 0.2) == b"":
+                    ended = time.monotonic() - t0
+                    break
+            assert ended is not None and ended < 4, ended
+        # An idle keep-alive connection is not a slow head: it is kept until its next request.
+        with Conn(f"http://127.0.0.1:{quick.port}") as conn:
+            assert conn.call("GET", "/v1/health")[0] == 200
+            time.sleep(1.5)
+            assert conn.call("GET", "/v1/health")[0] == 200
+    finally:
+        quick.shutdown()
+        quick.server_close()
+
+
+def test_520_silent_tls_clients_do_not_turn_another_client_away(srv, tmp_path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    tls_server = http_api.FleetHTTPServer(("127.0.0.1", 0), srv.coordinator, ssl_context=server_ctx,
+                                          handshake_s=1.0)
+    serve_in_thread(tls_server)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    slow = open_slow(tls_server.port, SLOW_CLIENTS, b"")  # connect, never say hello
+    try:
+        conn = http.client.HTTPSConnection("127.0.0.1", tls_server.port, context=client_ctx, timeout=10)
+        conn.request("GET", "/v1/health")
+        assert conn.getresponse().status == 200
+        conn.close()
+        # The silent ones that got in are dropped at the handshake deadline.
+        t0 = time.monotonic()
+        while tls_server.guard.held(ATTACKER) and time.monotonic() - t0 < 10:
+            time.sleep(0.1)
+        assert tls_server.guard.held(ATTACKER) == 0
+    finally:
+        for sock in slow:
+            sock.close()
+        tls_server.shutdown()
+        tls_server.server_close()
+
+
+# -- JSON at the edge -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [
+    b'{"capability": {"ram_gib": 1e999}}',
+    b'{"capability": {"ram_gib": -1e400}}',
+    b'{"capability": {"ram_gib": NaN}}',
+    b'{"capability": {"ram_gib": Infinity}}',
+])
+def test_non_finite_numbers_are_a_400_and_change_nothing(srv, body):
+    before = queue_dump(srv)
+    with Conn(srv.url) as conn:
+        status, _, answer = conn.call("POST", "/v1/job/claim", body, {**worker("ws1"),
+                                                                       "content-type": "application/json"})
+        assert status == 400 and answer["error"] == "bad_request", answer
+        assert "finite" in answer["detail"]
+        assert conn.call("GET", "/v1/health")[0] == 200  # the same connection carries on
+    assert queue_dump(srv) == before
+
+
+@pytest.mark.parametrize("levels", [65, 980, 100_000])
+def test_deep_json_is_a_400_and_reads_keep_working(srv, levels):
+    status, _, job = srv.call("POST", "/v1/job/claim", {"capability": {}}, worker("ws1"))
+    assert status == 200 and job["job"]
+    before = queue_dump(srv)
+    deep = b'[{"progress": ' + b'{"a": ' * levels + b"1" + b"}" * levels + b"}]"
+    status, _, answer = srv.call("POST", f"/v1/job/{job['job_id']}/heartbeat", deep,
+                                 {**worker("ws1"), "x-lease": job["lease"]})
+    assert status == 400 and "levels deep" in answer["detail"], answer
+    assert queue_dump(srv) == before
+    shallow = b'[{"progress": ' + b'{"a": ' * 8 + b"1" + b"}" * 8 + b"}]"
+    status, _, answer = srv.call("POST", f"/v1/job/{job['job_id']}/heartbeat", shallow,
+                                 {**worker("ws1"), "x-lease": job["lease"]})
+    assert status == 200, answer
+    assert srv.call("GET", "/v1/jobs")[0] == 200
