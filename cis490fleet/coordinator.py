@@ -27,7 +27,7 @@ import urllib.parse
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from cis490fleet import __version__, errors, model
+from cis490fleet import __version__, commands, errors, model
 from cis490fleet.metrics import Histogram
 from cis490fleet.model import FleetConfig, Manifest
 from cis490fleet.notifier import Notifier
@@ -387,10 +387,11 @@ class Coordinator:
     # -- commands ------------------------------------------------------------------------------
 
     def execute(self, cmd: dict) -> dict:
-        """Apply one command through the group-commit writer; raises the FleetError it failed with."""
+        """Validate one command (``commands.validate``), then apply it through the writer (the group-commit
+        writer, or the Raft log); raises the FleetError it failed with."""
         cmd = dict(cmd)
         cmd.setdefault("now", time.time())
-        return self.writer.execute(cmd)
+        return self.writer.execute(commands.validate(cmd))
 
     def _after_commit(self, cmds: list[dict], results: list) -> None:
         wake = False
@@ -465,8 +466,12 @@ class Coordinator:
         return self._read(self.store.resolve, ref)
 
     def _barrier(self) -> None:
-        """On a replicated leader: make the next read see every write committed before it (ReadIndex)."""
-        if self.replicator is not None and self.replicator.is_leader():
+        """In a replicated group: make the next read see every write committed before it (ReadIndex).
+
+        Asked whatever the role, so there is no window between ``forward_url`` choosing to answer here and
+        the read: a peer that is no longer the leader forwards its ReadIndex to the new one and waits until
+        it has applied that far (raft.read_index), or raises NotLeader while no leader is known."""
+        if self.replicator is not None:
             self.replicator.read_barrier()
 
     def job_detail(self, ref: str) -> dict:

@@ -117,6 +117,13 @@ class Unavailable(FleetError):
     code = "unavailable"
 
 
+class ApplyFailed(FleetError):
+    """A queue command passed validation yet could not be applied. It changed nothing, and every replica
+    that applies the same command gets the same error, so the replicas stay alike and carry on."""
+
+    code = "apply_failed"
+
+
 class ConfigError(FleetError):
     """A command-line flag, environment variable or config file is wrong."""
 
@@ -139,6 +146,7 @@ HTTP_STATUS: dict[type[FleetError], int] = {
     NotLeader: 503,
     Unavailable: 503,
     ConfigError: 500,
+    ApplyFailed: 500,
     FleetError: 500,
 }
 

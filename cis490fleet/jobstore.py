@@ -22,24 +22,29 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from cis490fleet import db, failure_text, jobs, policy
-from cis490fleet.errors import (AmbiguousId, BadRequest, FleetError, InvalidTransition, NotFound, Unavailable,
-                                error_from_wire)
-from cis490fleet.model import (COMPLETED, FAILED, HELD_STATUSES, HOST_ID_RE, JOB_ID_RE, NAME_RE, PENDING, SHA256_RE, STATUSES,
+from cis490fleet import commands, db, failure_text, jobs, policy
+from cis490fleet.errors import (AmbiguousId, ApplyFailed, BadRequest, FleetError, InvalidTransition, NotFound,
+                                Unavailable, error_from_wire)
+from cis490fleet.model import (COMPLETED, FAILED, HELD_STATUSES, JOB_ID_RE, NAME_RE, PENDING, STATUSES,
                                FleetConfig, HostSpec, JobSpec, TrainerConfig, normalize_capability)
 
 log = logging.getLogger(__name__)
 
-LOG_TAIL_MAX = 64 * 1024
-ERROR_MAX = 64 * 1024
 PREFIX_MIN = 4
+
+
+def _machine_fault(err: Exception) -> bool:
+    """A fault of the disk, the memory or the database file, not of the command being applied."""
+    return isinstance(err, (OSError, MemoryError)) or (
+        isinstance(err, sqlite3.DatabaseError)
+        and not isinstance(err, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError)))
+
 
 MIGRATIONS = [
     """
@@ -170,171 +175,10 @@ REFRESH_BLOCKED_SQL = """
 """
 
 
-# ---------------------------------------------------------------- validation at the edge
-
-def _bad(op: str, name: str, expected: str, value: object) -> BadRequest:
-    shown = repr(value)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    return BadRequest(f"{op}: field {name!r} must be {expected}; got {shown}")
-
-
-def _number(op, name, v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _bad(op, name, "a finite number (seconds since the epoch)", v)
-    return float(v)
-
-
-def _host(op, name, v):
-    if not isinstance(v, str) or not HOST_ID_RE.match(v):
-        raise _bad(op, name, "a host id (letters, digits, '.', '_', '-'; at most 63 characters)", v)
-    return v
-
-
-def _lease(op, name, v):
-    if not isinstance(v, str) or not v or len(v) > 200:
-        raise _bad(op, name, "a non-empty lease string of at most 200 characters", v)
-    return v
-
-
-def _opt_lease(op, name, v):
-    return None if v is None else _lease(op, name, v)
-
-
-def _job_id(op, name, v):
-    if not isinstance(v, str) or not JOB_ID_RE.match(v):
-        raise _bad(op, name, "a full job id (64 lowercase hex digits); resolve prefixes first", v)
-    return v
-
-
-def _sha(op, name, v):
-    if not isinstance(v, str) or not SHA256_RE.match(v):
-        raise _bad(op, name, "a sha256 (64 lowercase hex digits)", v)
-    return v
-
-
-def _dict(op, name, v):
-    if not isinstance(v, dict):
-        raise _bad(op, name, "an object", v)
-    return v
-
-
-def _opt_dict(op, name, v):
-    return None if v is None else _dict(op, name, v)
-
-
-def _text(limit):
-    def check(op, name, v):
-        if not isinstance(v, str):
-            raise _bad(op, name, "a string", v)
-        return v[-limit:]
-    return check
-
-
-def _opt_text(limit):
-    check = _text(limit)
-    return lambda op, name, v: None if v is None else check(op, name, v)
-
-
-def _short_text(op, name, v):
-    if not isinstance(v, str) or not v or len(v) > 4096:
-        raise _bad(op, name, "a non-empty string", v)
-    return v
-
-
-def _size(op, name, v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise _bad(op, name, "a whole number of bytes >= 0", v)
-    return v
-
-
-def _opt_slot(op, name, v):
-    """A claim's slot: {"index": n >= 0, "gpus": [GPU index, ...] or [{"index", "free_vram_gib"?}, ...]}."""
-    if v is None:
-        return None
-    want = 'an object {"index": slot number, "gpus": [{"index": GPU index, "free_vram_gib": GiB}, ...]}'
-    if not isinstance(v, dict):
-        raise _bad(op, name, want, v)
-    index = v.get("index")
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 1024:
-        raise _bad(op, f"{name}.index", "a slot number from 0 to 1023", index)
-    raw = v.get("gpus", [])
-    if not isinstance(raw, list) or len(raw) > 64:
-        raise _bad(op, f"{name}.gpus", "a list of at most 64 GPUs", raw)
-    gpus, free = [], {}
-    for i, g in enumerate(raw):
-        gpu = g.get("index") if isinstance(g, dict) else g
-        if isinstance(gpu, bool) or not isinstance(gpu, int) or not 0 <= gpu < 1024:
-            raise _bad(op, f"{name}.gpus[{i}]", "a GPU index from 0 to 1023, or an object with one", g)
-        gpus.append(gpu)
-        f = g.get("free_vram_gib") if isinstance(g, dict) else None
-        if f is not None:
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f < 0:
-                raise _bad(op, f"{name}.gpus[{i}].free_vram_gib", "a number of GiB >= 0", f)
-            free[gpu] = float(f)
-    return {"index": index, "gpus": gpus, "free": free}
-
-
-_REQUIRED = object()
-
-# op -> {field: (checker, default)}; every op also takes "now".
-OPS: dict[str, dict[str, tuple]] = {
-    "sync_manifest": {"manifest": (_dict, _REQUIRED)},
-    "register_worker": {"host": (_host, _REQUIRED), "capability": (_dict, _REQUIRED)},
-    "claim": {"host": (_host, _REQUIRED), "capability": (_dict, _REQUIRED), "lease": (_lease, _REQUIRED),
-              "slot": (_opt_slot, None)},
-    "heartbeat": {"job_id": (_job_id, _REQUIRED), "host": (_host, _REQUIRED), "lease": (_opt_lease, None),
-                  "progress": (_opt_dict, None), "log_tail": (_opt_text(LOG_TAIL_MAX), None)},
-    "record_artifact": {"artifact_id": (_sha, _REQUIRED), "job_id": (_job_id, _REQUIRED), "host": (_host, _REQUIRED),
-                        "lease": (_opt_lease, None), "model": (_short_text, _REQUIRED),
-                        "mode": (_short_text, _REQUIRED), "size": (_size, _REQUIRED), "path": (_short_text, _REQUIRED)},
-    "complete": {"job_id": (_job_id, _REQUIRED), "host": (_host, _REQUIRED), "lease": (_opt_lease, None),
-                 "artifact_id": (_sha, _REQUIRED)},
-    "fail": {"job_id": (_job_id, _REQUIRED), "host": (_host, _REQUIRED), "lease": (_opt_lease, None),
-             "error": (_text(ERROR_MAX), _REQUIRED)},
-    "release": {"job_id": (_job_id, _REQUIRED), "host": (_host, _REQUIRED), "lease": (_opt_lease, None)},
-    "cancel": {"job_id": (_job_id, _REQUIRED)},
-    "requeue": {"job_id": (_job_id, _REQUIRED)},
-    "sweep_stale": {},
-}
-
-
 def _empty_claim(op: str, result: object) -> bool:
     """A claim that found no job changed nothing, so its session is not advanced: a long-poll repeats the
     claim under the same serial until a job comes, and a retry of it simply claims again."""
     return op == "claim" and isinstance(result, dict) and result.get("job") is None
-
-
-def _session(cmd: object) -> tuple[str, int] | None:
-    """(client_id, serial) of a command that carries them, else None."""
-    if not isinstance(cmd, dict) or cmd.get("client_id") is None:
-        return None
-    client_id, serial = cmd["client_id"], cmd.get("serial")
-    if not isinstance(client_id, str) or not 0 < len(client_id) <= 128:
-        raise BadRequest(f"field 'client_id' must be a string of 1-128 characters; got {client_id!r:.60}")
-    if isinstance(serial, bool) or not isinstance(serial, int) or serial < 1:
-        raise BadRequest(f"field 'serial' must be a whole number >= 1 with 'client_id'; got {serial!r:.60}")
-    return client_id, serial
-
-
-def validate_command(cmd: object) -> tuple[str, dict]:
-    """(op, arguments) of a command, or BadRequest naming the unknown op or the bad field."""
-    if not isinstance(cmd, dict):
-        raise BadRequest(f"a queue command must be an object with 'op' and 'now'; got {type(cmd).__name__}")
-    op = cmd.get("op")
-    if op not in OPS:
-        raise BadRequest(f"unknown queue command op {op!r}; expected one of {', '.join(sorted(OPS))}")
-    if "now" not in cmd:
-        raise BadRequest(f"{op}: missing field 'now' (seconds since the epoch, from the caller)")
-    args = {"now": _number(op, "now", cmd["now"])}
-    for name, (check, default) in OPS[op].items():
-        if name not in cmd or (cmd[name] is None and default is _REQUIRED):
-            if default is _REQUIRED:
-                raise BadRequest(f"{op}: missing field {name!r}")
-            args[name] = default
-        else:
-            args[name] = check(op, name, cmd[name])
-    return op, args
 
 
 # ---------------------------------------------------------------- helpers
@@ -554,15 +398,18 @@ class JobStore:
 
     def execute(self, cmd: dict) -> dict:
         """Apply one command in its own transaction; raises the command's FleetError."""
-        op, args = validate_command(cmd)
+        op, args = commands.parse(cmd)
         with self._use() as conn, db.transaction(conn):
             return getattr(self, "_op_" + op)(conn, **args)
 
     def execute_batch(self, cmds: list[dict], applied_index: int | None = None) -> list:
         """Group commit: one transaction, each command in its own savepoint.
 
-        A command that raises FleetError is undone alone and its error takes its
-        slot in the result; any other exception undoes the whole batch and propagates.
+        A command that raises FleetError is undone alone and its error takes its slot in the
+        result. So is one that raises any other exception but a fault of the machine (``_machine_fault``:
+        disk, memory, a locked or broken database): it depends only on the command and the state, so it
+        gets ApplyFailed, the same on every replica, which then carries on. A machine fault undoes the
+        whole batch and propagates: another try, or another replica, may well succeed.
         ``applied_index`` (the Raft log index of the batch's last entry) is recorded in
         the same transaction, so a restarted peer re-applies exactly what the queue has not seen.
         """
@@ -573,13 +420,13 @@ class JobStore:
                              "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(int(applied_index)),))
             for cmd in cmds:
                 try:
-                    session = _session(cmd)
+                    session = commands.session(cmd)
                     if session is not None:
                         seen = self._session_result(conn, *session)
                         if seen is not None:
                             results.append(seen)
                             continue
-                    op, args = validate_command(cmd)
+                    op, args = commands.parse(cmd)
                 except FleetError as err:
                     results.append(err)
                     continue
@@ -587,11 +434,16 @@ class JobStore:
                 try:
                     result = getattr(self, "_op_" + op)(conn, **args)
                 except FleetError as err:
-                    conn.execute("ROLLBACK TO cmd")
-                    conn.execute("RELEASE cmd")
                     result = err
-                else:
-                    conn.execute("RELEASE cmd")
+                except Exception as err:
+                    if _machine_fault(err):
+                        raise
+                    log.exception("queue command %s could not be applied; it changed nothing", op)
+                    result = ApplyFailed(f"{op}: the queue could not apply this command ({type(err).__name__}: "
+                                         f"{str(err)[:200]}); it changed nothing. This is a bug: report it")
+                if isinstance(result, FleetError):
+                    conn.execute("ROLLBACK TO cmd")
+                conn.execute("RELEASE cmd")
                 results.append(result)
                 if session is not None and not _empty_claim(op, result):
                     saved = ({"error": result.code, "detail": result.detail} if isinstance(result, FleetError)

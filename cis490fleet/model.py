@@ -316,6 +316,10 @@ class Manifest:
                    source=d.get("source", "<memory>"), sweeps_expanded=d.get("sweeps_expanded", 0))
 
 
+def _gib_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
 def normalize_capability(raw: dict) -> dict:
     """The capability shape every layer relies on, with defaults for missing keys.
 
@@ -325,16 +329,17 @@ def normalize_capability(raw: dict) -> dict:
     Unknown keys are kept (shown to operators, ignored by policy).
     """
     cap = dict(raw or {})
-    gpus = [g for g in cap.get("gpus") or [] if isinstance(g, dict)]
+    gpus = [{**g, "vram_gib": float(g["vram_gib"]) if _gib_number(g.get("vram_gib")) else 0.0}
+            for g in cap.get("gpus") if isinstance(g, dict)] if isinstance(cap.get("gpus"), list) else []
     cap["gpus"] = gpus
     cap["cuda"] = bool(cap.get("cuda", bool(gpus)))
     vram = cap.get("vram_gib")
-    if not isinstance(vram, (int, float)) or isinstance(vram, bool):
-        vram = max((float(g.get("vram_gib") or 0) for g in gpus), default=0.0)
+    if not _gib_number(vram):
+        vram = max((g["vram_gib"] for g in gpus), default=0.0)
     cap["vram_gib"] = float(vram)
     for k in ("ram_gib", "disk_free_gib"):
         v = cap.get(k)
-        cap[k] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
+        cap[k] = float(v) if _gib_number(v) else 0.0
     cores = cap.get("cores")
     cap["cores"] = int(cores) if isinstance(cores, int) and not isinstance(cores, bool) and cores > 0 else 1
     slots = cap.get("slots")

@@ -460,6 +460,9 @@ class Replicator:
         results = self.store.execute_batch(cmds, applied_index=entries[-1]["index"])
         self._db_applied = entries[-1]["index"]
         for (index, rid), result in zip(rids, results):
+            if isinstance(result, errors.ApplyFailed):
+                log.error("raft entry %d failed to apply, alike on every replica; carrying on: %s", index,
+                          result.detail)
             waiter = self._waiters.pop(rid, None) if rid else None
             if waiter is not None:
                 _, fut = waiter

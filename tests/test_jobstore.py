@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from cis490fleet import db
+from cis490fleet import db, errors
 from cis490fleet.errors import (AmbiguousId, BadRequest, ConfigError, FleetError, InvalidTransition, NotFound,
                                 StaleLease, Unavailable)
 from cis490fleet.jobstore import CLAIM_SQL, FAILURES_CUT_SQL, FAILURES_SQL, HELD_SQL, MIGRATIONS, JobStore
@@ -499,11 +499,29 @@ class _BuggyStore(JobStore):
         raise RuntimeError("a bug, not a refusal")
 
 
-def test_an_unexpected_error_undoes_the_whole_batch(tmp_path):
+class _FullDiskStore(JobStore):
+    def _op_cancel(self, conn, now, job_id):
+        super()._op_cancel(conn, now, job_id)
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+def test_a_command_that_raises_unexpectedly_is_undone_alone_as_apply_failed(tmp_path):
     s = _BuggyStore(tmp_path / "q.sqlite3")
     a, b = seeds(2)
     s.execute({"op": "sync_manifest", "now": T0, "manifest": manifest(a, b)})
-    with pytest.raises(RuntimeError):
+    results = s.execute_batch([{"op": "claim", "now": T0, "host": "ws1", "capability": CPU, "lease": "L1"},
+                               {"op": "cancel", "now": T0, "job_id": b.id}])
+    assert results[0]["job"] is not None
+    assert isinstance(results[1], errors.ApplyFailed) and "RuntimeError: a bug" in str(results[1])
+    assert s.counts()["pending"] == 1 and s.counts()["claimed"] == 1, "the cancel is undone, the claim kept"
+    s.close()
+
+
+def test_a_fault_of_the_machine_undoes_the_whole_batch(tmp_path):
+    s = _FullDiskStore(tmp_path / "q.sqlite3")
+    a, b = seeds(2)
+    s.execute({"op": "sync_manifest", "now": T0, "manifest": manifest(a, b)})
+    with pytest.raises(sqlite3.OperationalError):
         s.execute_batch([{"op": "claim", "now": T0, "host": "ws1", "capability": CPU, "lease": "L1"},
                          {"op": "cancel", "now": T0, "job_id": b.id}])
     assert s.counts()["pending"] == 2
