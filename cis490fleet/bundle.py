@@ -13,6 +13,7 @@ import io
 import os
 import queue
 import stat
+import sys
 import tarfile
 import threading
 from pathlib import Path, PurePosixPath
@@ -32,6 +33,28 @@ def _zstandard():
     except ImportError:
         return None
     return zstandard
+
+
+class NoZstdDecoder(errors.FleetError):
+    """A .tar.zst bundle, and neither ``zstandard`` nor the standard library's ``compression.zstd`` (3.14+) here."""
+
+    code = "no_zstd"
+
+
+def _zstd_reader(f: BinaryIO, path: Path) -> tuple[BinaryIO, tuple[type[BaseException], ...]]:
+    """A decompressing reader over ``f`` and the errors a damaged stream raises: ``zstandard`` when installed,
+    else ``compression.zstd``; NoZstdDecoder, naming both fixes, when neither is here."""
+    zstd = _zstandard()
+    if zstd is not None:
+        return zstd.ZstdDecompressor().stream_reader(f, read_size=CHUNK), (zstd.ZstdError,)
+    try:
+        from compression import zstd as std_zstd
+    except ImportError:
+        raise NoZstdDecoder(
+            f"{path} is zstd-compressed and this Python ({sys.version.split()[0]}) cannot decompress it: "
+            f"install zstandard ({Path(sys.executable).name} -m pip install zstandard), use Python >= 3.14, "
+            "or fetch without --extract") from None
+    return std_zstd.ZstdFile(f, "rb"), (std_zstd.ZstdError,)
 
 
 def bundle_suffix(first_bytes: bytes) -> str:
@@ -162,20 +185,18 @@ def make_bundle(src_dir: str | os.PathLike, dest_path_without_ext: str | os.Path
     return dest, sha, sink.size
 
 
-def _open_stream(f: BinaryIO, path: Path) -> BinaryIO:
+def _open_stream(f: BinaryIO, path: Path) -> tuple[BinaryIO, tuple[type[BaseException], ...]]:
+    """The tar stream inside ``f`` and the errors its decompressor raises on damage."""
     head = f.read(4)
     f.seek(0)
     suffix = bundle_suffix(head)
     if suffix == ".tar.zst":
-        zstd = _zstandard()
-        if zstd is None:
-            raise errors.ConfigError(
-                f"{path} is zstd-compressed but the zstandard package is not installed; pip install zstandard")
-        return zstd.ZstdDecompressor().stream_reader(f, read_size=CHUNK)
+        return _zstd_reader(f, path)
     if suffix == ".tar.gz":
         import gzip
-        return gzip.GzipFile(fileobj=f, mode="rb")
-    return f
+        import zlib
+        return gzip.GzipFile(fileobj=f, mode="rb"), (gzip.BadGzipFile, EOFError, zlib.error)
+    return f, ()
 
 
 def _check_member(member: tarfile.TarInfo, dest: Path, path: Path) -> None:
@@ -195,15 +216,15 @@ def _check_member(member: tarfile.TarInfo, dest: Path, path: Path) -> None:
 
 
 def extract_bundle(path: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Extract a bundle (any of the three formats) into ``dest``; returns ``dest``."""
+    """Extract a bundle (any of the three formats) into ``dest``; returns ``dest``. ``dest`` is created only once
+    the bundle's format can be read (NoZstdDecoder leaves no empty folder behind)."""
     path, dest = Path(path), Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    dest = dest.resolve()
-    zstd = _zstandard()
-    unreadable = (tarfile.TarError,) + ((zstd.ZstdError,) if zstd is not None else ())
     with open(path, "rb") as f:
-        stream = _open_stream(f, path)
+        stream, damaged = _open_stream(f, path)
+        unreadable = (tarfile.TarError,) + damaged
         try:
+            dest.mkdir(parents=True, exist_ok=True)
+            dest = dest.resolve()
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
                     _check_member(member, dest, path)

@@ -462,6 +462,7 @@ class Ops:
         stem = "_".join(_safe(job.get(k)) for k in ("model", "mode") if job.get(k)) or "job"
         stem = f"{stem}-{artifact_id[:12]}"
         partial = dest_dir / f"{stem}.bundle"
+        made_dest_dir = not dest_dir.exists()
         self.client.download_artifact(artifact_id, partial)
         from cis490fleet import bundle
 
@@ -472,7 +473,13 @@ class Ops:
             path = dest_dir / f"{stem}{suffix}"
             os.replace(partial, path)
             if a.extract:
-                bundle.extract_bundle(path, dest_dir / stem)
+                try:
+                    bundle.extract_bundle(path, dest_dir / stem)
+                except bundle.NoZstdDecoder:
+                    path.unlink()  # the command failed as a whole: nothing half-done stays
+                    if made_dest_dir:
+                        dest_dir.rmdir()
+                    raise
                 extracted = dest_dir / stem
         except OSError as err:
             raise errors.ConfigError(f"cannot save the model under {dest_dir}: {err.strerror or err} "

@@ -707,3 +707,35 @@ def test_job_names_work_wherever_an_id_prefix_does(serve_process, operator, tmp_
     code, out, err = jobs(fleet.url, "show", "baseline")
     assert (code, out) == (3, "") and "name 'baseline' names 2 jobs" in err, err
     assert baseline[:12] in err and "no longer in the manifest" in err and len(err.splitlines()) == 1
+
+
+HIDE_ZSTD = ("import runpy, sys; sys.modules['zstandard'] = None; sys.modules['compression.zstd'] = None; "
+             "sys.argv[0] = 'cis490fleet'; runpy.run_module('cis490fleet', run_name='__main__')")
+
+
+def test_fetch_extract_of_a_zstd_bundle_without_a_zstd_decoder_is_exit_1_and_leaves_nothing(fleet, tmp_path):
+    """Plain python3 (no zstandard, older than 3.14) cannot extract a .tar.zst: exit 1 (not the usage code 2)
+    with the fix, and neither the download nor an empty folder is left behind."""
+    pytest.importorskip("zstandard")
+    job_id, sha, _ = _completed_job(fleet.url, tmp_path)
+    dest = tmp_path / "fetched"
+    proc = subprocess.run([sys.executable, "-c", HIDE_ZSTD, "jobs", "--receiver", fleet.url, "fetch", job_id[:8],
+                           "-o", str(dest), "--extract"], capture_output=True, text=True, env=cli_env(), cwd=ROOT,
+                          timeout=60)
+    assert (proc.returncode, proc.stdout) == (1, ""), proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert "pip install zstandard" in line and "3.14" in line and "without --extract" in line
+    assert not dest.exists()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 14), reason="compression.zstd is in the standard library from 3.14")
+def test_fetch_extract_uses_the_standard_librarys_zstd_without_zstandard(fleet, tmp_path):
+    pytest.importorskip("zstandard")  # to make the .tar.zst bundle
+    job_id, sha, src = _completed_job(fleet.url, tmp_path)
+    dest = tmp_path / "fetched"
+    proc = subprocess.run([sys.executable, "-c", HIDE_ZSTD.replace("sys.modules['compression.zstd'] = None; ", ""),
+                           "jobs", "--receiver", fleet.url, "fetch", job_id, "-o", str(dest), "--extract"],
+                          capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    extracted = Path(proc.stdout.splitlines()[1])
+    assert (extracted / "weights.bin").read_bytes() == (src / "weights.bin").read_bytes()
