@@ -24,7 +24,7 @@ from cis490fleet.errors import (  # noqa: F401 (the exit codes are part of this 
 COMMANDS = {
     "serve": ("cis490fleet.coordinator", "run the coordinator: manifest, queue, artifact store, HTTP API, dashboard"),
     "work": ("cis490fleet.worker", "run the worker daemon on a training host"),
-    "jobs": ("cis490fleet.ops", "operator CLI: status list show cancel requeue reload workers logs fetch watch peers"),
+    "jobs": ("cis490fleet.ops", "operator CLI: status list show failures cancel requeue reload workers logs fetch watch peers"),
     "enroll": ("cis490fleet.enroll", "install this file as a service on this host (systemd / Scheduled Task)"),
     "train": ("cis490fleet.trainer", "the built-in example trainer (needs torch)"),
     "manifest": ("cis490fleet.manifest_cmd", "check a training manifest, list its job ids"),
@@ -34,6 +34,16 @@ COMMANDS = {
 USAGE = "usage: cis490fleet [--version] [--debug] COMMAND [ARGS...]\n\ncommands:\n" + "".join(
     f"  {name:<11} {help_}\n" for name, (_, help_) in COMMANDS.items()
 ) + "\nRun 'cis490fleet COMMAND --help' for a command's options."
+
+
+def full_usage() -> str:
+    """USAGE with the ``jobs`` line listing that command's subcommands as its parser has them, so the two never
+    drift apart (only --help pays for importing the parser)."""
+    from cis490fleet import ops
+
+    names = " ".join(ops.build_parser().subcommands)
+    old = f"  {'jobs':<11} {COMMANDS['jobs'][1]}\n"
+    return USAGE.replace(old, f"  {'jobs':<11} operator CLI: {names}\n")
 
 
 def version_string() -> str:
@@ -79,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if flag == "--debug":
             debug = True
         elif flag in ("-h", "--help"):
-            print(USAGE)
+            print(full_usage())
             return EXIT_OK
         else:
             print(f"cis490fleet: unknown option {flag}\n{USAGE}", file=sys.stderr)

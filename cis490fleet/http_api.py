@@ -237,11 +237,11 @@ class Request:
                                    "serve with CIS490_OPERATOR_TOKEN set or with --operator-token-file FILE")
         sent = self.headers.get("x-operator-token")
         if sent is None or sent == "":
-            raise errors.Unauthorized("missing x-operator-token header: send the operator token "
-                                      "(CIS490_OPERATOR_TOKEN) in x-operator-token")
+            raise errors.Unauthorized("this needs the operator token: set CIS490_OPERATOR_TOKEN to the token the "
+                                      "coordinator was started with (HTTP clients send it as x-operator-token)")
         if not hmac.compare_digest(sent.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")):
-            raise errors.Forbidden("wrong operator token in x-operator-token; use the token the coordinator was "
-                                   "started with")
+            raise errors.Forbidden("wrong operator token: use the one the coordinator was started with (the jobs "
+                                   "command reads it from CIS490_OPERATOR_TOKEN)")
 
     def query_one(self, name: str) -> str | None:
         values = self.query.get(name)

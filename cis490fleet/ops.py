@@ -10,6 +10,7 @@ stderr and an exit code; nothing heavy is imported at start-up.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -167,7 +168,10 @@ class Ops:
         return self._client
 
     def complain(self, err: BaseException) -> None:
-        self.err.write(f"cis490fleet jobs: {err}\n")
+        if self.args.json:
+            self.err.write(json_error(getattr(err, "code", "error"), str(err), exit_code(err)))
+        else:
+            self.err.write(f"cis490fleet jobs: {err}\n")
 
     # status ------------------------------------------------------------------------------------
 
@@ -625,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=_positive_float, default=2.0, metavar="S", help="seconds between refreshes")
     p.add_argument("--once", action="store_true", help="draw once and exit")
     add("peers", "health of each coordinator peer: role, term, leader, commit, applied, lag")
+    parser.subcommands = list(sub.choices)  # what `cis490fleet --help` lists
     return parser
 
 
@@ -655,13 +660,31 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def json_error(code: str, detail: str, exit_: int) -> str:
+    """An error as ``--json`` reports it: one JSON object on stderr, so stdout carries only answers."""
+    return json.dumps({"error": code, "detail": detail, "exit": exit_}, sort_keys=True) + "\n"
+
+
 def main(argv: list[str] | None = None, *, stdout=None, stderr=None) -> int:
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wants_json = "--json" in argv and not {"-h", "--help"} & set(argv)
     try:
-        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        if wants_json:
+            import contextlib
+
+            with contextlib.redirect_stderr(io.StringIO()) as said:
+                args = build_parser().parse_args(argv)
+        else:
+            args = build_parser().parse_args(argv)
     except SystemExit as exit_:
-        return EXIT_OK if exit_.code in (0, None) else EXIT_USAGE
+        if exit_.code in (0, None):
+            return EXIT_OK
+        if wants_json:
+            lines = said.getvalue().strip().splitlines()
+            stderr.write(json_error("usage", lines[-1] if lines else "bad usage; see --help", EXIT_USAGE))
+        return EXIT_USAGE
     ops = Ops(args, Out(stdout, color=False if args.no_color else None), stderr)
     try:
         return getattr(ops, "cmd_" + args.command)()

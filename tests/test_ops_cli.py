@@ -739,3 +739,37 @@ def test_fetch_extract_uses_the_standard_librarys_zstd_without_zstandard(fleet, 
     assert proc.returncode == 0, proc.stderr
     extracted = Path(proc.stdout.splitlines()[1])
     assert (extracted / "weights.bin").read_bytes() == (src / "weights.bin").read_bytes()
+
+
+# -- speaking to a command-line user -------------------------------------------------------------
+
+
+def test_operator_token_errors_tell_a_cli_user_what_to_set(fleet):
+    job_id = all_ids(fleet.url)[0]
+    for env, words in ((cli_env(), "set CIS490_OPERATOR_TOKEN"),
+                       (cli_env(CIS490_OPERATOR_TOKEN="wrong"), "reads it from CIS490_OPERATOR_TOKEN")):
+        proc = jobs_process("--receiver", fleet.url, "cancel", job_id[:8], env=env)
+        (line,) = proc.stderr.splitlines()
+        assert proc.returncode == 4 and words in line and not line.split(": ", 1)[1].startswith("missing"), line
+
+
+def test_top_level_help_lists_every_jobs_subcommand(capsys):
+    assert cli.main(["--help"]) == 0
+    (jobs_line,) = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("jobs ")]
+    assert set(ops.build_parser().subcommands) >= {"status", "failures", "peers"}
+    assert set(ops.build_parser().subcommands) <= set(jobs_line.replace(",", " ").split()), jobs_line
+
+
+def test_with_json_errors_are_json_too(fleet):
+    """With --json a script gets every error as one JSON object on stderr (stdout stays for answers only)."""
+    cases = [(["--receiver", fleet.url, "show", "nope", "--json"], 3, "not_found"),
+             (["--receiver", closed_port_url(), "--json", "status"], 5, "unavailable"),
+             (["--receiver", fleet.url, "cancel", all_ids(fleet.url)[0], "--json"], 4, "unauthorized"),
+             (["--receiver", fleet.url, "list", "--limit", "0", "--json"], 2, "usage")]
+    for argv, exit_, code in cases:
+        proc = jobs_process(*argv)
+        assert (proc.returncode, proc.stdout) == (exit_, "" if code != "unauthorized" else proc.stdout), proc
+        (line,) = proc.stderr.splitlines()
+        doc = json.loads(line)
+        assert set(doc) == {"error", "detail", "exit"} and (doc["error"], doc["exit"]) == (code, exit_), doc
+        assert doc["detail"] and "Traceback" not in doc["detail"]
