@@ -131,9 +131,15 @@ class GroupCommitWriter:
         self._thread.start()
 
     def submit(self, cmd: dict) -> Future:
+        """Queue ``cmd`` for the next batch once ``commands.validate`` passes it; the future gets its result."""
         fut: Future = Future()
         if self._closed:
             fut.set_exception(errors.Unavailable("the coordinator is shutting down; retry on another peer or later"))
+            return fut
+        try:
+            cmd = commands.validate(cmd)
+        except errors.BadRequest as err:
+            fut.set_exception(err)
             return fut
         self._queue.put((cmd, fut))
         return fut
@@ -387,11 +393,11 @@ class Coordinator:
     # -- commands ------------------------------------------------------------------------------
 
     def execute(self, cmd: dict) -> dict:
-        """Validate one command (``commands.validate``), then apply it through the writer (the group-commit
-        writer, or the Raft log); raises the FleetError it failed with."""
+        """Apply one command through the writer (the group-commit writer, or the Raft log), which validates it
+        first (``commands.validate``); raises the FleetError it failed with."""
         cmd = dict(cmd)
         cmd.setdefault("now", time.time())
-        return self.writer.execute(commands.validate(cmd))
+        return self.writer.execute(cmd)
 
     def _after_commit(self, cmds: list[dict], results: list) -> None:
         wake = False

@@ -43,7 +43,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
-from cis490fleet import errors, raft
+from cis490fleet import commands, errors, raft
 from cis490fleet.raftstore import SqliteRaftStore
 
 log = logging.getLogger(__name__)
@@ -269,10 +269,16 @@ class Replicator:
         return self.status()["leader"]
 
     def submit(self, cmd: dict) -> Future:
-        """Propose ``cmd`` (leader only, else NotLeader with the leader's URL); the future gets its result."""
+        """Validate ``cmd`` (``commands.validate``) and propose it (leader only, else NotLeader with the leader's
+        URL); the future gets its result."""
         fut: Future = Future()
         if self._closed:
             fut.set_exception(errors.Unavailable("this coordinator is shutting down; retry on another peer"))
+            return fut
+        try:  # an entry that fails to serialise or to apply would stall or split the group: check it first
+            cmd = commands.validate(cmd)
+        except errors.BadRequest as err:
+            fut.set_exception(err)
             return fut
         rid = secrets.token_hex(8)
         data = {**cmd, "rid": rid}
