@@ -176,6 +176,14 @@ def _size(op, name, v):
     return v
 
 
+def _opt_epoch(op, name, v):
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**53:
+        raise _bad(op, name, "a whole number of epochs >= 0, or null", v)
+    return v
+
+
 def _manifest(op, name, v):
     if not isinstance(v, dict):
         raise _bad(op, name, "an object (Manifest.to_json())", v)
@@ -231,6 +239,9 @@ OPS: dict[str, dict[str, tuple]] = {
     "cancel": {"job_id": (_job_id, REQUIRED)},
     "requeue": {"job_id": (_job_id, REQUIRED)},
     "sweep_stale": {},
+    "record_checkpoint": {"job_id": (_job_id, REQUIRED), "host": (_host, REQUIRED), "lease": (_opt_lease, None),
+                          "sha256": (_sha, REQUIRED), "epoch": (_opt_epoch, None), "size": (_size, REQUIRED),
+                          "model": (_short_text, REQUIRED), "mode": (_short_text, REQUIRED)},
 }
 
 

@@ -98,6 +98,14 @@ def check_holder(job: JobState, host: str, lease: str | None) -> None:
         raise StaleLease(job.id, job.host)
 
 
+def check_checkpoint(job: JobState, host: str, lease: str | None) -> None:
+    """A checkpoint comes from the holder while it trains, or after a cancel told it to stop (what the
+    trainer saved on its way out is kept for a requeue)."""
+    check_holder(job, host, lease)
+    if job.status not in HELD_STATUSES and job.status != CANCELLED:
+        raise InvalidTransition(job.id, job.status, "record a checkpoint for")
+
+
 def _fmt_s(seconds: float) -> str:
     return f"{seconds:g}s"
 

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from cis490fleet import commands, db, failure_text, jobs, policy
+from cis490fleet import checkpoint_records, commands, db, failure_text, jobs, policy
 from cis490fleet.errors import (AmbiguousId, ApplyFailed, BadRequest, FleetError, InvalidTransition, NotFound,
                                 Unavailable, error_from_wire)
 from cis490fleet.model import (COMPLETED, FAILED, HELD_STATUSES, JOB_ID_RE, NAME_RE, PENDING, STATUSES,
@@ -128,6 +128,8 @@ MIGRATIONS = [
     ALTER TABLE jobs ADD COLUMN peak_vram_gib REAL;
     CREATE TABLE model_vram (model TEXT PRIMARY KEY, peak_vram_gib REAL NOT NULL) WITHOUT ROWID;
     """,
+    # The checkpoint each attempt left (checkpoint_records.py).
+    checkpoint_records.MIGRATION,
 ]
 
 # The claim seek: the best claimable job of one class. Its WHERE and ORDER BY
@@ -318,7 +320,7 @@ class _HostGpus:
 
 # ---------------------------------------------------------------- the store
 
-class JobStore:
+class JobStore(checkpoint_records.CheckpointRecords):
     """The queue in one SQLite file; one connection per thread, shared by any number of processes."""
 
     def __init__(self, path, *, synchronous: str = "FULL"):
@@ -759,7 +761,7 @@ class JobStore:
         answer = {"job_id": state.id, "job": {**spec_json, "id": state.id}, "lease": lease,
                   "attempt": step.opened.number, "heartbeat_s": meta.fleet.heartbeat_s,
                   "stale_after_s": meta.fleet.stale_after_s, "trainer": meta.trainer.to_json(),
-                  "slots": cap["slots"]}
+                  "slots": cap["slots"], "resume": self._newest_checkpoint(conn, state.id)}
         if best[1] is not None:
             given, need = best[1][0], best[1][1]
             conn.execute("UPDATE attempts SET placement = ? WHERE job = ? AND number = ?",
@@ -812,6 +814,9 @@ class JobStore:
             self._touch_worker(conn, host, now)
             if row[-1] is not None:
                 self._refresh_blocked(conn, row[-1])
+            pruned = self._prune_checkpoints(conn, job_id)
+            if pruned:
+                return {"ok": True, "unreferenced_checkpoints": pruned}
         return {"ok": True}
 
     def _op_fail(self, conn, now: float, job_id: str, host: str, lease: str | None, error: str) -> dict:
@@ -946,6 +951,7 @@ class JobStore:
                 "max_attempts": self._max_attempts(row[17], meta.fleet), "last_error": row[12],
                 "log_tail": tail[0] if tail else None, "not_before": row[16], "peak_vram_gib": row[20],
                 "why_pending": self._why_pending(conn, meta, spec, row[4], row[16], now),
+                "checkpoints": self._checkpoints_of(conn, job_id),
             })
         return out
 

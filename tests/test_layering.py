@@ -15,6 +15,7 @@ LAYERS = {
     "slots": 0, "bootstrap": 0, "notify": 0, "edge_json": 0,
     "commands": 0,
     "db": 1, "jobstore": 1, "raftstore": 1, "artifacts": 1, "bundle": 1, "capability": 1,
+    "checkpoint_records": 1,
     "client": 1, "tls": 1, "zipbuild": 1, "bytecode_cache": 1, "openapi": 1, "metrics": 1, "dashboard": 1,
     "connection_guard": 1,
     "http_api": 2, "coordinator": 2, "worker": 2, "ops": 2, "manifest_cmd": 2, "enroll": 2, "trainer": 2,
