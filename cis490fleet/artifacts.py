@@ -53,11 +53,15 @@ def _check_sha(value: object) -> str:
 
 
 class ArtifactStore:
-    """Bundles under ``data_dir``. Safe to share between threads of one process."""
+    """Bundles under ``data_dir``. Safe to share between threads of one process.
 
-    def __init__(self, data_dir: str | os.PathLike):
+    ``root`` names the folder: ``models`` for results, ``checkpoints`` for the checkpoints of
+    unfinished attempts (same layout, same guarantees; only checkpoints are ever removed).
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, root: str = "models"):
         self.data_dir = Path(data_dir)
-        self.models_dir = self.data_dir / "models"
+        self.models_dir = self.data_dir / root
         self.tmp_dir = self.data_dir / "tmp"
         self.index_path = self.models_dir / INDEX_NAME
         self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -182,6 +186,21 @@ class ArtifactStore:
                 if path.is_file():
                     return path
         return None
+
+    def remove(self, artifact_id: str) -> bool:
+        """Delete the folder of ``artifact_id`` (the caller knows nothing refers to it); True when one was there.
+
+        The index keeps its rows: it is the history of uploads, not a list of what is stored."""
+        removed = False
+        if not isinstance(artifact_id, str) or not SHA256_RE.match(artifact_id):
+            return removed
+        for folder in sorted(self.models_dir.glob(f"*/{artifact_id}")):
+            try:
+                shutil.rmtree(folder)
+                removed = True
+            except OSError as err:
+                log.warning("could not remove %s: %s", folder, err)
+        return removed
 
     def open_artifact(self, artifact_id: str) -> tuple[BinaryIO, int]:
         """An open binary file of the bundle and its size; the caller closes it."""

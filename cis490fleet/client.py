@@ -484,6 +484,27 @@ class Client:
         return self._call("POST", f"/v1/job/{_quote(job_id)}/release", headers={"x-lease": lease},
                           session=True)
 
+    def upload_checkpoint(self, job_id: str, lease, path: str | Path, *, sha256: str, epoch: int | None) -> dict:
+        """Stream a checkpoint bundle (``bundle.make_bundle`` of the trainer's checkpoint folder):
+        ``{"sha256", "attempt", "epoch", "size", "deduplicated"}``."""
+        _check_sha256(sha256, "sha256")
+        path = Path(path)
+        try:
+            size = path.stat().st_size
+        except OSError as err:
+            raise errors.ConfigError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+        headers = {"x-lease": lease, "x-content-sha256": sha256, "content-length": size,
+                   "content-type": "application/octet-stream"}
+        if epoch is not None:
+            headers["x-checkpoint-epoch"] = str(epoch)
+        return self._call("PUT", f"/v1/job/{_quote(job_id)}/checkpoint", headers=headers, body_path=path,
+                          timeout=max(self.timeout, 120.0))
+
+    def download_checkpoint(self, sha256: str, dest_path: str | Path) -> Path:
+        """Stream a checkpoint to ``dest_path`` through a temporary file; its sha256 must equal ``sha256``."""
+        _check_sha256(sha256, "checkpoint id")
+        return self._download(f"/v1/checkpoint/{sha256}", Path(dest_path), expect=sha256)
+
     def upload(self, job_id: str, lease, path: str | Path, *, sha256: str | None = None) -> dict:
         """Stream the bundle at ``path`` (1 MiB chunks, never all in memory): ``{"artifact_id", "path", "deduplicated"}``.
 

@@ -324,6 +324,7 @@ class Coordinator:
             raise
         self.artifacts = ArtifactStore(self.data_dir)
         self.artifacts.clean_tmp()
+        self.checkpoints = ArtifactStore(self.data_dir, root="checkpoints")
         self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="queue-read")
         self.replicator = None
         self.peer_ssl_context = peer_ssl_context
@@ -333,7 +334,8 @@ class Coordinator:
             try:
                 self.replicator = Replicator(self.data_dir, self.node_id, peers, self.store,
                                              on_applied=self._after_commit, ssl_context=peer_ssl_context,
-                                             artifacts=self.artifacts, **(raft_options or {}))
+                                             artifacts=self.artifacts, checkpoints=self.checkpoints,
+                                             **(raft_options or {}))
             except BaseException:
                 self.store.close()
                 self._data_lock.release()
@@ -407,6 +409,8 @@ class Coordinator:
         for cmd, result in zip(cmds, results):
             if isinstance(result, BaseException):
                 continue
+            for sha in (result.get("unreferenced_checkpoints") or () if isinstance(result, dict) else ()):
+                self.checkpoints.remove(sha)
             op = cmd.get("op")
             if op == "claim":
                 c.add("claims" if result.get("job") is not None else "empty_claims")

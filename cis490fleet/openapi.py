@@ -116,7 +116,14 @@ SCHEMAS = {
                                       "description": "with a slot in the claim: the GPUs the job may use"},
                              "slot": {"type": "integer"},
                              "slots": {"type": "integer", "description": "the host's slots as the coordinator "
-                                                                         "sees them"}}},
+                                                                         "sees them"},
+                             "resume": {"oneOf": [{"type": "null"}, _ref("Checkpoint")],
+                                        "description": "the newest checkpoint of an earlier attempt: download it "
+                                                       "from /v1/checkpoint/{sha256} and resume from it"}}},
+    "Checkpoint": {"type": "object", "required": ["attempt", "sha256", "epoch", "size", "host", "created"],
+                   "properties": {"attempt": {"type": "integer"}, "sha256": _HEX64,
+                                  "epoch": {"type": ["integer", "null"]}, "size": {"type": "integer"},
+                                  "host": {"type": "string"}, "created": {"type": "number"}}},
     "Failure": {"type": "object",
                 "required": ["job_id", "name", "model", "mode", "attempt", "host", "ended", "outcome", "error",
                              "status"],
@@ -226,6 +233,30 @@ PATHS = {
     "/v1/artifact/{sha256}": {"get": {
         "summary": "download a model bundle", "parameters": [_SHA_PARAM],
         "responses": {"200": {"description": "the bundle; header x-content-sha256 repeats the id",
+                              "content": {"application/octet-stream": {"schema": {
+                                  "type": "string", "contentMediaType": "application/octet-stream"}}}},
+                      **_errors(400, 404)}}},
+    "/v1/job/{job_id}/checkpoint": {"put": {
+        "summary": "upload the newest checkpoint of the caller's attempt (fenced by the lease; streamed, verified, "
+                   "content-addressed; a cancelled job's holder may still hand one in)", "security": _WORKER,
+        "parameters": [_JOB_ID_PARAM, _HOST_HEADER, _LEASE_HEADER,
+                       {"name": "x-content-sha256", "in": "header", "required": True, "schema": _HEX64},
+                       {"name": "x-checkpoint-epoch", "in": "header", "required": False,
+                        "schema": {"type": "integer", "minimum": 0}, "description": "epochs done at the checkpoint"},
+                       {"name": "content-length", "in": "header", "required": True,
+                        "schema": {"type": "integer", "minimum": 0}}],
+        "requestBody": {"required": True, "content": {"application/octet-stream": {
+            "schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}},
+        "responses": {"201": _json({"type": "object", "required": ["sha256", "attempt", "epoch", "size",
+                                                                   "deduplicated"],
+                                    "properties": {"sha256": _HEX64, "attempt": {"type": "integer"},
+                                                   "epoch": {"type": ["integer", "null"]},
+                                                   "size": {"type": "integer"},
+                                                   "deduplicated": {"type": "boolean"}}}, "stored and recorded"),
+                      **_errors(400, 401, 403, 404, 409, 411, 413)}}},
+    "/v1/checkpoint/{sha256}": {"get": {
+        "summary": "download a checkpoint (a bundle of the trainer's checkpoint folder)", "parameters": [_SHA_PARAM],
+        "responses": {"200": {"description": "the checkpoint bundle; header x-content-sha256 repeats the id",
                               "content": {"application/octet-stream": {"schema": {
                                   "type": "string", "contentMediaType": "application/octet-stream"}}}},
                       **_errors(400, 404)}}},

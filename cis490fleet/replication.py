@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 MESSAGES_PATH = "/v1/raft/messages"
 SNAPSHOT_PATH = "/v1/raft/snapshot"
 ARTIFACT_PATH = "/v1/raft/artifact/"
+CHECKPOINT = "checkpoint"  # the kind of a copied file that is a checkpoint, not a model bundle
 PROPOSE_TIMEOUT_S = 20.0
 READ_TIMEOUT_S = 5.0
 SEND_TIMEOUT_S = 5.0
@@ -161,7 +162,8 @@ class Replicator:
 
     def __init__(self, data_dir: Path, node_id: str, peers: dict[str, str], store, *, on_applied=None,
                  ssl_context=None, tick_s: float = 0.1, election_ticks: tuple[int, int] = (10, 20),
-                 heartbeat_ticks: int = 1, snapshot_every: int = SNAPSHOT_EVERY, artifacts=None):
+                 heartbeat_ticks: int = 1, snapshot_every: int = SNAPSHOT_EVERY, artifacts=None,
+                 checkpoints=None):
         if node_id not in peers:
             raise errors.ConfigError(f"--node-id {node_id!r} is not among the --peer entries "
                                      f"({', '.join(sorted(peers))}); list this peer too: --peer {node_id}=URL")
@@ -171,6 +173,7 @@ class Replicator:
         self.cluster = cluster_id(self.peers)
         self.store = store
         self.artifacts = artifacts
+        self.checkpoints = checkpoints  # a second ArtifactStore: checkpoints travel like bundles, with kind=checkpoint
         self.on_applied = on_applied
         self.ssl_context = ssl_context
         self.tick_s = tick_s
@@ -488,8 +491,14 @@ class Replicator:
                 log.exception("after-commit hook failed")
         if self.artifacts is not None:
             for cmd, result in zip(cmds, results):
-                if cmd.get("op") == "record_artifact" and not isinstance(result, BaseException):
+                if isinstance(result, BaseException):
+                    continue
+                if cmd.get("op") == "record_artifact":
                     self._ensure_artifact(cmd)
+                elif cmd.get("op") == "record_checkpoint" and self.checkpoints is not None:
+                    self._ensure_artifact({"artifact_id": cmd["sha256"], "model": cmd["model"], "mode": cmd["mode"],
+                                           "job_id": cmd["job_id"], "host": cmd["host"], "now": cmd["now"],
+                                           "kind": CHECKPOINT})
 
     def _answer_reads(self) -> None:
         applied = self.node.applied
@@ -597,10 +606,18 @@ class Replicator:
 
     # -- artifacts -----------------------------------------------------------------------------
 
+    def _store_of(self, kind: str | None):
+        """Where a copy of that kind lives: checkpoints apart from model bundles."""
+        if kind == CHECKPOINT:
+            if self.checkpoints is None:
+                raise errors.BadRequest("this peer keeps no checkpoints")
+            return self.checkpoints
+        return self.artifacts
+
     def _ensure_artifact(self, cmd: dict) -> None:
         """A follower that missed an upload's push fetches the bundle from the leader (background)."""
         sha = cmd.get("artifact_id")
-        if not sha or self.artifacts.locate(sha) is not None or sha in self._fetching:
+        if not sha or self._store_of(cmd.get("kind")).locate(sha) is not None or sha in self._fetching:
             return
         self._fetching.add(sha)
         threading.Thread(target=self._fetch_artifact, args=(cmd,), name="raft-artifact-fetch", daemon=True).start()
@@ -619,8 +636,14 @@ class Replicator:
         except errors.FleetError as err:
             log.info("could not list the queue's artifacts to fetch the missing ones: %s", err)
             return
-        missing = [a for a in recorded
-                   if a["artifact_id"] not in self._fetching and self.artifacts.locate(a["artifact_id"]) is None]
+        if self.checkpoints is not None:
+            try:
+                recorded += [{"artifact_id": c["sha256"], "kind": CHECKPOINT, **c}
+                             for c in self.store.checkpoint_records()]
+            except errors.FleetError as err:
+                log.info("could not list the queue's checkpoints to fetch the missing ones: %s", err)
+        missing = [a for a in recorded if a["artifact_id"] not in self._fetching
+                   and self._store_of(a.get("kind")).locate(a["artifact_id"]) is None]
         if missing:
             log.info("fetching %d bundles the queue records and this peer lacks", len(missing))
         for a in missing:
@@ -631,25 +654,27 @@ class Replicator:
                 continue
             self._fetching.add(sha)
             self._fetch_artifact({"artifact_id": sha, "model": a["model"], "mode": a["mode"], "job_id": a["job_id"],
-                                  "host": a["host"], "now": a["created"]})
+                                  "host": a["host"], "now": a["created"], "kind": a.get("kind")})
 
     def _fetch_artifact(self, cmd: dict) -> None:
         sha = cmd["artifact_id"]
+        store = self._store_of(cmd.get("kind"))
+        source = f"/v1/checkpoint/{sha}" if cmd.get("kind") == CHECKPOINT else f"/v1/artifact/{sha}"
         try:
             for pid, url in self.peers.items():
                 if pid == self.node_id:
                     continue
                 try:
                     conn = _connect(url, self.ssl_context, 60.0)
-                    conn.request("GET", f"/v1/artifact/{sha}", headers={"x-forwarded-by": self.node_id})
+                    conn.request("GET", source, headers={"x-forwarded-by": self.node_id})
                     resp = conn.getresponse()
                     if resp.status != 200:
                         resp.read()
                         conn.close()
                         continue
                     length = int(resp.getheader("content-length") or 0)
-                    self.artifacts.put(resp, sha256=sha, length=length, model=cmd["model"], mode=cmd["mode"],
-                                       job_id=cmd["job_id"], host=cmd["host"], now=cmd["now"])
+                    store.put(resp, sha256=sha, length=length, model=cmd["model"], mode=cmd["mode"],
+                              job_id=cmd["job_id"], host=cmd["host"], now=cmd["now"])
                     conn.close()
                     log.info("fetched artifact %s from %s", sha[:12], pid)
                     return
@@ -663,7 +688,7 @@ class Replicator:
         (this one included) once a majority does, else raises Unavailable.
 
         ``timeout`` is per socket operation; the wait for a majority also allows 10 MiB/s for the bytes."""
-        path = self.artifacts.locate(sha)
+        path = self._store_of(meta.get("kind")).locate(sha)
         size = path.stat().st_size
         need = len(self.peers) // 2 + 1
         done = threading.Semaphore(0)
@@ -713,9 +738,10 @@ class Replicator:
             raise errors.Forbidden("artifact push from another cluster refused; check the --peer lists")
         try:
             meta = json.loads(meta_text or "")
-            return self.artifacts.put(body, sha256=sha, length=length, model=meta["model"], mode=meta["mode"],
-                                      job_id=meta["job_id"], host=meta["host"], now=float(meta["now"]))
-        except (ValueError, KeyError, TypeError):
+            store = self._store_of(meta.get("kind"))
+            return store.put(body, sha256=sha, length=length, model=meta["model"], mode=meta["mode"],
+                             job_id=meta["job_id"], host=meta["host"], now=float(meta["now"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise errors.BadRequest("x-artifact must be a JSON object with model, mode, job_id, host, now") from None
 
     def snapshot_copy(self, cluster: str | None):
