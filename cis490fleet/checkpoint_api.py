@@ -14,8 +14,7 @@ from __future__ import annotations
 import time
 
 from cis490fleet import errors
-from cis490fleet.http_api import (LengthRequired, Request, Response, job_id_param, json_response,
-                                  sha_param)
+from cis490fleet.http_api import Request, Response, declared_upload, job_id_param, json_response, sha_param
 
 UPLOAD = "/v1/job/{job_id}/checkpoint"
 DOWNLOAD = "/v1/checkpoint/{sha256}"
@@ -39,18 +38,8 @@ def h_upload_checkpoint(req: Request):
     job_id = job_id_param(req.params["job_id"])
     host = req.host_id()
     lease = req.lease()
-    declared = (req.header("x-content-sha256") or "").lower()
-    if not declared:
-        raise errors.BadRequest("missing x-content-sha256 header: send the sha256 of the checkpoint (64 hex digits)")
-    sha_param(declared, "x-content-sha256")
     epoch = epoch_header(req.header("x-checkpoint-epoch"))
-    length = req.content_length
-    if length is None:
-        raise LengthRequired("missing content-length header: send the checkpoint's size in bytes")
-    limit = req.app.max_artifact_bytes()
-    if length > limit:
-        raise errors.TooLarge(f"checkpoint of {length} bytes is over this fleet's max_artifact_bytes ({limit}); "
-                              "raise [fleet] max_artifact_bytes in the manifest or make the checkpoint smaller")
+    declared, length = declared_upload(req, "checkpoint")
     result = store_checkpoint(req.app, job_id, host, lease, req, declared, length, epoch)
     return json_response(result, 201)
 

@@ -528,22 +528,29 @@ def h_register(req: Request):
     return {**result, "ok": True}
 
 
+def declared_upload(req: Request, what: str = "bundle") -> tuple[str, int]:
+    """The sha256 and size an upload declares in its headers, checked against ``max_artifact_bytes``
+    before a byte of the body is read."""
+    declared = (req.header("x-content-sha256") or "").lower()
+    if not declared:
+        raise errors.BadRequest(f"missing x-content-sha256 header: send the sha256 of the {what} (64 hex digits)")
+    sha_param(declared, "x-content-sha256")
+    length = req.content_length
+    if length is None:
+        raise LengthRequired(f"missing content-length header: send the {what}'s size in bytes")
+    limit = req.app.max_artifact_bytes()
+    if length > limit:
+        raise errors.TooLarge(f"{what} of {length} bytes is over this fleet's max_artifact_bytes ({limit}); "
+                              f"raise [fleet] max_artifact_bytes in the manifest or make the {what} smaller")
+    return declared, length
+
+
 def h_upload(req: Request):
     job_id = job_id_param(req.params["job_id"])
     host = req.host_id()
     lease = req.lease()
-    declared = req.header("x-content-sha256")
-    if not declared:
-        raise errors.BadRequest("missing x-content-sha256 header: send the sha256 of the bundle (64 hex digits)")
-    sha_param(declared.lower(), "x-content-sha256")
-    length = req.content_length
-    if length is None:
-        raise LengthRequired("missing content-length header: send the bundle's size in bytes")
-    limit = req.app.max_artifact_bytes()
-    if length > limit:
-        raise errors.TooLarge(f"bundle of {length} bytes is over this fleet's max_artifact_bytes ({limit}); "
-                              "raise [fleet] max_artifact_bytes in the manifest or make the bundle smaller")
-    result = req.app.store_artifact(job_id, host, lease, req, declared.lower(), length)
+    declared, length = declared_upload(req)
+    result = req.app.store_artifact(job_id, host, lease, req, declared, length)
     return json_response({"artifact_id": result["artifact_id"], "path": result["path"],
                           "deduplicated": bool(result["deduplicated"])}, 201)
 
