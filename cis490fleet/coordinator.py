@@ -663,6 +663,18 @@ class Coordinator:
         self.url = f"{scheme}://{shown}:{self.server.port}"
         return self.server
 
+    def dead_threads(self) -> list[str]:
+        """Names of the started threads ``serve`` cannot do without that have ended (none while all run)."""
+        dead = []
+        if self._serving is not None and not self._serving.is_alive():
+            dead.append(self._serving.name)
+        if not self.writer.alive:
+            dead.append("raft-driver" if self.replicator is not None else "group-commit")
+        dead += [t.name for t in self._threads if not t.is_alive()]
+        if self._threads and not self.notifier.alive():
+            dead.append("notifier")
+        return dead
+
     def serve_in_thread(self) -> threading.Thread:
         """Serve HTTP on a daemon thread (after ``listen``)."""
         self._serving = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
@@ -906,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
     if not token:
         log.warning("no operator token: cancel, requeue and reload are refused; set %s or --operator-token-file",
                     ENV_TOKEN)
-    serving = coord.serve_in_thread()
+    coord.serve_in_thread()
     coord.start_background()
     (data_dir / "serve.url").unlink(missing_ok=True)
     _write_atomic(data_dir / "serve.url", coord.url + "\n")
@@ -921,11 +933,16 @@ def main(argv: list[str] | None = None) -> int:
     log.info("listening on %s (data %s, node %s)", coord.url, data_dir, coord.node_id)
     sd_notify("READY=1\nSTATUS=listening on " + coord.url)
 
-    while not stop.wait(1.0):
-        if not serving.is_alive() or not coord.writer.alive:
-            log.error("a coordinator thread died; stopping")
-            break
+    dead: list[str] = []
+    while not stop.wait(1.0) and not dead:
+        dead = coord.dead_threads()
+    if dead:
+        # Non-zero, so that systemd's Restart=on-failure starts serve again.
+        log.error("the %s thread ended unexpectedly (its traceback is above); stopping with exit status %d so "
+                  "that the service manager restarts serve", ", ".join(dead), errors.EXIT_FAILED)
     sd_notify("STOPPING=1")
-    coord.close()
-    (data_dir / "serve.url").unlink(missing_ok=True)
-    return 0
+    try:
+        coord.close()
+    finally:
+        (data_dir / "serve.url").unlink(missing_ok=True)
+    return errors.EXIT_FAILED if dead else 0

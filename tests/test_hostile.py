@@ -7,6 +7,8 @@ import http.client
 import json
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 
@@ -181,3 +183,57 @@ def test_deep_json_is_a_400_and_reads_keep_working(srv, levels):
                                  {**worker("ws1"), "x-lease": job["lease"]})
     assert status == 200, answer
     assert srv.call("GET", "/v1/jobs")[0] == 200
+
+
+# -- a thread serve needs ends: serve exits non-zero, so systemd restarts it ----------------------
+
+# Runs serve in the main thread; once it listens, raises an exception inside the named thread, as an
+# unexpected bug there would.
+STRIKE = """
+import ctypes, pathlib, sys, threading, time
+from cis490fleet import cli
+victim, url_file = sys.argv[1], pathlib.Path(sys.argv[2])
+
+def strike():
+    while not url_file.exists():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    for thread in threading.enumerate():
+        if thread.name == victim:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
+                                                       ctypes.py_object(RuntimeError))
+            print("struck", victim, flush=True)
+
+threading.Thread(target=strike, daemon=True).start()
+sys.exit(cli.main(["serve", *sys.argv[3:]]))
+"""
+
+
+@pytest.mark.parametrize("victim", ["http-accept", "stale-sweeper", "raft-driver"])
+def test_serve_exits_non_zero_when_a_thread_it_needs_ends(tmp_path, victim):
+    from conftest import serve_env
+
+    port = _free_port()
+    args = ["--data", str(tmp_path / "data"), "--bind", f"127.0.0.1:{port}", "--port-file", str(tmp_path / "url"),
+            "--sweep-interval", "0.2"]
+    if victim == "raft-driver":
+        args += ["--node-id", "a", "--peer", f"a=http://127.0.0.1:{port}"]
+    proc = subprocess.Popen([sys.executable, "-c", STRIKE, victim, str(tmp_path / "url"), *args],
+                            env=serve_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL)
+    try:
+        output, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        pytest.fail(f"serve kept running after its {victim} thread ended:\n{output[-3000:]}")
+    assert f"struck {victim}" in output, output[-3000:]
+    assert proc.returncode == 1, output[-3000:]
+    assert f"the {victim} thread ended unexpectedly" in output
+    assert "Traceback" in output  # the thread's own traceback is in the log
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
