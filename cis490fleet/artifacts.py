@@ -170,11 +170,22 @@ class ArtifactStore:
         return False
 
     def _append_index(self, row: dict) -> None:
-        line = json.dumps(row, sort_keys=True, separators=(",", ":")) + "\n"
-        with self._index_lock, open(self.index_path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        """Append one row; a failed append (a full disk) is cut back off, so the next row starts on a line."""
+        line = (json.dumps(row, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        with self._index_lock:
+            fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+            try:
+                end = os.fstat(fd).st_size
+                try:
+                    written = 0
+                    while written < len(line):
+                        written += os.write(fd, line[written:])
+                    os.fsync(fd)
+                except OSError:
+                    os.ftruncate(fd, end)
+                    raise
+            finally:
+                os.close(fd)
 
     def locate(self, artifact_id: str) -> Path | None:
         """The bundle file of ``artifact_id``, or None (also for a malformed id)."""

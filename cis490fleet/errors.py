@@ -124,6 +124,28 @@ class ApplyFailed(FleetError):
     code = "apply_failed"
 
 
+class DiskFull(FleetError):
+    """The coordinator's disk (or quota) has no room for a write; nothing already stored was touched."""
+
+    code = "disk_full"
+
+
+# errno of "no space left on device" and "disk quota exceeded"; SQLITE_FULL, the primary result code.
+_DISK_FULL_ERRNOS = (28, 122)
+_SQLITE_FULL = 13
+
+
+def disk_full(err: BaseException, where: str) -> DiskFull | None:
+    """The DiskFull an OS or SQLite error means (``where`` names the folder), or None for any other error."""
+    errno = getattr(err, "errno", None)
+    sqlite_code = getattr(err, "sqlite_errorcode", None)
+    if errno not in _DISK_FULL_ERRNOS and (sqlite_code is None or sqlite_code & 0xFF != _SQLITE_FULL) \
+            and "database or disk is full" not in str(err):
+        return None
+    return DiskFull(f"the coordinator's disk is full ({where}): nothing already stored was lost, but nothing "
+                    "new can be written; free space there (or move the data with serve --data), then retry")
+
+
 class ConfigError(FleetError):
     """A command-line flag, environment variable or config file is wrong."""
 
@@ -143,6 +165,7 @@ HTTP_STATUS: dict[type[FleetError], int] = {
     StaleLease: 409,
     InvalidTransition: 409,
     TooLarge: 413,
+    DiskFull: 507,
     NotLeader: 503,
     Unavailable: 503,
     ConfigError: 500,

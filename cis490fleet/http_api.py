@@ -994,10 +994,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 access_log.info("%s %s aborted by the client host=%s", method, _safe_target(path, parsed.query),
                                 str(host_for_log)[:64])
                 return
-            except Exception:
-                log.exception("internal error handling %s %s", method, path[:200])
-                resp = json_response({"error": "internal", "detail": "the coordinator hit an unexpected error; "
-                                      "see the server log"}, 500)
+            except Exception as err:
+                full = errors.disk_full(err, str(getattr(self.server.app, "data_dir", "its data folder")))
+                if full is not None:
+                    log.error("%s %s: %s (%s)", method, path[:200], full, err)
+                    resp = error_response(full)
+                else:
+                    log.exception("internal error handling %s %s", method, path[:200])
+                    resp = json_response({"error": "internal", "detail": "the coordinator hit an unexpected "
+                                          "error; see the server log"}, 500)
             unread = (req.remaining if req is not None else self.body_length) or 0
             if unread:
                 # Unread body bytes would be taken for the next request: answer, then drop the connection.

@@ -31,6 +31,7 @@ def _errors(*statuses: int) -> dict:
         411: "content-length is required",
         413: "body too large",
         503: "busy, shutting down, or not the leader",
+        507: "the coordinator's disk is full: nothing stored was lost; free space there, then retry",
     }
     return {str(s): _json(_ref("Error"), text[s]) for s in statuses}
 
@@ -229,7 +230,7 @@ PATHS = {
         "responses": {"201": _json({"type": "object", "required": ["artifact_id", "path", "deduplicated"],
                                     "properties": {"artifact_id": _HEX64, "path": {"type": "string"},
                                                    "deduplicated": {"type": "boolean"}}}, "stored"),
-                      **_errors(400, 401, 403, 404, 409, 411, 413)}}},
+                      **_errors(400, 401, 403, 404, 409, 411, 413, 507)}}},
     "/v1/artifact/{sha256}": {"get": {
         "summary": "download a model bundle", "parameters": [_SHA_PARAM],
         "responses": {"200": {"description": "the bundle; header x-content-sha256 repeats the id",

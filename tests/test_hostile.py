@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -178,7 +179,7 @@ def test_deep_json_is_a_400_and_reads_keep_working(srv, levels):
                                  {**worker("ws1"), "x-lease": job["lease"]})
     assert status == 400 and "levels deep" in answer["detail"], answer
     assert queue_dump(srv) == before
-    shallow = b'[{"progress": ' + b'{"a": ' * 8 + b"1" + b"}" * 8 + b"}]"
+    shallow = b'[{"progress": ' + b'{"a": ' * 3 + b"1" + b"}" * 3 + b"}]"
     status, _, answer = srv.call("POST", f"/v1/job/{job['job_id']}/heartbeat", shallow,
                                  {**worker("ws1"), "x-lease": job["lease"]})
     assert status == 200, answer
@@ -237,3 +238,86 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- a full disk is a 507 with the fix, and loses nothing already stored --------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs, mounted for this test (we run as root); skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); "
+                    "the full-disk test needs one")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file in ``folder`` until the file system has no byte left; returns it."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for size in (1 << 20, 1 << 12, 1):
+            try:
+                while f.write(b"\0" * size):
+                    pass
+            except OSError:
+                pass
+    return filler
+
+
+def worker_lease(host: str, lease: str) -> dict:
+    return {"x-lab-host": host, "x-lease": lease}
+
+
+def put_bundle(srv, job: dict, data: bytes):
+    import hashlib
+
+    headers = {**worker_lease("ws1", job["lease"]), "x-content-sha256": hashlib.sha256(data).hexdigest()}
+    return srv.call("PUT", f"/v1/model/{job['job_id']}", data, headers)
+
+
+def test_a_full_disk_is_507_with_the_fix_and_loses_nothing(small_disk, live_server):
+    import os
+
+    srv = live_server(manifest_toml(3), data_dir=small_disk / "data")
+    first = srv.call("POST", "/v1/job/claim", {"capability": {}}, worker("ws1"))[2]
+    stored = os.urandom(64 << 10)
+    status, _, art = put_bundle(srv, first, stored)
+    assert status == 201, art
+    assert srv.call("POST", f"/v1/job/{first['job_id']}/complete", {"artifact_id": art["artifact_id"]},
+                    worker_lease("ws1", first["lease"]))[0] == 200
+    second = srv.call("POST", "/v1/job/claim", {"capability": {}}, worker("ws1"))[2]
+    before = queue_dump(srv)
+
+    filler = fill(small_disk)
+    status, _, answer = put_bundle(srv, second, os.urandom(1 << 20))
+    assert status == 507 and answer["error"] == "disk_full", answer
+    assert "disk is full" in answer["detail"] and "free space" in answer["detail"]
+    # Queue writes: SQLite says "database or disk is full" once its files cannot grow.
+    statuses = set()
+    for _ in range(20):
+        status, _, answer = srv.call("POST", f"/v1/job/{second['job_id']}/heartbeat",
+                                     [{"progress": {"epoch": 1}, "log_tail": "x" * (200 << 10)}],
+                                     worker_lease("ws1", second["lease"]))
+        statuses.add(status)
+        if status != 200:
+            assert status == 507 and answer["error"] == "disk_full", answer
+            break
+    assert 507 in statuses and 500 not in statuses
+    # Everything stored before is still there, and the server still answers.
+    assert queue_dump(srv) == before
+    status, _, data = srv.call("GET", f"/v1/artifact/{art['artifact_id']}")
+    assert status == 200 and data == stored
+
+    filler.unlink()
+    status, _, art2 = put_bundle(srv, second, os.urandom(1 << 20))
+    assert status == 201, art2
+    assert srv.call("POST", f"/v1/job/{second['job_id']}/complete", {"artifact_id": art2["artifact_id"]},
+                    worker_lease("ws1", second["lease"]))[0] == 200
+    index = (small_disk / "data" / "models" / "index.jsonl").read_text().splitlines()
+    assert [json.loads(line)["artifact_id"] for line in index] == [art["artifact_id"], art2["artifact_id"]]
