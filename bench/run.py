@@ -10,7 +10,8 @@ the ratios hold on a noisy machine where server and load share the cores. Load
 runs in separate processes; all traffic goes to 127.0.0.1; every loop is bounded
 in count and time. See bench/README.md for what limits each figure.
 
-Names: claim, cycle, scale, dispatch, upload, bundle, manifest, cli, idle, failover (bench/failover.py).
+Names: claim, cycle, scale, dispatch, upload, bundle, manifest, cli, idle, failover (bench/failover.py),
+placement (bench/placement.py: a simulated lab through the real placement policy).
 """
 
 from __future__ import annotations
@@ -636,6 +637,11 @@ class Bench:
 
     # -- replicated group: failover, throughput vs one peer, catch-up (bench/failover.py) ----------
 
+    def placement(self) -> None:
+        import placement
+
+        placement.report(self)
+
     def failover(self) -> None:
         import failover
 
@@ -765,7 +771,7 @@ def _tls_ceiling(src: Path, work: Path, cert_file: Path, key_file: Path, ca_file
     return seconds
 
 
-NAMES = ("claim", "cycle", "scale", "dispatch", "upload", "bundle", "manifest", "cli", "idle", "failover")
+NAMES = ("claim", "cycle", "scale", "dispatch", "upload", "bundle", "manifest", "cli", "idle", "failover", "placement")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from cis490fleet import checkpoint_records, commands, db, failure_text, jobs, policy
+from cis490fleet import checkpoint_records, commands, db, failure_text, jobs, placement, policy
 from cis490fleet.errors import (AmbiguousId, ApplyFailed, BadRequest, FleetError, InvalidTransition, NotFound,
                                 Unavailable, error_from_wire)
 from cis490fleet.model import (COMPLETED, FAILED, HELD_STATUSES, JOB_ID_RE, NAME_RE, PENDING, STATUSES,
@@ -130,6 +130,11 @@ MIGRATIONS = [
     """,
     # The checkpoint each attempt left (checkpoint_records.py).
     checkpoint_records.MIGRATION,
+    # Finished attempts per host and model (count, seconds in all): the speeds placement learns.
+    """
+    CREATE TABLE model_runs (host TEXT NOT NULL, model TEXT NOT NULL, runs INTEGER NOT NULL, seconds REAL NOT NULL,
+                             PRIMARY KEY (host, model)) WITHOUT ROWID;
+    """,
 ]
 
 # The claim seek: the best claimable job of one class. Its WHERE and ORDER BY
@@ -143,6 +148,12 @@ UPSERT_WORKER_SQL = ("INSERT INTO workers (host, capability, last_seen) VALUES (
                      "SET capability = excluded.capability, last_seen = max(last_seen, excluded.last_seen)")
 
 HELD_SQL = "SELECT count(*) FROM jobs WHERE host = ? AND status IN ('claimed', 'running')"
+# The claimable jobs a placement plan walks (higher priority first), and what every host holds.
+PLAN_WINDOW = 256
+PLAN_QUEUE_SQL = ("SELECT id, cls, model, priority, spec FROM jobs WHERE status = 'pending' AND blocked = 0 "
+                  "AND (not_before IS NULL OR not_before <= ?) ORDER BY priority DESC, seq LIMIT ?")
+PLAN_HELD_SQL = ("SELECT j.host, j.model, j.spec, a.started FROM jobs j JOIN attempts a ON a.job = j.id "
+                 "AND a.number = j.tries WHERE j.status IN ('claimed', 'running')")
 # The GPU placements of a host's held jobs, for the VRAM accounting of its next claim.
 PLACED_SQL = ("SELECT a.placement FROM jobs j JOIN attempts a ON a.job = j.id AND a.number = j.tries "
               "WHERE j.host = ? AND j.status IN ('claimed', 'running') AND a.placement IS NOT NULL")
@@ -572,8 +583,9 @@ class JobStore(checkpoint_records.CheckpointRecords):
             job_dicts = list(manifest.get("jobs") or ())
         except (TypeError, KeyError, ValueError, AttributeError) as err:
             raise BadRequest(f"sync_manifest: the manifest is not a Manifest.to_json() object ({err})") from None
+        timed = any(isinstance(d, dict) and d.get("expected_minutes") for d in job_dicts)
         for key, value in (("fleet", fleet.to_json()), ("trainer", trainer.to_json()),
-                           ("hosts", [h.to_json() for h in hosts])):
+                           ("hosts", [h.to_json() for h in hosts]), ("timed", timed)):
             conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
                          "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, _dumps(value)))
 
@@ -696,6 +708,14 @@ class JobStore(checkpoint_records.CheckpointRecords):
         return {"ok": True, "slots": policy.plan_slots(cap)}
 
     @staticmethod
+    def _record_run(conn, job_id: str, number: int, host: str, now: float) -> None:
+        """Count a finished attempt's seconds for its host and model: the speeds placement learns."""
+        conn.execute("INSERT INTO model_runs (host, model, runs, seconds) SELECT ?, j.model, 1, max(0, ? - a.started) "
+                     "FROM jobs j JOIN attempts a ON a.job = j.id AND a.number = ? WHERE j.id = ? "
+                     "ON CONFLICT (host, model) DO UPDATE SET runs = runs + 1, seconds = seconds + excluded.seconds",
+                     (host, now, number, job_id))
+
+    @staticmethod
     def _record_peak_vram(conn, job_id: str, peak) -> None:
         """Keep the largest VRAM peak a trainer reported for the job, and for its model (a rerun's need)."""
         if isinstance(peak, bool) or not isinstance(peak, (int, float)) or not 0 < peak < 1e6:
@@ -735,7 +755,7 @@ class JobStore(checkpoint_records.CheckpointRecords):
             return {"job": None}
         gpus = None if slot is None else _HostGpus(self, conn, host, cap, spec)
         workers = None
-        best = None
+        ok: dict[int, tuple] = {}  # class -> (its best claimable row, the GPUs this slot gives it)
         for cls, key in conn.execute("SELECT id, key FROM classes ORDER BY id").fetchall():
             probe = self._probe(key)
             if self._statically_refused(verdicts, key, probe, host, cap, spec):
@@ -746,13 +766,20 @@ class JobStore(checkpoint_records.CheckpointRecords):
                 if policy.prefer_cuda_refusal(probe, host, cap, self._cuda_host_available(probe, workers, host)):
                     continue
             row = conn.execute(CLAIM_SQL, (cls, now)).fetchone()
-            if row is None or (best is not None and (-row[1], row[2]) >= (-best[0][1], best[0][2])):
+            if row is None:
                 continue
             placed = None if gpus is None else gpus.place(probe, slot)
             if placed is None or placed[0] is not None:
-                best = (row, placed)
-        if best is None:
+                ok[cls] = (row, placed)
+        if not ok:
             return {"job": None}
+        best = min(ok.values(), key=lambda c: (-c[0][1], c[0][2]))
+        speeds = self._speeds(conn, meta)
+        if speeds is not None:
+            chosen = self._plan(conn, meta, now, host, speeds, ok)[0]
+            if chosen is None:
+                return {"job": None}
+            best = (chosen, ok[chosen[1]][1])
         row = conn.execute(f"SELECT {STATE_COLUMNS}, spec FROM jobs WHERE id = ?", (best[0][0],)).fetchone()
         state = _state(row)
         step = jobs.claim(state, host=host, lease=lease, now=now, stale_after_s=meta.fleet.stale_after_s)
@@ -769,6 +796,44 @@ class JobStore(checkpoint_records.CheckpointRecords):
                                   "share": bool(spec_json.get("gpu_share"))}), state.id, step.opened.number))
             answer.update({"gpus": given, "slot": slot["index"]})
         return answer
+
+    def _speeds(self, conn, meta: _Meta) -> placement.Speeds | None:
+        """What placement knows of durations; None when nothing is known (claims then go by queue order)."""
+        speeds = placement.Speeds({h.id: h.speed for h in meta.hosts if h.speed},
+                                  [placement.Runs(*r) for r in conn.execute("SELECT * FROM model_runs")])
+        if speeds.known():
+            return speeds
+        timed = conn.execute("SELECT value FROM meta WHERE key = 'timed'").fetchone()
+        return speeds if timed and json.loads(timed[0]) else None
+
+    def _plan(self, conn, meta: _Meta, now: float, host: str, speeds: placement.Speeds,
+              ok: dict[int, tuple] | None = None) -> tuple[tuple | None, list[placement.Planned]]:
+        """Which claimable job ``host`` takes now by placement.plan ((id, class) or None), and the jobs it
+        passes over for a faster host. ``ok`` holds the classes the asking slot may take (a claim); without
+        it (``jobs show``) the host's eligibility is its static one, as for every other live host."""
+        workers = self._live_workers(conn, meta, now)
+        held: dict[str, list] = {}
+        for h, model, spec_text, started in conn.execute(PLAN_HELD_SQL):
+            minutes = json.loads(spec_text).get("expected_minutes")
+            held.setdefault(h, []).append((started, speeds.expected_seconds(h, model, minutes)))
+        slots = {w.host: placement.slot_times(now, w.cap["slots"], held.get(w.host, [])) for w in workers}
+        if ok is not None:
+            slots[host] = [now] + slots.get(host, [now])[1:]
+        rows = conn.execute(PLAN_QUEUE_SQL, (now, PLAN_WINDOW)).fetchall()
+        hosts_of: dict[int, frozenset[str]] = {}
+        for cls in {r[1] for r in rows}:
+            key = conn.execute("SELECT key FROM classes WHERE id = ?", (cls,)).fetchone()[0]
+            probe = self._probe(key)
+            hosts = {w.host for w in workers if w.host != host and not policy.static_refusals(probe, w.host, w.cap,
+                                                                                               w.spec)}
+            mine = cls in ok if ok is not None else any(
+                w.host == host and not policy.static_refusals(probe, w.host, w.cap, w.spec) for w in workers)
+            hosts_of[cls] = frozenset(hosts | ({host} if mine else set()))
+        queue = [placement.QueuedJob(r[0], r[2], json.loads(r[4]).get("expected_minutes"), hosts_of[r[1]], r[3])
+                 for r in rows]
+        key, passed = placement.plan(host, now, queue, slots, speeds)
+        chosen = next(((r[0], r[1]) for r in rows if r[0] == key), None)
+        return chosen, passed
 
     def _op_heartbeat(self, conn, now: float, job_id: str, host: str, lease: str | None,
                       progress: dict | None, log_tail: str | None) -> dict:
@@ -810,6 +875,7 @@ class JobStore(checkpoint_records.CheckpointRecords):
                            f"(PUT /v1/model/{artifact_id}) before completing job {job_id[:12]}")
         step = jobs.complete(state, host=host, lease=lease, artifact_id=artifact_id, now=now)
         if step.job is not state:
+            self._record_run(conn, job_id, state.tries, host, now)
             self._save(conn, step)
             self._touch_worker(conn, host, now)
             if row[-1] is not None:
@@ -950,7 +1016,7 @@ class JobStore(checkpoint_records.CheckpointRecords):
                 "spec": spec.to_json(), "attempts": attempts, "attempt_count": row[6],
                 "max_attempts": self._max_attempts(row[17], meta.fleet), "last_error": row[12],
                 "log_tail": tail[0] if tail else None, "not_before": row[16], "peak_vram_gib": row[20],
-                "why_pending": self._why_pending(conn, meta, spec, row[4], row[16], now),
+                "why_pending": self._why_pending(conn, meta, job_id, spec, row[4], row[16], now),
                 "checkpoints": self._checkpoints_of(conn, job_id),
             })
         return out
@@ -962,7 +1028,7 @@ class JobStore(checkpoint_records.CheckpointRecords):
             out[name] = COMPLETED if COMPLETED in statuses else (statuses[0] if statuses else None)
         return out
 
-    def _why_pending(self, conn, meta: _Meta, spec: JobSpec, status: str, not_before: float | None,
+    def _why_pending(self, conn, meta: _Meta, job_id: str, spec: JobSpec, status: str, not_before: float | None,
                      now: float) -> list[str]:
         if status != PENDING:
             return []
@@ -990,10 +1056,20 @@ class JobStore(checkpoint_records.CheckpointRecords):
                         refused.append(gpu)
             if refused:
                 reasons += [f"{w.host}: {r}" for r in refused]
+            elif (waits := self._waits_for_faster(conn, meta, now, w.host, job_id)) is not None:
+                reasons.append(f"{w.host}: {waits}")
             else:
                 reasons.append(f"{w.host}: eligible; it takes the job at its next claim unless jobs of higher "
                                "priority (or older ones) come first")
         return reasons
+
+    def _waits_for_faster(self, conn, meta: _Meta, now: float, host: str, job_id: str) -> str | None:
+        """The sentence saying why ``host`` leaves the job to a faster host, None when it does not."""
+        speeds = self._speeds(conn, meta)
+        if speeds is None:
+            return None
+        passed = self._plan(conn, meta, now, host, speeds)[1]
+        return next((placement.explain(p, host, now) for p in passed if p.key == job_id), None)
 
     def jobs(self, *, status: str | None = None, model: str | None = None, host: str | None = None,
              limit: int | None = None, offset: int = 0) -> tuple[list[dict], int]:

@@ -256,8 +256,8 @@ class JobSpec:
         return canonical_json(key)
 
     def _gpu_fields(self) -> dict:
-        """The GPU fields that differ from their defaults: left out of the JSON and class key of a job
-        without them, so those of jobs written before these fields existed stay as they were."""
+        """The GPU fields that differ from their defaults: left out of the class key of a job without
+        them, so the classes of jobs written before these fields existed stay as they were."""
         out: dict[str, Any] = {}
         if self.gpus:
             out["gpus"] = self.gpus
@@ -275,9 +275,8 @@ class JobSpec:
                 "require_cuda": self.require_cuda, "prefer_cuda": self.prefer_cuda,
                 "min_vram_gib": self.min_vram_gib, "min_ram_gib": self.min_ram_gib,
                 "allowed_hosts": list(self.allowed_hosts), "priority": self.priority, "retries": self.retries,
-                "name": self.name, "after": list(self.after), **self._gpu_fields(),
-                **({} if self.expected_minutes is None else {"expected_minutes": self.expected_minutes}),
-                **({} if self.sweep is None else {"sweep": self.sweep})}
+                "name": self.name, "after": list(self.after), "gpus": self.gpus, "gpu_share": self.gpu_share,
+                "mixed_gpus": self.mixed_gpus, "expected_minutes": self.expected_minutes, "sweep": self.sweep}
 
     @classmethod
     def from_json(cls, d: dict) -> "JobSpec":

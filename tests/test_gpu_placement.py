@@ -124,10 +124,11 @@ expected_minutes = 90
     ]
 
 
-def test_jobs_without_the_new_fields_keep_their_json_and_class_key():
-    j = job(min_vram_gib=6)
-    assert "gpus" not in j.to_json() and "expected_minutes" not in j.to_json()
-    assert "gpus" not in j.constraint_key()
+def test_jobs_without_the_gpu_fields_keep_their_class_key():
+    assert job(min_vram_gib=6).constraint_key() == (
+        '{"allowed_hosts":[],"min_ram_gib":0,"min_vram_gib":6,"model":"mlp","prefer_cuda":false,'
+        '"require_cuda":false}')
+    assert '"gpus":2' in job(gpus=2).constraint_key()
 
 
 # -- the queue --

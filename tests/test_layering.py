@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cis490fleet"
 LAYERS = {
     "errors": 0, "model": 0, "manifest": 0, "policy": 0, "jobs": 0, "raft": 0, "signing": 0, "failure_text": 0,
     "slots": 0, "bootstrap": 0, "notify": 0, "edge_json": 0,
-    "commands": 0,
+    "commands": 0, "placement": 0,
     "db": 1, "jobstore": 1, "raftstore": 1, "artifacts": 1, "bundle": 1, "capability": 1,
     "checkpoint_records": 1,
     "client": 1, "tls": 1, "zipbuild": 1, "bytecode_cache": 1, "openapi": 1, "metrics": 1, "dashboard": 1,
