@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from test_gpu_placement import store  # noqa: F401 (fixture)
+
 from cis490fleet import placement
-from cis490fleet.jobstore import JobStore
 from cis490fleet.model import FleetConfig, HostSpec, JobSpec, Manifest
 from cis490fleet.placement import NEVER, QueuedJob, Runs, Speeds
 
@@ -74,13 +75,6 @@ def test_longer_jobs_first_within_a_priority_and_unknown_ones_in_queue_order():
 # -- the queue --
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = JobStore(tmp_path / "queue.sqlite3")
-    yield s
-    s.close()
-
-
 def sync(store, *jobs, hosts=()):
     store.execute({"op": "sync_manifest", "now": T0, "manifest": Manifest(
         fleet=FleetConfig(worker_timeout_s=3600), hosts=tuple(hosts), jobs=tuple(jobs)).to_json()})
@@ -90,7 +84,7 @@ def claim(store, host, lease, now=T0):
     return store.execute({"op": "claim", "now": now, "host": host, "capability": CPU, "lease": lease})
 
 
-def test_a_slow_host_defers_to_a_faster_busy_one_and_jobs_show_says_why(store):
+def test_a_slow_host_defers_to_a_faster_busy_one_and_jobs_show_says_why(store):  # noqa: F811
     hosts = [HostSpec(id="pi", speed=0.1), HostSpec(id="ws", speed=4.0)]
     first = JobSpec(model="mlp", mode="train", seed=0, expected_minutes=20)
     long = JobSpec(model="mlp", mode="train", seed=1, expected_minutes=60)
@@ -106,7 +100,7 @@ def test_a_slow_host_defers_to_a_faster_busy_one_and_jobs_show_says_why(store):
     assert claim(store, "pi", "L2", now=T0 + 2 * 900 + 1)["job_id"] == first.id
 
 
-def test_finished_attempts_teach_the_queue_each_hosts_speed(store):
+def test_finished_attempts_teach_the_queue_each_hosts_speed(store):  # noqa: F811
     a, b = (JobSpec(model="gbt", mode="train", seed=i) for i in range(2))
     sync(store, a, b)
     assert claim(store, "fast", "L1")["job_id"] == a.id
