@@ -215,23 +215,66 @@ def _check_member(member: tarfile.TarInfo, dest: Path, path: Path) -> None:
             f"bundle {path} holds {member.name!r}, which is not a file, folder or symbolic link; refusing it")
 
 
-def extract_bundle(path: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Extract a bundle (any of the three formats) into ``dest``; returns ``dest``. ``dest`` is created only once
-    the bundle's format can be read (NoZstdDecoder leaves no empty folder behind)."""
+MAX_EXTRACT_CAP = 64 << 30
+MAX_EXTRACT_FLOOR = 1 << 30
+MAX_EXTRACT_RATIO = 200
+TAR_HEADER = 512  # what one member costs at least, so a million empty files count too
+
+
+def default_max_extract(bundle_size: int) -> int:
+    """How far a bundle of ``bundle_size`` bytes may expand: 200x its size, at least 1 GiB (small bundles of
+    highly compressible weights), at most 64 GiB."""
+    return min(MAX_EXTRACT_CAP, max(MAX_EXTRACT_FLOOR, MAX_EXTRACT_RATIO * bundle_size))
+
+
+def extract_bundle(path: str | os.PathLike, dest: str | os.PathLike, *, max_bytes: int | None = None) -> Path:
+    """Extract a bundle (any of the three formats) into ``dest``; returns ``dest``.
+
+    Members go into a fresh folder next to ``dest`` that takes its name only once all of them are out, so a
+    refusal (an escape, garbage, more than ``max_bytes`` expanded: TooLarge) or a crash leaves nothing
+    behind. The limit is checked from each member's header before its bytes are written. NoZstdDecoder
+    leaves no folder either.
+    """
+    import shutil
+    import tempfile
+
     path, dest = Path(path), Path(dest)
+    limit = default_max_extract(path.stat().st_size) if max_bytes is None else max_bytes
     with open(path, "rb") as f:
         stream, damaged = _open_stream(f, path)
         unreadable = (tarfile.TarError,) + damaged
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.extracting-", dir=dest.parent)).resolve()
+        os.chmod(work, 0o755)  # mkdtemp makes it 0700; it becomes the folder the user asked for
         try:
-            dest.mkdir(parents=True, exist_ok=True)
-            dest = dest.resolve()
+            total = 0
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
-                    _check_member(member, dest, path)
-                    tar.extract(member, dest, filter="data")
+                    _check_member(member, work, path)
+                    total += TAR_HEADER + max(member.size, 0)
+                    if total > limit:
+                        raise errors.TooLarge(
+                            f"bundle {path} would expand to more than {limit} bytes; refusing it (nothing was "
+                            "extracted). If it is yours and the disk has room, raise --max-extract")
+                    tar.extract(member, work, filter="data")
+            _swap_in(work, dest)
         except unreadable as err:
             raise errors.IntegrityError(f"bundle {path} is not a readable tar archive ({err})") from None
         finally:
             if stream is not f:
                 stream.close()
+            shutil.rmtree(work, ignore_errors=True)
     return dest
+
+
+def _swap_in(work: Path, dest: Path) -> None:
+    """Give ``work`` the name ``dest``; an earlier extraction of the same bundle there is replaced."""
+    import shutil
+
+    if not dest.exists():
+        os.rename(work, dest)
+        return
+    old = dest.with_name(f".{dest.name}.replaced-{os.getpid()}")
+    os.rename(dest, old)
+    os.rename(work, dest)
+    shutil.rmtree(old, ignore_errors=True)

@@ -478,8 +478,8 @@ class Ops:
             os.replace(partial, path)
             if a.extract:
                 try:
-                    bundle.extract_bundle(path, dest_dir / stem)
-                except bundle.NoZstdDecoder:
+                    bundle.extract_bundle(path, dest_dir / stem, max_bytes=a.max_extract)
+                except (bundle.NoZstdDecoder, errors.TooLarge):
                     path.unlink()  # the command failed as a whole: nothing half-done stays
                     if made_dest_dir:
                         dest_dir.rmdir()
@@ -625,6 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", help=JOB_REF_HELP)
     p.add_argument("-o", "--output", metavar="DIR", help="folder to write into (default: the current one)")
     p.add_argument("--extract", action="store_true", help="also extract the bundle next to it")
+    p.add_argument("--max-extract", type=_byte_size, metavar="SIZE",
+                   help="refuse to extract past this many bytes (e.g. 10G; default 200x the bundle's size, "
+                        "at least 1 GiB, at most 64 GiB)")
     p = add("watch", "a refreshing view of the queue and running jobs")
     p.add_argument("--interval", type=_positive_float, default=2.0, metavar="S", help="seconds between refreshes")
     p.add_argument("--once", action="store_true", help="draw once and exit")
@@ -647,6 +650,20 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.I)
+
+
+def _byte_size(text: str) -> int:
+    """``10G``, ``512M``, ``4096``: binary multiples, in bytes (at least 1)."""
+    found = _SIZE_RE.match(text)
+    if not found:
+        raise argparse.ArgumentTypeError(f"expected a size such as 10G, 512M or 4096, got {text!r}")
+    value = int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2).upper() or " "))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a size of at least 1 byte, got {text!r}")
     return value
 
 

@@ -321,3 +321,66 @@ def test_a_full_disk_is_507_with_the_fix_and_loses_nothing(small_disk, live_serv
                     worker_lease("ws1", second["lease"]))[0] == 200
     index = (small_disk / "data" / "models" / "index.jsonl").read_text().splitlines()
     assert [json.loads(line)["artifact_id"] for line in index] == [art["artifact_id"], art2["artifact_id"]]
+
+
+# -- jobs fetch --extract refuses a bundle that would expand past --max-extract -------------------
+
+
+def gz_bomb(folder: Path, expanded: int) -> bytes:
+    """A .tar.gz whose one file of zeros expands to ``expanded`` bytes (about 1000x smaller packed)."""
+    import gzip
+    import io
+    import tarfile
+
+    raw = io.BytesIO()
+    with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w|") as tar:
+        info = tarfile.TarInfo("weights.bin")
+        info.size = expanded
+        tar.addfile(info, _Zeros(expanded))
+    return raw.getvalue()
+
+
+class _Zeros:
+    def __init__(self, n: int):
+        self.left = n
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return b"\0" * n
+
+
+def test_fetch_extract_refuses_a_bundle_past_max_extract_and_leaves_nothing(live_server, tmp_path):
+    import io
+
+    from cis490fleet import ops
+
+    srv = live_server(manifest_toml(1))
+    job = srv.call("POST", "/v1/job/claim", {"capability": {}}, worker("ws1"))[2]
+    bomb = gz_bomb(tmp_path, 8 << 20)
+    status, _, art = put_bundle(srv, job, bomb)
+    assert status == 201, art
+    assert srv.call("POST", f"/v1/job/{job['job_id']}/complete", {"artifact_id": art["artifact_id"]},
+                    worker_lease("ws1", job["lease"]))[0] == 200
+
+    def fetch(*extra) -> tuple[int, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = ops.main(["--receiver", srv.url, "fetch", job["job_id"], "-o", str(dest), "--extract", *extra],
+                        stdout=out, stderr=err)
+        return code, err.getvalue()
+
+    dest = tmp_path / "fetched"
+    code, err = fetch("--max-extract", "4M")
+    assert code == 1 and "would expand to more than 4194304 bytes" in err and "--max-extract" in err, err
+    assert not dest.exists(), list(dest.rglob("*"))
+    code, err = fetch("--max-extract", "9M")
+    assert code == 0, err
+    assert (dest / f"mlp_train-{art['artifact_id'][:12]}" / "weights.bin").stat().st_size == 8 << 20
+
+
+def test_the_default_extract_limit_is_200x_between_1_and_64_gib():
+    from cis490fleet import bundle
+
+    assert bundle.default_max_extract(1 << 20) == 1 << 30
+    assert bundle.default_max_extract(10 << 20) == 2000 << 20
+    assert bundle.default_max_extract(1 << 40) == 64 << 30
