@@ -4,7 +4,7 @@ The contract a worker relies on, for this trainer and any other:
 
 - arguments ``--model M --mode MODE --hyper JSON --seed N --split-recipe R --out DIR``
   (``--out`` defaults to ``$CIS490_OUT``); also set: ``CIS490_JOB_ID``,
-  ``CIS490_ATTEMPT``, ``CIS490_PROGRESS`` and ``CUDA_VISIBLE_DEVICES``;
+  ``CIS490_ATTEMPT``, ``CIS490_PROGRESS``, ``CUDA_VISIBLE_DEVICES`` and ``CIS490_GPUS``;
 - everything the job produces goes into the output folder, which the worker
   bundles and uploads; the same job on the same host should give bit-identical
   files (no timestamps, no attempt numbers) so re-runs deduplicate;
@@ -24,7 +24,14 @@ The contract a worker relies on, for this trainer and any other:
   epoch in progress and the history;
 - ``--describe`` prints ``{model: [hyper keys]}`` as JSON, quickly.
 
-This is the only module that imports torch, and only inside ``_train``.
+- ``CIS490_GPUS``: how many GPUs the job was given (``CUDA_VISIBLE_DEVICES`` lists
+  them); above 1 this trainer runs one process per GPU with DistributedDataParallel
+  (trainer_ddp.py; gloo CPU processes without CUDA), networks only;
+- on CUDA a progress line may carry ``peak_vram_gib`` (``torch.cuda.max_memory_allocated``):
+  the coordinator keeps each job's peak and uses its model's as a rerun's VRAM need.
+
+This module and trainer_ddp.py are the only ones that import torch, and only inside
+``_train`` (and the ranks trainer_ddp starts).
 """
 
 from __future__ import annotations
@@ -223,6 +230,11 @@ def _train(job: Job, stop: _Stop) -> int:
         return 1
     if stop.requested:
         return EXIT_TERMINATED
+    from cis490fleet import trainer_ddp
+
+    world = trainer_ddp.world_size()
+    if world > 1 and job.model != "gbt":
+        return trainer_ddp.run(job, world)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
@@ -275,6 +287,8 @@ def _train(job: Job, stop: _Stop) -> int:
         print(line, flush=True)
         row = {"step": step, "epoch": epoch, "epochs": epochs, "loss": train_loss, "metrics": metrics,
                "fraction": epoch / epochs}
+        if device.type == "cuda":
+            row["peak_vram_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         name = checkpoint(fit_state)
         _report(job.progress, {**row, "checkpoint": name} if name else row)
 
