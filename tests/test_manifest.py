@@ -149,6 +149,7 @@ def test_example_manifest_is_valid_and_exercises_every_constraint():
     m = manifest.load(EXAMPLE)
     assert len(m.jobs) >= 12
     assert [h.id for h in m.hosts] == ["pi", "ws-a", "ws-b", "win-cpu"]
+    assert m.fleet.peers == ()  # `serve --manifest` of the example as it stands is a single coordinator
     assert m.sweeps_expanded > 0
     assert any(j.after for j in m.jobs)
     assert {j.model for j in m.jobs} == {"mlp", "logreg", "gbt"}
