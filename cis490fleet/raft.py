@@ -1,4 +1,4 @@
-"""The Raft consensus core: terms, votes, log replication, snapshots, PreVote, CheckQuorum, ReadIndex.
+"""The Raft consensus core: terms, votes, log replication, snapshots, PreVote, CheckQuorum, ReadIndex, membership.
 
 A pure state machine shaped like etcd's RawNode. It never touches a socket, file,
 thread or clock and never draws from the global random generator: time arrives
@@ -23,6 +23,29 @@ After the application took a snapshot at an applied index ``i``:
 Entries are ``{"index", "term", "data"}``; ``data`` is a JSON-able dict, or None
 for the no-op a new leader appends to open its term. References: the Raft paper
 (Ongaro & Ousterhout, extended version) and Ongaro's thesis, cited by section.
+
+Membership (thesis §4): a configuration ``{"voters": [...], "learners": [...], ...}``
+travels in an entry's ``config`` field (its ``data`` is None, so the application
+skips it) and in snapshots. Every member uses the latest configuration in its log,
+committed or not (§4.1), and falls back to the previous one when a conflicting
+suffix is dropped. Changes go one server at a time (§4.1: any two majorities of
+configurations that differ by one server overlap), with the fix Ongaro posted to
+raft-dev in 2015 for the bug in the dissertation's single-server algorithm: a
+leader proposes a change only once an entry of its own term is committed, and only
+while no earlier change is uncommitted. A new server joins as a learner (§4.2.1:
+it catches up without counting in any majority) and the leader promotes it once it
+holds everything committed. A leader that removed itself steps down once the
+removal commits (§4.2.2). Extra keys of a configuration (``addresses``,
+``replacing``) are the application's and pass through unchanged.
+
+A node started with an empty store and no seed (``peers=[]``) has no configuration:
+it is a joining server (it accepts the leader's snapshot and log) or one whose Raft
+state is gone. The leader marks each message with whether it counts the receiver as
+a voter; an unconfigured node that is told it is a voter, that finds itself a voter
+in the first configuration it receives, or that is asked to commit entries it does
+not hold, has lost state it once acknowledged: it becomes ``lost`` and from then on
+neither votes, campaigns nor stores anything, so it can break no promise its former
+self made. The way back is a new identity: remove it, add it under a new id.
 """
 
 from __future__ import annotations
@@ -30,7 +53,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from cis490fleet.errors import BadRequest, ConfigError, NotLeader
+from cis490fleet.errors import BadRequest, ConfigError, NotFound, NotLeader, Unavailable
 
 FOLLOWER = "follower"
 PRE_CANDIDATE = "pre_candidate"
@@ -71,6 +94,21 @@ def _check_field(where: str, obj: dict, name: str, kind: type) -> None:
                          f"got {value!r}")
 
 
+def check_config(where: str, config: object) -> dict:
+    """A configuration from the wire or a store: ``voters`` and ``learners``, lists of distinct ids."""
+    if not isinstance(config, dict):
+        raise BadRequest(f"{where}: 'config' must be a JSON object, got {config!r}")
+    seen: set[str] = set()
+    for key in ("voters", "learners"):
+        ids = config.get(key, [])
+        if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
+            raise BadRequest(f"{where}: config {key!r} must be a list of member ids, got {ids!r}")
+        if seen & set(ids) or len(set(ids)) != len(ids):
+            raise BadRequest(f"{where}: config lists a member twice: {config.get('voters')}, {config.get('learners')}")
+        seen |= set(ids)
+    return config
+
+
 def check_message(msg: object) -> dict:
     """Validate a message from the wire, so that ``step`` may trust it. Raises BadRequest naming the field."""
     if not isinstance(msg, dict):
@@ -87,6 +125,8 @@ def check_message(msg: object) -> dict:
     if kind == "InstallSnapshot":
         _check_field(where, msg["snapshot"], "index", int)
         _check_field(where, msg["snapshot"], "term", int)
+        if msg["snapshot"].get("config") is not None:
+            check_config(where, msg["snapshot"]["config"])
     for pos, e in enumerate(msg.get("entries") or []):
         at = f"{where}: entries[{pos}]"
         if not isinstance(e, dict):
@@ -98,6 +138,8 @@ def check_message(msg: object) -> dict:
                              f"prev_log_index {msg['prev_log_index']}")
         if e.get("data") is not None and not isinstance(e["data"], dict):
             raise BadRequest(f"{at}: 'data' must be a JSON object or null, got {e['data']!r}")
+        if e.get("config") is not None:
+            check_config(at, e["config"])
     return msg
 
 
@@ -112,18 +154,23 @@ class HardState:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The state machine as of ``index`` (whose entry had ``term``); ``data`` is the application's, JSON-able."""
+    """The state machine as of ``index`` (whose entry had ``term``); ``data`` is the application's, JSON-able;
+    ``config`` is the group's configuration in effect at ``index`` (None in stores written before membership)."""
 
     index: int
     term: int
     data: object = None
+    config: dict | None = None
 
     def to_wire(self) -> dict:
-        return {"index": self.index, "term": self.term, "data": self.data}
+        wire = {"index": self.index, "term": self.term, "data": self.data}
+        if self.config is not None:
+            wire["config"] = self.config
+        return wire
 
     @classmethod
     def from_wire(cls, d: dict) -> Snapshot:
-        return cls(int(d["index"]), int(d["term"]), d.get("data"))
+        return cls(int(d["index"]), int(d["term"]), d.get("data"), d.get("config"))
 
 
 @dataclass
@@ -178,8 +225,17 @@ class _Read:
     acks: set[str]
 
 
+def _members(config: dict | None) -> set[str]:
+    return set(config["voters"]) | set(config.get("learners", ())) if config else set()
+
+
 class RaftNode:
-    """One member of a Raft group. ``peers`` lists the group's members (this node may be among them)."""
+    """One member of a Raft group.
+
+    ``peers`` seeds a new group: its voters (this node is added). It counts only while the storage holds no
+    configuration; afterwards the log's configuration rules. ``peers=[]`` starts a node that has no
+    configuration: a server waiting to be added (or one whose state is gone, see the module docstring).
+    """
 
     def __init__(self, node_id: str, peers: list[str], *, storage_state: StorageState | None = None,
                  rng: random.Random, election_ticks: tuple[int, int] = (10, 20), heartbeat_ticks: int = 1,
@@ -190,7 +246,8 @@ class RaftNode:
                               f"and max_batch >= 1, got heartbeat_ticks={heartbeat_ticks}, "
                               f"election_ticks={election_ticks}, max_batch={max_batch}")
         self.id = node_id
-        self.voters = sorted(set(peers) | {node_id})
+        self._seed = {"voters": sorted(set(peers) | {node_id}), "learners": []} if peers else None
+        self.lost: str | None = None
         self._rng = rng
         self._election_lo, self._election_hi = lo, hi
         self.heartbeat_ticks = heartbeat_ticks
@@ -208,14 +265,17 @@ class RaftNode:
             if e["index"] != self._snap_index + 1 + offset:
                 raise ConfigError(f"raft storage of {node_id}: log is not contiguous after index "
                                   f"{self._snap_index} (found entry {e['index']}); restore this peer's "
-                                  "own raft store from its backup (a copy of another peer's carries that peer's vote)")
+                                  "own raft store from its backup (a copy of another peer's carries that peer's vote), "
+                                  "or replace the peer under a new id")
+        self._refresh_config()
         hs = state.hard_state
         self.term, self.vote = hs.term, hs.vote
         self.commit = max(hs.commit, self._snap_index)
         if self.commit > self.last_index():
             raise ConfigError(f"raft storage of {node_id}: commit index {self.commit} is beyond the last entry "
                               f"{self.last_index()}; restore this peer's "
-                              "own raft store from its backup (a copy of another peer's carries that peer's vote)")
+                              "own raft store from its backup (a copy of another peer's carries that peer's vote), "
+                              "or replace the peer under a new id")
         self.applied = min(max(applied, self._snap_index), self.commit)
         self._unstable = self.last_index() + 1  # first entry not yet handed out for persistence
         self._persisted = HardState(self.term, self.vote, self.commit)
@@ -256,9 +316,121 @@ class RaftNode:
         first = entries[0]["index"]
         if first <= self.commit:
             raise AssertionError(f"raft {self.id}: would overwrite committed entry {first} (commit {self.commit})")
+        dropped = self._log[first - self._snap_index - 1:]
         del self._log[first - self._snap_index - 1:]
         self._log.extend(dict(e) for e in entries)
         self._unstable = min(self._unstable, first)
+        if any(e.get("config") is not None for e in dropped + entries):
+            self._refresh_config()
+
+    # ---- membership (thesis §4) ------------------------------------------------------------------
+
+    def _config_at(self, index: int) -> tuple[dict | None, int]:
+        """The latest configuration in the log at or before ``index``, and the index of its entry
+        (the snapshot's index when it comes from the snapshot, -1 when from the seed)."""
+        for e in reversed(self.entries(self._snap_index + 1, index + 1)):
+            if e.get("config") is not None:
+                return e["config"], e["index"]
+        if self._snapshot is not None and self._snapshot.config is not None:
+            return self._snapshot.config, self._snap_index
+        return self._seed, -1
+
+    def _refresh_config(self) -> None:
+        """§4.1: the configuration in effect is the latest in the log, whether committed or not."""
+        config, self._config_index = self._config_at(self.last_index())
+        self.config = None if config is None else {**config, "voters": sorted(config["voters"]),
+                                                   "learners": sorted(config.get("learners", []))}
+        self.voters = self.config["voters"] if config else []
+        self.learners = self.config["learners"] if config else []
+        if getattr(self, "role", None) == LEADER:
+            members = _members(self.config) - {self.id}
+            for gone in set(self._progress) - members:
+                del self._progress[gone]
+            for new in sorted(members - set(self._progress)):
+                self._progress[new] = Progress(next=self.last_index() + 1)
+
+    def _change_pending(self) -> str | None:
+        """Why the leader may not propose a configuration change now (None: it may)."""
+        if self._config_index > self.commit:
+            return f"the change at index {self._config_index} has not committed yet"
+        if self.term_at(self.commit) != self.term:
+            # The fix for the single-server change bug (raft-dev, 2015): an earlier leader's uncommitted
+            # change may still win elsewhere, unless an entry of this term commits first.
+            return "this leader has not yet committed an entry of its term"
+        return None
+
+    def _propose_config(self, config: dict) -> int:
+        if self.role != LEADER:
+            raise NotLeader(self.leader, f"raft node {self.id} is not the leader; only the leader "
+                            f"({self.leader or 'unknown'}) changes the membership")
+        why = self._change_pending()
+        if why is not None:
+            raise Unavailable(f"a membership change must wait: {why}; retry in a moment")
+        config = {k: v for k, v in config.items() if v or k in ("voters", "learners")}
+        index = self.last_index() + 1
+        self._append([{"index": index, "term": self.term, "data": None, "config": config}])
+        self._maybe_commit()
+        self._broadcast_append()
+        return index
+
+    def add_learner(self, node_id: str, address: object = None, *, replaces: str | None = None) -> int:
+        """Add ``node_id`` as a learner (§4.2.1); the leader promotes it to voter once it has caught up.
+
+        ``address`` is kept in the configuration's ``addresses`` for the application. With ``replaces``,
+        the leader removes that voter once ``node_id`` is a voter: two single-server steps (§4.1)."""
+        if node_id in _members(self.config):
+            raise BadRequest(f"{node_id!r} is already a member ({'voter' if node_id in self.voters else 'learner'});"
+                             " give a new id (a member that was removed never comes back under its old id)")
+        if replaces is not None and replaces not in self.voters:
+            raise BadRequest(f"cannot replace {replaces!r}: not a voter of this group ({', '.join(self.voters)})")
+        config = dict(self.config)
+        config["learners"] = sorted(self.learners + [node_id])
+        config["addresses"] = {**config.get("addresses", {}), node_id: address}
+        if replaces is not None:
+            config["replacing"] = {**config.get("replacing", {}), node_id: replaces}
+        return self._propose_config(config)
+
+    def remove_member(self, node_id: str) -> int:
+        """Remove a voter or learner (§4.1); a leader that removes itself steps down once it commits (§4.2.2)."""
+        if node_id not in _members(self.config):
+            raise NotFound(f"{node_id!r} is not a member of this group (voters {', '.join(self.voters)}; "
+                           f"learners {', '.join(self.learners) or 'none'})")
+        if self.voters == [node_id]:
+            raise BadRequest(f"cannot remove {node_id!r}: it is the group's only voter")
+        config = dict(self.config)
+        config["voters"] = [v for v in self.voters if v != node_id]
+        config["learners"] = [v for v in self.learners if v != node_id]
+        config["addresses"] = {k: v for k, v in config.get("addresses", {}).items() if k != node_id}
+        config["replacing"] = {k: v for k, v in config.get("replacing", {}).items() if node_id not in (k, v)}
+        return self._propose_config(config)
+
+    def _advance_membership(self) -> None:
+        """Leader: the next automatic step once the last change committed: promote a caught-up learner,
+        finish a replacement, or step down after removing itself."""
+        if self.role != LEADER or self._change_pending() is not None:
+            return
+        if self.id not in self.voters:
+            heir = max(self.voters, key=lambda v: self._progress[v].match)
+            if self._progress[heir].match == self.last_index():
+                self._send({"type": "TimeoutNow", "to": heir})
+            self._become_follower(self.term, None)
+            return
+        for learner in self.learners:
+            if self._progress[learner].match >= self.commit:
+                config = dict(self.config)
+                config["voters"] = sorted(self.voters + [learner])
+                config["learners"] = [v for v in self.learners if v != learner]
+                self._propose_config(config)
+                return
+        for new, old in sorted(self.config.get("replacing", {}).items()):
+            if new in self.voters and old in self.voters:
+                self.remove_member(old)
+                return
+
+    def _become_lost(self, why: str) -> None:
+        self.lost = (f"raft node {self.id} has lost the raft state it once acknowledged ({why}); it will not vote "
+                     f"or campaign: remove it and add it back under a new id")
+        self._become_follower(self.term, None)
 
     def _up_to_date(self, last_index: int, last_term: int) -> bool:
         """§5.4.1: a vote goes only to a candidate whose log is at least as up-to-date as ours."""
@@ -274,6 +446,9 @@ class RaftNode:
 
     def _quorum(self) -> int:
         return len(self.voters) // 2 + 1
+
+    def _can_campaign(self) -> bool:
+        return self.id in self.voters and self.lost is None
 
     def _reset(self, term: int) -> None:
         if term != self.term:
@@ -296,14 +471,21 @@ class RaftNode:
         self._reset(self.term)
         self.role = LEADER
         self.leader = self.id
-        self._progress = {p: Progress(next=self.last_index() + 1) for p in self.voters if p != self.id}
-        # §5.4.2 / §8: a no-op opens the term; entries of earlier terms commit only underneath it.
-        self._append([{"index": self.last_index() + 1, "term": self.term, "data": None}])
+        self._progress = {p: Progress(next=self.last_index() + 1)
+                          for p in sorted(_members(self.config) - {self.id})}
+        # §5.4.2 / §8: a no-op opens the term; entries of earlier terms commit only underneath it. A seeded
+        # configuration that is in no entry yet rides on it, so the log holds the group's membership.
+        opening = {"index": self.last_index() + 1, "term": self.term, "data": None}
+        if self._config_index < 0:
+            opening["config"] = self.config
+        self._append([opening])
         self._maybe_commit()
         self._broadcast_append()
 
     def _campaign(self, kind: str) -> None:
         """§5.2 election; ``kind`` is "pre" (thesis §9.6 PreVote), "vote", or "transfer" (thesis §3.10)."""
+        if not self._can_campaign():
+            return  # learners, removed and lost servers never campaign (§4.2.1, §4.2.2)
         if kind == "pre":
             self._reset(self.term)
             self.role = PRE_CANDIDATE
@@ -324,10 +506,11 @@ class RaftNode:
                             "last_log_term": self.last_term()})
 
     def _poll(self) -> str | None:
-        granted = sum(self._votes.values())
+        granted = sum(v for p, v in self._votes.items() if p in self.voters)
+        refused = sum(not v for p, v in self._votes.items() if p in self.voters)
         if granted >= self._quorum():
             return "won"
-        if len(self._votes) - granted > len(self.voters) - self._quorum():
+        if refused > len(self.voters) - self._quorum():
             return "lost"
         return None
 
@@ -339,7 +522,7 @@ class RaftNode:
             self._tick_leader()
             return
         self._elapsed += 1
-        if self._elapsed >= self._timeout:
+        if self._elapsed >= self._timeout and self._can_campaign():
             self._campaign("pre" if self.pre_vote else "vote")
 
     def campaign(self) -> None:
@@ -388,7 +571,7 @@ class RaftNode:
             raise NotLeader(self.leader, f"raft node {self.id} is not the leader; only the leader "
                             f"({self.leader or 'unknown'}) can transfer leadership")
         if to not in self.voters:
-            raise BadRequest(f"cannot transfer leadership to {to!r}: not a member of this group "
+            raise BadRequest(f"cannot transfer leadership to {to!r}: not a voter of this group "
                              f"({', '.join(self.voters)})")
         if to == self.id:
             return
@@ -406,9 +589,10 @@ class RaftNode:
         if index <= self._snap_index:
             raise ValueError(f"cannot compact the raft log to {index}: already compacted to {self._snap_index}")
         term = self.term_at(index)
+        config = self._config_at(index)[0]
         self._log = self._log[index - self._snap_index:]
         self._snap_index, self._snap_term = index, term
-        self._snapshot = Snapshot(index, term, data)
+        self._snapshot = Snapshot(index, term, data, config)
         return self._snapshot
 
     def ready(self) -> Ready | None:
@@ -451,9 +635,10 @@ class RaftNode:
     def status(self) -> dict:
         st = {"id": self.id, "role": self.role, "term": self.term, "vote": self.vote, "leader": self.leader,
               "commit": self.commit, "applied": self.applied, "last_index": self.last_index(),
-              "snapshot_index": self._snap_index, "voters": list(self.voters)}
+              "snapshot_index": self._snap_index, "voters": list(self.voters), "learners": list(self.learners),
+              "config": self.config, "config_index": self._config_index, "lost": self.lost}
         if self.role == LEADER:
-            st["progress"] = {p: {"match": pr.match, "next": pr.next, "state": pr.state}
+            st["progress"] = {p: {"match": pr.match, "next": pr.next, "state": pr.state, "active": pr.active}
                               for p, pr in sorted(self._progress.items())}
             st["transferee"] = self._transferee
         return st
@@ -466,8 +651,11 @@ class RaftNode:
         Messages not meant for this member of the group are ignored.
         """
         kind, term, sender = msg.get("type"), msg.get("term"), msg.get("from")
-        if msg.get("to") != self.id or sender == self.id or sender not in self.voters or kind not in MESSAGE_TYPES:
+        if msg.get("to") != self.id or sender == self.id or kind not in MESSAGE_TYPES or self.lost is not None:
             return
+        # Senders outside our configuration count too (thesis §4.1, §4.2.3): a server added by an entry we have
+        # not received yet may lead or need our vote. PreVote and the leader's lease keep removed servers from
+        # disrupting (§4.2.3). The driver authenticates who may send at all.
         if term > self.term:
             if kind == "RequestVote" and not msg.get("transfer"):
                 # Thesis §4.2.3 / §6.2: while a leader is heard from, ignore those who would depose it.
@@ -500,7 +688,7 @@ class RaftNode:
     def _on_vote_request(self, msg: dict) -> None:
         sender, pre = msg["from"], msg["pre_vote"]
         can_vote = (self.vote == sender or (self.vote is None and self.leader is None)
-                    or (pre and msg["term"] > self.term))
+                    or (pre and msg["term"] > self.term)) and self.id in _members(self.config)
         if can_vote and self._up_to_date(msg["last_log_index"], msg["last_log_term"]):
             self._send({"type": "RequestVoteResp", "to": sender, "term": msg["term"], "reject": False,
                         "pre_vote": pre})
@@ -530,12 +718,15 @@ class RaftNode:
         if kind in _FROM_LEADER:
             self._elapsed = 0
             self.leader = sender
+            if self.config is None and msg.get("voter") is True:
+                return self._become_lost(f"leader {sender} counts it as a voter, but it has no log")
         if kind == "AppendEntries":
             self._on_append(msg)
         elif kind == "Heartbeat":
             if msg["commit"] > self.last_index():
-                raise AssertionError(f"raft {self.id}: heartbeat commit {msg['commit']} beyond last index "
-                                     f"{self.last_index()}")
+                # The leader only sends what we acknowledged: we have forgotten it.
+                return self._become_lost(f"leader {sender} counts it as holding entry {msg['commit']}, "
+                                         f"but its log ends at {self.last_index()}")
             self._commit_to(msg["commit"])
             self._send({"type": "HeartbeatResp", "to": sender, "ctx": msg.get("ctx")})
         elif kind == "InstallSnapshot":
@@ -561,6 +752,10 @@ class RaftNode:
                         "hint_term": self.term_at(hint) or 0})
             return
         entries = msg["entries"]
+        if self.config is None and self.id in next((e["config"]["voters"] for e in reversed(entries)
+                                                    if e.get("config")), ()):
+            return self._become_lost(f"it is a voter in the configuration of entry {entries[-1]['index']} that "
+                                     "it receives with no log of its own")
         for pos, e in enumerate(entries):
             if self.term_at(e["index"]) != e["term"]:
                 self._append(entries[pos:])
@@ -572,6 +767,9 @@ class RaftNode:
     def _on_snapshot(self, msg: dict) -> None:
         """§7: a snapshot replaces the log unless the log already holds its last entry."""
         snap = Snapshot.from_wire(msg["snapshot"])
+        if self.config is None and snap.config is not None and self.id in snap.config["voters"]:
+            return self._become_lost(f"it is a voter in the snapshot at {snap.index} it receives with no log "
+                                     "of its own")
         if snap.index > self.commit:
             if self.term_at(snap.index) == snap.term:
                 self._commit_to(snap.index)
@@ -581,6 +779,7 @@ class RaftNode:
                 self._snapshot = self._pending_snapshot = snap
                 self.commit = snap.index
                 self._unstable = snap.index + 1
+                self._refresh_config()
         self._send({"type": "InstallSnapshotResp", "to": msg["from"], "index": self.commit})
 
     # ---- the leader --------------------------------------------------------------------------
@@ -594,7 +793,7 @@ class RaftNode:
         if self._elapsed >= self._election_lo:
             self._elapsed = 0
             if self.check_quorum:
-                active = 1 + sum(pr.active for pr in self._progress.values())
+                active = sum(v == self.id or self._progress[v].active for v in self.voters)
                 for pr in self._progress.values():
                     pr.active = False
                 if active < self._quorum():
@@ -607,7 +806,14 @@ class RaftNode:
 
     def _step_leader(self, msg: dict) -> None:
         kind, sender = msg["type"], msg["from"]
-        pr = self._progress[sender]
+        pr = self._progress.get(sender)
+        if pr is None:
+            return  # not (or no longer) a member
+        self._step_progress(msg, sender, pr)
+        self._advance_membership()
+
+    def _step_progress(self, msg: dict, sender: str, pr: Progress) -> None:
+        kind = msg["type"]
         if kind in ("AppendEntriesResp", "InstallSnapshotResp"):
             pr.active = True
             if msg.get("reject"):
@@ -656,7 +862,8 @@ class RaftNode:
 
     def _maybe_commit(self) -> bool:
         """§5.3/§5.4.2: commit what a majority holds, but count replicas only for entries of this term."""
-        matches = sorted([self.last_index()] + [pr.match for pr in self._progress.values()], reverse=True)
+        matches = sorted((self.last_index() if v == self.id else self._progress[v].match for v in self.voters),
+                         reverse=True)
         index = matches[self._quorum() - 1]
         if index <= self.commit or self.term_at(index) != self.term:
             return False
@@ -678,14 +885,15 @@ class RaftNode:
         prev = pr.next - 1
         prev_term = self.term_at(prev)
         if prev_term is None:  # compacted: only a snapshot can bring this follower up (§7)
-            self._send({"type": "InstallSnapshot", "to": peer, "snapshot": self._snapshot.to_wire()})
+            self._send({"type": "InstallSnapshot", "to": peer, "snapshot": self._snapshot.to_wire(),
+                        "voter": peer in self.voters})
             pr.state, pr.pending_snapshot, pr.snapshot_wait = SNAPSHOT, self._snap_index, 0
             return
         entries = self.entries(pr.next, min(pr.next + self.max_batch, self.last_index() + 1))
         if not entries and not allow_empty:
             return
         self._send({"type": "AppendEntries", "to": peer, "prev_log_index": prev, "prev_log_term": prev_term,
-                    "entries": [dict(e) for e in entries], "commit": self.commit})
+                    "entries": [dict(e) for e in entries], "commit": self.commit, "voter": peer in self.voters})
         if pr.state == REPLICATE and entries:
             pr.next = entries[-1]["index"] + 1
         elif pr.state == PROBE:
@@ -697,15 +905,16 @@ class RaftNode:
 
     def _broadcast_heartbeat(self, ctx: object) -> None:
         for peer, pr in self._progress.items():
-            self._send({"type": "Heartbeat", "to": peer, "commit": min(pr.match, self.commit), "ctx": ctx})
+            self._send({"type": "Heartbeat", "to": peer, "commit": min(pr.match, self.commit), "ctx": ctx,
+                        "voter": peer in self.voters})
 
     def _leader_read(self, ctx: object, requester: str) -> None:
         if self.term_at(self.commit) != self.term:
             self._reads_waiting.append((ctx, requester))  # thesis §6.4 step 1: commit in this term first
             return
-        read = _Read(ctx, self.commit, requester, {self.id})
+        read = _Read(ctx, self.commit, requester, {self.id} & set(self.voters))
         self._reads.append(read)
-        if len(self.voters) == 1:
+        if len(read.acks) >= self._quorum():
             self._release_reads(read)
         else:
             self._broadcast_heartbeat(ctx)
@@ -713,7 +922,8 @@ class RaftNode:
     def _read_ack(self, ctx: object, peer: str) -> None:
         for read in self._reads:
             if read.ctx == ctx:
-                read.acks.add(peer)
+                if peer in self.voters:
+                    read.acks.add(peer)
                 if len(read.acks) >= self._quorum():
                     self._release_reads(read)
                 return

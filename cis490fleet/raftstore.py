@@ -94,6 +94,11 @@ MIGRATIONS = [
                            term INTEGER NOT NULL, data TEXT);
     CREATE TABLE entries (idx INTEGER PRIMARY KEY, term INTEGER NOT NULL, data TEXT);
     """,
+    # Membership (raft.py): a configuration entry's config, and the configuration a snapshot covers.
+    """
+    ALTER TABLE entries ADD COLUMN config TEXT;
+    ALTER TABLE snapshot ADD COLUMN config TEXT;
+    """,
 ]
 
 
@@ -115,7 +120,8 @@ class SqliteRaftStore:
             db.migrate(self._conn, MIGRATIONS, what=f"raft store {self.path}")
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"{self.path}: cannot open the raft store ({exc}); "
-                              "restore it from a backup of this peer; never start this peer id with an empty "
+                              "restore it from a backup of this peer, or replace the peer under a new id "
+                              "(jobs peers replace OLD NEW=URL); never start this peer id with an empty "
                               "raft store, since a peer that forgot its vote and log can elect a second leader "
                               "in a term or lose committed entries") from exc
 
@@ -123,11 +129,13 @@ class SqliteRaftStore:
         conn = self._conn
         row = conn.execute("SELECT term, vote, commit_index FROM hard_state WHERE id = 1").fetchone()
         hard_state = HardState(*row) if row else HardState()
-        row = conn.execute("SELECT idx, term, data FROM snapshot WHERE id = 1").fetchone()
-        snapshot = Snapshot(row[0], row[1], _load(row[2])) if row else None
-        entries = [{"index": i, "term": t, "data": _load(d)} for i, t, d in
-                   conn.execute("SELECT idx, term, data FROM entries WHERE idx > ? ORDER BY idx",
-                                (snapshot.index if snapshot else 0,))]
+        row = conn.execute("SELECT idx, term, data, config FROM snapshot WHERE id = 1").fetchone()
+        snapshot = Snapshot(row[0], row[1], _load(row[2]), _load(row[3])) if row else None
+        entries = []
+        for i, t, d, c in conn.execute("SELECT idx, term, data, config FROM entries WHERE idx > ? ORDER BY idx",
+                                       (snapshot.index if snapshot else 0,)):
+            entries.append({"index": i, "term": t, "data": _load(d)} if c is None else
+                           {"index": i, "term": t, "data": _load(d), "config": _load(c)})
         return StorageState(hard_state, snapshot, entries)
 
     def save(self, hard_state: HardState | None, entries: list[dict], snapshot: Snapshot | None) -> None:
@@ -139,8 +147,9 @@ class SqliteRaftStore:
                 conn.execute("DELETE FROM entries")
             if entries:
                 conn.execute("DELETE FROM entries WHERE idx >= ?", (entries[0]["index"],))
-                conn.executemany("INSERT INTO entries (idx, term, data) VALUES (?, ?, ?)",
-                                 [(e["index"], e["term"], _dump(e["data"])) for e in entries])
+                conn.executemany("INSERT INTO entries (idx, term, data, config) VALUES (?, ?, ?, ?)",
+                                 [(e["index"], e["term"], _dump(e["data"]), _dump(e.get("config")))
+                                  for e in entries])
             if hard_state is not None:
                 conn.execute("INSERT OR REPLACE INTO hard_state (id, term, vote, commit_index) VALUES (1, ?, ?, ?)",
                              (hard_state.term, hard_state.vote, hard_state.commit))
@@ -155,8 +164,8 @@ class SqliteRaftStore:
 
     @staticmethod
     def _put_snapshot(conn: sqlite3.Connection, snapshot: Snapshot) -> None:
-        conn.execute("INSERT OR REPLACE INTO snapshot (id, idx, term, data) VALUES (1, ?, ?, ?)",
-                     (snapshot.index, snapshot.term, _dump(snapshot.data)))
+        conn.execute("INSERT OR REPLACE INTO snapshot (id, idx, term, data, config) VALUES (1, ?, ?, ?, ?)",
+                     (snapshot.index, snapshot.term, _dump(snapshot.data), _dump(snapshot.config)))
 
     def last_index(self) -> int:
         row = self._conn.execute("SELECT MAX(idx) FROM entries").fetchone()

@@ -6,12 +6,19 @@ holds, through the same persist-then-send discipline as the real driver. Every
 random choice comes from one ``random.Random(seed)`` (each node's own from a
 string derived from it), so a seed replays exactly.
 
+Membership changes too (thesis §4): the leader adds learners (new nodes that start
+with an empty store), which it promotes once caught up, removes members and
+replaces them, racing the crashes and partitions. A member may lose its storage
+(restarted empty, as a server that must not vote again under its id) and is then
+replaced; some commands fail when applied, with the same error on every replica.
+
 Checked after every step (Raft §5.2-§5.4, Figure 3): election safety, log matching,
 leader completeness, state machine safety, commit indexes never decrease, a
-committed entry is durable on a majority and survives restarts, ReadIndex reads
-see every write committed before they were asked (§8). Then liveness: once the
-network heals and every node is up, a leader is elected and a proposal commits
-everywhere within a bound.
+committed entry is durable on a majority of the committing leader's voters and
+survives restarts, ReadIndex reads see every write committed before they were
+asked (§8), a node that lost its storage never grants a vote or campaigns. Then
+liveness: once the network heals, every node is up and the lost ones are removed,
+a leader is elected and a proposal commits on every member within a bound.
 
     python tests/raft_sim.py --seed 1234 --nodes 3 --trace    # replay one seed, print every event
     python tests/raft_sim.py --seeds 0:10000 --nodes 5        # soak
@@ -27,7 +34,7 @@ import sys
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from cis490fleet.errors import NotLeader
+from cis490fleet.errors import BadRequest, NotFound, NotLeader, Unavailable
 from cis490fleet.raft import LEADER, RaftNode, check_message
 from cis490fleet.raftstore import MemoryRaftStore
 
@@ -47,6 +54,7 @@ class SimConfig:
     check_quorum: bool = True
     drop: float = 0.05
     duplicate: float = 0.03
+    lose_after_vote: float = 0.1  # how often a node loses its storage right after granting a vote
 
     @classmethod
     def for_seed(cls, seed: int, nodes: int, steps: int = 300) -> SimConfig:
@@ -62,9 +70,16 @@ def _canon(data: object) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
+def _content(e: dict) -> str:
+    """What an entry carries: its command, and its configuration when it has one."""
+    return _canon(e["data"]) if e.get("config") is None else _canon([e["data"], e["config"]])
+
+
 class Member:
-    def __init__(self, node_id: str):
+    def __init__(self, node_id: str, seed: bool = True):
         self.id = node_id
+        self.seed = seed    # one of the nodes that started the group; others join empty and wait to be added
+        self.wiped = False  # its storage was lost: it restarts as a server that must never vote again
         self.store = MemoryRaftStore()
         self.node: RaftNode | None = None
         self.incarnation = 0
@@ -79,6 +94,7 @@ class Sim:
         self.cfg = config
         self.rng = random.Random(seed)
         self.ids = [f"n{i}" for i in range(1, config.nodes + 1)]
+        self.seeds = list(self.ids)
         self.members = {i: Member(i) for i in self.ids}
         self.net: list[dict] = []
         self.groups: list[set[str]] | None = None
@@ -96,6 +112,7 @@ class Sim:
         self.digests: dict[int, str] = {}                    # index -> state machine digest after applying it
         self.reads: dict[str, int] = {}                      # ctx -> max committed when the read was asked
         self.store_hs: dict[str, tuple[int, int]] = {}       # node -> (term, commit) last saved
+        self.committed_config: tuple[int, dict] = (0, {})    # the latest configuration entry committed
         for m in self.members.values():
             self.start(m)
 
@@ -124,7 +141,8 @@ class Sim:
             if index in self.committed and not m.store.holds(index, self.committed[index][0]):
                 self.fail(f"{m.id} restarted without committed entry {index} (persisted commit "
                           f"{state.hard_state.commit})")
-        m.node = RaftNode(m.id, self.ids, storage_state=state, rng=random.Random(f"{self.seed}/{m.id}/{m.incarnation}"),
+        m.node = RaftNode(m.id, self.seeds if m.seed and not m.wiped else [], storage_state=state,
+                          rng=random.Random(f"{self.seed}/{m.id}/{m.incarnation}"),
                           election_ticks=self.cfg.election_ticks, heartbeat_ticks=self.cfg.heartbeat_ticks,
                           max_batch=self.cfg.max_batch, pre_vote=self.cfg.pre_vote,
                           check_quorum=self.cfg.check_quorum)
@@ -161,6 +179,7 @@ class Sim:
             if crash_at == "before_persist":
                 return self.crash(m, "before persisting a Ready")
             self.check_persist(m, rd)
+            self.check_lost(m, rd)
             m.store.save(rd.hard_state, rd.entries, rd.snapshot)
             self.check_commit(m)
             if crash_at == "after_persist":
@@ -196,7 +215,7 @@ class Sim:
             if index <= snap:
                 continue
             got = node.entries(index, index + 1)
-            if not got or got[0]["term"] != term or _canon(got[0]["data"]) != data:
+            if not got or got[0]["term"] != term or _content(got[0]) != data:
                 self.fail(f"leader completeness: leader {m.id} of term {node.term} lacks committed entry "
                           f"{index} (term {term}); it has {got}")
 
@@ -212,7 +231,7 @@ class Sim:
             if snap.index > self.max_committed or self.digests.get(snap.index) != snap.data["digest"]:
                 self.fail(f"{m.id} installs snapshot at {snap.index} that is not a committed state")
         for e in rd.entries:
-            data = _canon(e["data"])
+            data = _content(e)
             prev_term = m.node.term_at(e["index"] - 1)
             sig = self.sigs.setdefault((e["index"], e["term"]), (data, prev_term))
             if sig != (data, prev_term):
@@ -230,17 +249,23 @@ class Sim:
             got = node.entries(index, index + 1)
             if not got:
                 continue  # covered by an installed snapshot, checked there
-            term, data = got[0]["term"], _canon(got[0]["data"])
+            term, data = got[0]["term"], _content(got[0])
             known = self.committed.setdefault(index, (term, data))
             if known != (term, data):
                 self.fail(f"state machine safety: {m.id} commits {index} as term {term} {data}; "
                           f"it was committed as term {known[0]} {known[1]}")
             if index > self.max_committed:
                 self.max_committed = index
-                durable = sum(x.store.holds(index, term) for x in self.members.values())
-                if durable * 2 <= len(self.members):
-                    self.fail(f"entry {index} committed by {m.id} but durable on only {durable} of "
-                              f"{len(self.members)} nodes")
+                voters = node.voters
+                # A member that lost its storage may have acknowledged the entry before: its ack counts, and
+                # safety then rests on it never voting again (check_lost) until it is removed.
+                durable = sum(self.members[v].wiped or self.members[v].store.holds(index, term) for v in voters)
+                if durable * 2 <= len(voters):
+                    self.fail(f"entry {index} committed by {m.id} but durable on only {durable} of its "
+                              f"{len(voters)} voters {voters}")
+            config = got[0].get("config")
+            if config is not None and index > self.committed_config[0]:
+                self.committed_config = (index, config)
         m.commit_seen = node.commit
 
     def restore(self, m: Member, snap) -> None:
@@ -252,13 +277,25 @@ class Sim:
         if e["index"] != m.app_index + 1:
             self.fail(f"{m.id} applies entry {e['index']} after {m.app_index}: entries must apply in order, once")
         known = self.committed.get(e["index"])
-        if known is not None and known != (e["term"], _canon(e["data"])):
+        if known is not None and known != (e["term"], _content(e)):
             self.fail(f"{m.id} applies {e} but {known} was committed at {e['index']}")
-        m.app_digest = hashlib.sha256((m.app_digest + _canon(e)).encode()).hexdigest()[:16]
+        # A command that fails to apply fails alike everywhere: its error is part of the state, and the
+        # replica carries on with the next entry.
+        result = "error: refused" if (e["data"] or {}).get("fail") else "ok"
+        self.stats["apply_errors"] += result != "ok"
+        m.app_digest = hashlib.sha256((m.app_digest + _canon(e) + result).encode()).hexdigest()[:16]
         m.app_index = e["index"]
         if self.digests.setdefault(e["index"], m.app_digest) != m.app_digest:
             self.fail(f"state machine safety: {m.id} state after applying {e['index']} differs from another node's")
         self.stats["applied"] += 1
+
+    def check_lost(self, m: Member, rd) -> None:
+        """A node that lost its storage holds no promise of its former self: it must never vote or campaign."""
+        if not m.wiped or m.node.config is not None and not m.node.lost:
+            return
+        for msg in rd.messages:
+            if msg["type"] == "RequestVote" or (msg["type"] == "RequestVoteResp" and not msg["reject"]):
+                self.fail(f"{m.id} lost its storage, yet sends {msg}")
 
     def check_read(self, m: Member, rs) -> None:
         wanted = self.reads.get(rs.ctx)
@@ -284,11 +321,17 @@ class Sim:
         self.stats["delivered"] += 1
         m.node.step(msg)
         self.settle(m, crash_at)
+        if (msg["type"] == "RequestVote" and not msg["pre_vote"] and m.node is not None
+                and m.node.vote == msg["from"] and self.rng.random() < self.cfg.lose_after_vote):
+            self.wipe(m)  # the worst moment to lose storage: right after promising a vote
 
     def propose(self, m: Member) -> None:
         self.counter += 1
+        cmd = {"op": "put", "n": self.counter, "by": m.id}
+        if self.rng.random() < 0.1:
+            cmd["fail"] = True
         try:
-            index = m.node.propose({"op": "put", "n": self.counter, "by": m.id})
+            index = m.node.propose(cmd)
         except NotLeader:
             return
         self.stats["proposed"] += 1
@@ -356,7 +399,10 @@ class Sim:
                 m = rng.choice(leaders)
                 to = rng.choice(self.ids)
                 self.log(f"transfer leadership {m.id} -> {to}")
-                m.node.transfer_leadership(to)
+                try:
+                    m.node.transfer_leadership(to)
+                except BadRequest:  # not a voter (any more)
+                    return
                 self.settle(m)
         elif r < 0.92 and live:
             self.compact(rng.choice(live))
@@ -368,8 +414,83 @@ class Sim:
                 self.start(rng.choice(down))
             elif live:
                 self.crash(rng.choice(live))
+        elif r < 0.985:
+            leaders = [m for m in live if m.node.role == LEADER]
+            if leaders:
+                self.change_membership(rng.choice(leaders))
+        elif r < 0.99:
+            self.wipe()
         else:
             self.tick_all()
+
+    # ---- membership and storage loss ---------------------------------------------------------------
+
+    def new_member(self) -> Member:
+        """A server that starts empty (no seed) and waits for the leader to add it."""
+        nid = f"n{len(self.ids) + 1}"
+        self.ids.append(nid)
+        m = self.members[nid] = Member(nid, seed=False)
+        self.start(m)
+        return m
+
+    def needs_replacing(self, node) -> list[str]:
+        """Members of ``node``'s configuration whose storage was lost: only a new id brings them back."""
+        return [v for v in node.voters + node.learners if self.members[v].wiped]
+
+    def change_membership(self, leader: Member) -> None:
+        node, rng = leader.node, self.rng
+        lost = self.needs_replacing(node)
+        choice = rng.choice(["add", "remove", "replace"]) if not lost else "replace"
+        try:
+            if choice == "add" and len(self.ids) < 3 * self.cfg.nodes:
+                new = self.new_member()
+                node.add_learner(new.id, f"sim://{new.id}")
+            elif choice == "remove" and len(node.voters) > self.cfg.nodes:
+                old = rng.choice(node.voters + node.learners)
+                node.remove_member(old)
+            elif choice == "replace" and len(self.ids) < 3 * self.cfg.nodes:
+                old = lost[0] if lost else rng.choice(node.voters)
+                if old not in node.voters:
+                    node.remove_member(old)
+                else:
+                    node.add_learner(self.new_member().id, None, replaces=old)
+            else:
+                return
+        except (NotLeader, Unavailable, BadRequest, NotFound) as err:
+            self.log(f"membership {choice} at {leader.id} refused: {err}")
+            return
+        self.stats["membership_changes"] += 1
+        self.log(f"membership {choice} at {leader.id}: voters={node.voters} learners={node.learners}")
+        self.settle(leader)
+
+    def wipe(self, m: Member | None = None) -> None:
+        """Storage loss: a member restarts with an empty store. Another may lose its storage only once the
+        group committed the removal of the previous one: two losses before that are two failures at once,
+        more than a group of three can survive."""
+        index, config = self.committed_config
+        if any(m.wiped and (m.wiped_at >= index or m.id in config["voters"] + config["learners"])
+               for m in self.members.values()):
+            return
+        candidates = [c for c in self.members.values() if not c.wiped and self.in_some_config(c.id)
+                      and (c.store.last_index() > 0 or c is m)]
+        if m is None and candidates:
+            m = self.rng.choice(candidates)
+        if m not in candidates:
+            return
+        self.lose_storage(m)
+
+    def lose_storage(self, m: Member) -> None:
+        """``m`` restarts with an empty store, and without a seed: never as a member of a new group."""
+        if m.node is not None:
+            self.crash(m, "to lose its storage")
+        m.store, m.wiped, m.wiped_at = MemoryRaftStore(), True, self.max_committed
+        self.store_hs.pop(m.id, None)
+        self.stats["storage_lost"] += 1
+        self.log(f"{m.id} lost its storage")
+        self.start(m)
+
+    def in_some_config(self, nid: str) -> bool:
+        return any(nid in m.node.voters + m.node.learners for m in self.live())
 
     # ---- liveness --------------------------------------------------------------------------------------
 
@@ -398,34 +519,46 @@ class Sim:
             leader = self.stable_leader()
             if leader is None:
                 continue
+            lost = self.needs_replacing(leader.node)
             try:
+                if lost:  # what the operator does: remove the member whose storage was lost
+                    leader.node.remove_member(lost[0])
+                    self.log(f"remove lost {lost[0]} at {leader.id}")
+                    self.settle(leader)
+                    continue
                 index = leader.node.propose(data)
-            except NotLeader:  # a leadership transfer is under way
+            except (NotLeader, Unavailable):  # a leadership transfer or a membership change is under way
                 continue
             self.settle(leader)
             break
         else:
             self.fail(f"liveness: no leader took a proposal within {bound} healthy rounds after healing")
+        members = leader.node.voters + leader.node.learners
         for _ in range(3 * self.cfg.election_ticks[1]):
-            if all(m.app_index >= index for m in self.members.values()):
+            if all(self.members[i].app_index >= index for i in members):
                 break
             self.round()
         else:
-            self.fail(f"liveness: proposal at index {index} not applied everywhere within "
+            self.fail(f"liveness: proposal at index {index} not applied on every member {members} within "
                       f"{3 * self.cfg.election_ticks[1]} rounds")
         if self.committed.get(index) != (leader.node.term, _canon(data)):
             self.fail(f"liveness: the proposal at {index} was replaced by {self.committed.get(index)}")
 
     def stable_leader(self) -> Member | None:
+        """The leader of the highest term, once it committed in its term and every member of its
+        configuration follows it (members whose storage was lost aside: they wait to be removed)."""
         leaders = [m for m in self.members.values() if m.node.role == LEADER]
-        if len(leaders) != 1:
+        if not leaders:
             return None
-        node = leaders[0].node
+        top = max(leaders, key=lambda m: m.node.term)
+        node = top.node
         if node.term_at(node.commit) != node.term:
             return None
-        if any(m.node.leader != leaders[0].id or m.node.term != node.term for m in self.members.values()):
+        if any(not self.members[i].wiped and (self.members[i].node.leader != top.id
+                                              or self.members[i].node.term != node.term)
+               for i in node.voters + node.learners if i != top.id):
             return None
-        return leaders[0]
+        return top
 
     def run(self) -> Sim:
         for _ in range(self.cfg.steps):

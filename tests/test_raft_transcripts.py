@@ -4,8 +4,12 @@ A transcript is a few lines of a small language, run by ``Transcript`` below ove
 the simulator's cluster (tests/raft_sim.py, with a perfect network unless told
 otherwise), so every step is also checked against the safety invariants:
 
-    nodes 3 [prevote=off] [checkquorum=off] [batch=1]   a group of n1..n3 (nodes are named by number;
-                                  L names the live leader of the highest term)
+    nodes 3 [prevote=off] [checkquorum=off] [batch=1] [joiners=1]   a group of n1..n3 (nodes are named by
+                                  number; L names the live leader of the highest term), and n4 started
+                                  empty, waiting to be added
+    add 1 5 [replaces 4] [-> refused]   leader 1 adds n5 as a learner (thesis §4.2.1)
+    remove 1 4 [-> refused]       leader 1 removes n4 (§4.1)
+    lose 2                        node 2 restarts with an empty store (its storage is gone)
     campaign 1                    node 1 starts an election now
     tick 1 x20 | tick all x20     logical time passes for one node / for every live node
     deliver [to 2] [from 1] [type T]   deliver the messages in flight now (not the replies)
@@ -23,6 +27,7 @@ otherwise), so every step is also checked against the safety invariants:
     expect data 1 a b             values of the commands node 1 has applied (no-ops skipped)
     expect read 1 CTX 3 / expect no read 1 CTX
     expect inflight TYPE N        how many messages of a type are in flight
+    expect voters 1 1 2 3 / expect learners 1 4 / expect lost 2 / expect not lost 2
     # comment; a command may end with "# comment"
 """
 
@@ -34,7 +39,7 @@ import shlex
 
 import pytest
 
-from cis490fleet.errors import BadRequest, ConfigError, NotLeader
+from cis490fleet.errors import BadRequest, ConfigError, NotFound, NotLeader, Unavailable
 from cis490fleet.raft import HardState, RaftNode, Snapshot, StorageState, check_message
 from raft_sim import InvariantViolation, Sim, SimConfig
 
@@ -129,9 +134,12 @@ class Transcript:
     def do_nodes(self, count: str, *options: str) -> None:
         opts = dict(o.split("=", 1) for o in options)
         config = SimConfig(nodes=int(count), steps=0, election_ticks=(10, 20), drop=0.0, duplicate=0.0,
+                           lose_after_vote=0.0,
                            pre_vote=opts.get("prevote", "on") == "on",
                            check_quorum=opts.get("checkquorum", "on") == "on", max_batch=int(opts.get("batch", 64)))
         self.sim = Sim(0, config)
+        for _ in range(int(opts.get("joiners", 0))):
+            self.sim.new_member()
         self.watch()
 
     def do_campaign(self, name: str) -> None:
@@ -204,6 +212,29 @@ class Transcript:
             raise TranscriptError(f"propose was accepted at index {index}, expected {outcome}")
         self.sim.settle(m)
 
+    def _change(self, name: str, change, words: tuple[str, ...]) -> None:
+        m = self.member(name)
+        refused = words[-2:] == ("->", "refused")
+        try:
+            change(self.node(name))
+        except (Unavailable, BadRequest, NotFound, NotLeader) as exc:
+            if not refused:
+                raise TranscriptError(f"the membership change was refused: {exc}") from None
+            return
+        if refused:
+            raise TranscriptError("the membership change was accepted, expected a refusal")
+        self.sim.settle(m)
+
+    def do_add(self, name: str, new: str, *words: str) -> None:
+        replaces = f"n{words[1]}" if words[:1] == ("replaces",) else None
+        self._change(name, lambda node: node.add_learner(f"n{new}", f"sim://n{new}", replaces=replaces), words)
+
+    def do_remove(self, name: str, old: str, *words: str) -> None:
+        self._change(name, lambda node: node.remove_member(f"n{old}"), words)
+
+    def do_lose(self, name: str) -> None:
+        self.sim.lose_storage(self.member(name))
+
     def do_read(self, name: str, ctx: str) -> None:
         self.sim.reads[ctx] = self.sim.max_committed
         self.node(name).read_index(ctx)
@@ -271,11 +302,29 @@ class Transcript:
         if got != [int(index)]:
             raise TranscriptError(f"node {name}: expected read {ctx} at index {index}, got {got}")
 
+    def expect_not(self, what: str, name: str) -> None:
+        if what != "lost" or self.node(name).status()["lost"]:
+            raise TranscriptError(f"node {name}: expected not {what}, got {self.node(name).status()['lost']}")
+
     def expect_no(self, what: str, name: str, ctx: str) -> None:
         if what != "read":
             raise TranscriptError("only 'expect no read N CTX' exists")
         if f"n{name}/{ctx}" in self.reads:
             raise TranscriptError(f"node {name}: read {ctx} was released at {self.reads[f'n{name}/{ctx}']}")
+
+    def expect_voters(self, name: str, *ids: str) -> None:
+        got = self.node(name).status()["voters"]
+        if got != [f"n{i}" for i in ids]:
+            raise TranscriptError(f"node {name}: expected voters {list(ids)}, got {got}")
+
+    def expect_learners(self, name: str, *ids: str) -> None:
+        got = self.node(name).status()["learners"]
+        if got != [f"n{i}" for i in ids]:
+            raise TranscriptError(f"node {name}: expected learners {list(ids)}, got {got}")
+
+    def expect_lost(self, name: str) -> None:
+        if not self.node(name).status()["lost"]:
+            raise TranscriptError(f"node {name}: expected it to know it lost its raft state")
 
     def expect_inflight(self, kind: str, count: str) -> None:
         got = len(self.matching(("type", kind)))
@@ -780,7 +829,7 @@ def test_a_follower_refuses_to_propose_and_to_transfer():
 def test_transfer_to_a_stranger_is_a_bad_request():
     node = _node(peers=["n1"])
     node.campaign()
-    with pytest.raises(BadRequest, match=r"cannot transfer leadership to 'n9': not a member of this group \(n1\)"):
+    with pytest.raises(BadRequest, match=r"cannot transfer leadership to 'n9': not a voter of this group \(n1\)"):
         node.transfer_leadership("n9")
 
 
@@ -792,7 +841,7 @@ def test_compaction_only_of_what_was_applied():
     with pytest.raises(ValueError, match="cannot compact the raft log to 2: only 1 is applied"):
         node.compact(2, None)
     node.advance(node.ready())
-    assert node.compact(2, {"s": 1}) == Snapshot(2, 1, {"s": 1})
+    assert node.compact(2, {"s": 1}) == Snapshot(2, 1, {"s": 1}, {"voters": ["n1"], "learners": []})
     with pytest.raises(ValueError, match="already compacted to 2"):
         node.compact(2, None)
 
@@ -818,15 +867,19 @@ def test_an_idle_node_has_nothing_ready():
     assert node.ready() is None
 
 
-def test_messages_for_someone_else_or_from_a_stranger_are_ignored():
+def test_messages_for_someone_else_are_ignored_but_not_those_from_outside_the_configuration():
+    """Thesis §4.2.3: a server that is not in our configuration yet (it was added by an entry we have not
+    received) may need our vote; a node that is no member itself grants none."""
     node = _node()
     vote = {"type": "RequestVote", "term": 5, "to": "n1", "last_log_index": 0, "last_log_term": 0,
             "pre_vote": False}
-    node.step({**vote, "from": "n9"})
     node.step({**vote, "from": "n2", "to": "n3"})
     assert node.status()["term"] == 0 and node.ready() is None
-    node.step({**vote, "from": "n2"})
-    assert node.status()["term"] == 5 and node.status()["vote"] == "n2"
+    node.step({**vote, "from": "n9"})
+    assert node.status()["term"] == 5 and node.status()["vote"] == "n9"
+    joiner = _node(peers=[])
+    joiner.step({**vote, "from": "n2"})
+    assert joiner.status()["vote"] is None and joiner.ready().messages[0]["reject"] is True
 
 
 GOOD_APPEND = {"type": "AppendEntries", "term": 2, "from": "n1", "to": "n2", "prev_log_index": 4,
@@ -871,3 +924,245 @@ def test_each_ready_is_advanced_before_the_next():
         node.ready()
     node.advance(rd)
     assert node.ready() is None
+
+
+# ---- membership (thesis §4) and lost storage -----------------------------------------------------------
+
+
+def test_a_learner_catches_up_from_a_snapshot_then_is_promoted():
+    """Thesis §4.2.1: a new server joins as a learner (it counts in no majority) and catches up from the
+    leader's snapshot and log; the leader promotes it once it holds everything committed. §4.1: the
+    configuration is the latest in the log, and it survives a restart."""
+    run("""
+    nodes 3 joiners=1
+    campaign 1
+    stabilize
+    propose 1 a
+    propose 1 b
+    stabilize
+    elapse 1
+    compact 1
+    expect snapshot 1 3
+    add 1 4
+    expect learners 1 4        # in effect as soon as it is in the leader's log, committed or not
+    expect voters 1 1 2 3
+    elapse 3
+    expect snapshot 4 3
+    expect voters 1 1 2 3 4    # promoted by the leader, one more single-server change
+    expect learners 1
+    expect voters 4 1 2 3 4
+    expect data 4 a b
+    propose 1 c
+    elapse 1
+    expect data 4 a b c
+    crash 4
+    restart 4
+    expect voters 4 1 2 3 4
+    expect learners 4
+    """)
+
+
+def test_a_learner_counts_in_no_majority():
+    """Thesis §4.2.1: until it is promoted, a learner's copy of an entry does not help commit it."""
+    run("""
+    nodes 3 joiners=1
+    campaign 1
+    stabilize
+    crash 2
+    partition 1 2 3 | 4
+    add 1 4
+    stabilize
+    expect commit 1 2          # n1 and n3 commit the learner's entry
+    crash 3
+    heal
+    propose 1 x
+    elapse 3
+    expect log 4 1/1 2/1 3/1 4/1   # the learner holds x, and n1 proposed its promotion (entry 4) ...
+    expect commit 1 2          # ... but n1 and n4 are no majority of n1..n4, nor n1 of n1 n2 n3
+    expect voters 1 1 2 3 4    # in effect while uncommitted (§4.1)
+    """)
+
+
+def test_one_change_at_a_time_and_only_real_changes():
+    """§4.1: a change waits until the previous one commits; adding a member twice, removing a stranger or
+    the only voter are refused with a reason."""
+    run("""
+    nodes 3 joiners=1
+    campaign 1
+    stabilize
+    add 1 2 -> refused         # already a voter
+    remove 1 7 -> refused      # not a member
+    remove 1 3
+    add 1 4 -> refused         # the removal of n3 has not committed yet
+    stabilize
+    expect voters 1 1 2
+    expect voters 2 1 2
+    add 1 4
+    stabilize
+    elapse 2
+    expect voters 1 1 2 4
+    """)
+    node = _node(peers=["n1"])
+    node.campaign()
+    with pytest.raises(BadRequest, match="cannot remove 'n1': it is the group's only voter"):
+        node.remove_member("n1")
+
+
+def test_a_removed_leader_steps_down_once_its_removal_commits():
+    """Thesis §4.2.2: a leader may remove itself; it manages the group until the removal commits (not counting
+    itself), then steps down and hands over with TimeoutNow. A removed server never campaigns (§4.2.3)."""
+    run("""
+    nodes 3
+    campaign 1
+    stabilize
+    remove 1 1
+    expect voters 1 2 3
+    expect leader 1
+    stabilize
+    expect role 1 follower
+    expect leader 2 term 2     # TimeoutNow: n2 held everything, so it was elected at once
+    propose 2 a
+    stabilize
+    elapse 1
+    expect data 3 a
+    tick 1 x40
+    expect role 1 follower
+    """)
+
+
+SINGLE_SERVER_BUG = """
+    nodes 4 joiners=1 prevote=off checkquorum=off
+    campaign 1
+    stabilize
+    partition 1 2 3 4 | 5
+    add 1 5                    # C0 = n1..n4; n5 joins as a learner
+    stabilize
+    expect learners 2 5
+    partition 1 5 | 2 3 4
+    tick 1
+    stabilize
+    tick 1
+    stabilize                  # n5 caught up: n1 appends C1 = n1..n5, which reaches only n5
+    expect voters 1 1 2 3 4 5
+    expect voters 5 1 2 3 4 5
+    expect voters 2 1 2 3 4
+    campaign 2
+    deliver to 3
+    deliver to 4
+    deliver to 2               # the votes of n3 and n4: n2 leads term 2 under C0
+    expect leader 2 term 2
+    partition 1 5 | 2 3 | 4    # its opening entry reaches n3 only: 2 of C0's 4, not committed
+    stabilize
+"""
+
+
+def test_single_server_change_waits_for_an_entry_of_the_leaders_term():
+    """The bug in the dissertation's single-server algorithm (Ongaro, raft-dev, 2015) and its fix. n1's
+    uncommitted C1 (adding n5) and a new leader's C2 (removing n4) differ by two servers, so a majority of
+    each can be disjoint: n2 n3 for C2 = n1 n2 n3, and n1 n4 n5 for C1. With the fix n2 may not propose C2
+    before an entry of its own term commits; that entry would need a majority of C0, which makes n1 lose."""
+    run(SINGLE_SERVER_BUG + """
+    remove 2 4 -> refused      # n2 has committed nothing in term 2
+    partition 1 4 5 | 2 3
+    elapse 40                  # n1 wins under C1 with n4 and n5: nothing committed is lost
+    expect leader 1
+    heal
+    elapse 30
+    expect voters 2 1 2 3 4 5
+    remove 1 4                 # now n1 committed in its term: a change is safe
+    stabilize
+    elapse 2
+    expect voters 3 1 2 3 5
+    propose 1 z
+    elapse 2
+    expect data 5 z
+    """)
+
+
+def test_single_server_change_without_the_fix_loses_a_committed_entry(monkeypatch):
+    """The transcript above, against a leader that proposes a change before committing in its term: n2
+    commits C2 with n3 alone, n1 is elected under C1 by n4 and n5, and the simulator's leader completeness
+    check fires."""
+    monkeypatch.setattr(RaftNode, "_change_pending",
+                        lambda self: "pending" if self._config_index > self.commit else None)
+    with pytest.raises(InvariantViolation, match=r"leader completeness: leader n1 of term \d+ lacks committed entry 3"):
+        run(SINGLE_SERVER_BUG + """
+        remove 2 4
+        stabilize
+        expect commit 2 4
+        partition 1 4 5 | 2 3
+        elapse 40
+        """)
+
+
+def test_a_wiped_follower_knows_it_and_never_campaigns():
+    """A follower whose storage is gone restarts empty. The leader's next message (which counts it as a
+    voter, and names entries it acknowledged) makes it lost; before that, an empty node votes for no one.
+    A lost node campaigns never, and the group goes on without it."""
+    run("""
+    nodes 3
+    campaign 1
+    stabilize
+    propose 1 a
+    stabilize
+    elapse 1
+    lose 3
+    expect not lost 3
+    elapse 2
+    expect lost 3
+    tick 3 x40
+    expect role 3 follower
+    expect log 3
+    propose 1 b
+    stabilize
+    expect data 2 a b
+    """)
+
+
+def test_a_wiped_voter_does_not_vote_twice_in_a_term():
+    """The issue's two leaders in term 1: n3 votes for n1, loses its storage, and is asked by n2 for the
+    same term. An empty node that was not told to seed a new group grants nothing."""
+    run("""
+    nodes 3 prevote=off
+    partition 1 3 | 2
+    campaign 1
+    deliver to 3 type RequestVote
+    lose 3
+    stabilize
+    expect leader 1 term 1     # n3's vote, sent before its storage went, counts
+    partition 1 | 2 3
+    campaign 2
+    stabilize
+    expect role 2 candidate term 1
+    """)
+
+
+def test_a_wiped_voter_cannot_elect_a_stale_leader_and_is_replaced():
+    """With PreVote and CheckQuorum: n3 acknowledged entry a with n1, then lost its storage; n1 is down.
+    n2 lacks a and cannot win without n3, which grants no vote, so a is not lost. Back under a new id
+    (n4 replaces n3: added as a learner, promoted, then n3 removed), the group is whole again."""
+    run("""
+    nodes 3 joiners=1
+    campaign 1
+    stabilize
+    partition 1 3 4 | 2
+    propose 1 a
+    stabilize
+    expect commit 1 2
+    lose 3
+    crash 1
+    heal
+    elapse 60
+    expect term 2 1            # its pre-votes never win: n3 grants nothing
+    restart 1
+    elapse 30
+    expect leader 1
+    expect lost 3
+    add 1 4 replaces 3
+    elapse 5
+    expect voters 1 1 2 4
+    expect data 4 a
+    propose 1 b
+    elapse 2
+    expect data 2 a b
+    """)

@@ -243,3 +243,19 @@ def test_a_restart_after_compaction_starts_from_the_snapshot(stores):
     again.run()
     assert again.applied == driver.applied
     assert json.dumps(again.node.status())  # status is JSON-able for /v1/health
+
+
+def test_configurations_survive_a_restart_in_entries_and_snapshots(stores):
+    """Thesis §4.1: the configuration is the latest in the log, so the store keeps each entry's config and the
+    one a snapshot covers; a node restarted from it has the same voters and learners."""
+    config = {"voters": ["n1", "n2"], "learners": ["n3"], "addresses": {"n3": "http://n3"}}
+    stores.store.save(HardState(2, "n1", 1), [entry(1, 1), {**entry(2, 2), "config": config}], None)
+    state = stores.reopen().load()
+    assert state.entries[1] == {"index": 2, "term": 2, "data": None, "config": config}
+    node = RaftNode("n1", ["n1", "n9"], storage_state=state, rng=random.Random(0))
+    assert (node.voters, node.learners) == (["n1", "n2"], ["n3"])
+    stores.store.truncate_prefix(2, Snapshot(2, 2, {"s": 1}, config))
+    state = stores.reopen().load()
+    assert state.snapshot == Snapshot(2, 2, {"s": 1}, config) and state.entries == []
+    node = RaftNode("n1", ["n1", "n9"], storage_state=state, rng=random.Random(0))
+    assert (node.voters, node.learners) == (["n1", "n2"], ["n3"])
