@@ -795,8 +795,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "with peers the Raft log is always FULL and the queue NORMAL, re-applied from the log")
     p.add_argument("--node-id", help="this peer's id in health answers (default: the host name)")
     p.add_argument("--peer", action="append", default=[], metavar="ID=URL",
-                   help="a member of the replicated coordinator group (repeat for every member, this one included; "
-                   "default: [[fleet.peers]] of the manifest); with none, serve runs alone")
+                   help="a member of a NEW replicated coordinator group (repeat for every member, this one included; "
+                   "default: [[fleet.peers]] of the manifest); with none, serve runs alone. Once the group exists "
+                   "its log holds the members: change them with jobs peers add/remove/replace")
+    p.add_argument("--join", action="store_true",
+                   help="this peer joins an existing group (give --peer ID=URL for itself): with an empty raft "
+                   "store it waits until jobs peers add ID=URL (or replace) runs on a member")
     p.add_argument("--raft-tick-ms", type=float, default=50.0, help="Raft tick (default 50 ms)")
     p.add_argument("--raft-heartbeat-ticks", type=int, default=3,
                    help="ticks between leader heartbeats (default 3: every 150 ms)")
@@ -832,6 +836,8 @@ def _peer_settings(args) -> tuple[dict[str, str] | None, dict, object]:
 
         pairs = list(manifest_mod.load(args.manifest).fleet.peers)
     if not pairs:
+        if args.join:
+            raise errors.ConfigError("--join needs this peer's own address: --node-id ID --peer ID=URL")
         return None, {}, None
     peers = dict(pairs)
     if len(peers) != len(pairs):
@@ -856,7 +862,8 @@ def _peer_settings(args) -> tuple[dict[str, str] | None, dict, object]:
 
         peer_ssl = tls.client_context(ca=args.peer_ca or args.client_ca, cert=args.cert, key=args.key)
     options = {"tick_s": args.raft_tick_ms / 1000, "election_ticks": election,
-               "heartbeat_ticks": args.raft_heartbeat_ticks, "snapshot_every": args.raft_snapshot_every}
+               "heartbeat_ticks": args.raft_heartbeat_ticks, "snapshot_every": args.raft_snapshot_every,
+               "join": args.join}
     return peers, options, peer_ssl
 
 

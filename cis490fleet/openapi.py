@@ -81,6 +81,14 @@ def _operator_op(summary: str, ok: dict, params: list | None = None, body: dict 
 
 
 _OK = {"type": "object", "required": ["ok"], "properties": {"ok": {"const": True}}}
+_PEER = {"type": "object", "required": ["id", "url"],
+         "properties": {"id": {"type": "string"}, "url": {"type": "string", "format": "uri"}}}
+_PEER_ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+                  "description": "the peer's id in the group"}
+_MEMBERSHIP = {"type": "object", "required": ["ok", "index", "voters", "learners"],
+               "properties": {"ok": {"const": True}, "index": {"type": "integer", "description": "the change's log index"},
+                              "voters": {"type": "array", "items": {"type": "string"}},
+                              "learners": {"type": "array", "items": {"type": "string"}}}}
 
 SCHEMAS = {
     "Error": {"type": "object", "required": ["error", "detail"],
@@ -270,6 +278,17 @@ PATHS = {
         "re-read the manifest file and sync the queue (idempotent)",
         {"type": "object", "required": ["added", "kept", "removed", "total"],
          "properties": {k: {"type": "integer"} for k in ("added", "kept", "removed", "total")}})},
+    "/v1/peers": {"post": _operator_op(
+        "add a peer to the replicated group: it joins as a learner and becomes a voter once caught up (answers "
+        "when the change is committed)", _MEMBERSHIP, body=_body(_PEER))},
+    "/v1/peers/replace": {"post": _operator_op(
+        "replace a peer: add the new one as a learner, remove the old one once the new one is a voter",
+        _MEMBERSHIP, body=_body({**_PEER, "required": ["old", "id", "url"],
+                                 "properties": {**_PEER["properties"], "old": {"type": "string"}}}))},
+    "/v1/peers/{id}": {"delete": _operator_op("remove a peer from the replicated group", _MEMBERSHIP,
+                                              [_PEER_ID_PARAM])},
+    "/v1/peers/{id}/remove": {"post": _operator_op("remove a peer from the replicated group (as DELETE)",
+                                                   _MEMBERSHIP, [_PEER_ID_PARAM])},
     "/v1/raft/messages": {"post": {
         "summary": "peer to peer: a batch of Raft messages (replicated groups only)",
         "requestBody": _body({"type": "object", "required": ["cluster", "from", "to", "messages"],

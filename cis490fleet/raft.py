@@ -232,21 +232,24 @@ def _members(config: dict | None) -> set[str]:
 class RaftNode:
     """One member of a Raft group.
 
-    ``peers`` seeds a new group: its voters (this node is added). It counts only while the storage holds no
-    configuration; afterwards the log's configuration rules. ``peers=[]`` starts a node that has no
+    ``peers`` seeds a new group: its voters (this node is added), with ``seed_extra``'s keys. It counts only
+    while the storage holds no configuration; afterwards the log's configuration rules. ``peers=[]`` starts a
+    node that has no
     configuration: a server waiting to be added (or one whose state is gone, see the module docstring).
     """
 
     def __init__(self, node_id: str, peers: list[str], *, storage_state: StorageState | None = None,
                  rng: random.Random, election_ticks: tuple[int, int] = (10, 20), heartbeat_ticks: int = 1,
-                 pre_vote: bool = True, check_quorum: bool = True, applied: int = 0, max_batch: int = 64):
+                 pre_vote: bool = True, check_quorum: bool = True, applied: int = 0, max_batch: int = 64,
+                 seed_extra: dict | None = None):
         lo, hi = election_ticks
         if not 0 < heartbeat_ticks < lo < hi or max_batch < 1:
             raise ConfigError(f"raft settings: need 0 < heartbeat_ticks < election_ticks[0] < election_ticks[1] "
                               f"and max_batch >= 1, got heartbeat_ticks={heartbeat_ticks}, "
                               f"election_ticks={election_ticks}, max_batch={max_batch}")
         self.id = node_id
-        self._seed = {"voters": sorted(set(peers) | {node_id}), "learners": []} if peers else None
+        self._seed = ({**(seed_extra or {}), "voters": sorted(set(peers) | {node_id}), "learners": []}
+                      if peers else None)
         self.lost: str | None = None
         self._rng = rng
         self._election_lo, self._election_hi = lo, hi
@@ -448,7 +451,14 @@ class RaftNode:
         return len(self.voters) // 2 + 1
 
     def _can_campaign(self) -> bool:
-        return self.id in self.voters and self.lost is None
+        """Voters campaign; so does a voter whose removal is not committed yet, since it may still be needed
+        to commit it (thesis §4.2.2; its own vote then does not count). Learners and lost nodes never do."""
+        if self.lost is not None:
+            return False
+        if self.id in self.voters:
+            return True
+        return self._config_index > self.commit and self.id in (self._config_at(self._config_index - 1)[0]
+                                                                or {"voters": ()})["voters"]
 
     def _reset(self, term: int) -> None:
         if term != self.term:
@@ -688,7 +698,7 @@ class RaftNode:
     def _on_vote_request(self, msg: dict) -> None:
         sender, pre = msg["from"], msg["pre_vote"]
         can_vote = (self.vote == sender or (self.vote is None and self.leader is None)
-                    or (pre and msg["term"] > self.term)) and self.id in _members(self.config)
+                    or (pre and msg["term"] > self.term)) and (self._can_campaign() or self.id in self.learners)
         if can_vote and self._up_to_date(msg["last_log_index"], msg["last_log_term"]):
             self._send({"type": "RequestVoteResp", "to": sender, "term": msg["term"], "reject": False,
                         "pre_vote": pre})

@@ -22,6 +22,14 @@ lease come from the entry). Hence the one rule: before compacting the log up to
 ``i``, fsync the queue's files (``_sync_queue``), so the queue durably stands
 at or after ``i``. A kill -9 loses nothing either way (the OS keeps what was
 written).
+
+Membership. ``--peer`` seeds a new group only (the first leader writes it into the
+log, with each member's URL and the cluster id); afterwards the configuration in
+the log rules: ``peers`` follows it after every Ready, senders start and stop with
+it, and ``change_membership`` proposes a change and waits for it to commit. A peer
+started with ``join=True`` and an empty store waits to be added; one whose raft
+store is empty while its queue has applied entries lost its raft state: it starts
+without a configuration, so it never votes, and says how to come back.
 """
 
 from __future__ import annotations
@@ -77,6 +85,14 @@ def parse_peer(value: str) -> tuple[str, str]:
     return pid, url
 
 
+def _announced_url(value: object) -> str | None:
+    """The URL a sender announces in its batches (how a peer that was just added reaches the leader)."""
+    if not isinstance(value, str) or len(value) > 300:
+        return None
+    parts = urllib.parse.urlsplit(value)
+    return value if parts.scheme in ("http", "https") and parts.hostname else None
+
+
 def _connect(url: str, ssl_context, timeout: float) -> http.client.HTTPConnection:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "https":
@@ -95,6 +111,7 @@ class _Sender:
         self.conn: http.client.HTTPConnection | None = None
         self.thread = threading.Thread(target=self._run, name=f"raft-send-{peer}", daemon=True)
         self.failing = False
+        self.thread.start()
 
     def _run(self) -> None:
         while True:
@@ -120,8 +137,10 @@ class _Sender:
             self.conn.close()
 
     def _post(self, messages: list[dict]) -> None:
-        body = json.dumps({"cluster": self.owner.cluster, "from": self.owner.node_id, "to": self.peer,
-                           "messages": messages}, separators=(",", ":")).encode()
+        body = json.dumps({"cluster": self.owner.cluster or self.owner.joining_cluster, "from": self.owner.node_id,
+                           "to": self.peer,
+                           "url": self.owner.urls.get(self.owner.node_id), "messages": messages},
+                          separators=(",", ":")).encode()
         for attempt in (1, 2):
             try:
                 if self.conn is None:
@@ -163,14 +182,15 @@ class Replicator:
     def __init__(self, data_dir: Path, node_id: str, peers: dict[str, str], store, *, on_applied=None,
                  ssl_context=None, tick_s: float = 0.1, election_ticks: tuple[int, int] = (10, 20),
                  heartbeat_ticks: int = 1, snapshot_every: int = SNAPSHOT_EVERY, artifacts=None,
-                 checkpoints=None):
+                 checkpoints=None, join: bool = False):
         if node_id not in peers:
             raise errors.ConfigError(f"--node-id {node_id!r} is not among the --peer entries "
                                      f"({', '.join(sorted(peers))}); list this peer too: --peer {node_id}=URL")
         self.data_dir = Path(data_dir)
         self.node_id = node_id
-        self.peers = dict(peers)
-        self.cluster = cluster_id(self.peers)
+        self.urls = dict(peers)   # every address known: the seed's, the configuration's, what peers announce
+        self.peers = dict(peers)  # the members of the configuration in effect, with their URLs
+        self._seed_cluster = cluster_id(peers)
         self.store = store
         self.artifacts = artifacts
         self.checkpoints = checkpoints  # a second ArtifactStore: checkpoints travel like bundles, with kind=checkpoint
@@ -181,9 +201,21 @@ class Replicator:
         self.raft_store = SqliteRaftStore(self.data_dir / "raft.sqlite3")
         applied = store.applied_index()
         state = self.raft_store.load()
-        self.node = raft.RaftNode(node_id, list(peers), storage_state=state, rng=random.Random(),
+        seed = list(peers)
+        if not (state.entries or state.snapshot or state.hard_state.term):
+            if join:
+                seed = []
+                log.info("raft: %s waits to be added to a group (jobs peers add %s=URL on any member)", node_id,
+                         node_id)
+            elif applied > 0:
+                seed = []  # a seed would vote again in terms it already voted in
+                log.error("raft: the raft store %s is empty but the queue has applied %d entries: this peer's raft "
+                          "state is gone, so it will neither vote nor campaign. Bring the host back under a new id: "
+                          "jobs peers replace %s NEW=URL, then start it with --node-id NEW --join",
+                          self.raft_store.path, applied, node_id)
+        self.node = raft.RaftNode(node_id, seed, storage_state=state, rng=random.Random(),
                                   election_ticks=election_ticks, heartbeat_ticks=heartbeat_ticks,
-                                  applied=applied)
+                                  applied=applied, seed_extra={"addresses": dict(peers), "cluster": self._seed_cluster})
         # A crash between saving a received snapshot and swapping in the queue: finish the install first.
         self._unfinished = state.snapshot if state.snapshot is not None and applied < state.snapshot.index else None
         self._db_applied = applied
@@ -197,19 +229,22 @@ class Replicator:
         self._leader_watchers: list = []
         self._closed = False
         self._stop = threading.Event()
-        self._senders = {p: _Sender(self, p, url) for p, url in self.peers.items() if p != node_id}
+        self._senders: dict[str, _Sender] = {}
+        self.joining_cluster: str | None = None
+        self._started = False
+        self._lost_logged = False
+        self._sync_members()
         self._thread = threading.Thread(target=self._run, name="raft-driver", daemon=True)
         self._fetching: set[str] = set()
-        if len(self.peers) == 2:
-            log.warning("a group of two peers cannot survive the loss of either: add a third --peer")
+        if len(self.node.voters) == 2:
+            log.warning("a group of two peers cannot survive the loss of either: add a third (jobs peers add)")
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        for s in self._senders.values():
-            s.thread.start()
+        self._started = True
         self._thread.start()
-        if len(self.peers) == 1:
+        if self.node.voters == [self.node_id]:
             self._call(lambda n: n.campaign())
 
     @property
@@ -227,9 +262,10 @@ class Replicator:
         self._stop.set()
         self._inbox.put(None)
         self._thread.join(timeout)
-        for s in self._senders.values():
+        senders = list(self._senders.values())
+        for s in senders:
             s.box.put(None)
-        for s in self._senders.values():
+        for s in senders:
             s.thread.join(1.0)
         self._fail_all(errors.Unavailable("this coordinator is shutting down; retry on another peer"))
         self.raft_store.close()
@@ -239,7 +275,8 @@ class Replicator:
         st = self.status()
         if st["role"] != raft.LEADER or len(self.peers) < 2:
             return False
-        reachable = {p: pr for p, pr in st.get("progress", {}).items() if not self._senders[p].failing}
+        reachable = {p: pr for p, pr in st.get("progress", {}).items()
+                     if p in st["voters"] and p in self._senders and not self._senders[p].failing}
         best = max(reachable.items(), key=lambda kv: kv[1]["match"], default=(None, None))[0]
         if best is None:
             return False
@@ -259,7 +296,7 @@ class Replicator:
     # -- the API the coordinator uses -------------------------------------------------------------
 
     def url_of(self, node: str | None) -> str | None:
-        return self.peers.get(node) if node else None
+        return self.urls.get(node) if node else None
 
     def status(self) -> dict:
         with self._status_lock:
@@ -329,11 +366,14 @@ class Replicator:
         """A batch from ``POST /v1/raft/messages``: checked here, stepped by the driver."""
         if not isinstance(body, dict):
             raise errors.BadRequest("raft messages: expected a JSON object with cluster, from, to, messages")
-        if body.get("cluster") != self.cluster:
+        cluster = self.cluster  # None while this peer waits to be added: it learns the group's from the leader
+        if cluster is not None and body.get("cluster") != cluster:
             raise errors.Forbidden(f"raft messages from cluster {str(body.get('cluster'))[:40]!r} refused: this "
-                                   f"peer belongs to cluster {self.cluster}; check the --peer lists")
-        if body.get("to") != self.node_id or body.get("from") not in self.peers:
-            raise errors.Forbidden(f"raft messages from {str(body.get('from'))[:40]!r} to "
+                                   f"peer belongs to cluster {cluster}; check the --peer lists")
+        sender, url = body.get("from"), _announced_url(body.get("url"))
+        # A sender we know of, or one announcing its URL: a member added by an entry this peer has not received.
+        if body.get("to") != self.node_id or sender == self.node_id or not (sender in self.urls or url):
+            raise errors.Forbidden(f"raft messages from {str(sender)[:40]!r} to "
                                    f"{str(body.get('to'))[:40]!r} refused: this is peer {self.node_id!r}")
         msgs = body.get("messages")
         if not isinstance(msgs, list):
@@ -343,15 +383,18 @@ class Replicator:
             raise errors.Forbidden("raft messages: a message's from/to does not match its batch")
         if self._closed:
             raise errors.Unavailable(f"raft peer {self.node_id} is shutting down")
-        self._inbox.put(("msgs", checked))
+        if cluster is None:
+            self.joining_cluster = body.get("cluster")  # answered with until the configuration arrives
+        self._inbox.put(("msgs", checked, sender, url))
 
     def health(self) -> dict:
-        """Role, term, leader, commit, applied and the peers as this peer sees them."""
+        """Role, term, leader, commit, applied, the configuration and its members as this peer sees them
+        (``match``/``lag`` on the leader: how far each member's log has caught up)."""
         st = self.status()
         progress = st.get("progress") or {}
         peers = []
         for pid, url in sorted(self.peers.items()):
-            row = {"id": pid, "url": url}
+            row = {"id": pid, "url": url, "member": "voter" if pid in st["voters"] else "learner"}
             if pid == self.node_id:
                 row.update(role=st["role"], match=st["last_index"], lag=0, term=st["term"],
                            commit_index=st["commit"])
@@ -362,9 +405,11 @@ class Replicator:
                 row.update(role=raft.LEADER)
             peers.append(row)
         role = raft.CANDIDATE if st["role"] == raft.PRE_CANDIDATE else st["role"]
+        member = "voter" if self.node_id in st["voters"] else "learner" if self.node_id in st["learners"] else None
         return {"role": role, "term": st["term"], "leader": st["leader"], "leader_url": self.url_of(st["leader"]),
                 "node_id": self.node_id, "commit": st["commit"], "commit_index": st["commit"],
-                "applied": st["applied"], "last_index": st["last_index"], "cluster": self.cluster, "peers": peers}
+                "applied": st["applied"], "last_index": st["last_index"], "cluster": self.cluster, "peers": peers,
+                "voters": st["voters"], "learners": st["learners"], "member": member, "lost": st["lost"]}
 
     # -- the driver -------------------------------------------------------------------------------
 
@@ -411,7 +456,10 @@ class Replicator:
 
     def _handle(self, item) -> None:
         if item[0] == "msgs":
-            for msg in item[1]:
+            _, msgs, sender, url = item
+            if url and sender not in self.urls:
+                self.urls = {**self.urls, sender: url}
+            for msg in msgs:
                 self.node.step(msg)
         else:
             _, fn, fut = item
@@ -426,8 +474,9 @@ class Replicator:
             if rd is None:
                 break
             self.raft_store.save(rd.hard_state, rd.entries, rd.snapshot)
+            self._sync_members()
             for msg in rd.messages:
-                sender = self._senders.get(msg["to"])
+                sender = self._sender(msg["to"])
                 if sender is not None:
                     sender.box.put(msg)
             if rd.snapshot is not None:
@@ -438,9 +487,14 @@ class Replicator:
             self.node.advance(rd)
             self._answer_reads()
             self._maybe_compact()
+        self._sync_members()
         st = self.node.status()
         with self._status_lock:
             self._status = st
+        if st["lost"] and not self._lost_logged:
+            self._lost_logged = True
+            log.error("%s. Run jobs peers replace %s NEW=URL on any member, then start this host with --node-id "
+                      "NEW --join", st["lost"], self.node_id)
         if st["role"] != self._role:
             was, self._role = self._role, st["role"]
             log.info("raft %s: %s -> %s (term %d, leader %s)", self.node_id, was, st["role"], st["term"],
@@ -451,6 +505,57 @@ class Replicator:
             if st["role"] == raft.LEADER:
                 for fn in self._leader_watchers:
                     threading.Thread(target=fn, name="raft-on-leader", daemon=True).start()
+
+    def _sync_members(self) -> None:
+        """Driver thread: follow the configuration in effect (its URLs, ``peers``, ``cluster``), stop the senders
+        of peers no longer in it. Other threads read these attributes; each is replaced, never changed in place."""
+        config = self.node.config
+        if config is None:
+            self.cluster = None
+            return
+        addresses = {p: u for p, u in (config.get("addresses") or {}).items() if isinstance(u, str)}
+        if any(self.urls.get(p) != u for p, u in addresses.items()):
+            self.urls = {**self.urls, **addresses}
+        members = set(config["voters"]) | set(config["learners"])
+        peers = {p: self.urls[p] for p in sorted(members) if p in self.urls}
+        if peers != self.peers:
+            log.info("raft %s: members now %s (voters %s, learners %s)", self.node_id, ", ".join(peers),
+                     ", ".join(config["voters"]), ", ".join(config["learners"]) or "none")
+            self.peers = peers
+        self.cluster = config.get("cluster", self._seed_cluster)
+        for pid in [p for p in self._senders if p not in members]:
+            self._senders.pop(pid).box.put(None)
+
+    def _sender(self, pid: str) -> _Sender | None:
+        sender = self._senders.get(pid)
+        if sender is None and self._started and not self._closed and self.urls.get(pid):
+            sender = self._senders[pid] = _Sender(self, pid, self.urls[pid])
+        return sender
+
+    def change_membership(self, change, what: str) -> dict:
+        """Run ``change(node) -> index`` (``add_learner`` or ``remove_member``) on the leader's driver, then
+        wait until that entry commits. Raises what the core raises (NotLeader with the leader's URL)."""
+        def propose(node):
+            return change(node), node.term
+
+        try:
+            index, term = self._call(propose).result(PROPOSE_TIMEOUT_S)
+        except errors.NotLeader as err:
+            raise errors.NotLeader(self.url_of(err.leader_url)) from None
+        except FutureTimeout:
+            raise errors.Unavailable("the raft driver did not answer; retry") from None
+        deadline = time.monotonic() + PROPOSE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            st = self.status()
+            if st["commit"] >= index:
+                if self._call(lambda n: n.term_at(index)).result(PROPOSE_TIMEOUT_S) not in (term, None):
+                    break
+                log.info("raft: %s committed at index %d", what, index)
+                return {"ok": True, "index": index, "voters": st["voters"], "learners": st["learners"]}
+            time.sleep(0.02)
+        raise errors.Unavailable(f"{what} was proposed at index {index} but did not commit within "
+                                 f"{PROPOSE_TIMEOUT_S:.0f} s (no quorum, or leadership changed); check jobs peers and "
+                                 "retry")
 
     def _apply(self, entries: list[dict]) -> None:
         entries = [e for e in entries if e["index"] > self._db_applied]
@@ -690,7 +795,7 @@ class Replicator:
         ``timeout`` is per socket operation; the wait for a majority also allows 10 MiB/s for the bytes."""
         path = self._store_of(meta.get("kind")).locate(sha)
         size = path.stat().st_size
-        need = len(self.peers) // 2 + 1
+        need = len(self.status()["voters"]) // 2 + 1
         done = threading.Semaphore(0)
         ok = [1]
         lock = threading.Lock()
@@ -729,7 +834,7 @@ class Replicator:
             held = ok[0]
         if held < need:
             raise errors.Unavailable(f"artifact {sha[:12]} reached {held} of {len(self.peers)} peers, not a "
-                                     "majority; retry the upload")
+                                     "majority of the voters; retry the upload")
         return held
 
     def receive_artifact(self, sha: str, cluster: str | None, meta_text: str | None, body, length: int) -> dict:

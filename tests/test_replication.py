@@ -461,7 +461,7 @@ def test_a_group_of_two_warns_that_it_cannot_survive_a_loss(group, caplog):
     caplog.set_level(logging.WARNING, logger="cis490fleet.replication")
     g = group(n=2)
     g.start("a")
-    assert "add a third --peer" in caplog.text
+    assert "add a third (jobs peers add)" in caplog.text
 
 
 def test_a_follower_that_missed_an_upload_fetches_the_bundle_when_it_applies_the_record(group):

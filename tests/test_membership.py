@@ -1,0 +1,132 @@
+"""Changing a replicated group's members on loopback: add, remove, replace, and a peer whose raft state is gone.
+
+In-process peers (test_replication's ``Group``) on real HTTP servers, changed through
+the operator routes (``membership_api.py``); each change is one single-server step of
+the Raft core (thesis §4), answered once it is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from conftest import OPERATOR_TOKEN, http_call, manifest_toml
+from test_e2e import wait_for
+from test_replication import claim, free_ports, group, three  # noqa: F401 (group is a fixture)
+
+from cis490fleet.coordinator import Coordinator
+
+OP = {"x-operator-token": OPERATOR_TOKEN}
+
+
+def join(g, name: str) -> Coordinator:
+    """Start a new peer that waits to be added (serve --node-id NAME --join --peer NAME=URL)."""
+    g.urls[name] = f"http://127.0.0.1:{free_ports(1)[0]}"
+    c = Coordinator(g.tmp / name, manifest_path=g.manifest, node_id=name, peers={name: g.urls[name]},
+                    operator_token=OPERATOR_TOKEN, raft_options={**g.raft, "join": True})
+    c.listen("127.0.0.1", int(g.urls[name].rsplit(":", 1)[1]))
+    c.serve_in_thread()
+    c.start_background()
+    g.coords[name] = c
+    return c
+
+
+def health(g, name: str) -> dict:
+    return g.coords[name].replicator.health()
+
+
+def voters(g, name: str) -> list[str]:
+    return health(g, name)["voters"]
+
+
+def test_a_new_peer_joins_as_learner_is_promoted_and_a_peer_is_removed(group):
+    g = three(group, n_jobs=6)
+    claim(g.urls["a"], "w1")
+    d = join(g, "d")
+    assert d.replicator.health()["member"] is None  # waits, votes for no one
+    f = g.follower()
+    status, headers, body = http_call(g.urls[f], "POST", "/v1/peers", {"id": "d", "url": g.urls["d"]}, headers=OP)
+    assert status == 200, body
+    assert headers["x-forwarded-by"] == f  # a follower forwards the change to the leader
+    assert "d" in body["learners"] or "d" in body["voters"]
+    wait_for("d promoted to voter", lambda: voters(g, g.leader()) == ["a", "b", "c", "d"], timeout=10)
+    assert g.converged()["claimed"] == 1  # d caught up from the leader's log or snapshot
+    wait_for("d knows it is a voter", lambda: voters(g, "d") == ["a", "b", "c", "d"])
+    claim(g.urls["d"], "w2")  # jobs keep flowing, through the new peer too
+    assert g.converged()["claimed"] == 2
+
+    status, _, body = http_call(g.urls["d"], "DELETE", "/v1/peers/c", headers=OP)
+    assert status == 200, body
+    assert body["voters"] == ["a", "b", "d"]
+    wait_for("c's removal reaches every member", lambda: all(voters(g, n) == ["a", "b", "d"] for n in "abd"))
+    g.stop("c")
+    claim(g.urls["b"], "w3")
+    assert g.converged()["claimed"] == 3
+
+    # The log's configuration survives a restart; the peer's own --peer list (a, b, c) no longer matters.
+    g.stop("a")
+    g.start("a")
+    wait_for("a back with the log's members", lambda: voters(g, "a") == ["a", "b", "d"], timeout=10)
+    assert sorted(g.coords["a"].replicator.peers) == ["a", "b", "d"]
+
+
+def test_a_leader_removes_itself_and_steps_down(group):
+    g = three(group)
+    old = g.leader()
+    status, _, body = http_call(g.urls[old], "POST", f"/v1/peers/{old}/remove", headers=OP)
+    assert status == 200, body
+    assert old not in body["voters"]
+    wait_for("a new leader among the others", lambda: g.leader() != old, timeout=10)
+    assert health(g, old)["member"] is None
+    rest = [n for n in "abc" if n != old]
+    claim(g.urls[rest[0]], "w1")
+    wait_for("both members apply the claim", lambda: {g.coords[n].store.counts().get("claimed") for n in rest} == {1})
+
+
+def test_a_peer_whose_raft_state_is_gone_never_votes_and_is_replaced(group, caplog):
+    caplog.set_level(logging.INFO)
+    g = three(group, n_jobs=4)
+    claim(g.urls["a"], "w1")
+    g.converged()
+    victim = g.follower()
+    g.stop(victim)
+    (g.tmp / victim / "raft.sqlite3").unlink()  # the raft store is lost, the queue is not
+    for suffix in ("-wal", "-shm"):
+        (g.tmp / victim / f"raft.sqlite3{suffix}").unlink(missing_ok=True)
+    g.start(victim)
+    assert "raft state is gone" in caplog.text
+    wait_for("the leader's contact makes it lost", lambda: health(g, victim)["lost"], timeout=10)
+    assert health(g, victim)["member"] is None and health(g, victim)["role"] == "follower"
+
+    e = join(g, "e")
+    status, _, body = http_call(g.urls[g.leader()], "POST", "/v1/peers/replace",
+                                {"old": victim, "id": "e", "url": g.urls["e"]}, headers=OP)
+    assert status == 200, body
+    survivors = sorted(n for n in "abce" if n != victim)
+    wait_for("e promoted and the lost peer removed", lambda: voters(g, g.leader()) == survivors, timeout=15)
+    g.stop(victim)
+    claim(g.urls["e"], "w2")
+    wait_for("e applies what the group commits",
+             lambda: e.store.counts().get("claimed") == 2 and g.coords[survivors[0]].store.counts()["claimed"] == 2)
+
+
+def test_membership_changes_are_checked(group, live_server):
+    g = three(group)
+    leader = g.urls[g.leader()]
+    assert http_call(leader, "POST", "/v1/peers", {"id": "d", "url": "http://127.0.0.1:9"})[0] == 401
+    for body, complaint in [({"id": "d"}, "'url' must be the new peer's http(s) URL"),
+                            ({"id": "../x", "url": "http://x:1"}, "'id' must be a peer id"),
+                            ({"id": "a", "url": "http://x:1"}, "'a' is already a member"),
+                            ([], "expected a JSON object")]:
+        status, _, answer = http_call(leader, "POST", "/v1/peers", body, headers=OP)
+        assert status == 400 and complaint in answer["detail"], answer
+    status, _, answer = http_call(leader, "DELETE", "/v1/peers/zz", headers=OP)
+    assert status == 404 and "'zz' is not a member" in answer["detail"]
+    status, _, answer = http_call(leader, "POST", "/v1/peers/replace", {"old": "zz", "id": "d", "url": "http://x:1"},
+                                  headers=OP)
+    assert status == 400 and "cannot replace 'zz'" in answer["detail"]
+    alone = live_server(manifest=manifest_toml(1))
+    status, _, answer = alone.call("POST", "/v1/peers", {"id": "d", "url": "http://x:1"}, headers=OP)
+    assert status == 400 and "runs alone" in answer["detail"]
