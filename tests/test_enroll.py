@@ -125,7 +125,9 @@ def test_worker_unit_hardening_and_stop_timeout_follow_the_grace_period():
     for key, value in {"Restart": "on-failure", "KillMode": "mixed", "NoNewPrivileges": "yes",
                        "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes"}.items():
         assert unit[key] == [value], key
-    assert "PrivateDevices" not in unit and "DevicePolicy" not in unit and "DeviceAllow" not in unit
+    # GPUs stay reachable, and no other device: CUDA's and ROCm's character devices only.
+    assert "PrivateDevices" not in unit and unit["DevicePolicy"] == ["closed"]
+    assert {"char-nvidia-frontend rw", "char-nvidia-uvm rw", "char-drm rw", "char-kfd rw"} <= set(unit["DeviceAllow"])
     assert unit["ReadWritePaths"] == ["/var/lib/cis490fleet"]
     outside = unit_settings(enroll.render_worker_unit(work_dir=PurePosixPath("/srv/train")))
     assert outside["ReadWritePaths"] == ["/var/lib/cis490fleet /srv/train"]
@@ -136,6 +138,18 @@ def test_coordinator_unit_is_notify_with_a_watchdog():
     assert unit["Type"] == ["notify"] and unit["WatchdogSec"] == [str(enroll.WATCHDOG_S)]
     assert unit["EnvironmentFile"] == ["/etc/cis490fleet/coordinator.env"]
     assert unit["ExecStart"][0].endswith("serve --data /var/lib/cis490fleet/data $CIS490FLEET_SERVE_ARGS")
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed on this host")
+@pytest.mark.parametrize("unit", ["cis490fleet-worker.service", "cis490fleet-coordinator.service"])
+def test_units_score_at_most_4_in_systemd_analyze_security(unit):
+    proc = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(ROOT / "systemd" / unit)],
+                          capture_output=True, text=True, timeout=60)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout + proc.stderr)
+    if found is None and "--offline" in proc.stderr:
+        pytest.skip(f"this systemd-analyze has no --offline: {proc.stderr.strip()[:200]}")
+    assert found, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert float(found.group(1)) <= 4.0, proc.stdout
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed on this host")
