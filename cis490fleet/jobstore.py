@@ -788,7 +788,9 @@ class JobStore(checkpoint_records.CheckpointRecords):
         answer = {"job_id": state.id, "job": {**spec_json, "id": state.id}, "lease": lease,
                   "attempt": step.opened.number, "heartbeat_s": meta.fleet.heartbeat_s,
                   "stale_after_s": meta.fleet.stale_after_s, "trainer": meta.trainer.to_json(),
-                  "slots": cap["slots"], "resume": self._newest_checkpoint(conn, state.id)}
+                  "slots": cap["slots"], "resume": self._newest_checkpoint(conn, state.id),
+                  "checkpoint_every_s": (meta.fleet.checkpoint_every_s if spec_json.get("checkpoint_every_s") is None
+                                         else spec_json["checkpoint_every_s"])}
         if best[1] is not None:
             given, need = best[1][0], best[1][1]
             conn.execute("UPDATE attempts SET placement = ? WHERE job = ? AND number = ?",

@@ -131,6 +131,7 @@ class FleetConfig:
     max_artifact_bytes: int = 64 * 2**30
     retry_backoff_s: float = 30.0
     worker_timeout_s: float = 120.0  # a worker unseen this long is not live
+    checkpoint_every_s: float = 600.0  # a running job's newest checkpoint goes to the coordinator this often
     notify: tuple[NotifyTarget, ...] = ()  # from the top-level [[notify]] tables
 
     def to_json(self) -> dict:
@@ -233,6 +234,7 @@ class JobSpec:
     gpu_share: bool = False  # may share a GPU with other sharing jobs while their VRAM needs fit together
     mixed_gpus: bool = False  # with gpus > 1: GPUs of different models will do
     expected_minutes: float | None = None  # on a host of speed 1.0; None: learned from earlier runs
+    checkpoint_every_s: float | None = None  # None: the fleet's
     sweep: str | None = None  # the [[sweeps]] entry it came from: its name, else "sweeps[<index>]"
 
     @property
@@ -276,7 +278,8 @@ class JobSpec:
                 "min_vram_gib": self.min_vram_gib, "min_ram_gib": self.min_ram_gib,
                 "allowed_hosts": list(self.allowed_hosts), "priority": self.priority, "retries": self.retries,
                 "name": self.name, "after": list(self.after), "gpus": self.gpus, "gpu_share": self.gpu_share,
-                "mixed_gpus": self.mixed_gpus, "expected_minutes": self.expected_minutes, "sweep": self.sweep}
+                "mixed_gpus": self.mixed_gpus, "expected_minutes": self.expected_minutes,
+                "checkpoint_every_s": self.checkpoint_every_s, "sweep": self.sweep}
 
     @classmethod
     def from_json(cls, d: dict) -> "JobSpec":

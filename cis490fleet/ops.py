@@ -123,6 +123,18 @@ def when(value: Any, now: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f" ({ago(t, now)})"
 
 
+def byte_size(value: Any) -> str:
+    """'812 B', '11.5 KiB', '2.0 GiB'."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        return "-"
+    size, unit = float(value), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{value} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
 def short(job_id: Any) -> str:
     return str(job_id or "-")[:12]
 
@@ -286,6 +298,14 @@ class Ops:
                      when(a.get("ended"), now), a.get("outcome") or "(current)", failure_text.summary(a.get("error"))]
                     for a in attempts if isinstance(a, dict)]
             out.table(["#", "HOST", "GPUS", "STARTED", "ENDED", "OUTCOME", "ERROR"], rows, indent="  ")
+        checkpoints = job.get("checkpoints")
+        if isinstance(checkpoints, list) and checkpoints:
+            out.line()
+            out.line("checkpoints (the next attempt resumes from the newest)")
+            rows = [[c.get("attempt"), "-" if c.get("epoch") is None else f"epoch {c['epoch']}",
+                     byte_size(c.get("size")), ago(c.get("created"), now), c.get("host"), short(c.get("sha256"))]
+                    for c in checkpoints if isinstance(c, dict)]
+            out.table(["ATTEMPT", "EPOCH", "SIZE", "AGE", "HOST", "SHA256"], rows, indent="  ")
         if job.get("last_error"):
             out.line()
             out.line("last error")

@@ -89,6 +89,7 @@ class TrainerRun:
     """One attempt of one job: the trainer process, its folder, log and progress."""
 
     def __init__(self, claim: dict, slot: Slot, work_dir: Path, now: float):
+        self.claim = claim
         self.job_id: str = claim["job_id"]
         self.lease: str | None = claim.get("lease")
         self.attempt: int = int(claim.get("attempt") or 1)
@@ -127,10 +128,13 @@ class TrainerRun:
             "out": str(self.out),
         })
 
-    def spawn(self) -> None:
+    def spawn(self, extra_env: dict[str, str] | None = None) -> None:
+        """Start the trainer; ``extra_env`` adds to the contract's variables (the checkpoint folders)."""
         self.out.mkdir(parents=True, exist_ok=True)
         argv = self.command()
         env = dict(os.environ)
+        env.pop("CIS490_RESUME_FROM", None)
+        env.update(extra_env or {})
         env.update({
             "CIS490_JOB_ID": self.job_id, "CIS490_ATTEMPT": str(self.attempt), "CIS490_OUT": str(self.out),
             "CIS490_PROGRESS": str(self.progress_path), "CUDA_VISIBLE_DEVICES": self.devices,

@@ -19,11 +19,12 @@ import time
 from typing import Any, Callable
 
 from cis490fleet import errors
+from cis490fleet.checkpoint_sync import CheckpointSync
 from cis490fleet.lease_keeper import LeaseKeeper
 from cis490fleet.model import normalize_capability
 from cis490fleet.progress import changed_enough, progress_line
 from cis490fleet.result_outbox import Outbox
-from cis490fleet.slots import IDLE, PENDING, RELEASED, UNAVAILABLE, Slot, plan_slots, slots_from_plan
+from cis490fleet.slots import IDLE, LOST, PENDING, RELEASED, UNAVAILABLE, Slot, plan_slots, slots_from_plan
 from cis490fleet.trainer_process import TrainerRun, kill_orphans, signal_name
 from cis490fleet.worker_config import WorkerConfig, build_config, parse_args
 from cis490fleet.worker_view import ProgressView, is_tty, logger, show
@@ -179,8 +180,9 @@ class Worker:
 
     def _carry(self, run: TrainerRun) -> str:
         log.info("job %s: claimed attempt %d on slot %d", run.label, run.attempt, run.slot.index)
+        checkpoints = CheckpointSync(self.client, run, self.clock())
         try:
-            run.spawn()
+            run.spawn(checkpoints.environment())
         except (errors.FleetError, OSError) as err:
             return self.outbox.report_failure(run, str(err))
         keeper = LeaseKeeper(self.client, run, self.config.grace_s)
@@ -188,17 +190,22 @@ class Worker:
         while (code := run.poll()) is None:
             if self.stopping:
                 run.stop(self.config.grace_s)
+                checkpoints.hand_over()
                 self._release(run)
                 return RELEASED
             now = self.clock()
             ended = keeper.keep(now)
             if ended:
+                if ended != LOST:  # a cancelled job's holder still hands in what its trainer saved
+                    checkpoints.hand_over()
                 return ended
+            checkpoints.poll(now, run.progress())
             if not is_tty() and changed_enough(shown, keeper.progress):
                 log.info("job %s", progress_line(run.label, keeper.progress, run.started, now, tty=False))
                 shown = keeper.progress
             self._stopping.wait(0.1)
         if code != 0:
+            checkpoints.hand_over()
             tail = run.stderr_tail()
             how = signal_name(code)
             log.warning("job %s: trainer ended with %s", run.label, how)

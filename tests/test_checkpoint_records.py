@@ -94,3 +94,37 @@ def test_a_bad_record_checkpoint_names_the_field(store, field, value, message):
     with pytest.raises(BadRequest, match=message):
         store.execute(cmd)
     assert store.job(job_id, T0)["checkpoints"] == []
+
+
+def test_a_claim_says_how_often_to_upload_checkpoints_the_job_s_setting_over_the_fleet_s(store):
+    from cis490fleet import manifest
+
+    text = """
+        [fleet]
+        checkpoint_every_s = 30
+        [[jobs]]
+        model = "mlp"
+        mode = "own"
+        checkpoint_every_s = 0
+        [[jobs]]
+        model = "mlp"
+        mode = "fleet"
+    """
+    parsed = manifest.parse(text, "m.toml")
+    store.execute({"op": "sync_manifest", "now": T0, "manifest": parsed.to_json()})
+    first, second = claim(store, "ws1", "L1"), claim(store, "ws2", "L2")
+    assert {first["job"]["mode"]: first["checkpoint_every_s"],
+            second["job"]["mode"]: second["checkpoint_every_s"]} == {"own": 0, "fleet": 30}
+
+
+@pytest.mark.parametrize("where,value", [("fleet", -1), ("jobs", "often")])
+def test_a_bad_checkpoint_every_s_is_named_with_its_place(where, value):
+    from cis490fleet import manifest
+    from cis490fleet.errors import ManifestError
+
+    job = '[[jobs]]\nmodel = "mlp"\nmode = "m"\n'
+    setting = f"checkpoint_every_s = {value!r}".replace("'", '"')
+    text = f"[fleet]\n{setting}\n{job}" if where == "fleet" else f"{job}{setting}\n"
+    with pytest.raises(ManifestError) as caught:
+        manifest.parse(text, "m.toml")
+    assert any(".checkpoint_every_s: expected a number >= 0" in p for p in caught.value.problems), caught.value

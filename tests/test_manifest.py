@@ -361,7 +361,7 @@ def test_unknown_key_suggests_the_closest(text, where, typo, suggestion):
 def test_unknown_key_without_a_close_match_lists_the_known_ones():
     assert only_problem("[fleet]\ncolour = 'red'\n") == (
         f"{SRC}: fleet: unknown key 'colour'; known keys: name, peers, stale_after_s, heartbeat_s, max_attempts, "
-        "max_artifact_bytes, retry_backoff_s, worker_timeout_s")
+        "max_artifact_bytes, retry_backoff_s, worker_timeout_s, checkpoint_every_s")
 
 
 @pytest.mark.parametrize("line,field,message", [
