@@ -1,6 +1,8 @@
 """The `work` daemon: one thread per slot claims a job, carries it to its end, and claims again.
 
-Each slot thread (one slot per GPU, one on a CPU-only host) finishes any result
+The slots are the ones the coordinator's register answer lists (the manifest's
+``[[hosts]]`` slots, else the worker's own count: one per GPU, one on a CPU-only
+host). Each slot thread finishes any result
 still waiting on disk, claim with a long-poll, spawn the trainer, keep its
 lease while it runs, then hand the result to the outbox. The worker never decides a
 job's fate on its own: a ``cancel`` or a 409 (the job went to another host) only

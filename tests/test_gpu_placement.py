@@ -221,3 +221,29 @@ def test_measured_peak_is_kept_shown_and_used_for_a_rerun(store):
     assert claim(store, {"index": 1}, cap=one, lease="L2")["gpus"] == [0]
     placement = store._conn().execute("SELECT placement FROM attempts WHERE job = ?", (rerun.id,)).fetchone()[0]
     assert '"vram_gib":15.5' in placement
+
+
+def test_the_example_labs_gpu_hosts_behave_as_its_comments_say():
+    from pathlib import Path
+
+    m = manifest_mod.load(Path(__file__).resolve().parent.parent / "etc" / "training_manifest.toml.example")
+    ws_a = policy.effective_capability({"cuda": True, "gpus": [{"index": 0, "name": "RTX 4090", "vram_gib": 24}]},
+                                       m.host("ws-a"))
+    ws_b = policy.effective_capability({"cuda": True, "gpus": [{"index": 0, "name": "RTX 3070", "vram_gib": 8}]},
+                                       m.host("ws-b"))
+    large = next(j for j in m.jobs if j.name == "mlp-large")
+    medium = next(j for j in m.jobs if j.model == "mlp" and j.min_vram_gib == 6)
+    # ws-a: two slots on its one card, shared while 16 + 6 fit in 24, but not 16 + 16.
+    assert policy.plan_slots(ws_a) == [{"index": 0, "gpus": [0]}, {"index": 1, "gpus": [0]}]
+    assert m.host("ws-a").gpu_share
+    placed = [policy.Placed(0, large.min_vram_gib, False)]
+    assert policy.place_gpus(medium, "ws-a", 6, [0], ws_a["gpus"], placed, host_share=True) == ([0], None)
+    assert policy.place_gpus(large, "ws-a", 16, [0], ws_a["gpus"], placed, host_share=True)[0] is None
+    # ws-b: one job at a time on its 8 GiB; mlp-large never goes there.
+    assert policy.plan_slots(ws_b) == [{"index": 0, "gpus": [0]}]
+    assert policy.static_refusals(large, "ws-b", ws_b, m.host("ws-b")) == [
+        "host ws-b has 8.0 GiB VRAM; the job needs 16.0"]
+    assert policy.place_gpus(medium, "ws-b", 6, [0], ws_b["gpus"], [policy.Placed(0, 0.0, False)],
+                             host_share=False)[0] is None
+    # The declared speeds rank the hosts as the comments say.
+    assert [h.id for h in sorted(m.hosts, key=lambda h: -(h.speed or 1.0))] == ["ws-a", "ws-b", "win-cpu", "pi"]
