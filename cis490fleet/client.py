@@ -563,6 +563,16 @@ class Client:
     def reload(self) -> dict:
         return self._call("POST", "/v1/manifest/reload", session=True)
 
+    def add_peer(self, peer_id: str, url: str) -> dict:
+        """Add a coordinator peer to the replicated group (a learner first); answers once committed."""
+        return self._call("POST", "/v1/peers", payload={"id": peer_id, "url": url})
+
+    def remove_peer(self, peer_id: str) -> dict:
+        return self._call("DELETE", f"/v1/peers/{_quote(peer_id)}")
+
+    def replace_peer(self, old: str, peer_id: str, url: str) -> dict:
+        return self._call("POST", "/v1/peers/replace", payload={"old": old, "id": peer_id, "url": url})
+
     def metrics(self) -> str:
         status, _, data = self._exchange("GET", "/metrics", headers={"accept": "text/plain"})
         if status >= 300:

@@ -401,9 +401,36 @@ class Ops:
                        {1: lambda s: self.out.paint(s, s)})
         return EXIT_OK
 
+    def _peer_change(self) -> int:
+        a = self.args
+        want = {"add": ["ID=URL"], "remove": ["ID"], "replace": ["OLD", "NEW=URL"]}[a.change]
+        if len(a.peer_args) != len(want):
+            raise errors.BadRequest(f"jobs peers {a.change} takes {' '.join(want)}, got {' '.join(a.peer_args) or 'nothing'}")
+        if "=" in want[-1]:
+            pid, sep, url = a.peer_args[-1].partition("=")
+            if not sep or not pid or not url:
+                raise errors.BadRequest(f"{a.peer_args[-1]!r} is not NEW=URL, e.g. d=https://coord-d.lab:8445")
+        if a.change == "add":
+            result = self.client.add_peer(pid, url)
+        elif a.change == "remove":
+            result = self.client.remove_peer(a.peer_args[0])
+        else:
+            result = self.client.replace_peer(a.peer_args[0], pid, url)
+        if a.json:
+            self.out.json(result)
+        else:
+            self.out.line(f"committed at index {result['index']}: voters {', '.join(result['voters'])}; learners "
+                          f"{', '.join(result['learners']) or 'none'}")
+            if a.change != "remove":
+                self.out.line(f"start the new peer with: serve --node-id {pid} --join --peer {pid}={url} ...; the "
+                              "leader makes it a voter once it has caught up (jobs peers shows it)")
+        return EXIT_OK
+
     def cmd_peers(self) -> int:
         """Each coordinator's health; the members a peer lists (a replicated group) are asked too."""
         a = self.args
+        if a.change:
+            return self._peer_change()
         report = []
         pending = list(self.client.urls)
         seen = set()
@@ -423,11 +450,13 @@ class Ops:
             finally:
                 peer.close()
         reachable = sum(1 for r in report if "health" in r)
-        lag = {}
+        lag, member = {}, {}
         for r in report:
             h = r.get("health") or {}
             if h.get("role") == "leader":
-                lag = {p.get("id"): p.get("lag") for p in h.get("peers") or () if isinstance(p, dict)}
+                rows = [p for p in h.get("peers") or () if isinstance(p, dict)]
+                lag = {p.get("id"): p.get("lag") for p in rows}
+                member = {p.get("id"): p.get("member") for p in rows}
         if a.json:
             self.out.json(report)
         else:
@@ -435,12 +464,14 @@ class Ops:
             for r in report:
                 h = r.get("health")
                 if h is None:
-                    rows.append([r["url"], "unreachable", None, None, None, None, None, None, None, r["detail"]])
+                    rows.append([r["url"], "unreachable", None, None, None, None, None, None, None, None,
+                                 r["detail"]])
                 else:
-                    rows.append([r["url"], h.get("role"), h.get("term"), h.get("leader"), h.get("node_id"),
-                                 h.get("commit"), h.get("applied"), lag.get(h.get("node_id")), h.get("version"),
-                                 None])
-            self.out.table(["URL", "ROLE", "TERM", "LEADER", "NODE", "COMMIT", "APPLIED", "LAG", "VERSION",
+                    node = h.get("node_id")
+                    rows.append([r["url"], h.get("role"), h.get("term"), h.get("leader"), node,
+                                 member.get(node, h.get("member")), h.get("commit"), h.get("applied"), lag.get(node),
+                                 h.get("version"), h.get("lost")])
+            self.out.table(["URL", "ROLE", "TERM", "LEADER", "NODE", "MEMBER", "COMMIT", "APPLIED", "LAG", "VERSION",
                             "PROBLEM"], rows, {1: lambda s: self.out.paint(s, s)})
         if reachable == len(report):
             return EXIT_OK
@@ -651,7 +682,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("watch", "a refreshing view of the queue and running jobs")
     p.add_argument("--interval", type=_positive_float, default=2.0, metavar="S", help="seconds between refreshes")
     p.add_argument("--once", action="store_true", help="draw once and exit")
-    add("peers", "health of each coordinator peer: role, term, leader, commit, applied, lag")
+    p = add("peers", "health of each coordinator peer: role, voter or learner, term, leader, commit, applied, lag; "
+            "or change the group: add ID=URL, remove ID, replace OLD NEW=URL")
+    p.add_argument("change", nargs="?", choices=("add", "remove", "replace"),
+                   help="add a peer (a learner until it has caught up), remove one, or replace a dead one")
+    p.add_argument("peer_args", nargs="*", metavar="PEER", help="ID=URL for add; ID for remove; OLD NEW=URL for replace")
     parser.subcommands = list(sub.choices)  # what `cis490fleet --help` lists
     return parser
 

@@ -7,6 +7,7 @@ the Raft core (thesis §4), answered once it is committed.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -130,3 +131,31 @@ def test_membership_changes_are_checked(group, live_server):
     alone = live_server(manifest=manifest_toml(1))
     status, _, answer = alone.call("POST", "/v1/peers", {"id": "d", "url": "http://x:1"}, headers=OP)
     assert status == 400 and "runs alone" in answer["detail"]
+
+
+def test_jobs_peers_add_replace_remove_and_the_table(group, monkeypatch):
+    from test_ops_cli import jobs
+
+    monkeypatch.setenv("CIS490_OPERATOR_TOKEN", OPERATOR_TOKEN)
+    g = three(group)
+    join(g, "d")
+    code, out, err = jobs(g.urls["a"], "peers", "add", f"d={g.urls['d']}")
+    assert code == 0, err
+    assert out.startswith("committed at index ") and ("learners d" in out or "voters a, b, c, d" in out)
+    assert "serve --node-id d --join" in out
+    wait_for("d promoted", lambda: voters(g, g.leader()) == ["a", "b", "c", "d"], timeout=10)
+    code, out, _ = jobs(g.urls["a"], "peers")
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert code == 0 and sorted(rows) == sorted(g.urls.values())
+    assert {rows[g.urls[n]][5] for n in "abcd"} == {"voter"}
+
+    join(g, "e")
+    code, out, err = jobs(g.urls["b"], "peers", "replace", "c", f"e={g.urls['e']}")
+    assert code == 0, err
+    wait_for("e in, c out", lambda: voters(g, g.leader()) == ["a", "b", "d", "e"], timeout=15)
+    code, out, err = jobs(g.urls["a"], "--json", "peers", "remove", "e")
+    assert code == 0 and json.loads(out)["voters"] == ["a", "b", "d"], err
+    code, _, err = jobs(g.urls["a"], "peers", "add", "x")
+    assert code == 2 and "'x' is not NEW=URL" in err
+    code, _, err = jobs(g.urls["a"], "peers", "remove")
+    assert code == 2 and "jobs peers remove takes ID" in err
