@@ -384,3 +384,21 @@ def test_the_default_extract_limit_is_200x_between_1_and_64_gib():
     assert bundle.default_max_extract(1 << 20) == 1 << 30
     assert bundle.default_max_extract(10 << 20) == 2000 << 20
     assert bundle.default_max_extract(1 << 40) == 64 << 30
+
+
+# -- an unexpected exception in a handler is a 500 for that request; the server carries on ---------
+
+
+def test_a_handler_that_raises_answers_500_logs_the_traceback_and_the_connection_lives_on(srv, caplog):
+    def broken(req):
+        raise ZeroDivisionError("a bug in a handler")
+
+    srv.server.router.add("GET", "/v1/broken", broken)
+    with caplog.at_level("ERROR", logger="cis490fleet.http_api"), Conn(srv.url) as conn:
+        for _ in range(3):
+            status, _, body = conn.call("GET", "/v1/broken")
+            assert status == 500 and body["error"] == "internal" and "server log" in body["detail"]
+            assert conn.call("GET", "/v1/health")[0] == 200  # the same keep-alive connection, still served
+    tracebacks = [r for r in caplog.records if r.exc_info and r.exc_info[0] is ZeroDivisionError]
+    assert len(tracebacks) == 3
+    assert queue_dump(srv)  # and the queue still reads
