@@ -777,3 +777,35 @@ def test_secret_files_are_created_with_their_final_mode(tmp_path, pyz, pem_files
                    if any(s in name for s in ("host-signing.key", "host.key", "operator.token"))}
         assert secrets, created
         assert all(mode & 0o037 == 0 for mode in secrets.values()), secrets
+
+
+def test_windows_secrets_get_their_acl_before_a_byte_is_written(tmp_path, pyz, capsys):
+    root = tmp_path / "root"
+    key_file = tmp_path / "given.key"
+    key_file.write_text(KEY)
+    rc, out = enroll_main(capsys, "worker", "--os", "windows", "--root", root, "--pyz", pyz,
+                          "--receiver", "https://coord.lab:8445", "--host-id", "win1", "--skip-coordinator-check",
+                          "--python", r"C:\Python311\python.exe", "--program-data", r"C:\ProgramData",
+                          "--host-key-file", key_file)
+    assert rc == 0, out
+    lines = out.splitlines()
+    acl = next(i for i, line in enumerate(lines) if "icacls" in line and "host-signing.key" in line)
+    created = next(i for i, line in enumerate(lines) if line.startswith(r"created C:\ProgramData\cis490fleet"
+                                                                          r"\host-signing.key"))
+    assert acl < created
+    assert ("/inheritance:r /grant:r *S-1-5-18:(F) /grant:r *S-1-5-32-544:(F) /grant:r *S-1-5-20:(R)"
+            in lines[acl])
+    task = ET.fromstring((root / "ProgramData/cis490fleet/cis490fleet-worker.xml").read_bytes())
+    assert task.find("t:Actions/t:Exec/t:Arguments", TASK_NS).text.endswith(
+        r"--host-key-file C:\ProgramData\cis490fleet\host-signing.key")
+
+
+def test_install_script_pins_the_zipapp_and_restricts_the_key_before_writing_it():
+    text = (ROOT / "windows" / "install-worker.ps1").read_text()
+    assert "x-content-sha256" not in text  # a header of the same response proves nothing
+    assert "$actual -ne $ZipappSha256.ToLowerInvariant()" in text
+    assert "-not $Insecure" in text and "^http://" in text
+    secret = text[text.index("function Write-Secret"):]
+    secret = secret[:secret.index("\n}\n")]
+    assert secret.index("Set-SecretAcl") < secret.index("WriteAllText($part, $Text")  # the ACL first, then the key
+    assert "/inheritance:r" in text and "*S-1-5-18:(F)" in text and "*S-1-5-32-544:(F)" in text
