@@ -135,6 +135,10 @@ MIGRATIONS = [
     CREATE TABLE model_runs (host TEXT NOT NULL, model TEXT NOT NULL, runs INTEGER NOT NULL, seconds REAL NOT NULL,
                              PRIMARY KEY (host, model)) WITHOUT ROWID;
     """,
+    # The claimable jobs in claim order (PLAN_QUEUE_SQL), as a walk: no sort of the queue per claim.
+    """
+    CREATE INDEX jobs_plan ON jobs(priority DESC, seq) WHERE status = 'pending' AND blocked = 0;
+    """,
 ]
 
 # The claim seek: the best claimable job of one class. Its WHERE and ORDER BY
@@ -150,10 +154,11 @@ UPSERT_WORKER_SQL = ("INSERT INTO workers (host, capability, last_seen) VALUES (
 HELD_SQL = "SELECT count(*) FROM jobs WHERE host = ? AND status IN ('claimed', 'running')"
 # The claimable jobs a placement plan walks (higher priority first), and what every host holds.
 PLAN_WINDOW = 256
-PLAN_QUEUE_SQL = ("SELECT id, cls, model, priority, spec FROM jobs WHERE status = 'pending' AND blocked = 0 "
+PLAN_QUEUE_SQL = ("SELECT id, cls, model, priority, json_extract(spec, '$.expected_minutes') FROM jobs "
+                  "INDEXED BY jobs_plan WHERE status = 'pending' AND blocked = 0 "
                   "AND (not_before IS NULL OR not_before <= ?) ORDER BY priority DESC, seq LIMIT ?")
-PLAN_HELD_SQL = ("SELECT j.host, j.model, j.spec, a.started FROM jobs j JOIN attempts a ON a.job = j.id "
-                 "AND a.number = j.tries WHERE j.status IN ('claimed', 'running')")
+PLAN_HELD_SQL = ("SELECT j.host, j.model, json_extract(j.spec, '$.expected_minutes'), a.started FROM jobs j "
+                 "JOIN attempts a ON a.job = j.id AND a.number = j.tries WHERE j.status IN ('claimed', 'running')")
 # The GPU placements of a host's held jobs, for the VRAM accounting of its next claim.
 PLACED_SQL = ("SELECT a.placement FROM jobs j JOIN attempts a ON a.job = j.id AND a.number = j.tries "
               "WHERE j.host = ? AND j.status IN ('claimed', 'running') AND a.placement IS NOT NULL")
@@ -815,8 +820,7 @@ class JobStore(checkpoint_records.CheckpointRecords):
         it (``jobs show``) the host's eligibility is its static one, as for every other live host."""
         workers = self._live_workers(conn, meta, now)
         held: dict[str, list] = {}
-        for h, model, spec_text, started in conn.execute(PLAN_HELD_SQL):
-            minutes = json.loads(spec_text).get("expected_minutes")
+        for h, model, minutes, started in conn.execute(PLAN_HELD_SQL):
             held.setdefault(h, []).append((started, speeds.expected_seconds(h, model, minutes)))
         slots = {w.host: placement.slot_times(now, w.cap["slots"], held.get(w.host, [])) for w in workers}
         if ok is not None:
@@ -831,8 +835,7 @@ class JobStore(checkpoint_records.CheckpointRecords):
             mine = cls in ok if ok is not None else any(
                 w.host == host and not policy.static_refusals(probe, w.host, w.cap, w.spec) for w in workers)
             hosts_of[cls] = frozenset(hosts | ({host} if mine else set()))
-        queue = [placement.QueuedJob(r[0], r[2], json.loads(r[4]).get("expected_minutes"), hosts_of[r[1]], r[3])
-                 for r in rows]
+        queue = [placement.QueuedJob(r[0], r[2], r[4], hosts_of[r[1]], r[3]) for r in rows]
         key, passed = placement.plan(host, now, queue, slots, speeds)
         chosen = next(((r[0], r[1]) for r in rows if r[0] == key), None)
         return chosen, passed

@@ -110,3 +110,10 @@ def test_finished_attempts_teach_the_queue_each_hosts_speed(store):  # noqa: F81
                    "artifact_id": "a" * 64})
     runs = store._conn().execute("SELECT host, model, runs, seconds FROM model_runs").fetchall()
     assert runs == [("fast", "gbt", 1, 100.0)]
+
+
+def test_the_plan_walks_the_claimable_jobs_in_order_without_sorting_the_queue(store):  # noqa: F811
+    from cis490fleet.jobstore import PLAN_QUEUE_SQL
+
+    plan = " | ".join(r[3] for r in store._conn().execute("EXPLAIN QUERY PLAN " + PLAN_QUEUE_SQL, (T0, 256)))
+    assert "USING INDEX jobs_plan" in plan and "TEMP B-TREE" not in plan, plan
