@@ -480,6 +480,10 @@ class Client:
         return self._call("POST", f"/v1/job/{_quote(job_id)}/fail", payload={"error": error},
                           headers={"x-lease": lease}, session=True)
 
+    def leave(self) -> dict:
+        """This worker is stopping: the coordinator shows it gone at once."""
+        return self._call("POST", "/v1/worker/leave", session=True)
+
     def release(self, job_id: str, lease) -> dict:
         return self._call("POST", f"/v1/job/{_quote(job_id)}/release", headers={"x-lease": lease},
                           session=True)

@@ -224,6 +224,7 @@ REQUIRED = object()
 OPS: dict[str, dict[str, tuple]] = {
     "sync_manifest": {"manifest": (_manifest, REQUIRED)},
     "register_worker": {"host": (_host, REQUIRED), "capability": (_capability, REQUIRED)},
+    "leave_worker": {"host": (_host, REQUIRED)},
     "claim": {"host": (_host, REQUIRED), "capability": (_capability, REQUIRED), "lease": (_lease, REQUIRED),
               "slot": (_opt_slot, None)},
     "heartbeat": {"job_id": (_job_id, REQUIRED), "host": (_host, REQUIRED), "lease": (_opt_lease, None),

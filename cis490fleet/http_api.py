@@ -529,6 +529,12 @@ def h_register(req: Request):
     return {**result, "ok": True}
 
 
+def h_leave(req: Request):
+    host = req.host_id()
+    req.json()  # an optional, ignored body is read so the connection stays usable
+    return req.app.execute({"op": "leave_worker", "host": host, **req.session()})
+
+
 def declared_upload(req: Request, what: str = "bundle") -> tuple[str, int]:
     """The sha256 and size an upload declares in its headers, checked against ``max_artifact_bytes``
     before a byte of the body is read."""
@@ -724,6 +730,7 @@ def make_router() -> Router:
         ("GET", "/v1/workers", h_workers),
         ("GET", "/v1/failures", h_failures),
         ("POST", "/v1/worker/register", h_register),
+        ("POST", "/v1/worker/leave", h_leave),
         ("PUT", "/v1/model/{job_id}", h_upload),
         ("GET", "/v1/artifact/{sha256}", h_artifact),
         ("GET", "/v1/zipapp", h_zipapp),

@@ -139,6 +139,10 @@ MIGRATIONS = [
     """
     CREATE INDEX jobs_plan ON jobs(priority DESC, seq) WHERE status = 'pending' AND blocked = 0;
     """,
+    # When a worker said it was leaving (stopped by SIGTERM); any later request of that host clears it.
+    """
+    ALTER TABLE workers ADD COLUMN left_at REAL;
+    """,
 ]
 
 # The claim seek: the best claimable job of one class. Its WHERE and ORDER BY
@@ -149,7 +153,7 @@ CLAIM_SQL = ("SELECT id, priority, seq FROM jobs INDEXED BY jobs_claim "
              "ORDER BY priority DESC, seq LIMIT 1")
 
 UPSERT_WORKER_SQL = ("INSERT INTO workers (host, capability, last_seen) VALUES (?, ?, ?) ON CONFLICT (host) DO UPDATE "
-                     "SET capability = excluded.capability, last_seen = max(last_seen, excluded.last_seen)")
+                     "SET capability = excluded.capability, last_seen = max(last_seen, excluded.last_seen), left_at = NULL")
 
 HELD_SQL = "SELECT count(*) FROM jobs WHERE host = ? AND status IN ('claimed', 'running')"
 # The claimable jobs a placement plan walks (higher priority first), and what every host holds.
@@ -576,7 +580,7 @@ class JobStore(checkpoint_records.CheckpointRecords):
         conn.execute("UPDATE jobs SET blocked = 0 WHERE blocked = 1 AND id NOT IN (SELECT job FROM job_deps)")
 
     def _touch_worker(self, conn, host: str, now: float) -> None:
-        conn.execute("UPDATE workers SET last_seen = max(last_seen, ?) WHERE host = ?", (now, host))
+        conn.execute("UPDATE workers SET last_seen = max(last_seen, ?), left_at = NULL WHERE host = ?", (now, host))
 
     # -------------------------------------------------------- ops
 
@@ -704,6 +708,12 @@ class JobStore(checkpoint_records.CheckpointRecords):
             refused = verdicts[key] = bool(policy.static_refusals(probe, host, cap, spec))
         return refused
 
+    def _op_leave_worker(self, conn, now: float, host: str) -> dict:
+        """The worker is stopping: shown as gone at once and no longer counted as a live host (why pending,
+        prefer_cuda), instead of after ``worker_timeout_s``; its next request brings it back."""
+        conn.execute("UPDATE workers SET left_at = ? WHERE host = ?", (now, host))
+        return {"ok": True}
+
     def _op_register_worker(self, conn, now: float, host: str, capability: dict) -> dict:
         """Records the worker and answers its slots as the coordinator sees them (the manifest's [[hosts]]
         slots, else the worker's own count), each with its GPUs: the worker runs exactly these."""
@@ -739,7 +749,7 @@ class JobStore(checkpoint_records.CheckpointRecords):
         held = dict(conn.execute(HELD_BY_HOST_SQL).fetchall())
         out = []
         for host, cap_text in conn.execute(
-                "SELECT host, capability FROM workers WHERE last_seen >= ? ORDER BY host",
+                "SELECT host, capability FROM workers WHERE last_seen >= ? AND left_at IS NULL ORDER BY host",
                 (now - meta.fleet.worker_timeout_s,)):
             spec = meta.by_host.get(host)
             out.append(_Worker(host, policy.effective_capability(json.loads(cap_text), spec), spec, held.get(host, 0)))
@@ -1122,11 +1132,11 @@ class JobStore(checkpoint_records.CheckpointRecords):
                                              "ORDER BY seq"):
                 running.setdefault(host, []).append(job_id)
             out = []
-            for host, cap_text, last_seen in conn.execute("SELECT host, capability, last_seen FROM workers "
-                                                          "ORDER BY host"):
+            for host, cap_text, last_seen, left_at in conn.execute(
+                    "SELECT host, capability, last_seen, left_at FROM workers ORDER BY host"):
                 cap = json.loads(cap_text)
-                out.append({"host": host, "capability": cap, "last_seen": last_seen,
-                            "live": now - last_seen <= meta.fleet.worker_timeout_s,
+                out.append({"host": host, "capability": cap, "last_seen": last_seen, "left": left_at,
+                            "live": left_at is None and now - last_seen <= meta.fleet.worker_timeout_s,
                             "running": running.get(host, []),
                             "slots": policy.effective_capability(cap, meta.by_host.get(host))["slots"]})
         return out

@@ -227,6 +227,12 @@ PATHS = {
                       "items": {"type": "object", "properties": {
                           "index": {"type": "integer"}, "gpus": {"type": "array", "items": {"type": "integer"}}}}}}}),
             **_errors(400, 401, 403, 413)}}},
+    "/v1/worker/leave": {"post": {
+        "summary": "a stopping worker says it is leaving: /v1/workers shows it gone (live false, left set) at once, "
+                   "not after worker_timeout_s; its next request brings it back",
+        "security": _WORKER, "parameters": [_HOST_HEADER, *_SESSION],
+        "responses": {"200": _json({"type": "object", "required": ["ok"], "properties": {"ok": {"const": True}}}),
+                      **_errors(400, 401, 403)}}},
     "/v1/model/{job_id}": {"put": {
         "summary": "upload the job's model bundle (streamed, verified, content-addressed)", "security": _WORKER,
         "parameters": [_JOB_ID_PARAM, _HOST_HEADER, _LEASE_HEADER,

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 STATUS_ORDER = ("pending", "claimed", "running", "completed", "failed", "cancelled")
 FINAL = frozenset({"completed", "failed", "cancelled"})
 COLORS = {"pending": "33", "claimed": "36", "running": "36;1", "completed": "32", "failed": "31;1",
-          "cancelled": "2", "live": "32", "down": "31", "leader": "32;1", "unreachable": "31;1"}
+          "cancelled": "2", "live": "32", "down": "31", "left": "2", "leader": "32;1", "unreachable": "31;1"}
 
 
 # -- rendering --------------------------------------------------------------------------------------
@@ -394,7 +394,8 @@ class Ops:
         for w in sorted(workers, key=lambda w: str(w.get("host"))):
             cap = w.get("capability") if isinstance(w.get("capability"), dict) else {}
             gpus = ", ".join(str(g.get("name") or "?") for g in cap.get("gpus") or [] if isinstance(g, dict))
-            rows.append([w.get("host"), "live" if w.get("live") else "down", ago(w.get("last_seen"), now),
+            state = "live" if w.get("live") else "left" if w.get("left") else "down"
+            rows.append([w.get("host"), state, ago(w.get("last_seen"), now),
                          f"{count(w.get('running'))}/{w.get('slots', '?')}", cap.get("os"), cap.get("cores"),
                          cap.get("ram_gib"), "yes" if cap.get("cuda") else "no", gpus or None])
         self.out.table(["HOST", "STATE", "LAST SEEN", "RUNNING", "OS", "CORES", "RAM GIB", "CUDA", "GPUS"], rows,

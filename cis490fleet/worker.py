@@ -306,8 +306,17 @@ class Worker:
         if view:
             view.close()
             show(None)
+        self._leave()
         log.info("worker %s stopped", self.config.host_id)
         return 0
+
+    def _leave(self) -> None:
+        """Tell the coordinator this worker is gone, so `jobs workers` says so now, not after worker_timeout_s."""
+        try:
+            self.client.leave()
+        except errors.FleetError as err:
+            log.warning("could not tell the coordinator that this worker is leaving (%s); it shows the worker as "
+                        "gone once worker_timeout_s has passed", err)
 
     def _start_slots(self, threads: list[threading.Thread]) -> None:
         """A thread for each slot that has none (a later registration may add slots)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -632,3 +633,40 @@ def test_once_claims_again_after_the_queue_settles_so_a_job_gone_stale_meanwhile
     assert w.run() == 0
     job = only_job(server)
     assert job["status"] == "completed" and job["host"] == "w1", job
+
+
+def test_a_worker_stopped_with_sigterm_tells_the_coordinator_it_is_leaving(live_server, tmp_path):
+    """`jobs workers` shows a worker that was stopped as gone at once, not after worker_timeout_s (120 s);
+    its job goes back to pending, and the same host shows live again once it comes back."""
+    server = live_server(trainer_manifest("slow.py", ONE_JOB.replace("steps = 40", "steps = 600")))
+    env = clean_env()
+    env.update(PATH=fake_nvidia_smi(tmp_path, []), PYTHONPATH=str(ROOT))
+    argv = [sys.executable, "-m", "cis490fleet", "work", "--receiver", server.url, "--host-id", "leaver",
+            "--work-dir", str(tmp_path / "work"), "--wait", "1", "--grace", "5"]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while only_job(server)["status"] != "running" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert only_job(server)["status"] == "running"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (me,) = server.call("GET", "/v1/workers")[2]["workers"]
+    assert me["host"] == "leaver" and me["live"] is False and me["left"] is not None, me
+    assert only_job(server)["status"] == "pending"
+    from cis490fleet import ops
+
+    out = io.StringIO()
+    assert ops.main(["--receiver", server.url, "workers"], stdout=out) == 0
+    assert out.getvalue().splitlines()[1].split()[:2] == ["leaver", "left"], out.getvalue()
+
+    from cis490fleet.client import Client
+
+    Client(server.url, host_id="leaver", retries=0).register({"host": "leaver", "os": "linux", "slots": 1})
+    (me,) = server.call("GET", "/v1/workers")[2]["workers"]
+    assert me["live"] is True and me["left"] is None
