@@ -51,7 +51,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
-from cis490fleet import commands, errors, raft
+from cis490fleet import commands, edge_json, errors, raft
 from cis490fleet.raftstore import SqliteRaftStore
 
 log = logging.getLogger(__name__)
@@ -842,7 +842,7 @@ class Replicator:
         if cluster != self.cluster:
             raise errors.Forbidden("artifact push from another cluster refused; check the --peer lists")
         try:
-            meta = json.loads(meta_text or "")
+            meta = edge_json.parse((meta_text or "").encode(), what="x-artifact")
             store = self._store_of(meta.get("kind"))
             return store.put(body, sha256=sha, length=length, model=meta["model"], mode=meta["mode"],
                              job_id=meta["job_id"], host=meta["host"], now=float(meta["now"]))
