@@ -154,6 +154,10 @@ class Worker:
             return UNAVAILABLE
         if not claim or not claim.get("job_id"):
             return IDLE
+        if isinstance(claim.get("slots"), int) and claim["slots"] != len(self.slots):
+            log.info("the coordinator now counts %d slot(s) here (a manifest reload); registering again",
+                     claim["slots"])
+            self.register()
         run = TrainerRun(claim, slot, self.work_dir, self.clock())
         if self.stopping:
             self._release(run)

@@ -80,3 +80,22 @@ def test_a_two_gpu_job_gets_both_cards_in_cuda_visible_devices(serve_process, wo
     detail = client.job(jobs_by_name(client)["ddp"]["id"])["job"]
     assert sorted(detail["attempts"][-1]["gpus"]) == [0, 1]
     assert "CIS490_GPUS='2'" in detail["log_tail"]
+
+
+def test_a_reload_that_raises_a_hosts_slots_reaches_the_running_worker(serve_process, workers, tmp_path):  # noqa: F811
+    host = """
+        [[hosts]]
+        id = "ws-r"
+        slots = {slots}
+    """
+    jobs = job("a", steps=20) + job("b", steps=40) + job("c", steps=40)
+    server = serve_process(manifest=trainer_manifest("devices.py", host.format(slots=1) + jobs))
+    fake_nvidia_smi(tmp_path, [])
+    w = workers(server.url, "ws-r", "--slots", "1")
+    client = Client(server.url)
+    wait_for("job a running", lambda: jobs_by_name(client)["a"]["status"] == "running", timeout=60)
+    assert jobs_by_name(client)["b"]["status"] == "pending"
+    (server.data_dir.parent / "manifest.toml").write_text(trainer_manifest("devices.py", host.format(slots=2) + jobs))
+    assert jobs_cli(server.url, "reload").returncode == 0
+    wait_for("b and c running at once", lambda: running_at_once(client, {"b", "c"}), timeout=60)
+    assert "the coordinator now counts 2 slot(s) here" in w.log_text()
