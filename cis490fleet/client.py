@@ -476,13 +476,21 @@ class Client:
         return self._call("POST", f"/v1/job/{_quote(job_id)}/complete", payload={"artifact_id": artifact_id},
                           headers={"x-lease": lease}, session=True)
 
-    def fail(self, job_id: str, lease, error: str) -> dict:
-        return self._call("POST", f"/v1/job/{_quote(job_id)}/fail", payload={"error": error},
+    def fail(self, job_id: str, lease, error: str, failure_class: str | None = None) -> dict:
+        """Report the attempt failed; ``failure_class`` (``jobs.FAILURE_CLASSES``) says whose fault, so whether
+        it is retried (None: the coordinator takes it as the job's own)."""
+        payload = {"error": error} if failure_class is None else {"error": error, "class": failure_class}
+        return self._call("POST", f"/v1/job/{_quote(job_id)}/fail", payload=payload,
                           headers={"x-lease": lease}, session=True)
 
     def leave(self) -> dict:
         """This worker is stopping: the coordinator shows it gone at once."""
         return self._call("POST", "/v1/worker/leave", session=True)
+
+    def watch(self, job_id: str, lease, wait: float) -> dict:
+        """``{"cancel": bool}`` as soon as the job is cancelled, else after ``wait`` seconds (StaleLease: lost)."""
+        return self._call("POST", f"/v1/job/{_quote(job_id)}/watch", payload={"wait": wait},
+                          headers={"x-lease": lease}, timeout=wait + self.timeout)
 
     def release(self, job_id: str, lease) -> dict:
         return self._call("POST", f"/v1/job/{_quote(job_id)}/release", headers={"x-lease": lease},

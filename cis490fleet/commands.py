@@ -19,6 +19,7 @@ import json
 import math
 
 from cis490fleet.errors import BadRequest
+from cis490fleet.jobs import CLASS_JOB, FAILURE_CLASSES
 from cis490fleet.model import HOST_ID_RE, JOB_ID_RE, SHA256_RE, normalize_capability
 
 LOG_TAIL_MAX = 64 * 1024
@@ -218,6 +219,12 @@ def _opt_slot(op, name, v):
     return {"index": index, "gpus": gpus, "free": free}
 
 
+def _failure_class(op, name, v):
+    if v not in FAILURE_CLASSES:
+        raise _bad(op, name, f"one of {', '.join(sorted(FAILURE_CLASSES))}", v)
+    return v
+
+
 REQUIRED = object()
 
 # op -> {field: (checker, default)}; every op also takes "now".
@@ -235,7 +242,7 @@ OPS: dict[str, dict[str, tuple]] = {
     "complete": {"job_id": (_job_id, REQUIRED), "host": (_host, REQUIRED), "lease": (_opt_lease, None),
                  "artifact_id": (_sha, REQUIRED)},
     "fail": {"job_id": (_job_id, REQUIRED), "host": (_host, REQUIRED), "lease": (_opt_lease, None),
-             "error": (_text(ERROR_MAX), REQUIRED)},
+             "error": (_text(ERROR_MAX), REQUIRED), "failure_class": (_failure_class, CLASS_JOB)},
     "release": {"job_id": (_job_id, REQUIRED), "host": (_host, REQUIRED), "lease": (_opt_lease, None)},
     "cancel": {"job_id": (_job_id, REQUIRED)},
     "requeue": {"job_id": (_job_id, REQUIRED)},

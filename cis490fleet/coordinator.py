@@ -461,6 +461,25 @@ class Coordinator:
                 if self._stopping.is_set() or time.monotonic() >= deadline:
                     return result
 
+    def watch(self, job_id: str, host: str, lease: str | None, wait: float) -> dict:
+        """Hold on until the job is cancelled (``{"cancel": true}``) or ``wait`` seconds pass; StaleLease
+        as soon as the caller no longer holds it. Lets a worker stop a cancelled trainer within a second or
+        two without heartbeating that often."""
+        deadline = time.monotonic() + max(0.0, wait)
+        while True:
+            with self._wake:
+                generation = self._generation
+            if self._read(self.store.check_holder, job_id, host, lease)["status"] == model.CANCELLED:
+                return {"cancel": True}
+            with self._wake:
+                while self._generation == generation and not self._stopping.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return {"cancel": False}
+                    self._wake.wait(left)
+                if self._stopping.is_set() or time.monotonic() >= deadline:
+                    return {"cancel": False}
+
     # -- reads ---------------------------------------------------------------------------------------
 
     def _read(self, fn, *args, **kw):

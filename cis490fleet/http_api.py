@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
 
 from cis490fleet import __version__, connection_guard, edge_json, errors, model, openapi, tls
+from cis490fleet.jobs import CLASS_JOB, FAILURE_CLASSES
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger(__name__ + ".access")
@@ -459,10 +460,23 @@ def h_fail(req: Request):
     job_id = job_id_param(req.params["id"])
     host = req.host_id()
     lease = req.lease()
-    error = field_string(req.json_object(), "error", required=True)
+    body = req.json_object()
+    error = field_string(body, "error", required=True)
+    failure_class = field_string(body, "class") or CLASS_JOB  # a client that sends none: the job's fault
+    if failure_class not in FAILURE_CLASSES:
+        raise errors.BadRequest(f"field 'class' must be one of {', '.join(sorted(FAILURE_CLASSES))}; "
+                                f"got {failure_class[:40]!r}")
     result = req.app.execute({"op": "fail", "job_id": job_id, "host": host, "lease": lease, "error": error,
-                              **req.session()})
+                              "failure_class": failure_class, **req.session()})
     return {**result, "ok": True}
+
+
+def h_watch(req: Request):
+    job_id = job_id_param(req.params["id"])
+    host = req.host_id()
+    lease = req.lease()
+    wait = field_number(req.json_object(), "wait", 0, MAX_WAIT_S) or 0.0
+    return req.app.watch(job_id, host, lease, wait)
 
 
 def h_release(req: Request):
@@ -723,6 +737,7 @@ def make_router() -> Router:
         ("POST", "/v1/job/{id}/complete", h_complete),
         ("POST", "/v1/job/{id}/fail", h_fail),
         ("POST", "/v1/job/{id}/release", h_release),
+        ("POST", "/v1/job/{id}/watch", h_watch),
         ("POST", "/v1/job/{id}/cancel", h_cancel),
         ("POST", "/v1/job/{id}/requeue", h_requeue),
         ("GET", "/v1/job/{id}", h_job),

@@ -34,6 +34,24 @@ OUT_RELEASED = "released"
 OUT_STALE = "stale"
 OUT_CANCELLED = "cancelled"
 
+# Failure classes, one per ended attempt that did not complete (DESIGN.md, State).
+# The job's fault: final unless `retries` grants more tries; a usage error never retries.
+CLASS_JOB = "job"                # the trainer exited non-zero
+CLASS_USAGE = "usage"            # the trainer exited 2: its arguments are wrong, another try cannot help
+CLASS_TIME_LIMIT = "time_limit"  # ran past max_runtime_s
+CLASS_STALLED = "stalled"        # no progress line for stall_after_s
+# Not the job's fault: retried up to max_attempts.
+CLASS_SIGNAL = "signal"          # the trainer was killed by a signal (the OOM killer's SIGKILL, an admin)
+CLASS_FENCED = "fenced"          # its worker could not prove the lease and stopped it
+CLASS_INFRA = "infra"            # a lost upload, a trainer that could not start, another host problem
+CLASS_LOST = "lost"              # its worker stopped heartbeating (the stale sweep)
+# Attempts that ended without failing.
+CLASS_CANCELLED = "cancelled"
+CLASS_RELEASED = "released"
+
+JOB_FAULTS = frozenset({CLASS_JOB, CLASS_USAGE, CLASS_TIME_LIMIT, CLASS_STALLED})
+FAILURE_CLASSES = JOB_FAULTS | {CLASS_SIGNAL, CLASS_FENCED, CLASS_INFRA}  # what a worker may report
+
 
 @dataclass(frozen=True)
 class JobState:
@@ -63,6 +81,7 @@ class Attempt:
     ended: float | None = None
     outcome: str | None = None
     error: str | None = None
+    failure_class: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +92,7 @@ class AttemptEnd:
     ended: float
     outcome: str
     error: str | None = None
+    failure_class: str | None = None  # None for a completed attempt
 
 
 @dataclass(frozen=True)
@@ -140,16 +160,34 @@ def complete(job: JobState, *, host: str, lease: str | None, artifact_id: str, n
     return Step(new, closed=AttemptEnd(job.tries, now, OUT_COMPLETED))
 
 
+def tries_for(failure_class: str, *, max_attempts: int, fault_tries: int) -> int:
+    """How many tries a job may have used and still be retried after a failure of this class.
+
+    The job's own faults get ``fault_tries`` (1 + the `retries` granted), never more than
+    ``max_attempts``; a usage error gets none; the rest (not the job's fault) ``max_attempts``.
+    """
+    if failure_class == CLASS_USAGE:
+        return 0
+    if failure_class in JOB_FAULTS:
+        return min(max_attempts, fault_tries)
+    return max_attempts
+
+
 def fail(job: JobState, *, host: str, lease: str | None, error: str, now: float, max_attempts: int,
-         retry_backoff_s: float) -> Step:
-    """Back to pending after a backoff while tries remain, else failed for good."""
+         retry_backoff_s: float, failure_class: str = CLASS_JOB, fault_tries: int | None = None) -> Step:
+    """Back to pending after a backoff while tries remain for this class of failure, else failed for good.
+
+    ``fault_tries`` (None: ``max_attempts``) limits the tries of failures that are the job's fault.
+    """
     check_holder(job, host, lease)
     if job.status in (CANCELLED, FAILED):
         return Step(job)  # the holder reporting after a cancel, or a retried fail
     if job.status not in HELD_STATUSES:
         raise InvalidTransition(job.id, job.status, "fail")
-    closed = AttemptEnd(job.tries, now, OUT_FAILED, error)
-    if job.attempts >= max_attempts:
+    closed = AttemptEnd(job.tries, now, OUT_FAILED, error, failure_class)
+    limit = tries_for(failure_class, max_attempts=max_attempts,
+                      fault_tries=max_attempts if fault_tries is None else fault_tries)
+    if job.attempts >= limit:
         new = replace(job, status=FAILED, lease_expires=None, last_error=error, updated=now)
     else:
         new = replace(job, status=PENDING, host=None, lease=None, lease_expires=None, last_error=error,
@@ -166,7 +204,7 @@ def release(job: JobState, *, host: str, lease: str | None, now: float) -> Step:
         raise InvalidTransition(job.id, job.status, "release")
     new = replace(job, status=PENDING, attempts=max(0, job.attempts - 1), host=None, lease=None,
                   lease_expires=None, updated=now)
-    return Step(new, closed=AttemptEnd(job.tries, now, OUT_RELEASED))
+    return Step(new, closed=AttemptEnd(job.tries, now, OUT_RELEASED, failure_class=CLASS_RELEASED))
 
 
 def cancel(job: JobState, *, now: float) -> Step:
@@ -175,7 +213,8 @@ def cancel(job: JobState, *, now: float) -> Step:
         return Step(job)
     if job.status in FINAL_STATUSES:
         raise InvalidTransition(job.id, job.status, "cancel")
-    closed = AttemptEnd(job.tries, now, OUT_CANCELLED) if job.status in HELD_STATUSES else None
+    closed = (AttemptEnd(job.tries, now, OUT_CANCELLED, failure_class=CLASS_CANCELLED)
+              if job.status in HELD_STATUSES else None)
     return Step(replace(job, status=CANCELLED, lease_expires=None, not_before=None, updated=now), closed=closed)
 
 
@@ -216,7 +255,7 @@ def expire(job: JobState, *, now: float, max_attempts: int, stale_after_s: float
     if not is_stale(job, now):
         return None
     error = f"no heartbeat for {_fmt_s(stale_after_s)}"
-    closed = AttemptEnd(job.tries, now, OUT_STALE, error)
+    closed = AttemptEnd(job.tries, now, OUT_STALE, error, CLASS_LOST)
     if job.attempts >= max_attempts:
         error = f"no heartbeat for {_fmt_s(stale_after_s)} on {job.attempts} attempts"
         new = replace(job, status=FAILED, host=None, lease=None, lease_expires=None, last_error=error, updated=now)

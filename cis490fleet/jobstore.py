@@ -12,8 +12,8 @@ through one index seek (``CLAIM_SQL`` on ``jobs_claim``). A job waiting for
 dependencies carries ``blocked = 1`` until every job it names in ``after`` has
 completed.
 
-Jobs that leave the manifest stay in the queue, still claimable, flagged
-``in_manifest = 0``, until an operator cancels them.
+Jobs that leave the manifest stay in the queue, flagged ``in_manifest = 0``: never
+claimed again (one already held finishes) until the manifest brings them back.
 """
 
 from __future__ import annotations
@@ -143,13 +143,19 @@ MIGRATIONS = [
     """
     ALTER TABLE workers ADD COLUMN left_at REAL;
     """,
+    # Why each attempt that did not complete ended (jobs.CLASS_*): whose fault, so whether it is retried.
+    """
+    ALTER TABLE attempts ADD COLUMN class TEXT;
+    """,
 ]
 
 # The claim seek: the best claimable job of one class. Its WHERE and ORDER BY
 # match jobs_claim column for column, so SQLite walks the index in order and
-# stops at the first row not in backoff: no sort, no scan of other classes.
+# stops at the first row not in backoff: no sort, no scan of other classes. A job removed from the
+# manifest (in_manifest = 0) is skipped there too.
 CLAIM_SQL = ("SELECT id, priority, seq FROM jobs INDEXED BY jobs_claim "
              "WHERE cls = ? AND status = 'pending' AND blocked = 0 AND (not_before IS NULL OR not_before <= ?) "
+             "AND in_manifest = 1 "
              "ORDER BY priority DESC, seq LIMIT 1")
 
 UPSERT_WORKER_SQL = ("INSERT INTO workers (host, capability, last_seen) VALUES (?, ?, ?) ON CONFLICT (host) DO UPDATE "
@@ -159,7 +165,7 @@ HELD_SQL = "SELECT count(*) FROM jobs WHERE host = ? AND status IN ('claimed', '
 # The claimable jobs a placement plan walks (higher priority first), and what every host holds.
 PLAN_WINDOW = 256
 PLAN_QUEUE_SQL = ("SELECT id, cls, model, priority, json_extract(spec, '$.expected_minutes') FROM jobs "
-                  "INDEXED BY jobs_plan WHERE status = 'pending' AND blocked = 0 "
+                  "INDEXED BY jobs_plan WHERE status = 'pending' AND blocked = 0 AND in_manifest = 1 "
                   "AND (not_before IS NULL OR not_before <= ?) ORDER BY priority DESC, seq LIMIT ?")
 PLAN_HELD_SQL = ("SELECT j.host, j.model, json_extract(j.spec, '$.expected_minutes'), a.started FROM jobs j "
                  "JOIN attempts a ON a.job = j.id AND a.number = j.tries WHERE j.status IN ('claimed', 'running')")
@@ -174,9 +180,9 @@ HELD_BY_HOST_SQL = "SELECT host, count(*) FROM jobs WHERE status IN ('claimed', 
 FAILURES_CUT_SQL = ("SELECT ended FROM attempts INDEXED BY attempts_failed WHERE outcome IN ('failed', 'stale') "
                     "ORDER BY ended DESC LIMIT 1 OFFSET ?")
 FAILURES_SQL = ("SELECT a.job, j.name, j.model, j.mode, a.number, a.host, a.ended, a.outcome, a.error, j.status, "
-                "j.seq FROM attempts a INDEXED BY attempts_failed JOIN jobs j ON j.id = a.job "
+                "a.class, j.seq FROM attempts a INDEXED BY attempts_failed JOIN jobs j ON j.id = a.job "
                 "WHERE a.outcome IN ('failed', 'stale') AND a.ended >= ?")
-FAILURE_FIELDS = ("job_id", "name", "model", "mode", "attempt", "host", "ended", "outcome", "error", "status")
+FAILURE_FIELDS = ("job_id", "name", "model", "mode", "attempt", "host", "ended", "outcome", "error", "status", "class")
 
 ARTIFACT_FIELDS = ("artifact_id", "job_id", "model", "mode", "host", "size", "path", "created")
 ARTIFACT_COLUMNS = ", ".join(ARTIFACT_FIELDS)
@@ -567,8 +573,8 @@ class JobStore(checkpoint_records.CheckpointRecords):
                          (j.id, a.number, a.host, a.lease, a.started))
         if step.closed is not None:
             c = step.closed
-            conn.execute("UPDATE attempts SET ended = ?, outcome = ?, error = ? WHERE job = ? AND number = ?",
-                         (c.ended, c.outcome, c.error, j.id, c.number))
+            conn.execute("UPDATE attempts SET ended = ?, outcome = ?, error = ?, class = ? WHERE job = ? AND number = ?",
+                         (c.ended, c.outcome, c.error, c.failure_class, j.id, c.number))
 
     @staticmethod
     def _refresh_blocked(conn, name: str | None = None) -> None:
@@ -600,9 +606,13 @@ class JobStore(checkpoint_records.CheckpointRecords):
 
         by_hash: dict[str, str] = {}
         present: dict[str, int] = {}
-        for job_id, spec_hash, in_manifest in conn.execute("SELECT id, spec_hash, in_manifest FROM jobs"):
+        pending: set[str] = set()
+        for job_id, spec_hash, in_manifest, status in conn.execute(
+                "SELECT id, spec_hash, in_manifest, status FROM jobs"):
             by_hash[spec_hash] = job_id
             present[job_id] = in_manifest
+            if status == PENDING:
+                pending.add(job_id)
         classes = dict(conn.execute("SELECT key, id FROM classes").fetchall())
         next_seq = (conn.execute("SELECT max(seq) FROM jobs").fetchone()[0] or 0) + 1
 
@@ -660,7 +670,7 @@ class JobStore(checkpoint_records.CheckpointRecords):
         total = len(present) + len(inserts)
         kept = len(seen) - len(inserts)
         return {"added": len(inserts), "kept": kept, "removed": total - len(seen), "total": total,
-                "out_of_tries": exhausted}
+                "out_of_tries": exhausted, "unclaimable": len(pending.intersection(gone))}
 
     def _fail_out_of_tries(self, conn, now: float, fleet: FleetConfig) -> int:
         rows = conn.execute(f"SELECT {STATE_COLUMNS}, retries FROM jobs WHERE status = 'pending' AND attempts > 0 "
@@ -804,8 +814,9 @@ class JobStore(checkpoint_records.CheckpointRecords):
                   "attempt": step.opened.number, "heartbeat_s": meta.fleet.heartbeat_s,
                   "stale_after_s": meta.fleet.stale_after_s, "trainer": meta.trainer.to_json(),
                   "slots": cap["slots"], "resume": self._newest_checkpoint(conn, state.id),
-                  "checkpoint_every_s": (meta.fleet.checkpoint_every_s if spec_json.get("checkpoint_every_s") is None
-                                         else spec_json["checkpoint_every_s"])}
+                  # The job's checkpoint period and time limits, else the fleet's (a time limit of None: none).
+                  **{k: getattr(meta.fleet, k) if spec_json.get(k) is None else spec_json[k]
+                     for k in ("checkpoint_every_s", "max_runtime_s", "stall_after_s")}}
         if best[1] is not None:
             given, need = best[1][0], best[1][1]
             conn.execute("UPDATE attempts SET placement = ? WHERE job = ? AND number = ?",
@@ -900,11 +911,15 @@ class JobStore(checkpoint_records.CheckpointRecords):
                 return {"ok": True, "unreferenced_checkpoints": pruned}
         return {"ok": True}
 
-    def _op_fail(self, conn, now: float, job_id: str, host: str, lease: str | None, error: str) -> dict:
+    def _op_fail(self, conn, now: float, job_id: str, host: str, lease: str | None, error: str,
+                 failure_class: str) -> dict:
         state, row = self._load(conn, job_id)
         fleet = self._meta(conn).fleet
+        retries = row[-2]
         step = jobs.fail(state, host=host, lease=lease, error=error, now=now,
-                         max_attempts=self._max_attempts(row[-2], fleet), retry_backoff_s=fleet.retry_backoff_s)
+                         max_attempts=self._max_attempts(retries, fleet), retry_backoff_s=fleet.retry_backoff_s,
+                         failure_class=failure_class,
+                         fault_tries=(fleet.retries if retries is None else retries) + 1)
         if step.job is not state:
             self._save(conn, step)
             self._touch_worker(conn, host, now)
@@ -1022,8 +1037,8 @@ class JobStore(checkpoint_records.CheckpointRecords):
             spec = JobSpec.from_json(json.loads(row[14]))
             attempts = [
                 {"number": a[0], "host": a[1], "lease": a[2][:8], "started": a[3], "ended": a[4], "outcome": a[5],
-                 "error": a[6], **({"gpus": json.loads(a[7])["gpus"]} if a[7] else {})}
-                for a in conn.execute("SELECT number, host, lease, started, ended, outcome, error, placement "
+                 "error": a[6], "class": a[8], **({"gpus": json.loads(a[7])["gpus"]} if a[7] else {})}
+                for a in conn.execute("SELECT number, host, lease, started, ended, outcome, error, placement, class "
                                       "FROM attempts WHERE job = ? ORDER BY number", (job_id,))]
             tail = conn.execute("SELECT log_tail FROM attempts WHERE job = ? AND log_tail IS NOT NULL "
                                 "ORDER BY number DESC LIMIT 1", (job_id,)).fetchone()
@@ -1031,7 +1046,7 @@ class JobStore(checkpoint_records.CheckpointRecords):
                 "spec": spec.to_json(), "attempts": attempts, "attempt_count": row[6],
                 "max_attempts": self._max_attempts(row[17], meta.fleet), "last_error": row[12],
                 "log_tail": tail[0] if tail else None, "not_before": row[16], "peak_vram_gib": row[20],
-                "why_pending": self._why_pending(conn, meta, job_id, spec, row[4], row[16], now),
+                "why_pending": self._why_pending(conn, meta, job_id, spec, row[4], row[16], now, bool(row[11])),
                 "checkpoints": self._checkpoints_of(conn, job_id),
             })
         return out
@@ -1044,9 +1059,11 @@ class JobStore(checkpoint_records.CheckpointRecords):
         return out
 
     def _why_pending(self, conn, meta: _Meta, job_id: str, spec: JobSpec, status: str, not_before: float | None,
-                     now: float) -> list[str]:
+                     now: float, in_manifest: bool) -> list[str]:
         if status != PENDING:
             return []
+        if not in_manifest:
+            return ["removed from the manifest: bring it back or cancel it"]
         reasons = []
         if not_before is not None and not_before > now:
             reasons.append(f"waiting {not_before - now:.0f}s more before its next try (retry backoff after a failure)")
@@ -1121,7 +1138,7 @@ class JobStore(checkpoint_records.CheckpointRecords):
         with self._snapshot() as conn:
             cut = conn.execute(FAILURES_CUT_SQL, (limit - 1,)).fetchone()
             rows = conn.execute(FAILURES_SQL, (float("-inf") if cut is None else cut[0],)).fetchall()
-        rows.sort(key=lambda r: (-r[6], r[10], r[4]))
+        rows.sort(key=lambda r: (-r[6], r[11], r[4]))
         return [dict(zip(FAILURE_FIELDS, r)) for r in rows[:limit]]
 
     def workers(self, now: float) -> list[dict]:
@@ -1187,9 +1204,9 @@ class JobStore(checkpoint_records.CheckpointRecords):
             return conn.execute("SELECT coalesce(sum(size), 0) FROM artifacts").fetchone()[0]
 
     def pending_claimable_count(self, now: float, limit: int | None = None) -> int:
-        """Pending jobs out of backoff and not waiting on dependencies (counting stops at ``limit``)."""
+        """Pending jobs out of backoff, in the manifest and not waiting on dependencies (stops at ``limit``)."""
         with self._use() as conn:
             return conn.execute(
                 "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE status = 'pending' AND blocked = 0 "
-                "AND (not_before IS NULL OR not_before <= ?) LIMIT ?)",
+                "AND in_manifest = 1 AND (not_before IS NULL OR not_before <= ?) LIMIT ?)",
                 (now, -1 if limit is None else limit)).fetchone()[0]

@@ -12,7 +12,9 @@ Format (a full example: etc/training_manifest.toml.example)::
     [fleet]            name, stale_after_s (600, >= 3 * heartbeat_s), heartbeat_s (30),
                        max_attempts (3), max_artifact_bytes, retry_backoff_s (30),
                        worker_timeout_s (120), checkpoint_every_s (600: how often a
-                       running job's newest checkpoint is uploaded, at most; 0: each one)
+                       running job's newest checkpoint is uploaded, at most; 0: each one),
+                       retries (0: a trainer's failure is final),
+                       max_runtime_s, stall_after_s (> 0; unset: no limit)
     [[fleet.peers]]    id, url                      coordinator peers
     [trainer]          command  argv; placeholders {python} {model} {mode} {hyper}
                                 {seed} {split_recipe} {train_hosts} {out}
@@ -29,7 +31,8 @@ Format (a full example: etc/training_manifest.toml.example)::
                        allowed_hosts, priority, retries, name, after (names),
                        gpus (N GPUs of one host), gpu_share, mixed_gpus (with gpus:
                        GPUs of different models will do), expected_minutes (> 0),
-                       checkpoint_every_s (>= 0; default the fleet's)
+                       checkpoint_every_s (>= 0; default the fleet's),
+                       max_runtime_s, stall_after_s (> 0; unset: [fleet]'s)
     [[sweeps]]         the keys of [[jobs]]; model, mode, split_recipe, seed,
                        train_hosts (a list of lists) and each hyper.<key> may be a
                        list of alternatives. The cross product becomes jobs, in
@@ -79,7 +82,8 @@ TOP_KEYS = ("fleet", "trainer", "hosts", "jobs", "sweeps", "notify")
 NOTIFY_KEYS = ("url", "on", "format", "secret_env")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 FLEET_KEYS = ("name", "peers", "stale_after_s", "heartbeat_s", "max_attempts", "max_artifact_bytes",
-              "retry_backoff_s", "worker_timeout_s", "checkpoint_every_s")
+              "retry_backoff_s", "worker_timeout_s", "checkpoint_every_s", "retries", "max_runtime_s",
+              "stall_after_s")
 PEER_KEYS = ("id", "url")
 TRAINER_KEYS = ("command", "hyper_keys", "describe")
 HOST_KEYS = ("id", "allow_jobs", "deny_jobs", "slots", "role", "capability", "gpu_share", "speed")
@@ -88,7 +92,7 @@ CAPABILITY_KEYS = ("cuda", "vram_gib", "ram_gib", "disk_free_gib", "cores", "slo
 GPU_KEYS = ("index", "name", "vram_gib")
 JOB_KEYS = ("model", "mode", "hyper", "split_recipe", "train_hosts", "seed", "require_cuda", "prefer_cuda",
             "min_vram_gib", "min_ram_gib", "allowed_hosts", "priority", "retries", "name", "after", "gpus",
-            "gpu_share", "mixed_gpus", "expected_minutes", "checkpoint_every_s")
+            "gpu_share", "mixed_gpus", "expected_minutes", "checkpoint_every_s", "max_runtime_s", "stall_after_s")
 
 _NAME_RULE = "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 _HOST_RULE = "use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -356,19 +360,22 @@ class _Parser:
         values: dict[str, Any] = {}
         if "name" in raw:
             values["name"] = self.name("fleet.name", raw["name"])
-        for key in ("stale_after_s", "heartbeat_s", "worker_timeout_s"):
+        for key in ("stale_after_s", "heartbeat_s", "worker_timeout_s", "max_runtime_s", "stall_after_s"):
             if key in raw:
                 values[key] = self.number(f"fleet.{key}", raw[key], positive=True)
         for key in ("retry_backoff_s", "checkpoint_every_s"):
             if key in raw:
                 values[key] = self.number(f"fleet.{key}", raw[key])
+        if "retries" in raw:
+            values["retries"] = self.integer("fleet.retries", raw["retries"], minimum=0)
         for key in ("max_attempts", "max_artifact_bytes"):
             if key in raw:
                 values[key] = self.integer(f"fleet.{key}", raw[key], minimum=1)
         if "peers" in raw:
             values["peers"] = self.peers(raw["peers"])
         values = {k: v for k, v in values.items() if v is not _BAD}
-        for key in ("stale_after_s", "heartbeat_s", "worker_timeout_s", "retry_backoff_s", "checkpoint_every_s"):
+        for key in ("stale_after_s", "heartbeat_s", "worker_timeout_s", "retry_backoff_s", "checkpoint_every_s",
+                    "max_runtime_s", "stall_after_s"):
             if key in values:
                 values[key] = float(values[key])
         config = FleetConfig(**values)
@@ -662,9 +669,10 @@ class _Parser:
                 out[key] = self.boolean(f"{label}.{key}", raw[key])
         if "gpus" in raw:
             out["gpus"] = self.integer(f"{label}.gpus", raw["gpus"], minimum=1)
-        if "expected_minutes" in raw:
-            v = self.number(f"{label}.expected_minutes", raw["expected_minutes"], positive=True)
-            out["expected_minutes"] = v if v is _BAD else float(v)
+        for key in ("expected_minutes", "max_runtime_s", "stall_after_s"):
+            if key in raw:
+                v = self.number(f"{label}.{key}", raw[key], positive=True)
+                out[key] = v if v is _BAD else float(v)
         for key in ("min_vram_gib", "min_ram_gib", "checkpoint_every_s"):
             if key in raw:
                 v = self.number(f"{label}.{key}", raw[key])

@@ -133,6 +133,9 @@ class FleetConfig:
     worker_timeout_s: float = 120.0  # a worker unseen this long is not live
     checkpoint_every_s: float = 600.0  # a running job's newest checkpoint goes to the coordinator this often
     notify: tuple[NotifyTarget, ...] = ()  # from the top-level [[notify]] tables
+    retries: int = 0  # tries after a failure that is the job's fault (a trainer's non-zero exit), for every job
+    max_runtime_s: float | None = None  # an attempt running longer is stopped; None: no limit
+    stall_after_s: float | None = None  # an attempt without a progress line this long is stopped; None: never
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -227,7 +230,7 @@ class JobSpec:
     min_ram_gib: float = 0.0
     allowed_hosts: tuple[str, ...] = ()  # empty: any host
     priority: int = 0
-    retries: int | None = None  # None: fleet.max_attempts - 1
+    retries: int | None = None  # None: fleet.retries for the job's faults, fleet.max_attempts tries in all
     name: str | None = None
     after: tuple[str, ...] = ()  # names of jobs that must complete first
     gpus: int = 0  # N >= 1: N GPUs of one host (CUDA_VISIBLE_DEVICES lists them); 0: the slot's GPU if it fits
@@ -236,6 +239,8 @@ class JobSpec:
     expected_minutes: float | None = None  # on a host of speed 1.0; None: learned from earlier runs
     checkpoint_every_s: float | None = None  # None: the fleet's
     sweep: str | None = None  # the [[sweeps]] entry it came from: its name, else "sweeps[<index>]"
+    max_runtime_s: float | None = None  # None: fleet.max_runtime_s
+    stall_after_s: float | None = None  # None: fleet.stall_after_s
 
     @property
     def id(self) -> str:
@@ -243,6 +248,10 @@ class JobSpec:
 
     def max_attempts(self, fleet: FleetConfig) -> int:
         return fleet.max_attempts if self.retries is None else self.retries + 1
+
+    def fault_tries(self, fleet: FleetConfig) -> int:
+        """Tries the job may use on failures that are its own fault (see ``jobs.tries_for``)."""
+        return (fleet.retries if self.retries is None else self.retries) + 1
 
     def constraint_key(self) -> str:
         """Jobs with equal keys are eligible for exactly the same hosts and GPUs (dependencies aside).
@@ -279,7 +288,8 @@ class JobSpec:
                 "allowed_hosts": list(self.allowed_hosts), "priority": self.priority, "retries": self.retries,
                 "name": self.name, "after": list(self.after), "gpus": self.gpus, "gpu_share": self.gpu_share,
                 "mixed_gpus": self.mixed_gpus, "expected_minutes": self.expected_minutes,
-                "checkpoint_every_s": self.checkpoint_every_s, "sweep": self.sweep}
+                "checkpoint_every_s": self.checkpoint_every_s, "sweep": self.sweep,
+                "max_runtime_s": self.max_runtime_s, "stall_after_s": self.stall_after_s}
 
     @classmethod
     def from_json(cls, d: dict) -> "JobSpec":

@@ -8,6 +8,7 @@ and that nothing here is missing from the table.
 from __future__ import annotations
 
 from cis490fleet import __version__
+from cis490fleet.jobs import FAILURE_CLASSES
 
 _HEX64 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 
@@ -145,7 +146,10 @@ SCHEMAS = {
                                "error": {"type": ["string", "null"]},
                                "status": {"type": "string",
                                           "description": "the job's status now: pending while it is retried, "
-                                                         "completed when a later attempt succeeded"}}},
+                                                         "completed when a later attempt succeeded"},
+                               "class": {"type": ["string", "null"],
+                                         "description": "why the attempt ended: a failure class, or lost "
+                                                        "(the stale sweep)"}}},
     "Progress": {"type": "object", "properties": {"progress": {"type": "object"}, "log_tail": {"type": "string"}}},
 }
 
@@ -184,12 +188,22 @@ PATHS = {
         "finish the job with an uploaded artifact",
         _body({"type": "object", "required": ["artifact_id"], "properties": {"artifact_id": _HEX64}}), _OK)},
     "/v1/job/{id}/fail": {"post": _worker_op(
-        "report that this attempt failed; the job is retried until max_attempts",
-        _body({"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}),
+        "report that this attempt failed; whether the job is retried depends on the failure's class",
+        _body({"type": "object", "required": ["error"], "properties": {
+            "error": {"type": "string"},
+            "class": {"enum": sorted(FAILURE_CLASSES),
+                      "description": "whose fault: job, usage (exit 2, never retried), time_limit and stalled "
+                                     "are the job's (retried only as `retries` grants); signal, fenced and infra "
+                                     "are not (retried up to max_attempts). Absent: job"}}}),
         {"type": "object", "required": ["ok", "status"],
          "properties": {"ok": {"const": True}, "status": {"type": "string"},
                         "retry_at": {"type": ["number", "null"]}}})},
     "/v1/job/{id}/release": {"post": _worker_op("give the job back (worker shutting down)", None, _OK)},
+    "/v1/job/{id}/watch": {"post": _worker_op(
+        "long-poll: answers as soon as the job is cancelled, else after `wait` seconds; 409 once the caller no "
+        "longer holds the job",
+        _body({"type": "object", "properties": {"wait": {"type": "number", "minimum": 0}}}),
+        {"type": "object", "required": ["cancel"], "properties": {"cancel": {"type": "boolean"}}})},
     "/v1/job/{id}/cancel": {"post": _operator_op("cancel the job; a running worker is told by its heartbeat", _OK,
                                                  [_ID_PARAM])},
     "/v1/job/{id}/requeue": {"post": _operator_op("put a finished or failed job back in the queue", _OK,

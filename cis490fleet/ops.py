@@ -295,9 +295,10 @@ class Ops:
             out.line()
             out.line("attempts")
             rows = [[a.get("number"), a.get("host"), _gpu_list(a.get("gpus")), when(a.get("started"), now),
-                     when(a.get("ended"), now), a.get("outcome") or "(current)", failure_text.summary(a.get("error"))]
+                     when(a.get("ended"), now), a.get("outcome") or "(current)", a.get("class"),
+                     failure_text.summary(a.get("error"))]
                     for a in attempts if isinstance(a, dict)]
-            out.table(["#", "HOST", "GPUS", "STARTED", "ENDED", "OUTCOME", "ERROR"], rows, indent="  ")
+            out.table(["#", "HOST", "GPUS", "STARTED", "ENDED", "OUTCOME", "CLASS", "ERROR"], rows, indent="  ")
         checkpoints = job.get("checkpoints")
         if isinstance(checkpoints, list) and checkpoints:
             out.line()
@@ -330,10 +331,11 @@ class Ops:
             return EXIT_OK
         now = time.time()
         rows = [[ago(f.get("ended"), now), short(f.get("job_id")), f.get("name"), f"{f.get('model')}/{f.get('mode')}",
-                 f.get("attempt"), f.get("host"), f.get("outcome"), f.get("status"), failure_text.summary(f.get("error"))]
+                 f.get("attempt"), f.get("host"), f.get("outcome"), f.get("class"), f.get("status"),
+                 failure_text.summary(f.get("error"))]
                 for f in failures]
-        self.out.table(["WHEN", "ID", "NAME", "MODEL/MODE", "ATTEMPT", "HOST", "OUTCOME", "NOW", "ERROR"], rows,
-                       {7: lambda s: self.out.paint(s, s)})
+        self.out.table(["WHEN", "ID", "NAME", "MODEL/MODE", "ATTEMPT", "HOST", "OUTCOME", "CLASS", "NOW", "ERROR"],
+                       rows, {8: lambda s: self.out.paint(s, s)})
         return EXIT_OK
 
     # writes ------------------------------------------------------------------------------------
@@ -376,6 +378,9 @@ class Ops:
             if result.get("out_of_tries"):
                 self.out.line(f"{result['out_of_tries']} pending job(s) failed: the new retries limit leaves them "
                               "no tries ('jobs list --status failed'; 'jobs requeue ID' gives a job its tries back)")
+            if result.get("unclaimable"):
+                self.out.line(f"{result['unclaimable']} pending job(s) stopped being claimable: they left the "
+                              "manifest (bring them back, or 'jobs cancel ID')")
         return EXIT_OK
 
     # workers / peers ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from cis490fleet import errors
+from cis490fleet import errors, jobs
 from cis490fleet.slots import COMPLETED, FAILED, LOST, PENDING
 from cis490fleet.trainer_process import TrainerRun
 from cis490fleet.worker_view import logger
@@ -47,15 +47,16 @@ class Outbox:
         try:
             path, sha256, size = bundle.make_bundle(run.out, self.pending_dir / run.job_id)
         except (OSError, errors.FleetError) as err:
-            return self.report_failure(run, f"cannot bundle the trainer's output {run.out}: {err}")
+            return self.report_failure(run, f"cannot bundle the trainer's output {run.out}: {err}", jobs.CLASS_JOB)
         log.info("job %s: trainer done; bundle %s (%d bytes)", run.label, Path(path).name, size)
         record = {"action": "complete", "job_id": run.job_id, "lease": run.lease, "attempt": run.attempt,
                   "bundle": str(path), "sha256": sha256, "size": size, "label": run.label}
         return self.deliver(record)
 
-    def report_failure(self, run: TrainerRun, error: str) -> str:
+    def report_failure(self, run: TrainerRun, error: str, failure_class: str) -> str:
+        """Report the attempt failed; ``failure_class`` (``jobs.FAILURE_CLASSES``) decides whether it is retried."""
         record = {"action": "fail", "job_id": run.job_id, "lease": run.lease, "attempt": run.attempt,
-                  "error": error, "label": run.label}
+                  "error": error, "class": failure_class, "label": run.label}
         return self.deliver(record)
 
     def deliver(self, record: dict) -> str:
@@ -96,7 +97,7 @@ class Outbox:
         job_id, lease = record["job_id"], record.get("lease")
         if record["action"] == "fail":
             try:
-                answer = self.client.fail(job_id, lease, record["error"]) or {}
+                answer = self.client.fail(job_id, lease, record["error"], record.get("class")) or {}
             except errors.Unavailable as err:
                 log.warning("job %s: failure kept in %s until the coordinator answers (%s)",
                             label, self.pending_dir, err)
@@ -145,7 +146,9 @@ class Outbox:
             if attempt < self.upload_tries and self.stopping.wait(self.backoff_s * 2 ** (attempt - 1)):
                 return PENDING
         fail = {"action": "fail", "job_id": job_id, "lease": lease, "attempt": record.get("attempt"),
-                "error": f"upload failed after {self.upload_tries} tries: {last}", "label": label}
+                "error": f"upload failed after {self.upload_tries} tries: {last}", "label": label,
+                # A bundle over the fleet's size limit will be as big next time; anything else was the way there.
+                "class": jobs.CLASS_JOB if isinstance(last, errors.TooLarge) else jobs.CLASS_INFRA}
         self._drop_record(record)
         self._save_record(fail)
         return self._send(fail)

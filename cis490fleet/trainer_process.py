@@ -20,11 +20,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
-from cis490fleet import errors
+from cis490fleet import errors, jobs
 from cis490fleet.model import TrainerConfig, canonical_json
 from cis490fleet.slots import Slot, visible_devices
 from cis490fleet.worker_view import logger
@@ -95,6 +96,9 @@ class TrainerRun:
         self.attempt: int = int(claim.get("attempt") or 1)
         self.spec: dict = claim.get("job") or {}
         self.heartbeat_s = float(claim.get("heartbeat_s") or 30.0)
+        self.stale_after_s = float(claim.get("stale_after_s") or 600.0)
+        self.max_runtime_s: float | None = claim.get("max_runtime_s")
+        self.stall_after_s: float | None = claim.get("stall_after_s")
         self.trainer: dict = claim.get("trainer") or {}
         self.slot = slot
         self.devices = visible_devices(claim, slot)
@@ -108,6 +112,8 @@ class TrainerRun:
         self._stderr_tail: deque[bytes] = deque()
         self._stderr_len = 0
         self._readers: list[threading.Thread] = []
+        self._spawned = 0.0  # monotonic
+        self._progress_seen = (-1, 0.0)  # (size of progress.jsonl, monotonic time it last changed)
 
     @property
     def label(self) -> str:
@@ -153,6 +159,8 @@ class TrainerRun:
         except OSError as err:
             raise errors.FleetError(f"cannot start the trainer {argv[0]!r}: {err.strerror or err}; "
                                     "check [trainer].command in the manifest") from None
+        self._spawned = time.monotonic()
+        self._progress_seen = (-1, self._spawned)
         self.pid_path.write_text(str(self.proc.pid))
         self._readers = [threading.Thread(target=self._pump, args=(stream, stream is self.proc.stderr),
                                           name=f"{name}-{self.job_id[:8]}", daemon=True)
@@ -206,6 +214,22 @@ class TrainerRun:
 
     def progress(self) -> dict | None:
         return read_progress(self.progress_path)
+
+    def over_limit(self, now: float) -> tuple[str, str] | None:
+        """(failure class, error) once the attempt ran past max_runtime_s or wrote no progress line for
+        stall_after_s, else None; ``now`` is ``time.monotonic()``."""
+        if self.max_runtime_s is not None and now - self._spawned > self.max_runtime_s:
+            return jobs.CLASS_TIME_LIMIT, f"ran past its time limit of {self.max_runtime_s:g} s"
+        if self.stall_after_s is not None:
+            try:
+                size = self.progress_path.stat().st_size
+            except OSError:
+                size = -1
+            if size != self._progress_seen[0]:
+                self._progress_seen = (size, now)
+            elif now - self._progress_seen[1] > self.stall_after_s:
+                return jobs.CLASS_STALLED, f"stalled: no progress for {self.stall_after_s:g} s"
+        return None
 
     def poll(self) -> int | None:
         code = self.proc.poll() if self.proc else None

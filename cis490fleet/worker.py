@@ -20,13 +20,14 @@ import threading
 import time
 from typing import Any, Callable
 
-from cis490fleet import errors
+from cis490fleet import errors, jobs, lease_keeper
 from cis490fleet.checkpoint_sync import CheckpointSync
-from cis490fleet.lease_keeper import LeaseKeeper
+from cis490fleet.lease_keeper import FENCED, LeaseKeeper
 from cis490fleet.model import normalize_capability
 from cis490fleet.progress import changed_enough, progress_line
 from cis490fleet.result_outbox import Outbox
-from cis490fleet.slots import IDLE, LOST, PENDING, RELEASED, UNAVAILABLE, Slot, plan_slots, slots_from_plan
+from cis490fleet.slots import (CANCELLED, IDLE, LOST, PENDING, RELEASED, UNAVAILABLE, Slot, plan_slots,
+                               slots_from_plan)
 from cis490fleet.trainer_process import TrainerRun, kill_orphans, signal_name
 from cis490fleet.worker_config import WorkerConfig, build_config, parse_args
 from cis490fleet.worker_view import ProgressView, is_tty, logger, show
@@ -146,6 +147,7 @@ class Worker:
             return RELEASED
         if not self._registered and not self.register():
             return UNAVAILABLE
+        claim_sent = time.monotonic()  # the lease is proven from here until a heartbeat is acknowledged
         try:
             claim = self.client.claim(self.capability, wait=self.config.wait_s if wait is None else wait,
                                       slot=self._slot_claim(slot))
@@ -166,7 +168,7 @@ class Worker:
             self.runs[slot.index] = run
             self._last_busy = self.clock()
         try:
-            return self._carry(run)
+            return self._carry(run, claim_sent)
         finally:
             with self._lock:
                 self.runs.pop(slot.index, None)
@@ -184,14 +186,39 @@ class Worker:
 
         return capability.free_vram()
 
-    def _carry(self, run: TrainerRun) -> str:
+    def _carry(self, run: TrainerRun, claim_sent: float) -> str:
         log.info("job %s: claimed attempt %d on slot %d", run.label, run.attempt, run.slot.index)
         checkpoints = CheckpointSync(self.client, run, self.clock())
+        keeper = LeaseKeeper(self.client, run, self.config.grace_s, claim_sent)
+        keeper.start()
         try:
-            run.spawn(checkpoints.environment())
-        except (errors.FleetError, OSError) as err:
-            return self.outbox.report_failure(run, str(err))
-        keeper = LeaseKeeper(self.client, run, self.config.grace_s)
+            # A long-polled claim was sent long before the job was given: start the trainer once a
+            # heartbeat has proven the lease afresh (or after one period, from the claim's send time).
+            keeper.wait_first(run.heartbeat_s)
+            try:
+                run.spawn(checkpoints.environment())
+            except (errors.FleetError, OSError) as err:
+                return self.outbox.report_failure(run, str(err), jobs.CLASS_INFRA)
+            code = self._watch_trainer(run, keeper, checkpoints)
+        finally:
+            keeper.stop()
+        if isinstance(code, str):
+            return code
+        if code != 0:
+            checkpoints.hand_over()
+            tail = run.stderr_tail()
+            how = signal_name(code)
+            log.warning("job %s: trainer ended with %s", run.label, how)
+            failure_class = jobs.CLASS_SIGNAL if code < 0 else jobs.CLASS_USAGE if code == 2 else jobs.CLASS_JOB
+            return self.outbox.report_failure(
+                run, f"trainer {how}" + (f"; last stderr:\n{tail}" if tail.strip() else ""), failure_class)
+        run.wait_for_output()
+        return self.outbox.finish(run)
+
+    def _watch_trainer(self, run: TrainerRun, keeper: LeaseKeeper, checkpoints: CheckpointSync) -> int | str:
+        """Wait for the trainer to exit (its return code), or stop it and say how the attempt ended (an outcome).
+
+        Every stop but a lost lease hands the trainer's last checkpoint in before the end is reported."""
         shown = None
         while (code := run.poll()) is None:
             if self.stopping:
@@ -199,25 +226,37 @@ class Worker:
                 checkpoints.hand_over()
                 self._release(run)
                 return RELEASED
-            now = self.clock()
-            ended = keeper.keep(now)
-            if ended:
-                if ended != LOST:  # a cancelled job's holder still hands in what its trainer saved
+            now = time.monotonic()
+            verdict = keeper.verdict(now)
+            if verdict == FENCED:
+                silent = keeper.unproven_for(now)
+                log.warning("job %s: no heartbeat acknowledged for %.0f s; stopping the trainer before the "
+                            "coordinator may give the job to another host", run.label, silent)
+                run.stop(keeper.grace_s)
+                checkpoints.hand_over()
+                # Kept on disk and sent when the coordinator answers again; if the job has gone to
+                # another host by then, the coordinator refuses it and the record is dropped.
+                return self.outbox.report_failure(run, f"stopped by its worker: no heartbeat acknowledged for "
+                                                       f"{silent:.0f} s", jobs.CLASS_FENCED)
+            if verdict is not None:
+                run.stop(self.config.grace_s)
+                if verdict == lease_keeper.CANCELLED:  # a cancelled job's holder still hands in what it saved
                     checkpoints.hand_over()
-                return ended
-            checkpoints.poll(now, run.progress())
+                    return CANCELLED
+                return LOST
+            over = run.over_limit(now)
+            if over is not None:
+                failure_class, error = over
+                log.warning("job %s: %s; stopping the trainer", run.label, error)
+                run.stop(self.config.grace_s)
+                checkpoints.hand_over()
+                return self.outbox.report_failure(run, error, failure_class)
+            checkpoints.poll(self.clock(), run.progress())
             if not is_tty() and changed_enough(shown, keeper.progress):
-                log.info("job %s", progress_line(run.label, keeper.progress, run.started, now, tty=False))
+                log.info("job %s", progress_line(run.label, keeper.progress, run.started, self.clock(), tty=False))
                 shown = keeper.progress
             self._stopping.wait(0.1)
-        if code != 0:
-            checkpoints.hand_over()
-            tail = run.stderr_tail()
-            how = signal_name(code)
-            log.warning("job %s: trainer ended with %s", run.label, how)
-            return self.outbox.report_failure(run, f"trainer {how}" + (f"; last stderr:\n{tail}" if tail.strip() else ""))
-        run.wait_for_output()
-        return self.outbox.finish(run)
+        return code
 
     def _release(self, run: TrainerRun) -> None:
         try:

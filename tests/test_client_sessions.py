@@ -78,10 +78,11 @@ def test_an_empty_claim_is_not_remembered_so_its_retry_can_get_a_job(live_server
 def test_a_retried_fail_answers_as_the_first_time_instead_of_stale_lease(srv):
     claim = srv.call("POST", "/v1/job/claim", CAP, worker("ws1", 1))[2]
     path = f"/v1/job/{claim['job_id']}/fail"
-    first = srv.call("POST", path, {"error": "boom"}, worker("ws1", 2, claim["lease"]))
-    again = srv.call("POST", path, {"error": "boom"}, worker("ws1", 2, claim["lease"]))
-    assert first[0] == again[0] == 200 and again[2] == first[2]
-    assert srv.call("POST", path, {"error": "boom"}, worker("ws1", 3, claim["lease"]))[0] == 409
+    boom = {"error": "boom", "class": "infra"}  # not the job's fault: back to pending, the lease gone
+    first = srv.call("POST", path, boom, worker("ws1", 2, claim["lease"]))
+    again = srv.call("POST", path, boom, worker("ws1", 2, claim["lease"]))
+    assert first[0] == again[0] == 200 and again[2] == first[2] and first[2]["status"] == "pending"
+    assert srv.call("POST", path, boom, worker("ws1", 3, claim["lease"]))[0] == 409
     detail = srv.call("GET", f"/v1/job/{claim['job_id']}")[2]["job"]
     assert len(detail["attempts"]) == 1
 

@@ -234,7 +234,7 @@ def test_a_crashing_trainer_fails_the_job_with_its_stderr_in_the_detail(serve_pr
     job = job_named(client, "crashy")
     assert job["status"] == "failed", job
     assert "exit code 3" in job["last_error"] and "boom: simulated trainer crash" in job["last_error"]
-    assert len(job["attempts"]) == 2
+    assert len(job["attempts"]) == 1  # the trainer's own failure is final: the manifest grants no retries
     shown = jobs_cli(server.url, "show", job["id"])
     assert "boom: simulated trainer crash" in shown.stdout, shown.stdout
 

@@ -295,10 +295,21 @@ def test_fail_keeps_the_error_and_reports_the_status(srv):
     path = f"/v1/job/{c['job_id']}/fail"
     assert_error(srv.call("POST", path, {"error": 3}, worker("ws1", c["lease"])), 400, "bad_request", "error")
     assert_error(srv.call("POST", path, {"error": "x"}, worker("ws2")), 409, "stale_lease")
-    status, _, body = srv.call("POST", path, {"error": "CUDA out of memory"}, worker("ws1", c["lease"]))
+    assert_error(srv.call("POST", path, {"error": "x", "class": "gremlins"}, worker("ws1", c["lease"])), 400,
+                 "bad_request", "field 'class' must be one of fenced, infra, job, signal, stalled, time_limit, usage")
+    status, _, body = srv.call("POST", path, {"error": "CUDA out of memory", "class": "signal"},
+                               worker("ws1", c["lease"]))
     assert status == 200 and body["ok"] is True and body["status"] == "pending" and body["retry_at"]
     _, _, detail = srv.call("GET", f"/v1/job/{c['job_id']}")
     assert "CUDA out of memory" in detail["job"]["last_error"]
+    assert detail["job"]["attempts"][0]["class"] == "signal"
+
+
+def test_a_fail_without_a_class_is_the_job_s_fault_and_final_by_default(srv):
+    c = claim(srv)
+    status, _, body = srv.call("POST", f"/v1/job/{c['job_id']}/fail", {"error": "Traceback ..."},
+                               worker("ws1", c["lease"]))
+    assert status == 200 and body["status"] == "failed" and body["retry_at"] is None
 
 
 def test_a_very_long_error_is_kept_by_its_end(srv):
@@ -454,7 +465,8 @@ def test_failures_lists_failed_attempts_newest_first_with_the_jobs_status_now(sr
     assert srv.call("GET", "/v1/failures")[2] == {"failures": []}
     first, second = claim(srv, "ws1"), claim(srv, "ws2")
     for c, host, error in ((first, "ws1", "CUDA out of memory\nTraceback"), (second, "ws2", "disk full")):
-        status, _, body = srv.call("POST", f"/v1/job/{c['job_id']}/fail", {"error": error}, worker(host, c["lease"]))
+        status, _, body = srv.call("POST", f"/v1/job/{c['job_id']}/fail", {"error": error, "class": "infra"},
+                                   worker(host, c["lease"]))
         assert status == 200 and body["status"] == "pending", body
     status, headers, body = srv.call("GET", "/v1/failures")
     assert status == 200 and headers["content-type"] == "application/json"
@@ -462,7 +474,8 @@ def test_failures_lists_failed_attempts_newest_first_with_the_jobs_status_now(sr
         (second["job_id"], "ws2", "disk full"), (first["job_id"], "ws1", "CUDA out of memory\nTraceback")]
     newest = body["failures"][0]
     assert set(newest) == {"job_id", "name", "model", "mode", "attempt", "host", "ended", "outcome", "error",
-                           "status"}
+                           "status", "class"}
+    assert newest["class"] == "infra"
     assert (newest["model"], newest["mode"], newest["attempt"], newest["outcome"], newest["status"]) == (
         "mlp", "train", 1, "failed", "pending")
     assert isinstance(newest["ended"], float)

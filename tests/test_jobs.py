@@ -80,7 +80,7 @@ def test_fail_retries_after_a_doubling_backoff_then_fails_for_good():
         step = jobs.fail(job, host="ws1", lease=f"L{n}", error=f"boom {n}", now=T0, max_attempts=3,
                          retry_backoff_s=30)
         job = step.job
-        assert step.closed == jobs.AttemptEnd(n, T0, "failed", f"boom {n}")
+        assert step.closed == jobs.AttemptEnd(n, T0, "failed", f"boom {n}", "job")
         retry_ats.append(job.not_before)
         if n < 3:
             assert job.status == "pending" and job.host is None and job.lease is None

@@ -147,10 +147,11 @@ def test_bad_commands_are_refused_with_a_sentence_naming_the_problem(store, cmd,
 
 def test_sync_is_idempotent_and_keeps_statuses(store):
     jobs = seeds(5)
-    assert sync(store, *jobs) == {"added": 5, "kept": 0, "removed": 0, "total": 5, "out_of_tries": 0}
+    assert sync(store, *jobs) == {"added": 5, "kept": 0, "removed": 0, "total": 5, "out_of_tries": 0, "unclaimable": 0}
     first = claim(store)
     before = dump(store)
-    assert sync(store, *jobs, now=T0 + 10) == {"added": 0, "kept": 5, "removed": 0, "total": 5, "out_of_tries": 0}
+    assert sync(store, *jobs, now=T0 + 10) == {"added": 0, "kept": 5, "removed": 0, "total": 5, "out_of_tries": 0,
+                                               "unclaimable": 0}
     assert dump(store) == before
     assert store.job(first["job_id"], T0)["status"] == "claimed"
 
@@ -158,12 +159,70 @@ def test_sync_is_idempotent_and_keeps_statuses(store):
 def test_sync_adds_new_jobs_flags_removed_ones_and_unflags_returning_ones(store):
     a, b, c = seeds(3)
     sync(store, a, b)
-    assert sync(store, b, c) == {"added": 1, "kept": 1, "removed": 1, "total": 3, "out_of_tries": 0}
+    assert sync(store, b, c) == {"added": 1, "kept": 1, "removed": 1, "total": 3, "out_of_tries": 0,
+                                 "unclaimable": 1}
     listed = {j["id"]: j["in_manifest"] for j in store.jobs()[0]}
     assert listed == {a.id: False, b.id: True, c.id: True}
-    assert store.job(a.id, T0)["status"] == "pending"  # stays (and stays claimable) until cancelled
-    assert sync(store, a, b, c) == {"added": 0, "kept": 3, "removed": 0, "total": 3, "out_of_tries": 0}
+    assert store.job(a.id, T0)["status"] == "pending"  # stays, but is never claimed while removed
+    assert sync(store, a, b, c) == {"added": 0, "kept": 3, "removed": 0, "total": 3, "out_of_tries": 0,
+                                    "unclaimable": 0}
     assert store.job(a.id, T0)["in_manifest"] is True
+
+
+def test_a_removed_job_is_not_claimed_but_a_held_one_finishes(store):
+    held, waiting, other = seeds(3)
+    sync(store, held, waiting)
+    assert claim(store)["job_id"] == held.id
+    assert sync(store, other)["unclaimable"] == 1  # waiting stops being claimable; held is not counted
+    assert claim(store, host="ws2", lease="L2")["job_id"] == other.id
+    assert claim(store, host="ws3", lease="L3") == {"job": None}
+    assert store.pending_claimable_count(T0) == 0
+    assert store.job(waiting.id, T0)["why_pending"] == ["removed from the manifest: bring it back or cancel it"]
+    finish(store, held.id)
+    assert store.job(held.id, T0)["status"] == "completed"
+    sync(store, waiting, other)
+    assert claim(store, host="ws3", lease="L3")["job_id"] == waiting.id
+
+
+def fail_as(store, job_id, failure_class=None, lease="L1", now=T0):
+    cmd = {"op": "fail", "now": now, "job_id": job_id, "host": "ws1", "lease": lease, "error": "boom"}
+    if failure_class:
+        cmd["failure_class"] = failure_class
+    return store.execute(cmd)
+
+
+def test_a_trainer_failure_is_final_unless_retries_grant_more_and_exit_2_never_retries(store):
+    plain, granted = JobSpec(model="mlp", mode="train", seed=0), JobSpec(model="mlp", mode="train", seed=1, retries=2)
+    sync(store, plain, granted, retry_backoff_s=0)
+    claim(store)
+    assert fail_as(store, plain.id)["status"] == "failed"  # an old client sends no class: the job's fault
+    assert claim(store, lease="L2")["job_id"] == granted.id
+    assert fail_as(store, granted.id, "job", lease="L2")["status"] == "pending"
+    claim(store, lease="L3")
+    assert fail_as(store, granted.id, "usage", lease="L3")["status"] == "failed"
+    detail = store.job(granted.id, T0)
+    assert [(a["outcome"], a["class"]) for a in detail["attempts"]] == [("failed", "job"), ("failed", "usage")]
+
+
+def test_failures_that_are_not_the_job_s_fault_retry_up_to_max_attempts(store):
+    (job,) = seeds(1)
+    sync(store, job, retry_backoff_s=0, max_attempts=3)
+    for n, failure_class in enumerate(("signal", "fenced", "infra"), start=1):
+        assert claim(store, lease=f"L{n}", now=T0 + n)["job_id"] == job.id
+        answer = fail_as(store, job.id, failure_class, lease=f"L{n}", now=T0 + n)
+        assert answer["status"] == ("pending" if n < 3 else "failed")
+    assert [f["class"] for f in store.recent_failures(5)] == ["infra", "fenced", "signal"]
+    with pytest.raises(BadRequest, match="failure_class.*one of fenced, infra, job"):
+        fail_as(store, job.id, "cosmic-rays")
+
+
+def test_a_claim_carries_the_time_limits_the_job_s_or_the_fleet_s(store):
+    plain = JobSpec(model="mlp", mode="train", seed=0)
+    own = JobSpec(model="mlp", mode="train", seed=1, max_runtime_s=60.0)
+    sync(store, plain, own, max_runtime_s=3600.0, stall_after_s=300.0)
+    first, second = claim(store), claim(store, host="ws2", lease="L2")
+    assert (first["max_runtime_s"], first["stall_after_s"]) == (3600.0, 300.0)
+    assert (second["max_runtime_s"], second["stall_after_s"]) == (60.0, 300.0)
 
 
 def test_sync_updates_scheduling_fields_of_an_existing_job_without_touching_its_status(store):
@@ -275,7 +334,7 @@ def test_claim_skips_jobs_in_retry_backoff(store):
     sync(store, *seeds(1), retry_backoff_s=100)
     got = claim(store)
     res = store.execute({"op": "fail", "now": T0 + 1, "job_id": got["job_id"], "host": "ws1", "lease": "L1",
-                         "error": "oom\ntraceback"})
+                         "error": "oom\ntraceback", "failure_class": "signal"})
     assert res == {"ok": True, "status": "pending", "retry_at": T0 + 101}
     assert claim(store, lease="L2", now=T0 + 50) == {"job": None}
     detail = store.job(got["job_id"], T0 + 50)
@@ -333,7 +392,7 @@ def test_heartbeat_runs_the_job_and_keeps_progress_and_log_tail(store):
     assert detail["status"] == "running" and detail["progress"] == {"epoch": 3}
     assert detail["log_tail"] == "loss 0.5\n"
     assert detail["attempts"] == [{"number": 1, "host": "ws1", "lease": "L1", "started": T0, "ended": None,
-                                   "outcome": None, "error": None}]
+                                   "outcome": None, "error": None, "class": None}]
 
 
 def test_attempts_show_only_a_lease_prefix(store):
@@ -613,14 +672,15 @@ def test_listing_filters_pages_and_counts(store):
         store.jobs(status="done")
 
 
-def fail(store, job_id, now, host="ws1", lease="L1", error="boom"):
-    return store.execute({"op": "fail", "now": now, "job_id": job_id, "host": host, "lease": lease, "error": error})
+def fail(store, job_id, now, host="ws1", lease="L1", error="boom", failure_class="job"):
+    return store.execute({"op": "fail", "now": now, "job_id": job_id, "host": host, "lease": lease, "error": error,
+                          "failure_class": failure_class})
 
 
 def test_recent_failures_list_failed_and_stale_attempts_of_a_job_that_later_completed(store):
     sync(store, *seeds(2), max_attempts=3, retry_backoff_s=10, stale_after_s=60, heartbeat_s=10)
     job = claim(store, lease="L1")["job_id"]
-    fail(store, job, T0 + 5, error="CUDA out of memory\nTraceback ...")
+    fail(store, job, T0 + 5, error="CUDA out of memory\nTraceback ...", failure_class="signal")
     assert claim(store, host="ws2", lease="L2", now=T0 + 20)["attempt"] == 2
     store.execute({"op": "sweep_stale", "now": T0 + 80})
     assert [f["status"] for f in store.recent_failures(10)] == ["pending", "pending"]  # retrying
@@ -630,9 +690,10 @@ def test_recent_failures_list_failed_and_stale_attempts_of_a_job_that_later_comp
     got = store.recent_failures(10)
     assert got == [
         {"job_id": job, "name": None, "model": "mlp", "mode": "train", "attempt": 2, "host": "ws2", "ended": T0 + 80,
-         "outcome": "stale", "error": "no heartbeat for 60s", "status": "completed"},
+         "outcome": "stale", "error": "no heartbeat for 60s", "status": "completed", "class": "lost"},
         {"job_id": job, "name": None, "model": "mlp", "mode": "train", "attempt": 1, "host": "ws1", "ended": T0 + 5,
-         "outcome": "failed", "error": "CUDA out of memory\nTraceback ...", "status": "completed"}]
+         "outcome": "failed", "error": "CUDA out of memory\nTraceback ...", "status": "completed",
+         "class": "signal"}]
     assert store.recent_failures(1) == got[:1] and store.recent_failures(0) == []
     assert store.job(job, T0 + 210)["status"] == "completed"
     for bad in (-1, 1.5, True, "3"):

@@ -35,7 +35,10 @@ UNIVERSE = (
     JobSpec(model="m", mode="x", seed=3, priority=1, retries=0),
 )
 IDS = [s.id for s in UNIVERSE]
+FLEET_RETRIES = 1
 MAX = {s.id: (MAX_ATTEMPTS if s.retries is None else s.retries + 1) for s in UNIVERSE}
+# Tries a failure that is the job's own fault may have used and still be retried.
+FAULT_MAX = {s.id: min(MAX[s.id], (FLEET_RETRIES if s.retries is None else s.retries) + 1) for s in UNIVERSE}
 HELD = ("claimed", "running")
 
 
@@ -116,10 +119,12 @@ class QueueMachine(RuleBasedStateMachine):
     def reload(self, subset):
         specs = [UNIVERSE[i] for i in subset]
         manifest = Manifest(fleet=FleetConfig(stale_after_s=STALE_S, heartbeat_s=10, max_attempts=MAX_ATTEMPTS,
-                                              retry_backoff_s=BACKOFF_S, worker_timeout_s=10**9),
+                                              retry_backoff_s=BACKOFF_S, worker_timeout_s=10**9,
+                                              retries=FLEET_RETRIES),
                             hosts=tuple(HostSpec(id=h, slots=SLOTS) for h in HOSTS), jobs=tuple(specs))
         res = self.run({"op": "sync_manifest", "manifest": manifest.to_json()})
         wanted = {s.id for s in specs}
+        unclaimable = sum(1 for i, j in self.jobs.items() if j.in_manifest and i not in wanted and j.status == "pending")
         added = 0
         for spec in specs:
             if spec.id not in self.jobs:
@@ -128,7 +133,8 @@ class QueueMachine(RuleBasedStateMachine):
         for job_id, job in self.jobs.items():
             job.in_manifest = job_id in wanted
         assert res == {"added": added, "kept": len(specs) - added, "removed": len(self.jobs) - len(specs),
-                       "total": len(self.jobs), "out_of_tries": 0}  # retries never change here
+                       "total": len(self.jobs), "out_of_tries": 0,  # retries never change here
+                       "unclaimable": unclaimable}
 
     @rule(host=st.sampled_from(HOSTS))
     def claim(self, host):
@@ -138,7 +144,8 @@ class QueueMachine(RuleBasedStateMachine):
         expected = None
         if self.held_by(host) < SLOTS:
             claimable = [(-j.priority, j.seq, i) for i, j in self.jobs.items()
-                         if j.status == "pending" and (j.not_before is None or j.not_before <= self.now)]
+                         if j.status == "pending" and j.in_manifest
+                         and (j.not_before is None or j.not_before <= self.now)]
             expected = min(claimable)[2] if claimable else None
         assert (res.get("job_id") if res["job"] else None) == expected
         if expected is not None:
@@ -186,13 +193,17 @@ class QueueMachine(RuleBasedStateMachine):
         else:
             self.run(record, InvalidTransition)
 
-    @rule(i=st.integers(0, len(UNIVERSE) - 1), who=st.sampled_from(["holder", "holder_by_host", "stale"]))
-    def fail(self, i, who):
+    @rule(i=st.integers(0, len(UNIVERSE) - 1), who=st.sampled_from(["holder", "holder_by_host", "stale"]),
+          failure_class=st.sampled_from([None, "job", "usage", "signal", "fenced"]))
+    def fail(self, i, who, failure_class):
         job_id = IDS[i]
         if job_id not in self.jobs:
             return
         host, lease = self.caller(job_id, who)
         cmd = {"op": "fail", "job_id": job_id, "host": host, "lease": lease, "error": "boom"}
+        if failure_class is not None:
+            cmd["failure_class"] = failure_class
+        limit = {None: FAULT_MAX[job_id], "job": FAULT_MAX[job_id], "usage": 0}.get(failure_class, MAX[job_id])
         job = self.jobs[job_id]
         if self.fenced(job_id, host, lease):
             self.run(cmd, StaleLease)
@@ -200,7 +211,7 @@ class QueueMachine(RuleBasedStateMachine):
             assert self.run(cmd)["status"] == job.status
         elif job.status in HELD:
             res = self.run(cmd)
-            if job.attempts >= MAX[job_id]:
+            if job.attempts >= limit:
                 job.status = "failed"
             else:
                 job.status, job.holder = "pending", None

@@ -361,7 +361,8 @@ def test_unknown_key_suggests_the_closest(text, where, typo, suggestion):
 def test_unknown_key_without_a_close_match_lists_the_known_ones():
     assert only_problem("[fleet]\ncolour = 'red'\n") == (
         f"{SRC}: fleet: unknown key 'colour'; known keys: name, peers, stale_after_s, heartbeat_s, max_attempts, "
-        "max_artifact_bytes, retry_backoff_s, worker_timeout_s, checkpoint_every_s")
+        "max_artifact_bytes, retry_backoff_s, worker_timeout_s, checkpoint_every_s, retries, max_runtime_s, "
+        "stall_after_s")
 
 
 @pytest.mark.parametrize("line,field,message", [
@@ -430,6 +431,34 @@ def test_other_structural_errors(text, message):
 ])
 def test_negative_sizes(line, field, message):
     assert only_problem(JOB + line + "\n") == f"{SRC}: jobs[0] (model=mlp).{field}: {message}"
+
+
+@pytest.mark.parametrize("line,field,message", [
+    ("max_runtime_s = 0", "max_runtime_s", "expected a number > 0, got 0"),
+    ("stall_after_s = -5", "stall_after_s", "expected a number > 0, got -5"),
+    ("stall_after_s = 'soon'", "stall_after_s", 'expected a number > 0, got "soon"'),
+])
+def test_time_limits_of_a_job_are_positive_numbers(line, field, message):
+    assert only_problem(JOB + line + "\n") == f"{SRC}: jobs[0] (model=mlp).{field}: {message}"
+
+
+@pytest.mark.parametrize("line,message", [
+    ("max_runtime_s = 0", "fleet.max_runtime_s: expected a number > 0, got 0"),
+    ("stall_after_s = true", "fleet.stall_after_s: expected a number > 0, got true (a boolean is not a number)"),
+    ("retries = -1", "fleet.retries: expected an integer >= 0, got -1"),
+])
+def test_fleet_time_limits_and_retries_are_checked(line, message):
+    assert only_problem("[fleet]\n" + line + "\n") == f"{SRC}: {message}"
+
+
+def test_fleet_defaults_for_time_limits_and_retries():
+    m = manifest.parse("[fleet]\nretries = 2\nmax_runtime_s = 3600\nstall_after_s = 300\n" + JOB
+                       + "\n[[jobs]]\nmodel = 'mlp'\nmode = 'b'\nmax_runtime_s = 60\nretries = 0\n", SRC)
+    plain, limited = m.jobs
+    assert (m.fleet.max_runtime_s, m.fleet.stall_after_s) == (3600.0, 300.0)
+    assert (plain.max_runtime_s, limited.max_runtime_s, limited.stall_after_s) == (None, 60.0, None)
+    assert (plain.fault_tries(m.fleet), limited.fault_tries(m.fleet)) == (3, 1)
+    assert manifest.parse(JOB, SRC).fleet.retries == 0  # a trainer's failure is final unless granted
 
 
 def test_host_slots_must_be_positive():

@@ -76,7 +76,8 @@ def test_values_follow_the_queue(srv):
     claim(srv, "ws1")  # ws1 holds two now
     # ws2 fails its attempt: a failure counted, the job back to pending for a retry.
     job2 = held["ws2"]
-    status, _, body = srv.call("POST", f"/v1/job/{job2['job_id']}/fail", {"error": "CUDA out of memory"},
+    status, _, body = srv.call("POST", f"/v1/job/{job2['job_id']}/fail", {"error": "CUDA out of memory",
+                                                                         "class": "signal"},
                                {"x-lab-host": "ws2", "x-lease": job2["lease"]})
     assert status == 200, body
     # ws3 uploads a bundle and completes.

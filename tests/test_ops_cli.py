@@ -206,14 +206,15 @@ def test_failures_table_shows_failed_attempts_of_jobs_still_retrying(fleet):
     assert (code, out, err) == (0, "no failed attempts\n", "")
     w, cap = worker(fleet.url)
     first, second = w.claim(cap), w.claim(cap)
-    w.fail(first["job_id"], first["lease"], "CUDA out of memory\nTraceback line 2")
-    w.fail(second["job_id"], second["lease"], "\n  disk full\n")
+    w.fail(first["job_id"], first["lease"], "CUDA out of memory\nTraceback line 2", "signal")
+    w.fail(second["job_id"], second["lease"], "\n  disk full\n", "infra")
 
     code, out, err = jobs(fleet.url, "failures")
     lines = out.splitlines()
     assert (code, err) == (0, "")
-    assert lines[0].split() == ["WHEN", "ID", "NAME", "MODEL/MODE", "ATTEMPT", "HOST", "OUTCOME", "NOW", "ERROR"]
-    assert re.match(rf"\d+s ago\s+{second['job_id'][:12]}\s+-\s+mlp/train\s+1\s+ws1\s+failed\s+pending\s+"
+    assert lines[0].split() == ["WHEN", "ID", "NAME", "MODEL/MODE", "ATTEMPT", "HOST", "OUTCOME", "CLASS", "NOW",
+                                "ERROR"]
+    assert re.match(rf"\d+s ago\s+{second['job_id'][:12]}\s+-\s+mlp/train\s+1\s+ws1\s+failed\s+infra\s+pending\s+"
                     r"disk full$", lines[1]), out
     assert re.match(rf"\d+s ago\s+{first['job_id'][:12]}\s+.*\s+pending\s+CUDA out of memory$", lines[1 + 1]), out
     assert len(lines) == 3 and "Traceback" not in out
@@ -308,6 +309,22 @@ def test_reload_adds_new_jobs(fleet, operator):
     assert out.strip() == "manifest reloaded: 2 added, 3 kept, 0 removed, 5 total"
     code, out, _ = jobs(fleet.url, "reload", "--json")
     assert json.loads(out)["kept"] == 5
+
+
+def test_reload_says_how_many_jobs_stopped_being_claimable(fleet, operator):
+    w, cap = worker(fleet.url)
+    held = w.claim(cap)["job_id"]
+    manifest = Path(fleet.argv[fleet.argv.index("--manifest") + 1])
+    manifest.write_text(manifest_toml(0), encoding="utf-8")
+    code, out, _ = jobs(fleet.url, "reload")
+    assert code == 0
+    assert out.splitlines() == ["manifest reloaded: 0 added, 0 kept, 3 removed, 3 total",
+                                "2 pending job(s) stopped being claimable: they left the manifest (bring them back, "
+                                "or 'jobs cancel ID')"]
+    assert w.claim(cap) == {"job": None}
+    pending = next(i for i in all_ids(fleet.url) if i != held)
+    code, out, _ = jobs(fleet.url, "show", pending)
+    assert "why pending\n  - removed from the manifest: bring it back or cancel it\n" in out
 
 
 def test_workers_table(fleet):
@@ -656,7 +673,7 @@ def test_failures_list_and_show_give_the_trainers_own_last_line(fleet):
     code, out, _ = jobs(fleet.url, "failures")
     assert code == 0 and out.splitlines()[1].endswith(want), out
     code, out, _ = jobs(fleet.url, "show", claim["job_id"])
-    assert code == 0 and re.search(r"^\s+1\s+ws1\s.*failed\s+" + re.escape(want) + "$", out, re.M), out
+    assert code == 0 and re.search(r"^\s+1\s+ws1\s.*failed\s+job\s+" + re.escape(want) + "$", out, re.M), out
     assert "last error\n  trainer exit code 1; last stderr:\n  epoch 1 loss 0.93\n" in out
     code, out, _ = jobs(fleet.url, "list", "--json")
     assert {j["last_error"] for j in json.loads(out)["jobs"] if j["id"] == claim["job_id"]} == {want}

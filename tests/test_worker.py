@@ -670,3 +670,232 @@ def test_a_worker_stopped_with_sigterm_tells_the_coordinator_it_is_leaving(live_
     Client(server.url, host_id="leaver", retries=0).register({"host": "leaver", "os": "linux", "slots": 1})
     (me,) = server.call("GET", "/v1/workers")[2]["workers"]
     assert me["live"] is True and me["left"] is None
+
+
+# -- how attempts end: failure classes, time limits, cancel and progress within seconds -------------
+
+
+def attempt_classes(server) -> list[tuple[str, str]]:
+    return [(a["outcome"], a["class"]) for a in only_job(server)["attempts"]]
+
+
+def test_a_usage_error_exit_2_is_never_retried(live_server, tmp_path, cpu_host):
+    server = live_server(trainer_manifest("usage.py", ONE_JOB, extra_fleet="retries = 2"))
+    w = make_worker(server.url, tmp_path)
+    assert w.run_once() == slots.FAILED
+    job = only_job(server)
+    assert job["status"] == "failed" and "exit code 2" in job["last_error"], job
+    assert attempt_classes(server) == [("failed", "usage")]
+
+
+def test_without_retries_a_trainer_failure_is_final_at_once(live_server, tmp_path, cpu_host):
+    server = live_server(trainer_manifest("crash.py", ONE_JOB, max_attempts=3))
+    w = make_worker(server.url, tmp_path)
+    assert w.run_once() == slots.FAILED
+    assert only_job(server)["status"] == "failed"
+    assert attempt_classes(server) == [("failed", "job")]
+
+
+def test_retries_grant_a_failing_trainer_more_tries(live_server, tmp_path, cpu_host):
+    server = live_server(trainer_manifest("crash.py", ONE_JOB + "retries = 1\n", max_attempts=3))
+    w = make_worker(server.url, tmp_path)
+    assert w.run_once() == slots.FAILED
+    assert only_job(server)["status"] == "pending"
+    time.sleep(0.2)  # the retry backoff
+    assert w.run_once() == slots.FAILED
+    assert only_job(server)["status"] == "failed"
+    assert attempt_classes(server) == [("failed", "job"), ("failed", "job")]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="signals are POSIX")
+def test_a_trainer_killed_by_sigkill_is_not_the_job_s_fault_and_is_retried(live_server, tmp_path, cpu_host):
+    server = live_server(trainer_manifest("oom.py", ONE_JOB, max_attempts=2))
+    w = make_worker(server.url, tmp_path)
+    assert w.run_once() == slots.FAILED
+    job = only_job(server)
+    assert job["status"] == "pending" and "killed by SIGKILL" in job["last_error"], job
+    time.sleep(0.2)
+    assert w.run_once() == slots.FAILED
+    assert only_job(server)["status"] == "failed"  # max_attempts still bounds it
+    assert attempt_classes(server) == [("failed", "signal"), ("failed", "signal")]
+
+
+@pytest.mark.parametrize("limit,failure_class,error", [
+    ("max_runtime_s = 1", "time_limit", "ran past its time limit of 1 s"),
+    ("stall_after_s = 1", "stalled", "stalled: no progress for 1 s"),
+])
+def test_a_trainer_past_its_time_limit_or_stalled_is_stopped_and_the_attempt_fails(
+        live_server, tmp_path, cpu_host, limit, failure_class, error):
+    server = live_server(trainer_manifest("hang.py", ONE_JOB + limit + "\n", max_attempts=3))
+    w = make_worker(server.url, tmp_path, grace_s=2.0)
+    started = time.monotonic()
+    pids = trainer_pids(w)
+    assert w.run_once() == slots.FAILED
+    assert 1.0 <= time.monotonic() - started < 30
+    job = only_job(server)
+    assert job["status"] == "failed" and job["last_error"] == error, job
+    assert attempt_classes(server) == [("failed", failure_class)]
+    assert pids and not pid_alive(pids[0])
+
+
+def trainer_pids(w) -> list[int]:
+    """A list that a daemon thread fills with the pid of the first trainer ``w`` starts."""
+    import threading
+
+    pids: list[int] = []
+
+    def wait_for_one():
+        deadline = time.monotonic() + 30
+        while not pids and time.monotonic() < deadline:
+            pids.extend(r.proc.pid for r in list(w.runs.values()) if r.proc)
+            time.sleep(0.05)
+
+    threading.Thread(target=wait_for_one, daemon=True).start()
+    return pids
+
+
+def test_a_cancel_is_noticed_within_2_s_though_heartbeats_are_30_s_apart(live_server, tmp_path, cpu_host):
+    import threading
+
+    from conftest import OPERATOR_TOKEN
+
+    server = live_server(trainer_manifest("hang.py", ONE_JOB, heartbeat_s=30, stale_after_s=120))
+    w = make_worker(server.url, tmp_path, grace_s=2.0)
+    pids = trainer_pids(w)
+    cancelled_at = []
+
+    def cancel_once_running():
+        deadline = time.monotonic() + 30
+        while not pids and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # past the first heartbeat: only the watch can bring the news now
+        job_id = next(iter(w.runs.values())).job_id
+        cancelled_at.append(time.monotonic())
+        status, _, body = server.call("POST", f"/v1/job/{job_id}/cancel", headers={"x-operator-token": OPERATOR_TOKEN})
+        assert status == 200, body
+
+    t = threading.Thread(target=cancel_once_running)
+    t.start()
+    assert w.run_once() == slots.CANCELLED
+    took = time.monotonic() - cancelled_at[0]
+    t.join()
+    assert took < 2.0 + 2.0, f"the trainer was stopped {took:.1f} s after the cancel"  # + its SIGTERM grace
+    assert not pid_alive(pids[0])
+    assert attempt_classes(server) == [("cancelled", "cancelled")]
+
+
+def test_progress_reaches_the_coordinator_within_2_s_though_heartbeats_are_30_s_apart(
+        live_server, tmp_path, cpu_host):
+    import threading
+
+    server = live_server(trainer_manifest("slow.py", ONE_JOB.replace("steps = 40, sleep = 0.1",
+                                                                     "steps = 8, sleep = 1.0"),
+                                          heartbeat_s=30, stale_after_s=120))
+    w = make_worker(server.url, tmp_path)
+    seen: list[tuple[float, int]] = []
+
+    def poll():
+        while not seen or seen[-1][1] < 8:
+            progress = only_job(server).get("progress") or {}
+            if progress.get("step") and (not seen or seen[-1][1] != progress["step"]):
+                seen.append((time.monotonic(), progress["step"]))
+            if only_job(server)["status"] == "completed":
+                return
+            time.sleep(0.1)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    assert w.run_once() == slots.COMPLETED
+    t.join(10)
+    steps = [step for _, step in seen]
+    assert len(steps) >= 3 and steps == sorted(steps), seen  # not just the first heartbeat's
+    gaps = [b - a for (a, _), (b, _) in zip(seen, seen[1:])]
+    assert max(gaps) < 2.0 + 1.5, seen  # at most once per 2 s, and no later than that
+
+
+@pytest.mark.skipif(os.name == "nt", reason="signals are POSIX")
+def test_a_worker_told_to_stop_hands_the_job_back_as_released(live_server, tmp_path, cpu_host):
+    import threading
+
+    server = live_server(trainer_manifest("hang.py", ONE_JOB))
+    w = make_worker(server.url, tmp_path, grace_s=2.0)
+    pids = trainer_pids(w)
+
+    def stop_once_running():
+        deadline = time.monotonic() + 30
+        while not pids and time.monotonic() < deadline:
+            time.sleep(0.05)
+        w.stop()
+
+    threading.Thread(target=stop_once_running, daemon=True).start()
+    assert w.run_once() == slots.RELEASED
+    assert only_job(server)["status"] == "pending"
+    assert attempt_classes(server) == [("released", "released")]
+
+
+# -- self-fencing: a worker cut off from the coordinator stops its trainer before anyone else starts one ------
+
+
+@pytest.mark.skipif(os.name == "nt", reason="signals are POSIX")
+def test_a_worker_cut_off_by_a_proxy_stops_its_trainer_before_the_job_runs_elsewhere(live_server, tmp_path,
+                                                                                        cpu_host):
+    import threading
+
+    from cis490fleet.client import Client
+    from peer_harness import LinkProxy
+
+    stamps = tmp_path / "stamps.jsonl"
+    job = f"""
+        [[jobs]]
+        name = "fenced"
+        model = "mlp"
+        mode = "fast"
+        hyper = {{ steps = 16, sleep = 0.5, stamps = {json.dumps(str(stamps))} }}
+    """
+    server = live_server(trainer_manifest("stamped.py", job, heartbeat_s=0.5, stale_after_s=3.0), sweep_interval=0.2)
+    port = int(server.url.rsplit(":", 1)[1])
+    proxy = LinkProxy(port, name="a->coordinator")
+    try:
+        cut_off = make_worker(proxy.url, tmp_path, host="wa", grace_s=2.0)
+        cut_off.client = cut_off.outbox.client = Client(proxy.url, host_id="wa", timeout=2.0, retries=0)
+        outcome: list[str] = []
+        a = threading.Thread(target=lambda: outcome.append(cut_off.run_once()), daemon=True)
+        a.start()
+        wait_for_stamp(stamps, "start", 1)
+        proxy.set_mode("blackhole")
+        cut_at = time.time()
+
+        other = make_worker(server.url, tmp_path, host="wb", wait_s=1.0)
+        deadline = time.monotonic() + 60
+        while (result := other.run_once()) != slots.COMPLETED:
+            assert result == slots.IDLE and time.monotonic() < deadline, result
+        a.join(60)
+        assert outcome == [slots.PENDING]  # the fenced attempt's report waits on disk for the coordinator
+        proxy.set_mode("pass")
+        cut_off.outbox.flush_pending()  # refused: the job went to wb meanwhile; the record is dropped
+        assert cut_off.outbox.pending_records() == []
+    finally:
+        proxy.close()
+    runs = read_stamps(stamps)
+    (first, second) = sorted(runs.values(), key=lambda r: r["start"])
+    assert first["stop"] < second["start"], f"the two attempts overlapped: {runs}"
+    assert first["stop"] - cut_at < 3.0  # stopped within stale_after_s of the cut
+    detail = only_job(server)
+    assert detail["status"] == "completed" and detail["host"] == "wb", detail
+    assert [(a["host"], a["outcome"], a["class"]) for a in detail["attempts"]] == [
+        ("wa", "stale", "lost"), ("wb", "completed", None)]
+
+
+def read_stamps(path: Path) -> dict[int, dict]:
+    runs: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        runs.setdefault(row["attempt"], {})[row["event"]] = row["t"]
+    return runs
+
+
+def wait_for_stamp(path: Path, event: str, attempt: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and read_stamps(path).get(attempt, {}).get(event)):
+        assert time.monotonic() < deadline, f"no {event} of attempt {attempt} in {path}"
+        time.sleep(0.05)
