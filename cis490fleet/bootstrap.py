@@ -17,13 +17,12 @@ from __future__ import annotations
 import re
 import shlex
 
-from cis490fleet import errors
+from cis490fleet import errors, signing
 from cis490fleet.model import HOST_ID_RE
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # URLs and keys are pasted into two shells: refuse anything a quote, space or control character would break.
 RECEIVER_RE = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/\-]*)?$")
-KEY_RE = re.compile(r"^[A-Za-z0-9_\-+/=.]{16,256}$")
 
 
 def _check(receiver: str, host: str, key: str, zipapp_sha256: str) -> str:
@@ -32,9 +31,12 @@ def _check(receiver: str, host: str, key: str, zipapp_sha256: str) -> str:
                                 "(e.g. https://coord.lab:8445); pass the coordinator's URL")
     if not isinstance(host, str) or not HOST_ID_RE.match(host):
         raise errors.BadRequest(f"host {host!r} is not a valid host id (letters, digits, '.', '_', '-', at most 63)")
-    if not isinstance(key, str) or not KEY_RE.match(key):
-        raise errors.BadRequest("the host key must be 16-256 characters of letters, digits and -_+/=.; "
-                                "create it with `jobs hosts add`")
+    try:
+        signing.parse_key(key if isinstance(key, str) else "", "the host key")
+    except errors.ConfigError as err:
+        raise errors.BadRequest(str(err)) from None
+    if key != key.strip():
+        raise errors.BadRequest("the host key has spaces around it; pass the 64 hex digits alone")
     if not isinstance(zipapp_sha256, str) or not SHA256_RE.match(zipapp_sha256):
         raise errors.BadRequest(f"zipapp sha256 {zipapp_sha256!r} is not 64 lowercase hex digits")
     return receiver.rstrip("/")

@@ -969,7 +969,7 @@ def read_host_key(raw: str | None) -> bytes | None:
     """The host key from ``raw`` (a file, or ``-`` for standard input), checked, as the file's bytes."""
     if raw is None:
         return None
-    from cis490fleet.bootstrap import KEY_RE
+    from cis490fleet import signing
 
     if raw == "-":
         text = sys.stdin.read(4096)
@@ -979,10 +979,7 @@ def read_host_key(raw: str | None) -> bytes | None:
         except (OSError, UnicodeDecodeError) as err:
             raise errors.ConfigError(f"--host-key-file {raw}: cannot read it ({err})") from None
     key = text.strip()
-    if not KEY_RE.match(key):
-        where = "standard input" if raw == "-" else raw
-        raise errors.ConfigError(f"--host-key-file: {where} holds no host key (16-256 letters, digits or -_+/=.); "
-                                 "give the key `jobs hosts add HOST` printed")
+    signing.parse_key(key, f"--host-key-file {'(standard input)' if raw == '-' else raw}")
     return (key + "\n").encode()
 
 

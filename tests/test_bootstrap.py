@@ -15,7 +15,7 @@ from cis490fleet import errors
 from cis490fleet.bootstrap import enroll_commands
 
 ROOT = Path(__file__).resolve().parent.parent
-KEY = "k3y_-abcdefghijklmnopqrstuvwxyz0123456789"
+KEY = "0123456789abcdef" * 4  # what `jobs hosts add` prints: 64 hex digits
 PYZ = b"PK\x03\x04 pretend zipapp bytes " * 100
 SHA = hashlib.sha256(PYZ).hexdigest()
 
@@ -100,6 +100,7 @@ def test_https_receiver_restricts_curl_to_https_and_windows_line_uses_the_script
     ("ftp://c:1", "ws1", KEY, SHA, "receiver"),
     ("https://c:1", "ws 1", KEY, SHA, "host"),
     ("https://c:1", "ws1", "short", SHA, "host key"),
+    ("https://c:1", "ws1", KEY.upper(), SHA, "host key"),
     ("https://c:1", "ws1", KEY + "'$(id)'", SHA, "host key"),
     ("https://c:1", "ws1", KEY, SHA.upper(), "sha256"),
 ])

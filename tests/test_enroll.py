@@ -681,7 +681,7 @@ def test_round_trip_fetched_pyz_enrolls_and_the_installed_worker_completes_a_job
 
 # -- trust: a pinned zipapp, the host key on standard input, secrets never readable by others ----
 
-KEY = "hk_0123456789abcdefghijklmnopqrstuvwxyz"
+KEY = "fedcba9876543210" * 4
 
 
 def sha(path: Path) -> str:
@@ -742,11 +742,11 @@ def test_the_host_key_comes_on_stdin_and_only_the_service_can_read_it(tmp_path, 
         files["/etc/systemd/system/cis490fleet-worker.service"]
 
 
-@pytest.mark.parametrize("given", ["", "short", "two words here and there"])
+@pytest.mark.parametrize("given", ["", "short", "two words here and there", "g" * 64])
 def test_a_missing_or_malformed_host_key_is_refused(tmp_path, pyz, given):
     key_file = tmp_path / "key"
     key_file.write_text(given)
-    with pytest.raises(errors.ConfigError, match="holds no host key"):
+    with pytest.raises(errors.ConfigError, match="does not hold a key: expected 64 hex digits"):
         enroll.main([str(a) for a in worker_args(tmp_path / "root", pyz)] + ["--host-key-file", str(key_file)])
     assert not (tmp_path / "root").exists()
 

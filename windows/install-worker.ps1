@@ -138,8 +138,8 @@ if ($HostKeyFile -eq '-') {
     if (-not (Test-Path -LiteralPath $HostKeyFile)) { Stop-WithError "-HostKeyFile $HostKeyFile does not exist" }
     $HostKeyText = ([IO.File]::ReadAllText($HostKeyFile)).Trim()
 }
-if ($HostKeyFile -and $HostKeyText -notmatch '^[A-Za-z0-9_+/=.\-]{16,256}$') {
-    Stop-WithError 'the host key is missing or malformed; give the key `jobs hosts add HOST` printed'
+if ($HostKeyFile -and $HostKeyText -cnotmatch '^[0-9a-f]{64}$') {
+    Stop-WithError 'the host key is missing or malformed (64 hex digits); give the key `jobs hosts add HOST` printed'
 }
 
 # The interpreter the task runs: -Python, else the newest the py launcher knows, else python.exe on PATH.
