@@ -188,7 +188,8 @@ class Replicator:
                                      f"({', '.join(sorted(peers))}); list this peer too: --peer {node_id}=URL")
         self.data_dir = Path(data_dir)
         self.node_id = node_id
-        self.urls = dict(peers)   # every address known: the seed's, the configuration's, what peers announce
+        self._local_urls = dict(peers)  # this peer's --peer: they win (e.g. each peer reaches the others via a proxy)
+        self.urls = dict(peers)   # every address known: --peer, the configuration's, what senders announce
         self.peers = dict(peers)  # the members of the configuration in effect, with their URLs
         self._seed_cluster = cluster_id(peers)
         self.store = store
@@ -231,6 +232,7 @@ class Replicator:
         self._stop = threading.Event()
         self._senders: dict[str, _Sender] = {}
         self.joining_cluster: str | None = None
+        self._logged_members: tuple = ()
         self._started = False
         self._lost_logged = False
         self._sync_members()
@@ -514,14 +516,14 @@ class Replicator:
             self.cluster = None
             return
         addresses = {p: u for p, u in (config.get("addresses") or {}).items() if isinstance(u, str)}
-        if any(self.urls.get(p) != u for p, u in addresses.items()):
-            self.urls = {**self.urls, **addresses}
+        if any(p not in self._local_urls and self.urls.get(p) != u for p, u in addresses.items()):
+            self.urls = {**self.urls, **addresses, **self._local_urls}
         members = set(config["voters"]) | set(config["learners"])
-        peers = {p: self.urls[p] for p in sorted(members) if p in self.urls}
-        if peers != self.peers:
-            log.info("raft %s: members now %s (voters %s, learners %s)", self.node_id, ", ".join(peers),
-                     ", ".join(config["voters"]), ", ".join(config["learners"]) or "none")
-            self.peers = peers
+        self.peers = {p: self.urls[p] for p in sorted(members) if p in self.urls}
+        if (config["voters"], config["learners"]) != self._logged_members:
+            self._logged_members = (config["voters"], config["learners"])
+            log.info("raft %s: members now voters %s, learners %s", self.node_id, ", ".join(config["voters"]),
+                     ", ".join(config["learners"]) or "none")
         self.cluster = config.get("cluster", self._seed_cluster)
         for pid in [p for p in self._senders if p not in members]:
             self._senders.pop(pid).box.put(None)

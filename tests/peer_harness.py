@@ -279,6 +279,7 @@ class Peer:
     proc: subprocess.Popen | None = None
     paused: bool = False
     starts: int = 0
+    join: bool = False  # started with --join: waits to be added to the group (jobs peers add)
 
     @property
     def url(self) -> str:
@@ -343,6 +344,8 @@ class PeerGroup:
             argv += ["--peer", f"{other}={url}"]
         if peer.manifest is not None:
             argv += ["--manifest", str(peer.manifest)]
+        if peer.join:
+            argv.append("--join")
         if self.tick_ms is not None:
             argv += ["--raft-tick-ms", str(self.tick_ms)]
         return argv + list(self.extra_args)
@@ -376,6 +379,40 @@ class PeerGroup:
                 peer.proc.wait(30)
         for link in self.links.values():
             link.close()
+
+    def add_peer(self, nid: str) -> Peer:
+        """A new peer, started with ``--join`` (it waits for ``POST /v1/peers``); the others reach it directly, it
+        reaches them through its own proxies. Not started: see ``start``."""
+        folder = self.base / nid
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = None
+        if self.manifest_text is not None:
+            manifest = folder / "manifest.toml"
+            manifest.write_text(self.manifest_text, encoding="utf-8")
+        peer = self.peers[nid] = Peer(nid, free_port(), folder / "data", manifest, folder / "serve.log", join=True)
+        if self.proxies:
+            for other in self.node_ids:
+                self.links[(nid, other)] = LinkProxy(self.peers[other].port, name=f"{nid}->{other}")
+        self.node_ids += (nid,)
+        self.n = len(self.node_ids)
+        return peer
+
+    def forget(self, nid: str) -> None:
+        """Stop a peer removed from the group (kill -9) and leave it out of ``node_ids`` and majorities."""
+        self.kill9(nid)
+        self.node_ids = tuple(n for n in self.node_ids if n != nid)
+        self.n = len(self.node_ids)
+
+    def operator(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
+        """An operator request (the group's token) to the first peer that answers."""
+        for nid in self.node_ids:
+            if self.peers[nid].alive:
+                try:
+                    return http_json(self.peers[nid].url, method, path, body,
+                                     headers={"x-operator-token": self.token}, timeout=timeout)
+                except OSError:
+                    continue
+        raise RuntimeError("no peer answers")
 
     def kill9(self, nid: str) -> None:
         """kill -9, as a power cut would."""

@@ -346,8 +346,8 @@ def test_jobs_peers_shows_every_member_from_one_url(group):
     assert rows[g.urls[leader]][1] == "leader"
     for name, url in g.urls.items():
         if name != leader:
-            role, term, leader_id, node, commit, applied, lag = rows[url][1:8]
-            assert (role, leader_id, node) == ("follower", leader, name)
+            role, term, leader_id, node, member, commit, applied, lag = rows[url][1:9]
+            assert (role, leader_id, node, member) == ("follower", leader, name, "voter")
             assert int(applied) <= int(commit) and int(lag) >= 0
 
 
