@@ -472,8 +472,9 @@ class Client:
         return self._call("POST", f"/v1/job/{_quote(job_id)}/heartbeat", payload=payload,
                           headers={"x-lease": lease}, session=True)
 
-    def complete(self, job_id: str, lease, artifact_id: str) -> dict:
-        return self._call("POST", f"/v1/job/{_quote(job_id)}/complete", payload={"artifact_id": artifact_id},
+    def complete(self, job_id: str, lease, artifact_id: str, metrics: dict | None = None) -> dict:
+        payload = {"artifact_id": artifact_id, **({"metrics": metrics} if metrics else {})}
+        return self._call("POST", f"/v1/job/{_quote(job_id)}/complete", payload=payload,
                           headers={"x-lease": lease}, session=True)
 
     def fail(self, job_id: str, lease, error: str, failure_class: str | None = None) -> dict:
@@ -565,6 +566,12 @@ class Client:
         """``{"failures": [...]}``: the newest failed or stale attempts (the server's default is 20)."""
         qs = "" if limit is None else "?" + urllib.parse.urlencode({"limit": limit})
         return self._call("GET", "/v1/failures" + qs)
+
+    def results(self, *, sweep: str | None = None, model: str | None = None, sort: str | None = None,
+                order: str | None = None) -> dict:
+        """``{"results", "metrics", "sort", "order"}``: completed jobs and their final metrics, best first."""
+        query = {k: v for k, v in (("sweep", sweep), ("model", model), ("sort", sort), ("order", order)) if v}
+        return self._call("GET", "/v1/results" + ("?" + urllib.parse.urlencode(query) if query else ""))
 
     def cancel(self, job_id: str) -> dict:
         return self._call("POST", f"/v1/job/{_quote(job_id)}/cancel", session=True)

@@ -21,6 +21,7 @@ import math
 from cis490fleet.errors import BadRequest
 from cis490fleet.jobs import CLASS_JOB, FAILURE_CLASSES
 from cis490fleet.model import HOST_ID_RE, JOB_ID_RE, SHA256_RE, normalize_capability
+from cis490fleet.results import final_metrics
 
 LOG_TAIL_MAX = 64 * 1024
 ERROR_MAX = 64 * 1024
@@ -152,6 +153,15 @@ def _capability(op, name, v):
     return normalize_capability(v)
 
 
+def _opt_metrics(op, name, v):
+    """Final metrics: an object whose finite numbers are kept (results.final_metrics); anything else is dropped."""
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise _bad(op, name, 'an object of metric names and numbers, e.g. {"val_loss": 0.31}', v)
+    return final_metrics(v)
+
+
 def _text(limit):
     def check(op, name, v):
         if not isinstance(v, str):
@@ -240,7 +250,7 @@ OPS: dict[str, dict[str, tuple]] = {
                         "lease": (_opt_lease, None), "model": (_short_text, REQUIRED),
                         "mode": (_short_text, REQUIRED), "size": (_size, REQUIRED), "path": (_short_text, REQUIRED)},
     "complete": {"job_id": (_job_id, REQUIRED), "host": (_host, REQUIRED), "lease": (_opt_lease, None),
-                 "artifact_id": (_sha, REQUIRED)},
+                 "artifact_id": (_sha, REQUIRED), "metrics": (_opt_metrics, None)},
     "fail": {"job_id": (_job_id, REQUIRED), "host": (_host, REQUIRED), "lease": (_opt_lease, None),
              "error": (_text(ERROR_MAX), REQUIRED), "failure_class": (_failure_class, CLASS_JOB)},
     "release": {"job_id": (_job_id, REQUIRED), "host": (_host, REQUIRED), "lease": (_opt_lease, None)},

@@ -519,6 +519,10 @@ class Coordinator:
         self._barrier()
         return self._read(self.store.recent_failures, limit)
 
+    def results(self, *, sweep: str | None = None, model: str | None = None) -> list:
+        self._barrier()
+        return self._read(self.store.results, sweep=sweep, model=model)
+
     def fleet(self) -> FleetConfig:
         return self._read(self.store.fleet)
 

@@ -32,7 +32,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
 
-from cis490fleet import __version__, connection_guard, edge_json, errors, model, openapi, tls
+from cis490fleet import __version__, connection_guard, edge_json, errors, model, openapi, results, tls
 from cis490fleet.jobs import CLASS_JOB, FAILURE_CLASSES
 
 log = logging.getLogger(__name__)
@@ -449,10 +449,12 @@ def h_complete(req: Request):
     job_id = job_id_param(req.params["id"])
     host = req.host_id()
     lease = req.lease()
-    artifact_id = field_string(req.json_object(), "artifact_id", required=True)
+    body = req.json_object()
+    artifact_id = field_string(body, "artifact_id", required=True)
     sha_param(artifact_id)
+    metrics = field_object(body, "metrics")
     req.app.execute({"op": "complete", "job_id": job_id, "host": host, "lease": lease, "artifact_id": artifact_id,
-                     **req.session()})
+                     **({"metrics": metrics} if metrics is not None else {}), **req.session()})
     return {"ok": True}
 
 
@@ -534,6 +536,32 @@ def h_workers(req: Request):
 
 def h_failures(req: Request):
     return {"failures": req.app.failures(req.query_int("limit", 20, 1, 1000))}
+
+
+def h_results(req: Request):
+    """Completed jobs with their hyper values and final metrics, best first; ``format=csv`` for a spreadsheet."""
+    sweep, model_name = req.query_one("sweep") or None, req.query_one("model") or None
+    if sweep is not None and (len(sweep) > 200 or not sweep.isprintable()):
+        raise errors.BadRequest(f"sweep {sweep[:80]!r} is not a sweep name: use a [[sweeps]] entry's name")
+    if model_name is not None and not model.NAME_RE.match(model_name):
+        raise errors.BadRequest(f"model {model_name[:80]!r} is not a valid model name")
+    order = req.query_one("order") or None
+    if order not in (None, "min", "max"):
+        raise errors.BadRequest(f"order {order[:20]!r} is not min or max: say which way is better")
+    fmt = req.query_one("format") or "json"
+    if fmt not in ("json", "csv"):
+        raise errors.BadRequest(f"format {fmt[:20]!r} is not json or csv")
+    rows = req.app.results(sweep=sweep, model=model_name)
+    names = results.metric_names(rows)
+    metric = req.query_one("sort") or results.default_metric(names)
+    if metric is not None and names and metric not in names:
+        raise errors.BadRequest(f"no completed job reported a metric {metric[:80]!r}; these did: {', '.join(names)}")
+    ranked = results.rank(rows, metric, order)
+    if fmt == "csv":
+        return 200, "text/csv; charset=utf-8", results.to_csv(ranked).encode("utf-8"), {
+            "content-disposition": 'attachment; filename="results.csv"'}
+    return {"results": ranked, "metrics": names, "sort": metric,
+            "order": order or (None if metric is None else "min" if results.better_lower(metric) else "max")}
 
 
 def h_register(req: Request):
@@ -744,6 +772,7 @@ def make_router() -> Router:
         ("GET", "/v1/jobs", h_jobs),
         ("GET", "/v1/workers", h_workers),
         ("GET", "/v1/failures", h_failures),
+        ("GET", "/v1/results", h_results),
         ("POST", "/v1/worker/register", h_register),
         ("POST", "/v1/worker/leave", h_leave),
         ("PUT", "/v1/model/{job_id}", h_upload),

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cis490fleet import checkpoint_records, commands, db, failure_text, jobs, placement, policy
+from cis490fleet.results import final_metrics
 from cis490fleet.errors import (AmbiguousId, ApplyFailed, BadRequest, FleetError, InvalidTransition, NotFound,
                                 Unavailable, error_from_wire)
 from cis490fleet.model import (COMPLETED, FAILED, HELD_STATUSES, JOB_ID_RE, NAME_RE, PENDING, STATUSES,
@@ -146,6 +147,10 @@ MIGRATIONS = [
     # Why each attempt that did not complete ended (jobs.CLASS_*): whose fault, so whether it is retried.
     """
     ALTER TABLE attempts ADD COLUMN class TEXT;
+    """,
+    # Each completed job's final metrics (results.final_metrics): the answer of a sweep, without its bundles.
+    """
+    ALTER TABLE jobs ADD COLUMN metrics TEXT;
     """,
 ]
 
@@ -893,7 +898,8 @@ class JobStore(checkpoint_records.CheckpointRecords):
                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (artifact_id, job_id, model, mode, host, size, path, now))
         return {"ok": True}
 
-    def _op_complete(self, conn, now: float, job_id: str, host: str, lease: str | None, artifact_id: str) -> dict:
+    def _op_complete(self, conn, now: float, job_id: str, host: str, lease: str | None, artifact_id: str,
+                     metrics: dict | None = None) -> dict:
         state, row = self._load(conn, job_id)
         jobs.check_holder(state, host, lease)
         if conn.execute("SELECT 1 FROM artifacts WHERE artifact_id = ?", (artifact_id,)).fetchone() is None:
@@ -903,6 +909,9 @@ class JobStore(checkpoint_records.CheckpointRecords):
         if step.job is not state:
             self._record_run(conn, job_id, state.tries, host, now)
             self._save(conn, step)
+            progress = conn.execute("SELECT progress FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+            final = final_metrics(metrics, _loads(progress))
+            conn.execute("UPDATE jobs SET metrics = ? WHERE id = ?", (json.dumps(final) if final else None, job_id))
             self._touch_worker(conn, host, now)
             if row[-1] is not None:
                 self._refresh_blocked(conn, row[-1])
@@ -1163,6 +1172,27 @@ class JobStore(checkpoint_records.CheckpointRecords):
         with self._use() as conn:
             for status, n in conn.execute("SELECT status, count(*) FROM jobs GROUP BY status"):
                 out[status] = n
+        return out
+
+    def results(self, *, sweep: str | None = None, model: str | None = None) -> list[dict]:
+        """Completed jobs, in queue order, with their identity, hyper values and final metrics."""
+        where, args = ["status = 'completed'"], []
+        if sweep is not None:
+            where.append("json_extract(spec, '$.sweep') = ?")
+            args.append(sweep)
+        if model is not None:
+            where.append("model = ?")
+            args.append(model)
+        with self._snapshot() as conn:
+            rows = conn.execute(f"SELECT id, name, model, mode, spec, metrics, artifact_id, updated FROM jobs "
+                                f"WHERE {' AND '.join(where)} ORDER BY seq", args).fetchall()
+        out = []
+        for job_id, name, model_, mode, spec_text, metrics, artifact_id, updated in rows:
+            spec = json.loads(spec_text)
+            out.append({"id": job_id, "name": name, "model": model_, "mode": mode, "seed": spec.get("seed"),
+                        "hyper": spec.get("hyper", {}), "sweep": spec.get("sweep"),
+                        "metrics": json.loads(metrics) if metrics else {}, "artifact_id": artifact_id,
+                        "completed": updated})
         return out
 
     def sweep_counts(self, sweep: str) -> tuple[dict[str, int], float | None]:

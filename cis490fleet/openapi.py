@@ -186,7 +186,11 @@ PATHS = {
          "properties": {"ok": {"const": True}, "cancel": {"type": "boolean"}}})},
     "/v1/job/{id}/complete": {"post": _worker_op(
         "finish the job with an uploaded artifact",
-        _body({"type": "object", "required": ["artifact_id"], "properties": {"artifact_id": _HEX64}}), _OK)},
+        _body({"type": "object", "required": ["artifact_id"], "properties": {
+            "artifact_id": _HEX64,
+            "metrics": {"type": "object", "description": "the final metrics (the trainer's metrics.json); its finite "
+                        "numbers are kept, else those of the last progress report",
+                        "additionalProperties": {"type": "number"}}}}), _OK)},
     "/v1/job/{id}/fail": {"post": _worker_op(
         "report that this attempt failed; whether the job is retried depends on the failure's class",
         _body({"type": "object", "required": ["error"], "properties": {
@@ -229,6 +233,22 @@ PATHS = {
                                                                   "default": 20}}],
         "responses": {"200": _json({"type": "object", "required": ["failures"], "properties": {
             "failures": {"type": "array", "items": _ref("Failure")}}}), **_errors(400)}}},
+    "/v1/results": {"get": {
+        "summary": "completed jobs with their hyper values and final metrics, best first by one metric",
+        "parameters": [{"name": n, "in": "query", "schema": {"type": "string"}, "description": d} for n, d in (
+            ("sweep", "only this [[sweeps]] entry's jobs (its name, else sweeps[<index>])"),
+            ("model", "only this model's jobs"),
+            ("sort", "the metric to rank by; default val_loss, else a val_ metric, else a loss"),
+            ("order", "min or max: which way is better; default from the metric's name (loss, error: min)"),
+            ("format", "json (default) or csv"))],
+        "responses": {"200": {"description": "the ranked table", "content": {
+            "application/json": {"schema": {"type": "object", "required": ["results", "metrics", "sort"],
+                                             "properties": {"results": {"type": "array", "items": {"type": "object"}},
+                                                            "metrics": {"type": "array",
+                                                                        "items": {"type": "string"}},
+                                                            "sort": {"type": ["string", "null"]},
+                                                            "order": {"type": ["string", "null"]}}}},
+            "text/csv": {"schema": {"type": "string"}}}}, **_errors(400)}}},
     "/v1/worker/register": {"post": {
         "summary": "announce a worker and its capability", "security": _WORKER,
         "parameters": [_HOST_HEADER, *_SESSION],

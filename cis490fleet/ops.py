@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from cis490fleet import errors, failure_text
+from cis490fleet import errors, failure_text, results
 from cis490fleet.errors import (  # noqa: F401 (jobs documents all six)
     EXIT_FAILED, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNAUTHORISED, EXIT_UNREACHABLE, EXIT_USAGE, exit_code,
 )
@@ -338,6 +338,25 @@ class Ops:
                        rows, {8: lambda s: self.out.paint(s, s)})
         return EXIT_OK
 
+    def cmd_results(self) -> int:
+        answer = self.client.results(sweep=self.args.sweep, model=self.args.model, sort=self.args.sort,
+                                     order=self.args.order)
+        rows = answer.get("results", [])
+        if self.args.json:
+            self.out.json(answer)
+            return EXIT_OK
+        if self.args.csv:
+            self.out.stream.write(results.to_csv(rows))
+            return EXIT_OK
+        if not rows:
+            self.out.line("no completed jobs" + (f" in sweep {self.args.sweep}" if self.args.sweep else ""))
+            return EXIT_OK
+        head, body = results.table(rows)
+        sort = answer.get("sort")
+        self.out.table([h.upper() if h != sort else f"{h.upper()} ({answer.get('order')})" for h in head],
+                       [[_result_cell(v) for v in line] for line in body])
+        return EXIT_OK
+
     # writes ------------------------------------------------------------------------------------
 
     def _each(self, verb: str, act: Callable[[str], dict]) -> int:
@@ -627,6 +646,14 @@ def new_log_text(old: str, new: str) -> str:
 # -- arguments --------------------------------------------------------------------------------------
 
 
+def _result_cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return "" if value is None else str(value)
+
+
 JOB_REF_HELP = "a job's name in the manifest, its id, or a unique prefix of the id (4+ hex digits)"
 
 
@@ -668,6 +695,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", help=JOB_REF_HELP)
     p = add("failures", "the newest failed or stale attempts, also of jobs still retrying or since completed")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="at most this many attempts (default 20)")
+    p = add("results", "completed jobs with their hyper values and final metrics, best first")
+    p.add_argument("--sweep", metavar="NAME", help="only this sweep's jobs (its name, else sweeps[<index>])")
+    p.add_argument("--model", metavar="M", help="only this model's jobs")
+    p.add_argument("--sort", metavar="METRIC", help="rank by this metric (default: val_loss, else a val_ metric)")
+    p.add_argument("--order", choices=("min", "max"), help="which way is better (default: from the metric's name)")
+    p.add_argument("--csv", action="store_true", help="print CSV for a spreadsheet")
     p = add("cancel", "cancel jobs (a running job's worker is told to stop)")
     p.add_argument("ids", nargs="+", metavar="ID", help=JOB_REF_HELP)
     p = add("requeue", "put failed or cancelled jobs back in the queue")

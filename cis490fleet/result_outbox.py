@@ -13,12 +13,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from cis490fleet import errors, jobs
+from cis490fleet import errors, jobs, results
 from cis490fleet.slots import COMPLETED, FAILED, LOST, PENDING
 from cis490fleet.trainer_process import TrainerRun
 from cis490fleet.worker_view import logger
 
 log = logger(__name__)
+METRICS_JSON_MAX = 1 << 20
 
 
 class Outbox:
@@ -50,7 +51,8 @@ class Outbox:
             return self.report_failure(run, f"cannot bundle the trainer's output {run.out}: {err}", jobs.CLASS_JOB)
         log.info("job %s: trainer done; bundle %s (%d bytes)", run.label, Path(path).name, size)
         record = {"action": "complete", "job_id": run.job_id, "lease": run.lease, "attempt": run.attempt,
-                  "bundle": str(path), "sha256": sha256, "size": size, "label": run.label}
+                  "bundle": str(path), "sha256": sha256, "size": size, "label": run.label,
+                  "metrics": final_metrics(run)}
         return self.deliver(record)
 
     def report_failure(self, run: TrainerRun, error: str, failure_class: str) -> str:
@@ -122,7 +124,7 @@ class Outbox:
                     answer = self.client.upload(job_id, lease, record["bundle"], sha256=record.get("sha256"))
                     record["artifact_id"] = answer["artifact_id"]
                     self._save_record(record)
-                self.client.complete(job_id, lease, record["artifact_id"])
+                self.client.complete(job_id, lease, record["artifact_id"], record.get("metrics"))
             except errors.Unavailable as err:
                 log.warning("job %s: result kept in %s until the coordinator answers (%s)",
                             label, self.pending_dir, err)
@@ -185,3 +187,20 @@ class Outbox:
             return waiting
         finally:
             self._pending_lock.release()
+
+
+def final_metrics(run: TrainerRun) -> dict:
+    """What the results table shows for this attempt: the numbers of the trainer's metrics.json, else those of
+    its last progress line; {} when it reported neither."""
+    path = Path(run.out) / "metrics.json"
+    written = None
+    try:
+        if path.stat().st_size > METRICS_JSON_MAX:
+            log.warning("%s is over %d bytes; the results table uses the last progress line", path, METRICS_JSON_MAX)
+        else:
+            written = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as err:
+        log.warning("cannot read %s (%s); the results table uses the last progress line", path, err)
+    return results.final_metrics(written, run.progress())
