@@ -293,8 +293,6 @@ def test_jobspec_to_json_carries_every_field_like_asdict():
     assert JobSpec.from_json(got) == spec
     plain = JobSpec(model="m", mode="x")
     assert JobSpec.from_json(plain.to_json()) == plain
-    assert not {"gpus", "gpu_share", "mixed_gpus", "expected_minutes", "sweep"} & set(plain.to_json()), \
-        "fields newer than the stored specs are left out at their defaults, so old specs' text stays the same"
 
 
 # -- upload ------------------------------------------------------------------------------------------------
