@@ -791,15 +791,16 @@ class Replicator:
             self._fetching.discard(sha)
 
     def push_artifact(self, sha: str, meta: dict, timeout: float = 60.0) -> int:
-        """Leader: send a stored bundle to every follower in parallel; returns how many peers hold it
-        (this one included) once a majority does, else raises Unavailable.
+        """Leader: send a stored bundle to every member in parallel; returns how many voters hold it
+        (this one included) once a majority of them does, else raises Unavailable (learners' copies count for none).
 
         ``timeout`` is per socket operation; the wait for a majority also allows 10 MiB/s for the bytes."""
         path = self._store_of(meta.get("kind")).locate(sha)
         size = path.stat().st_size
-        need = len(self.status()["voters"]) // 2 + 1
+        voters = set(self.status()["voters"])
+        need = len(voters) // 2 + 1
         done = threading.Semaphore(0)
-        ok = [1]
+        ok = [int(self.node_id in voters)]
         lock = threading.Lock()
 
         def push(pid, url):
@@ -814,7 +815,7 @@ class Replicator:
                 conn.close()
                 if resp.status in (200, 201):
                     with lock:
-                        ok[0] += 1
+                        ok[0] += pid in voters
                 else:
                     log.warning("peer %s refused artifact %s: %s", pid, sha[:12], resp.status)
             except (OSError, http.client.HTTPException) as err:
@@ -835,8 +836,8 @@ class Replicator:
         with lock:
             held = ok[0]
         if held < need:
-            raise errors.Unavailable(f"artifact {sha[:12]} reached {held} of {len(self.peers)} peers, not a "
-                                     "majority of the voters; retry the upload")
+            raise errors.Unavailable(f"artifact {sha[:12]} reached {held} of {len(voters)} voters, not a majority; "
+                                     "retry the upload")
         return held
 
     def receive_artifact(self, sha: str, cluster: str | None, meta_text: str | None, body, length: int) -> dict:
