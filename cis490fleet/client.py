@@ -567,6 +567,10 @@ class Client:
         qs = "" if limit is None else "?" + urllib.parse.urlencode({"limit": limit})
         return self._call("GET", "/v1/failures" + qs)
 
+    def metric_history(self, id_or_prefix: str) -> dict:
+        """``{"job_id", "attempts": [{"attempt", "points": [{"t", "epoch", "step", "metrics"}]}]}``."""
+        return self._call("GET", f"/v1/job/{_quote(id_or_prefix)}/metrics")
+
     def results(self, *, sweep: str | None = None, model: str | None = None, sort: str | None = None,
                 order: str | None = None) -> dict:
         """``{"results", "metrics", "sort", "order"}``: completed jobs and their final metrics, best first."""

@@ -519,6 +519,10 @@ class Coordinator:
         self._barrier()
         return self._read(self.store.recent_failures, limit)
 
+    def metric_history(self, ref: str) -> list:
+        self._barrier()
+        return self._read(self.store.metric_history, ref)
+
     def results(self, *, sweep: str | None = None, model: str | None = None) -> list:
         self._barrier()
         return self._read(self.store.results, sweep=sweep, model=model)

@@ -538,6 +538,12 @@ def h_failures(req: Request):
     return {"failures": req.app.failures(req.query_int("limit", 20, 1, 1000))}
 
 
+def h_job_metrics(req: Request):
+    """Every progress report's numbers, per attempt: the curves of a running or finished job."""
+    ref = job_ref_param(req.params["id"])
+    return {"job_id": req.app.resolve_job_id(ref), "attempts": req.app.metric_history(ref)}
+
+
 def h_results(req: Request):
     """Completed jobs with their hyper values and final metrics, best first; ``format=csv`` for a spreadsheet."""
     sweep, model_name = req.query_one("sweep") or None, req.query_one("model") or None
@@ -769,6 +775,7 @@ def make_router() -> Router:
         ("POST", "/v1/job/{id}/cancel", h_cancel),
         ("POST", "/v1/job/{id}/requeue", h_requeue),
         ("GET", "/v1/job/{id}", h_job),
+        ("GET", "/v1/job/{id}/metrics", h_job_metrics),
         ("GET", "/v1/jobs", h_jobs),
         ("GET", "/v1/workers", h_workers),
         ("GET", "/v1/failures", h_failures),

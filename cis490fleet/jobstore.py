@@ -28,7 +28,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from cis490fleet import checkpoint_records, commands, db, failure_text, jobs, placement, policy
+from cis490fleet import checkpoint_records, commands, db, failure_text, jobs, metric_history, placement, policy
 from cis490fleet.results import final_metrics
 from cis490fleet.errors import (AmbiguousId, ApplyFailed, BadRequest, FleetError, InvalidTransition, NotFound,
                                 Unavailable, error_from_wire)
@@ -152,6 +152,8 @@ MIGRATIONS = [
     """
     ALTER TABLE jobs ADD COLUMN metrics TEXT;
     """,
+    # The numbers of every progress report per attempt (metric_history.py): curves that outlive the browser.
+    metric_history.MIGRATION,
 ]
 
 # The claim seek: the best claimable job of one class. Its WHERE and ORDER BY
@@ -351,7 +353,7 @@ class _HostGpus:
 
 # ---------------------------------------------------------------- the store
 
-class JobStore(checkpoint_records.CheckpointRecords):
+class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistory):
     """The queue in one SQLite file; one connection per thread, shared by any number of processes."""
 
     def __init__(self, path, *, synchronous: str = "FULL"):
@@ -882,6 +884,7 @@ class JobStore(checkpoint_records.CheckpointRecords):
                 raise BadRequest("heartbeat: field 'progress' must be plain JSON "
                                  "(numbers, strings, lists, objects)") from None
             self._record_peak_vram(conn, job_id, progress.get("peak_vram_gib"))
+            self._record_point(conn, job_id, state.tries, progress, now)
         if log_tail is not None:
             conn.execute("UPDATE attempts SET log_tail = ? WHERE job = ? AND number = ?",
                          (log_tail, job_id, state.tries))

@@ -233,6 +233,18 @@ PATHS = {
                                                                   "default": 20}}],
         "responses": {"200": _json({"type": "object", "required": ["failures"], "properties": {
             "failures": {"type": "array", "items": _ref("Failure")}}}), **_errors(400)}}},
+    "/v1/job/{id}/metrics": {"get": {
+        "summary": "the numbers of every progress report of the job, per attempt (downsampled past 512 points)",
+        "parameters": [_ID_PARAM],
+        "responses": {"200": _json({"type": "object", "required": ["job_id", "attempts"], "properties": {
+            "job_id": _HEX64,
+            "attempts": {"type": "array", "items": {"type": "object", "properties": {
+                "attempt": {"type": "integer"},
+                "points": {"type": "array", "items": {"type": "object", "properties": {
+                    "t": {"type": "number"}, "epoch": {"type": ["number", "null"]},
+                    "step": {"type": ["integer", "null"]},
+                    "metrics": {"type": "object", "additionalProperties": {"type": "number"}}}}}}}}}}),
+            **_errors(400, 404)}}},
     "/v1/results": {"get": {
         "summary": "completed jobs with their hyper values and final metrics, best first by one metric",
         "parameters": [{"name": n, "in": "query", "schema": {"type": "string"}, "description": d} for n, d in (
