@@ -896,6 +896,10 @@ GOOD_APPEND = {"type": "AppendEntries", "term": 2, "from": "n1", "to": "n2", "pr
     ({"entries": [{"index": 6, "term": 2}]}, "entries[0]: index 6 breaks the run that starts after prev_log_index 4"),
     ({"entries": [{"index": 5, "term": 2, "data": [1]}]}, "entries[0]: 'data' must be a JSON object or null"),
     ({"entries": [7]}, "entries[0] must be a JSON object, got 7"),
+    ({"entries": [{"index": 5, "term": 2, "config": {"voters": "n1"}}]},
+     "entries[0]: config 'voters' must be a list of member ids, got 'n1'"),
+    ({"entries": [{"index": 5, "term": 2, "config": {"voters": ["n1"], "learners": ["n1"]}}]},
+     "config lists a member twice"),
 ])
 def test_check_message_names_what_is_wrong(change, complaint):
     assert check_message(dict(GOOD_APPEND)) == GOOD_APPEND
@@ -1166,3 +1170,19 @@ def test_a_wiped_voter_cannot_elect_a_stale_leader_and_is_replaced():
     elapse 2
     expect data 2 a b
     """)
+
+
+def test_a_heartbeat_beyond_the_log_makes_a_node_lost_instead_of_killing_it():
+    """A seeded node restarted on an emptied store (the old advice) is sent a heartbeat naming entries it
+    acknowledged before: it used to die of an AssertionError; now it knows it lost them and stays out."""
+    node = _node("n2")
+    node.step({"type": "Heartbeat", "term": 3, "from": "n1", "to": "n2", "commit": 5, "ctx": None})
+    assert "holding entry 5, but its log ends at 0" in node.status()["lost"]
+    assert "remove it and add it back under a new id" in node.status()["lost"]
+    node.step({"type": "RequestVote", "term": 4, "from": "n3", "to": "n2", "last_log_index": 9, "last_log_term": 3,
+               "pre_vote": False})
+    for _ in range(50):
+        node.tick()
+    rd = node.ready()
+    assert node.status()["role"] == "follower" and node.status()["vote"] is None
+    assert rd is None or not rd.messages
