@@ -36,7 +36,7 @@ while no earlier change is uncommitted. A new server joins as a learner (§4.2.1
 it catches up without counting in any majority) and the leader promotes it once it
 holds everything committed. A leader that removed itself steps down once the
 removal commits (§4.2.2). Extra keys of a configuration (``addresses``,
-``replacing``) are the application's and pass through unchanged.
+``replacing``, ``cluster``) pass through unchanged; the core reads only ``replacing``.
 
 A node started with an empty store and no seed (``peers=[]``) has no configuration:
 it is a joining server (it accepts the leader's snapshot and log) or one whose Raft
