@@ -48,15 +48,21 @@ def ensure_venv(extras: str) -> Path:
     return venv_python()
 
 
-def ensure_chromium() -> None:
-    """The dashboard's browser test drives the system's Chromium; install it where we may."""
-    if shutil.which("chromium") or os.name == "nt":
+# Commands some tests need, and the Debian package that brings each: the dashboard's browser test
+# drives Chromium; the enroll tests score the units with systemd-analyze and watch file modes with strace.
+TEST_TOOLS = {"chromium": "chromium", "systemd-analyze": "systemd", "strace": "strace"}
+
+
+def ensure_test_tools() -> None:
+    """Install the missing TEST_TOOLS where we may (root with apt-get); their tests skip, saying why, elsewhere."""
+    missing = sorted({pkg for cmd, pkg in TEST_TOOLS.items() if not shutil.which(cmd)})
+    if not missing or os.name == "nt":
         return
     if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        print("make.py: installing chromium for the dashboard test", flush=True)
+        print(f"make.py: installing {' '.join(missing)} for the tests", flush=True)
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "update", "-qq"], env=env, check=False, stdout=subprocess.DEVNULL)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, check=False,
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], env=env, check=False,
                        stdout=subprocess.DEVNULL)
 
 
@@ -67,7 +73,7 @@ def main(argv: list[str]) -> int:
     task, rest = argv[0], argv[1:]
     py = str(ensure_venv(EXTRAS[task]))
     if task == "test":
-        ensure_chromium()
+        ensure_test_tools()
         return subprocess.call([py, "-m", "pytest", *rest], cwd=ROOT)
     if task == "soak":
         return subprocess.call([py, "-m", "pytest", "-m", "soak", "-o", "addopts=", "-p", "no:cacheprovider", *rest], cwd=ROOT)
