@@ -247,3 +247,22 @@ def test_the_example_labs_gpu_hosts_behave_as_its_comments_say():
                              host_share=False)[0] is None
     # The declared speeds rank the hosts as the comments say.
     assert [h.id for h in sorted(m.hosts, key=lambda h: -(h.speed or 1.0))] == ["ws-a", "ws-b", "win-cpu", "pi"]
+
+
+@pytest.mark.skipif(__import__("os").name == "nt", reason="a stand-in nvidia-smi needs a POSIX shebang")
+def test_free_vram_is_what_nvidia_smi_reports_now(tmp_path, monkeypatch):
+    from test_capability import fake_smi
+
+    from cis490fleet import capability
+
+    bin_dir = fake_smi(tmp_path, """
+        import sys
+        assert "--query-gpu=index,memory.free" in sys.argv, sys.argv
+        print("0, 20480")
+        print("1, 512")
+        print("garbage")
+    """)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert capability.free_vram() == {0: 20.0, 1: 0.5}
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi at all
+    assert capability.free_vram() == {}
