@@ -156,7 +156,9 @@ def complete(job: JobState, *, host: str, lease: str | None, artifact_id: str, n
         return Step(job)  # a retried complete whose first answer was lost
     if job.status not in HELD_STATUSES:
         raise InvalidTransition(job.id, job.status, "complete")
-    new = replace(job, status=COMPLETED, artifact_id=artifact_id, lease_expires=None, not_before=None, updated=now)
+    # An earlier attempt's error is history (the attempt keeps it), not what a completed job's "last error" says.
+    new = replace(job, status=COMPLETED, artifact_id=artifact_id, lease_expires=None, not_before=None,
+                  last_error=None, updated=now)
     return Step(new, closed=AttemptEnd(job.tries, now, OUT_COMPLETED))
 
 

@@ -52,21 +52,30 @@ def signal_name(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
+def from_line_start(data: bytes, cut: bool) -> bytes:
+    """``data``, the last bytes of a longer text when ``cut``, from its first whole line on: a tail that begins
+    mid-line (or mid-character) misleads whoever reads it. A tail without any line break stays as it is."""
+    if not cut:
+        return data
+    start = data.find(b"\n") + 1
+    return data[start:] if 0 < start < len(data) else data
+
+
 def read_tail(path: Path, limit: int = TAIL_BYTES) -> str:
+    """The last ``limit`` bytes of a log at most, from a line start."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - limit))
-            return f.read().decode("utf-8", "replace")
+            return from_line_start(f.read(), size > limit).decode("utf-8", "replace")
     except OSError:
         return ""
 
 
 def read_progress(path: Path) -> dict | None:
     """The trainer's latest complete progress line (a JSON object), or None."""
-    text = read_tail(path, 16384)
-    for line in reversed(text.splitlines()[1 if len(text) >= 16384 else 0:]):
+    for line in reversed(read_tail(path, 16384).splitlines()):
         line = line.strip()
         if not line:
             continue
@@ -207,7 +216,8 @@ class TrainerRun:
 
     def stderr_tail(self) -> str:
         self.wait_for_output()
-        return b"".join(self._stderr_tail)[-TAIL_BYTES:].decode("utf-8", "replace")
+        data = b"".join(self._stderr_tail)
+        return from_line_start(data[-TAIL_BYTES:], len(data) > TAIL_BYTES).decode("utf-8", "replace")
 
     def log_tail(self) -> str:
         return read_tail(self.log_path)

@@ -790,3 +790,26 @@ def test_with_json_errors_are_json_too(fleet):
         doc = json.loads(line)
         assert set(doc) == {"error", "detail", "exit"} and (doc["error"], doc["exit"]) == (code, exit_), doc
         assert doc["detail"] and "Traceback" not in doc["detail"]
+
+
+def test_a_completed_job_shows_no_last_error_of_an_attempt_it_superseded(serve_process, tmp_path):
+    fleet = serve_process(manifest=manifest_toml(1).replace("max_attempts = 3", "max_attempts = 3\nretry_backoff_s = 0"))
+    w, cap = worker(fleet.url)
+    first = w.claim(cap)
+    w.fail(first["job_id"], first["lease"], "CUDA out of memory")
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "weights.bin").write_bytes(b"w" * 64)
+    from cis490fleet import bundle
+
+    path, sha, _ = bundle.make_bundle(src, tmp_path / "upload")
+    second = w.claim(cap)
+    assert second["job_id"] == first["job_id"]
+    w.upload(second["job_id"], second["lease"], path)
+    w.complete(second["job_id"], second["lease"], sha)
+
+    code, out, _ = jobs(fleet.url, "show", first["job_id"])
+    assert code == 0 and re.search(r"^status\s+completed$", out, re.M)
+    assert "last error" not in out, out
+    assert re.search(r"^\s+1\s+ws1\s.*failed\s+CUDA out of memory$", out, re.M), out  # the history keeps it
+    assert Client(fleet.url).job(first["job_id"])["job"]["last_error"] is None

@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -899,3 +900,27 @@ def wait_for_stamp(path: Path, event: str, attempt: int, timeout: float = 30) ->
     while not (path.exists() and read_stamps(path).get(attempt, {}).get(event)):
         assert time.monotonic() < deadline, f"no {event} of attempt {attempt} in {path}"
         time.sleep(0.05)
+
+
+def test_a_log_tail_starts_at_a_line_boundary(tmp_path):
+    """The tail sent with each heartbeat (and shown by `jobs show`) never begins in the middle of a line."""
+    log = tmp_path / "train.log"
+    log.write_text("".join(f"epoch {i:04d} loss 0.5\n" for i in range(1000)))  # 20-byte lines
+    tail = trainer_process.read_tail(log, 95)
+    assert tail.startswith("epoch ") and tail.endswith("epoch 0999 loss 0.5\n"), tail
+    assert all(re.fullmatch(r"epoch \d{4} loss 0\.5", line) for line in tail.splitlines()), tail
+    short = tmp_path / "short.log"
+    short.write_text("one\ntwo\n")
+    assert trainer_process.read_tail(short, 100) == "one\ntwo\n"
+    one_long_line = tmp_path / "long.log"
+    one_long_line.write_text("x" * 500)
+    assert trainer_process.read_tail(one_long_line, 100) == "x" * 100  # no line start to find: the bytes as they are
+
+
+def test_a_crash_reports_stderr_from_a_line_boundary(tmp_path):
+    run = TrainerRun.__new__(TrainerRun)
+    run._readers, run._stderr_tail, run._stderr_len = [], __import__("collections").deque(), 0
+    for i in range(1000):
+        run._keep_stderr(f"warning {i:04d}: noisy\n".encode())
+    tail = run.stderr_tail()
+    assert tail.startswith("warning ") and tail.endswith("warning 0999: noisy\n") and len(tail) <= trainer_process.TAIL_BYTES
