@@ -340,15 +340,21 @@ class _HostGpus:
                                            host_share=self.share, free_reported=slot.get("free"))
         return given, need, refusal
 
+    def fits_when_free(self, job: JobSpec, slot: dict) -> bool:
+        """Whether the job would get GPUs from this slot once the host's jobs have left them."""
+        need = policy.vram_need(job, self.measured.get(job.model))
+        return policy.place_gpus(job, self.host, need, self.slot_gpus(slot), self.gpus, [],
+                                 host_share=self.share)[0] is not None
+
     def refusal(self, job: JobSpec) -> str | None:
-        """Why no slot of the host could take the job now (the first slot's reason), None when one could."""
+        """Why no slot of the host could take the job now (each distinct reason), None when one could."""
         reasons = []
         for planned in self.plan:
             given, _, refusal = self.place(job, {"index": planned["index"], "gpus": planned["gpus"]})
             if given is not None:
                 return None
             reasons.append(refusal)
-        return reasons[0] if reasons else None
+        return "; ".join(dict.fromkeys(reasons)) or None
 
 
 # ---------------------------------------------------------------- the store
@@ -787,7 +793,8 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
             return {"job": None}
         gpus = None if slot is None else _HostGpus(self, conn, host, cap, spec)
         workers = None
-        ok: dict[int, tuple] = {}  # class -> (its best claimable row, the GPUs this slot gives it)
+        ok: dict[int, tuple] = {}  # class -> (its best claimable row, the GPUs this slot gives it, its probe)
+        waiting_multi = None  # the first claimable multi-GPU job that lacks free GPUs here (its row)
         for cls, key in conn.execute("SELECT id, key FROM classes ORDER BY id").fetchall():
             probe = self._probe(key)
             if self._statically_refused(verdicts, key, probe, host, cap, spec):
@@ -802,7 +809,17 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
                 continue
             placed = None if gpus is None else gpus.place(probe, slot)
             if placed is None or placed[0] is not None:
-                ok[cls] = (row, placed)
+                ok[cls] = (row, placed, probe)
+            elif probe.gpus > 1 and gpus.fits_when_free(probe, slot) and (
+                    waiting_multi is None or (-row[1], row[2]) < (-waiting_multi[1], waiting_multi[2])):
+                waiting_multi = row
+        if waiting_multi is not None:
+            # Drain: while a multi-GPU job that comes first waits for the host's GPUs, a freed GPU is kept
+            # for it (jobs that need none still run, on the CPU), else single-GPU jobs would take every card
+            # in turn and it would never start.
+            first = (-waiting_multi[1], waiting_multi[2])
+            ok = {c: v if (-v[0][1], v[0][2]) < first else (v[0], ([], 0.0, None), v[2])
+                  for c, v in ok.items() if (-v[0][1], v[0][2]) < first or not policy.needs_gpu(v[2])}
         if not ok:
             return {"job": None}
         best = min(ok.values(), key=lambda c: (-c[0][1], c[0][2]))

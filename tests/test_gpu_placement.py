@@ -266,3 +266,30 @@ def test_free_vram_is_what_nvidia_smi_reports_now(tmp_path, monkeypatch):
     assert capability.free_vram() == {0: 20.0, 1: 0.5}
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi at all
     assert capability.free_vram() == {}
+
+
+def test_a_waiting_multi_gpu_job_is_not_starved_by_single_gpu_jobs(store):
+    singles = [job(seed=i, require_cuda=True) for i in range(3)]
+    ddp = job(seed=9, gpus=2, priority=1)
+    cpu = job(seed=10, model="logreg")
+    sync(store, *singles)
+    assert claim(store, {"index": 1}, cap=PAIR, lease="L1")["gpus"] == [1]
+    sync(store, *singles, ddp, cpu)
+    # GPU 0 is free but kept for the two-GPU job; a job that needs no GPU still runs, on the CPU.
+    got = claim(store, {"index": 0}, cap=PAIR, lease="L2")
+    assert (got["job_id"], got["gpus"]) == (cpu.id, [])
+    # The T4 (GPU 2) is no use to a job that wants two cards of one model: it still takes single jobs.
+    assert claim(store, {"index": 2}, cap=PAIR, lease="L3")["gpus"] == [2]
+    store.execute({"op": "release", "now": T0, "job_id": singles[0].id, "host": "ws", "lease": "L1"})
+    got = claim(store, {"index": 0}, cap=PAIR, lease="L4")
+    assert (got["job_id"], got["gpus"]) == (ddp.id, [0, 1])
+
+
+def test_a_multi_gpu_job_that_never_fits_here_holds_no_gpu_back(store):
+    ddp, single = job(seed=9, gpus=2, priority=1), job(seed=1, require_cuda=True)
+    sync(store, ddp, single)
+    # TWO's cards are of two models: the two-GPU job can never run here, so nothing is kept for it.
+    got = claim(store, {"index": 0}, cap=TWO)
+    assert (got["job_id"], got["gpus"]) == (single.id, [0])
+    assert any("the job needs 2 GPUs of one host like GPU 1 (RTX 3070); host ws has 1 free" in r
+               for r in store.job(ddp.id, T0)["why_pending"])
