@@ -210,7 +210,9 @@ PATHS = {
         {"type": "object", "required": ["cancel"], "properties": {"cancel": {"type": "boolean"}}})},
     "/v1/job/{id}/cancel": {"post": _operator_op("cancel the job; a running worker is told by its heartbeat", _OK,
                                                  [_ID_PARAM])},
-    "/v1/job/{id}/requeue": {"post": _operator_op("put a finished or failed job back in the queue", _OK,
+    "/v1/job/{id}/requeue": {"post": _operator_op(
+        "put a failed or cancelled job back in the queue with every try available again (409 for a completed, "
+        "running or claimed job)", _OK,
                                                   [_ID_PARAM])},
     "/v1/job/{id}": {"get": {"summary": "job detail with attempt history and log tail", "parameters": [_ID_PARAM],
                              "responses": {"200": _json({"type": "object", "required": ["job"],
