@@ -4,6 +4,8 @@ measured VRAM peaks. Pure policy first, then the real queue on SQLite files."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cis490fleet import manifest as manifest_mod
 from cis490fleet import policy
@@ -293,3 +295,24 @@ def test_a_multi_gpu_job_that_never_fits_here_holds_no_gpu_back(store):
     assert (got["job_id"], got["gpus"]) == (single.id, [0])
     assert any("the job needs 2 GPUs of one host like GPU 1 (RTX 3070); host ws has 1 free" in r
                for r in store.job(ddp.id, T0)["why_pending"])
+
+
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3), st.floats(0, 30), st.booleans(), st.booleans()),
+                max_size=25), st.booleans())
+def test_placements_never_overfill_a_card_nor_share_one_that_may_not_be(asks, host_share):
+    """However claims come, the VRAM accounted on a card never exceeds it, and a card holds two jobs only
+    when sharing is allowed for all of them."""
+    cards = PAIR["gpus"]
+    placed: list[policy.Placed] = []
+    for slot, gpus, need, share, cuda in asks:
+        spec = job(gpus=gpus, gpu_share=share, require_cuda=cuda)
+        given, refusal = policy.place_gpus(spec, "ws", need, [slot], cards, placed, host_share=host_share)
+        assert (given is None) == (refusal is not None)
+        if given:
+            assert len(given) == max(gpus, 1) or not policy.needs_gpu(spec)
+            placed += [policy.Placed(g, need, share) for g in given]
+    for card in cards:
+        here = [p for p in placed if p.gpu == card["index"]]
+        assert sum(p.vram_gib for p in here) <= card["vram_gib"] + 1e-9
+        if len(here) > 1:
+            assert host_share or all(p.share for p in here)
