@@ -838,6 +838,7 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
                   "attempt": step.opened.number, "heartbeat_s": meta.fleet.heartbeat_s,
                   "stale_after_s": meta.fleet.stale_after_s, "trainer": meta.trainer.to_json(),
                   "slots": cap["slots"], "resume": self._newest_checkpoint(conn, state.id),
+                  "inputs": self._inputs(conn, spec_json.get("after") or ()),
                   # The job's checkpoint period and time limits, else the fleet's (a time limit of None: none).
                   **{k: getattr(meta.fleet, k) if spec_json.get(k) is None else spec_json[k]
                      for k in ("checkpoint_every_s", "max_runtime_s", "stall_after_s")}}
@@ -884,6 +885,17 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
         key, passed = placement.plan(host, now, queue, slots, speeds)
         chosen = next(((r[0], r[1]) for r in rows if r[0] == key), None)
         return chosen, passed
+
+    @staticmethod
+    def _inputs(conn, after) -> list[dict]:
+        """The bundles a claimed job's trainer gets: one per job it waits for (``after``), all completed by now."""
+        out = []
+        for name in dict.fromkeys(after):
+            row = conn.execute("SELECT id, artifact_id FROM jobs WHERE name = ? AND status = 'completed'",
+                               (name,)).fetchone()
+            if row is not None and row[1] is not None:
+                out.append({"name": name, "job_id": row[0], "artifact_id": row[1]})
+        return out
 
     def _op_heartbeat(self, conn, now: float, job_id: str, host: str, lease: str | None,
                       progress: dict | None, log_tail: str | None) -> dict:

@@ -75,6 +75,7 @@ from cis490fleet.model import (
 
 PLACEHOLDERS = ("python", "model", "mode", "hyper", "seed", "split_recipe", "train_hosts", "out")
 DESCRIBE_PLACEHOLDERS = ("python",)
+INPUT_PLACEHOLDER_RE = re.compile(r"input\.[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # {input.NAME}: a dependency's bundle
 ROLES = ("worker", "coordinator", "both")
 MAX_SWEEP_JOBS = 10_000
 
@@ -328,6 +329,8 @@ class _Parser:
             return _BAD
         ok = True
         for f in fields:
+            if allowed is PLACEHOLDERS and (f == "inputs" or INPUT_PLACEHOLDER_RE.fullmatch(f)):
+                continue
             if f not in allowed:
                 self.problem(where, f"unknown placeholder {{{f}}}{_suggest(f, allowed, 'known placeholders')}")
                 ok = False

@@ -87,6 +87,7 @@ class Job:
     device_requested: bool
     checkpoint_dir: Path | None = None
     resume_from: Path | None = None
+    init_from: Path | None = None  # a parent job's extracted bundle: start from its model.pt
 
     def identity(self) -> dict:
         """What a checkpoint must match to be resumed by this job."""
@@ -163,6 +164,9 @@ def parse_args(argv: list[str]) -> Job | None:
     parser.add_argument("--split-recipe", default="default")
     parser.add_argument("--train-hosts", default="[]", help="accepted for the contract; unused here")
     parser.add_argument("--out", default=os.environ.get("CIS490_OUT"), help="output folder (default: $CIS490_OUT)")
+    parser.add_argument("--init-from", metavar="DIR",
+                        help="start from the weights in DIR/model.pt (an earlier job's bundle, e.g. {input.NAME}); "
+                             "with --mode finetune and no --init-from: the one input in $CIS490_INPUTS")
     args = parser.parse_args(argv)
     if args.describe:
         return None
@@ -178,12 +182,30 @@ def parse_args(argv: list[str]) -> Job | None:
     progress = os.environ.get("CIS490_PROGRESS")
     checkpoint_dir = os.environ.get("CIS490_CHECKPOINT_DIR")
     resume_from = os.environ.get("CIS490_RESUME_FROM")
+    init_from = Path(args.init_from) if args.init_from else None
+    if init_from is None and args.mode == "finetune":
+        init_from = _only_input(os.environ.get("CIS490_INPUTS"))
+    if init_from is not None and args.model == "gbt":
+        raise UsageError("--init-from (or --mode finetune) works for mlp and logreg; gbt trains its trees afresh")
+    if init_from is not None and not (init_from / "model.pt").is_file():
+        raise UsageError(f"{init_from / 'model.pt'} does not exist: --init-from needs the folder of an earlier "
+                         "job's bundle (one that holds model.pt)")
     return Job(model=args.model, mode=args.mode, hyper=validate_hyper(args.model, raw), seed=args.seed,
                split_recipe=args.split_recipe, holdout=holdout_fraction(args.split_recipe), out=Path(args.out),
                progress=Path(progress) if progress else None,
                device_requested=bool(cuda) and cuda not in ("-1", "none", "NoDevFiles"),
                checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
-               resume_from=Path(resume_from) if resume_from else None)
+               resume_from=Path(resume_from) if resume_from else None, init_from=init_from)
+
+
+def _only_input(inputs: str | None) -> Path:
+    """The one input folder a finetune job starts from; a usage error when there is none or several."""
+    folders = sorted(p for p in Path(inputs).iterdir() if p.is_dir()) if inputs and Path(inputs).is_dir() else []
+    if len(folders) != 1:
+        found = ", ".join(p.name for p in folders) or "none"
+        raise UsageError(f"--mode finetune starts from the one job this job is 'after' (inputs found: {found}); "
+                         "give the job exactly one 'after', or pass --init-from DIR")
+    return folders[0]
 
 
 class _Stop:
@@ -212,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         previous = None
     try:
         return _train(job, stop)
+    except UsageError as err:
+        print(f"cis490fleet train: {err}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -374,6 +399,13 @@ def _fit_net(torch, job: Job, device, train, check, split: str, stop: _Stop, epo
     shuffle = torch.Generator().manual_seed(job.seed)
     xt, yt = train
     step, first, position = 0, 1, None
+    if resume is None and job.init_from is not None:
+        try:
+            net.load_state_dict(torch.load(job.init_from / "model.pt", map_location="cpu", weights_only=True))
+        except (RuntimeError, OSError, ValueError) as err:
+            raise UsageError(f"cannot start from {job.init_from / 'model.pt'}: {str(err).splitlines()[0]} "
+                             f"(it must be a {job.model} with the same hidden size)") from None
+        net.to(device)
     if resume is not None:
         net.load_state_dict(resume["net"])
         optimizer.load_state_dict(resume["optimizer"])

@@ -34,7 +34,8 @@ log = logger(__name__)
 
 TAIL_BYTES = 4096
 LOG_LINE_MAX = 1 << 16
-PLACEHOLDER_RE = re.compile(r"\{(python|model|mode|hyper|seed|split_recipe|train_hosts|out)\}")
+PLACEHOLDER_RE = re.compile(r"\{(python|model|mode|hyper|seed|split_recipe|train_hosts|out|inputs"
+                            r"|input\.[A-Za-z0-9][A-Za-z0-9._-]{0,127})\}")
 
 
 def fill_command(template: list[str], values: dict[str, str]) -> list[str]:
@@ -116,6 +117,7 @@ class TrainerRun:
         self.log_path = self.dir / "train.log"
         self.progress_path = self.dir / "progress.jsonl"
         self.pid_path = self.dir / "trainer.pid"
+        self.inputs: dict[str, Path] = {}  # dependency name -> its extracted bundle (job_inputs.fetch)
         self.started = now
         self.proc: subprocess.Popen | None = None
         self._stderr_tail: deque[bytes] = deque()
@@ -141,6 +143,8 @@ class TrainerRun:
             "split_recipe": str(spec.get("split_recipe", "default")),
             "train_hosts": json.dumps(list(spec.get("train_hosts") or [])),
             "out": str(self.out),
+            "inputs": str(self.dir / "inputs"),
+            **{f"input.{name}": str(folder) for name, folder in self.inputs.items()},
         })
 
     def spawn(self, extra_env: dict[str, str] | None = None) -> None:
@@ -149,6 +153,7 @@ class TrainerRun:
         argv = self.command()
         env = dict(os.environ)
         env.pop("CIS490_RESUME_FROM", None)
+        env["CIS490_INPUTS"] = str(self.dir / "inputs")
         env.update(extra_env or {})
         env.update({
             "CIS490_JOB_ID": self.job_id, "CIS490_ATTEMPT": str(self.attempt), "CIS490_OUT": str(self.out),

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from cis490fleet import errors, jobs, lease_keeper
+from cis490fleet import errors, job_inputs, jobs, lease_keeper
 from cis490fleet.checkpoint_sync import CheckpointSync
 from cis490fleet.lease_keeper import FENCED, LeaseKeeper
 from cis490fleet.model import normalize_capability
@@ -196,7 +196,10 @@ class Worker:
             # heartbeat has proven the lease afresh (or after one period, from the claim's send time).
             keeper.wait_first(run.heartbeat_s)
             try:
+                run.inputs = job_inputs.fetch(self.client, run)
                 run.spawn(checkpoints.environment())
+            except job_inputs.MissingInput as err:
+                return self.outbox.report_failure(run, str(err), jobs.CLASS_USAGE)
             except (errors.FleetError, OSError) as err:
                 return self.outbox.report_failure(run, str(err), jobs.CLASS_INFRA)
             code = self._watch_trainer(run, keeper, checkpoints)
