@@ -851,13 +851,14 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
         return answer
 
     def _speeds(self, conn, meta: _Meta) -> placement.Speeds | None:
-        """What placement knows of durations; None when nothing is known (claims then go by queue order)."""
+        """What placement knows of durations; None when claims go by queue order: nothing is known, or
+        only finished attempts that do not make a plan worth its cost (``Speeds.matter``)."""
+        timed = conn.execute("SELECT value FROM meta WHERE key = 'timed'").fetchone()
         speeds = placement.Speeds({h.id: h.speed for h in meta.hosts if h.speed},
                                   [placement.Runs(*r) for r in conn.execute("SELECT * FROM model_runs")])
-        if speeds.known():
+        if timed and json.loads(timed[0]):
             return speeds
-        timed = conn.execute("SELECT value FROM meta WHERE key = 'timed'").fetchone()
-        return speeds if timed and json.loads(timed[0]) else None
+        return speeds if speeds.known() and speeds.matter() else None
 
     def _plan(self, conn, meta: _Meta, now: float, host: str, speeds: placement.Speeds,
               ok: dict[int, tuple] | None = None) -> tuple[tuple | None, list[placement.Planned]]:

@@ -56,6 +56,18 @@ class Speeds:
         """Whether any model has finished attempts (else only expected_minutes tell durations)."""
         return bool(self.work)
 
+    def matter(self, tolerance: float = 1.25, floor_s: float = 60.0) -> bool:
+        """Whether finished attempts make a plan worth its cost: speeds are declared, or hosts that ran a
+        model of at least ``floor_s`` seconds took more than ``tolerance`` times as long as others. Else
+        claims may go by queue order: a plan would change little and cost a claim several times its time."""
+        if self.declared:
+            return True
+        means: dict[str, list[float]] = {}
+        for (_, model), mean in self._mean.items():
+            if self.work.get(model, 0.0) >= floor_s:
+                means.setdefault(model, []).append(mean)
+        return any(max(m) > tolerance * min(m) for m in means.values())
+
     def base(self, host: str) -> float:
         return self.declared.get(host) or 1.0
 

@@ -117,3 +117,13 @@ def test_the_plan_walks_the_claimable_jobs_in_order_without_sorting_the_queue(st
 
     plan = " | ".join(r[3] for r in store._conn().execute("EXPLAIN QUERY PLAN " + PLAN_QUEUE_SQL, (T0, 256)))
     assert "USING INDEX jobs_plan" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_finished_attempts_turn_the_plan_on_only_where_it_matters():
+    assert Speeds({"gpu": 4.0}, []).matter()  # declared speeds
+    short = [Runs("a", "mlp", 10, 30.0), Runs("b", "mlp", 10, 300.0)]  # 3 s against 30 s: not worth a plan
+    assert not Speeds({}, short).matter()
+    alike = [Runs("a", "mlp", 1, 600.0), Runs("b", "mlp", 1, 700.0)]  # ten minutes, hosts within 1.25x
+    assert not Speeds({}, alike).matter()
+    apart = [Runs("a", "mlp", 1, 600.0), Runs("b", "mlp", 1, 6000.0)]
+    assert Speeds({}, apart).matter()
