@@ -236,6 +236,12 @@ class Replicator:
         self._started = False
         self._lost_logged = False
         self._sync_members()
+        config = self.node.config
+        if not join and config is not None and self.node.status()["config_index"] >= 0 \
+                and set(peers) != set(config["voters"]) | set(config["learners"]):
+            log.warning("raft: the group's members come from its log (voters %s, learners %s); --peer (%s) only "
+                        "seeds a new group: change the members with jobs peers add/remove/replace",
+                        ", ".join(config["voters"]), ", ".join(config["learners"]) or "none", ", ".join(sorted(peers)))
         self._thread = threading.Thread(target=self._run, name="raft-driver", daemon=True)
         self._fetching: set[str] = set()
         if len(self.node.voters) == 2:

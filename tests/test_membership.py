@@ -42,7 +42,7 @@ def voters(g, name: str) -> list[str]:
     return health(g, name)["voters"]
 
 
-def test_a_new_peer_joins_as_learner_is_promoted_and_a_peer_is_removed(group):
+def test_a_new_peer_joins_as_learner_is_promoted_and_a_peer_is_removed(group, caplog):
     g = three(group, n_jobs=6)
     claim(g.urls["a"], "w1")
     d = join(g, "d")
@@ -66,11 +66,13 @@ def test_a_new_peer_joins_as_learner_is_promoted_and_a_peer_is_removed(group):
     claim(g.urls["b"], "w3")
     assert g.converged()["claimed"] == 3
 
-    # The log's configuration survives a restart; the peer's own --peer list (a, b, c) no longer matters.
+    # The log's configuration survives a restart; the peer's own --peer list (a, b, c, d) no longer matters.
     g.stop("a")
+    caplog.set_level(logging.WARNING, logger="cis490fleet.replication")
     g.start("a")
     wait_for("a back with the log's members", lambda: voters(g, "a") == ["a", "b", "d"], timeout=10)
     assert sorted(g.coords["a"].replicator.peers) == ["a", "b", "d"]
+    assert "the group's members come from its log (voters a, b, d, learners none); --peer (a, b, c, d)" in caplog.text
 
 
 def test_a_leader_removes_itself_and_steps_down(group):
