@@ -374,6 +374,8 @@ class Coordinator:
         if st["role"] == "leader":
             return None
         url = self.replicator.url_of(st["leader"])
+        if url is None and st.get("lost"):
+            raise errors.Unavailable(f"{st['lost']}; meanwhile send requests to another peer")
         if url is None:
             raise errors.Unavailable("no leader elected yet (election in progress); retry in a second")
         return url
