@@ -583,8 +583,10 @@ class Client:
     def requeue(self, job_id: str) -> dict:
         return self._call("POST", f"/v1/job/{_quote(job_id)}/requeue", session=True)
 
-    def reload(self) -> dict:
-        return self._call("POST", "/v1/manifest/reload", session=True)
+    def reload(self, text: str | None = None, name: str | None = None) -> dict:
+        """Put the manifest ``text`` (from file ``name``) in force; without it, the receiving peer's own file."""
+        payload = None if text is None else {"text": text, "name": name or "manifest"}
+        return self._call("POST", "/v1/manifest/reload", payload=payload, session=True)
 
     def add_peer(self, peer_id: str, url: str) -> dict:
         """Add a coordinator peer to the replicated group (a learner first); answers once committed."""

@@ -15,6 +15,7 @@ what a replica stores must also serialise on every other one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -235,11 +236,36 @@ def _failure_class(op, name, v):
     return v
 
 
+def manifest_sha256(text: str) -> str:
+    """The manifest's identity: the sha256 of its text in UTF-8 (as ``jobs peers`` shows it)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _opt_source(op, name, v):
+    """The manifest as the operator sent it: its text and the file's name; its sha256 is computed here."""
+    if v is None:
+        return None
+    if (not isinstance(v, dict) or not isinstance(v.get("text"), str) or len(v["text"]) > MANIFEST_BYTES_MAX
+            or not isinstance(v.get("name"), str) or len(v["name"]) > 4096):
+        raise _bad(op, name, "an object with the manifest's text and the file's name", v)
+    try:
+        sha = manifest_sha256(v["text"])
+    except UnicodeEncodeError:
+        raise _bad(op, name, "text without lone surrogates", v["text"][:40]) from None
+    return {"text": v["text"], "name": v["name"], "sha256": sha}
+
+
+def _flag(op, name, v):
+    if not isinstance(v, bool):
+        raise _bad(op, name, "true or false", v)
+    return v
+
+
 REQUIRED = object()
 
 # op -> {field: (checker, default)}; every op also takes "now".
 OPS: dict[str, dict[str, tuple]] = {
-    "sync_manifest": {"manifest": (_manifest, REQUIRED)},
+    "sync_manifest": {"manifest": (_manifest, REQUIRED), "source": (_opt_source, None), "seed_only": (_flag, False)},
     "register_worker": {"host": (_host, REQUIRED), "capability": (_capability, REQUIRED)},
     "leave_worker": {"host": (_host, REQUIRED)},
     "claim": {"host": (_host, REQUIRED), "capability": (_capability, REQUIRED), "lease": (_lease, REQUIRED),

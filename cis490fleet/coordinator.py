@@ -27,7 +27,8 @@ import urllib.parse
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from cis490fleet import __version__, commands, errors, model
+from cis490fleet import __version__, commands, errors, manifest_source, model
+from cis490fleet.manifest_source import ManifestTexts
 from cis490fleet.metrics import Histogram
 from cis490fleet.model import FleetConfig, Manifest
 from cis490fleet.notifier import Notifier
@@ -44,6 +45,8 @@ READERS = 4
 # Routes every peer answers itself; a follower forwards the rest to the leader.
 LOCAL_ROUTES = frozenset({"/", "/metrics", "/v1/health", "/v1/openapi.json", "/v1/zipapp", "/v1/raft/messages",
                           "/v1/raft/snapshot", "/v1/raft/artifact/{sha256}"})
+# A reload without a manifest text reads the receiving peer's file before it goes to the leader (http_api.h_reload).
+RELOAD_ROUTE = "/v1/manifest/reload"
 WAKE_OPS = frozenset({"sync_manifest", "complete", "fail", "cancel", "requeue", "release", "sweep_stale"})
 LATENCY_BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 60000)
 
@@ -302,7 +305,7 @@ class Coordinator:
         self.node_id = node_id or socket.gethostname() or "coordinator"
         self.counters = Counters()
         self.manifest: Manifest | None = None
-        self._parsed: tuple[bytes, Manifest, dict] | None = None  # (file sha256, parse, its to_json())
+        self.manifest_texts = ManifestTexts(self.manifest_path)
         self.url: str | None = None
         self._sweep_interval = sweep_interval
         self._stopping = threading.Event()
@@ -353,19 +356,42 @@ class Coordinator:
         return frozenset(self.replicator.peers) if self.replicator else frozenset()
 
     def _on_leader(self) -> None:
-        """A new leader syncs its manifest (idempotent when unchanged), as a single coordinator does at start."""
-        if self.manifest_path is None or self._stopping.is_set():
+        """A new leader seeds the group with its ``--manifest`` when no manifest was ever applied; it never
+        re-reads its file otherwise (the manifest in force is replicated state: ``jobs reload`` changes it)."""
+        if self.manifest_path is None or not self.manifest_path.exists() or self._stopping.is_set():
             return
         try:
-            self.load_manifest(at_start=True)
+            text, name = self.manifest_texts.read()
+            self._sync_text(text, name, seed_only=True)
         except errors.FleetError as err:
-            log.warning("manifest sync after becoming the leader failed: %s", err)
+            log.warning("seeding the group with manifest %s failed: %s", self.manifest_path, err)
+
+    def _check_manifest_file(self) -> None:
+        """Say once, at start, whether this peer's ``--manifest`` differs from the group's manifest (waits
+        until this peer has applied one)."""
+        file_sha = self.manifest_texts.file_sha256()
+        if file_sha is None:
+            return
+        while not self._stopping.wait(0.5):
+            try:
+                info = self.store.manifest_info()
+            except errors.FleetError:
+                return
+            if info is not None:
+                if info["sha256"] != file_sha:
+                    log.warning("%s", manifest_source.differs(os.fspath(self.manifest_path), file_sha, info))
+                return
+
+    def leader_url(self) -> str | None:
+        """The leader's URL when this peer follows one; None when it leads or runs alone (Unavailable while
+        the group has no leader)."""
+        return self.forward_url("/v1/jobs")
 
     def forward_url(self, template: str, params: dict | None = None) -> str | None:
         """Where a request for ``template`` must go: None to answer here, else the leader's URL.
 
         Unavailable when the group has no leader now."""
-        if self.replicator is None or template in LOCAL_ROUTES:
+        if self.replicator is None or template in LOCAL_ROUTES or template == RELOAD_ROUTE:
             return None
         if template == "/v1/artifact/{sha256}" and model.SHA256_RE.match((params or {}).get("sha256", "")):
             if self.artifacts.locate(params["sha256"]) is not None:
@@ -539,6 +565,7 @@ class Coordinator:
         peers = [{"id": pid, "url": url} for pid, url in self.fleet().peers]
         out = {"ok": True, "role": "leader", "leader": self.node_id, "term": 1, "node_id": self.node_id,
                "version": __version__, "url": self.url, "jobs": self._read(self.store.counts), "peers": peers}
+        out["manifest"] = self._read(self.store.manifest_info)
         if self.replicator is not None:
             out.update(self.replicator.health())
         return out
@@ -586,44 +613,40 @@ class Coordinator:
     # -- the manifest ------------------------------------------------------------------------------
 
     def load_manifest(self, *, at_start: bool = False) -> dict | None:
-        """Read the manifest file and sync the queue with it; a missing file at start-up is an empty queue."""
+        """Read this peer's manifest file and put it in force; a missing file at start-up is an empty queue."""
         if self.manifest_path is None:
             if at_start:
                 log.warning("no --manifest given: the queue holds only what earlier runs put there")
                 return None
-            raise errors.BadRequest("this coordinator was started without --manifest; restart it with "
-                                    "--manifest FILE to reload one")
+            raise errors.BadRequest("this coordinator was started without --manifest; send the manifest "
+                                    "(jobs reload FILE), or restart it with --manifest FILE")
         if at_start and not self.manifest_path.exists():
             log.warning("manifest %s does not exist yet: starting with the queue as it is; create it and run "
                         "'jobs reload'", self.manifest_path)
             return None
-        loaded, as_json = self._parse_manifest()
-        result = self.execute({"op": "sync_manifest", "manifest": as_json})
+        text, name = self.manifest_texts.read()
+        return self._sync_text(text, name)
+
+    def _sync_text(self, text: str, name: str, *, seed_only: bool = False) -> dict:
+        loaded, cmd = self.manifest_texts.command(text, name, seed_only=seed_only)
+        result = self.execute(cmd)
+        if result.get("seeded") is False:
+            file_sha = commands.manifest_sha256(text)
+            if result["manifest"] and result["manifest"]["sha256"] != file_sha:
+                log.warning("%s", manifest_source.differs(name, file_sha, result["manifest"]))
+            return result
         self.manifest = loaded
-        log.info("manifest %s: %s added, %s kept, %s removed, %s total", self.manifest_path, result.get("added"),
-                 result.get("kept"), result.get("removed"), result.get("total"))
+        log.info("manifest %s (sha256 %s): %s added, %s kept, %s removed, %s total", name,
+                 result["manifest"]["sha256"][:16], result.get("added"), result.get("kept"), result.get("removed"),
+                 result.get("total"))
         return result
 
-    def _parse_manifest(self) -> tuple[Manifest, dict]:
-        """The manifest file parsed; an unchanged file (same bytes) reuses the last parse, so a repeated
-        reload costs only the sync."""
-        from cis490fleet import manifest as manifest_mod
-
-        try:
-            raw = self.manifest_path.read_bytes()
-            text = raw.decode("utf-8-sig")
-        except (OSError, UnicodeDecodeError):
-            loaded = manifest_mod.load(self.manifest_path)  # raises the ManifestError naming the problem
-            return loaded, loaded.to_json()
-        digest = hashlib.sha256(raw).digest()
-        if self._parsed is not None and self._parsed[0] == digest:
-            return self._parsed[1], self._parsed[2]
-        loaded = manifest_mod.parse(text, os.fspath(self.manifest_path))
-        self._parsed = (digest, loaded, loaded.to_json())
-        return loaded, self._parsed[2]
-
-    def reload_manifest(self) -> dict:
-        result = self.load_manifest()
+    def reload_manifest(self, text: str | None = None, name: str | None = None) -> dict:
+        """Put ``text`` (the operator's manifest) in force, else this peer's own file's text."""
+        if text is None:
+            result = self.load_manifest()
+        else:
+            result = self._sync_text(text, name or "manifest")
         return {"added": result.get("added", 0), "kept": result.get("kept", 0), "removed": result.get("removed", 0),
                 "total": result.get("total", 0), **result}
 
@@ -672,6 +695,8 @@ class Coordinator:
         interval = watchdog_interval()
         if interval:
             threads.append(threading.Thread(target=self._watchdog, args=(interval,), name="watchdog", daemon=True))
+        if self.replicator is not None and self.manifest_path is not None:
+            threads.append(threading.Thread(target=self._check_manifest_file, name="manifest-check", daemon=True))
         for t in threads:
             t.start()
         self._threads += threads

@@ -505,9 +505,19 @@ def h_requeue(req: Request):
 
 
 def h_reload(req: Request):
+    """Body ``{"text": manifest TOML, "name": file name}``; without a text, this peer's own ``--manifest``.
+    A follower reads its own file before the request goes to the leader, which proposes the parse."""
     req.require_operator()
-    req.session()  # checked like every write's; a reload re-reads the file, so repeating one is harmless anyway
-    return req.app.reload_manifest()
+    req.session()  # checked like every write's; a reload of the same text changes nothing anyway
+    body = req.json_object()
+    text = field_string(body, "text", keep_last=MAX_JSON_BYTES)  # the body's limit bounds it
+    name = field_string(body, "name", keep_last=4096)
+    leader = req.app.leader_url() if hasattr(req.app, "leader_url") else None
+    if leader is None:
+        return req.app.reload_manifest(text, name)
+    if text is None:
+        text, name = req.app.manifest_texts.read()
+    return forward(req, leader, body=json.dumps({"text": text, "name": name}).encode())
 
 
 def h_job(req: Request):
@@ -714,8 +724,11 @@ class _Upstream:
             self._conn.close()
 
 
-def forward(req: Request, leader_url: str) -> Response:
+def forward(req: Request, leader_url: str, body: bytes | None = None) -> Response:
     """Proxy ``req`` whole (method, target, headers, body) to the leader; stream its answer back.
+
+    ``body`` replaces the request's body (read by the caller), as a reload that names no manifest
+    sends this peer's file.
 
     A small body is read first, so a request that meets a kept-alive connection the
     leader has just closed goes again on a fresh one; a large one (an upload) is
@@ -724,7 +737,9 @@ def forward(req: Request, leader_url: str) -> Response:
     if req.header("x-forwarded-by"):
         raise errors.Unavailable(f"forwarded by {req.header('x-forwarded-by')[:40]} but {node} is not the leader "
                                  "either (leadership is changing); retry in a second")
-    body = req.body_bytes(limit=SMALL_STREAM) if (req.content_length or 0) <= SMALL_STREAM else None
+    length = req.content_length if body is None else len(body)
+    if body is None and (req.content_length or 0) <= SMALL_STREAM:
+        body = req.body_bytes(limit=SMALL_STREAM)
     context = getattr(req.app, "peer_ssl_context", None)
     for attempt in (1, 2):
         conn, reused = _upstream_conn(leader_url, context, reuse=body is not None and attempt == 1)
@@ -736,8 +751,8 @@ def forward(req: Request, leader_url: str) -> Response:
             if req.peer_host and not req.header("x-lab-host"):
                 conn.putheader("x-lab-host", req.peer_host)
             conn.putheader("x-forwarded-by", node)
-            if req.content_length is not None:
-                conn.putheader("content-length", str(req.content_length))
+            if length is not None:
+                conn.putheader("content-length", str(length))
             conn.endheaders(body or None)
             while body is None and req.remaining > 0:
                 chunk = req.read(1 << 16)

@@ -603,7 +603,25 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
 
     # -------------------------------------------------------- ops
 
-    def _op_sync_manifest(self, conn, now: float, manifest: dict) -> dict:
+    def _op_sync_manifest(self, conn, now: float, manifest: dict, source: dict | None, seed_only: bool) -> dict:
+        """Make the queue match ``manifest``; ``source`` (its text, sha256 and file name) is kept as the
+        group's manifest. ``seed_only``: only when no manifest was ever applied (a peer's ``--manifest``
+        seeds a new group, and never overrides what ``jobs reload`` put in force)."""
+        if seed_only and conn.execute("SELECT 1 FROM meta WHERE key IN ('fleet', 'manifest')").fetchone():
+            total = conn.execute("SELECT count(*) FROM jobs").fetchone()[0]
+            return {"seeded": False, "added": 0, "kept": total, "removed": 0, "total": total, "out_of_tries": 0,
+                    "unclaimable": 0, "manifest": self._manifest_info(conn)}
+        if source is None:
+            source = {"text": None, "name": "", "sha256": hashlib.sha256(_dumps(manifest).encode()).hexdigest()}
+        info = self._manifest_info(conn)
+        if info is None or info["sha256"] != source["sha256"]:  # the same text again keeps when it came in force
+            info = {"sha256": source["sha256"], "name": source["name"], "applied": now}
+            for key, value in (("manifest", _dumps(info)), ("manifest_text", source["text"])):
+                if value is None:
+                    conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+                else:
+                    conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
         try:
             fleet = FleetConfig.from_json(manifest.get("fleet") or {})
             trainer = TrainerConfig.from_json(manifest.get("trainer") or {})
@@ -683,7 +701,7 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
         total = len(present) + len(inserts)
         kept = len(seen) - len(inserts)
         return {"added": len(inserts), "kept": kept, "removed": total - len(seen), "total": total,
-                "out_of_tries": exhausted, "unclaimable": len(pending.intersection(gone))}
+                "out_of_tries": exhausted, "unclaimable": len(pending.intersection(gone)), "manifest": info}
 
     def _fail_out_of_tries(self, conn, now: float, fleet: FleetConfig) -> int:
         rows = conn.execute(f"SELECT {STATE_COLUMNS}, retries FROM jobs WHERE status = 'pending' AND attempts > 0 "
@@ -1249,6 +1267,22 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
         with self._use() as conn:
             rows = conn.execute(f"SELECT {ARTIFACT_COLUMNS} FROM artifacts ORDER BY created, artifact_id").fetchall()
         return [dict(zip(ARTIFACT_FIELDS, row)) for row in rows]
+
+    @staticmethod
+    def _manifest_info(conn) -> dict | None:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'manifest'").fetchone()
+        return json.loads(row[0]) if row else None
+
+    def manifest_info(self) -> dict | None:
+        """The manifest in force: ``{"sha256", "name", "applied"}`` of the last sync, None before the first."""
+        with self._use() as conn:
+            return self._manifest_info(conn)
+
+    def manifest_text(self) -> str | None:
+        """The text of the manifest in force, as the operator sent it (None when synced from memory)."""
+        with self._use() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'manifest_text'").fetchone()
+        return row[0] if row else None
 
     def fleet(self) -> FleetConfig:
         with self._use() as conn:

@@ -329,9 +329,15 @@ PATHS = {
                               "content": {"application/zip": {"schema": {
                                   "type": "string", "contentMediaType": "application/zip"}}}}}}},
     "/v1/manifest/reload": {"post": _operator_op(
-        "re-read the manifest file and sync the queue (idempotent)",
+        "put a manifest in force (the text sent, else the receiving peer's --manifest file) and sync the queue "
+        "(idempotent); the group keeps its text and sha256",
         {"type": "object", "required": ["added", "kept", "removed", "total"],
-         "properties": {k: {"type": "integer"} for k in ("added", "kept", "removed", "total")}})},
+         "properties": {**{k: {"type": "integer"} for k in ("added", "kept", "removed", "total", "out_of_tries")},
+                        "manifest": {"type": "object", "properties": {
+                            "sha256": {"type": "string"}, "name": {"type": "string"},
+                            "applied": {"type": "number"}}}}},
+        body=_body({"type": "object", "properties": {"text": {"type": "string"}, "name": {"type": "string"}}},
+                   required=False))},
     "/v1/peers": {"post": _operator_op(
         "add a peer to the replicated group: it joins as a learner and becomes a voter once caught up (answers "
         "when the change is committed)", _MEMBERSHIP, body=_body(_PEER))},

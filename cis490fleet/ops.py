@@ -38,6 +38,15 @@ COLORS = {"pending": "33", "claimed": "36", "running": "36;1", "completed": "32"
 # -- rendering --------------------------------------------------------------------------------------
 
 
+def _manifest_cell(info: object, now: float) -> str | None:
+    """The manifest a peer has applied: its sha256's first 12 digits and how long ago it was applied."""
+    if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+        return None
+    applied = info.get("applied")
+    age = f" {format_duration(now - applied)} ago" if isinstance(applied, (int, float)) else ""
+    return info["sha256"][:12] + age
+
+
 class Out:
     """stdout with colour decided once: only on a terminal, never with --no-color or NO_COLOR."""
 
@@ -388,11 +397,22 @@ class Ops:
         return self._each("requeued", self.client.requeue)
 
     def cmd_reload(self) -> int:
-        result = self.client.reload()
+        """Send FILE's text from here; without FILE the receiving peer reloads its own --manifest."""
+        text = name = None
+        if self.args.file:
+            try:
+                text = Path(self.args.file).read_bytes().decode("utf-8-sig")
+            except OSError as err:
+                raise errors.ConfigError(f"cannot read manifest {self.args.file}: {err.strerror or err}") from None
+            except UnicodeDecodeError:
+                raise errors.ConfigError(f"manifest {self.args.file} is not UTF-8 text") from None
+            name = self.args.file
+        result = self.client.reload(text, name)
         if self.args.json:
             self.out.json(result)
         else:
-            self.out.line("manifest reloaded: " + ", ".join(
+            sha = (result.get("manifest") or {}).get("sha256")
+            self.out.line("manifest reloaded" + (f" (sha256 {sha[:16]})" if sha else "") + ": " + ", ".join(
                 f"{result.get(k, 0)} {k}" for k in ("added", "kept", "removed", "total")))
             if result.get("out_of_tries"):
                 self.out.line(f"{result['out_of_tries']} pending job(s) failed: the new retries limit leaves them "
@@ -489,15 +509,15 @@ class Ops:
             for r in report:
                 h = r.get("health")
                 if h is None:
-                    rows.append([r["url"], "unreachable", None, None, None, None, None, None, None, None,
+                    rows.append([r["url"], "unreachable", None, None, None, None, None, None, None, None, None,
                                  r["detail"]])
                 else:
                     node = h.get("node_id")
                     rows.append([r["url"], h.get("role"), h.get("term"), h.get("leader"), node,
                                  member.get(node, h.get("member")), h.get("commit"), h.get("applied"), lag.get(node),
-                                 h.get("version"), h.get("lost")])
-            self.out.table(["URL", "ROLE", "TERM", "LEADER", "NODE", "MEMBER", "COMMIT", "APPLIED", "LAG", "VERSION",
-                            "PROBLEM"], rows, {1: lambda s: self.out.paint(s, s)})
+                                 _manifest_cell(h.get("manifest"), time.time()), h.get("version"), h.get("lost")])
+            self.out.table(["URL", "ROLE", "TERM", "LEADER", "NODE", "MEMBER", "COMMIT", "APPLIED", "LAG",
+                            "MANIFEST", "VERSION", "PROBLEM"], rows, {1: lambda s: self.out.paint(s, s)})
         if reachable == len(report):
             return EXIT_OK
         return EXIT_UNREACHABLE if reachable == 0 else EXIT_FAILED
@@ -705,7 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", nargs="+", metavar="ID", help=JOB_REF_HELP)
     p = add("requeue", "put failed or cancelled jobs back in the queue")
     p.add_argument("ids", nargs="+", metavar="ID", help=JOB_REF_HELP)
-    add("reload", "reload the coordinator's training manifest")
+    p = add("reload", "put a training manifest in force: FILE from here, else the coordinator's own --manifest")
+    p.add_argument("file", nargs="?", metavar="FILE", help="manifest (TOML) to send; default: the file the "
+                   "receiving coordinator was started with")
     add("workers", "workers, when they were last seen, what they run")
     p = add("logs", "a job's log tail")
     p.add_argument("id", help=JOB_REF_HELP)

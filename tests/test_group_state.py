@@ -5,8 +5,17 @@ In-process peers on loopback (``test_replication.Group``); ticks of 50 ms.
 
 from __future__ import annotations
 
-from conftest import http_call
-from test_replication import group, three  # noqa: F401 - the in-process group fixture
+import logging
+import time
+
+import pytest
+
+from conftest import OPERATOR_TOKEN, http_call, manifest_toml
+from test_e2e import jobs_cli, wait_for
+from test_replication import W1, Group, group, three  # noqa: F401 - the in-process group fixture
+
+from cis490fleet import commands
+from cis490fleet.coordinator import Coordinator
 
 
 def test_a_read_on_a_peer_that_is_not_the_leader_still_passes_the_read_barrier(group):  # noqa: F811
@@ -22,3 +31,116 @@ def test_a_read_on_a_peer_that_is_not_the_leader_still_passes_the_read_barrier(g
         _, total = g.coords[f].list_jobs(status="claimed")
         assert total == i + 1, f"the read after claim {i + 1} missed it"
         assert g.coords[f].job_detail(got["job_id"])["host"] == f"w{i}"
+
+
+# -- the manifest is replicated state ------------------------------------------------------------------
+
+
+OP = {"x-operator-token": OPERATOR_TOKEN}
+IN_FORCE = manifest_toml(4, heartbeat_s=0.2, stale_after_s=0.8, max_attempts=3)
+FILES = {"a": manifest_toml(5, heartbeat_s=1, stale_after_s=4, max_attempts=1),
+         "b": manifest_toml(2, heartbeat_s=2, stale_after_s=8, max_attempts=1),
+         "c": manifest_toml(3, heartbeat_s=3, stale_after_s=12, max_attempts=1)}
+
+
+class FilesGroup(Group):
+    """Peers started with different ``--manifest`` files: ``FILES[name]``."""
+
+    def start(self, name: str) -> Coordinator:
+        path = self.tmp / f"manifest-{name}.toml"
+        path.write_text(FILES[name])
+        c = Coordinator(self.tmp / name, manifest_path=path, node_id=name, peers=self.urls,
+                        operator_token=OPERATOR_TOKEN, raft_options=self.raft)
+        c.listen("127.0.0.1", int(self.urls[name].rsplit(":", 1)[1]))
+        c.serve_in_thread()
+        c.start_background()
+        self.coords[name] = c
+        return c
+
+    def start_all(self) -> str:
+        """Start a, b and c; the leader's name once every peer knows it."""
+        for name in "abc":
+            self.start(name)
+        leader = self.leader()
+        wait_for("every peer to know the leader",
+                 lambda: all(c.replicator.leader() == leader for c in self.coords.values()))
+        return leader
+
+
+def queue_view(c: Coordinator) -> dict:
+    jobs, _ = c.store.jobs()
+    return {"manifest": c.store.manifest_info()["sha256"], "fleet": c.store.fleet().to_json(),
+            "jobs": sorted((j["id"], j["status"], j["in_manifest"]) for j in jobs)}
+
+
+@pytest.fixture
+def files_group(tmp_path):
+    g = FilesGroup(tmp_path / "g")
+    yield g
+    g.close()
+
+
+def test_peers_with_different_manifest_files_keep_the_group_s_manifest_across_a_failover(files_group, caplog):
+    """The first leader seeds the group with its file; `jobs reload` puts the operator's text in force; a new
+    leader never re-reads its own file: no flip of the fleet settings or in_manifest, no job failed 'out of
+    tries' by a file's lower max_attempts. A peer whose file differs says so at start with both sha256s."""
+    caplog.set_level(logging.INFO)
+    g = files_group
+    first = g.start_all()
+    seeded = commands.manifest_sha256(FILES[first])
+    wait_for("the first leader to seed the group",
+             lambda: all((c.store.manifest_info() or {}).get("sha256") == seeded for c in g.coords.values()))
+    wait_for("each other peer to say its file differs", lambda: caplog.text.count("differs from the group") >= 2)
+    assert seeded[:16] in caplog.text and commands.manifest_sha256(FILES[g.follower()])[:16] in caplog.text
+
+    status, _, result = http_call(g.urls[g.follower()], "POST", "/v1/manifest/reload",
+                                  {"text": IN_FORCE, "name": "lab.toml"}, headers=OP)
+    assert status == 200, result
+    assert result["manifest"]["sha256"] == commands.manifest_sha256(IN_FORCE) and result["total"] >= 4
+    # One try used and lost (no heartbeat within stale_after_s): pending again with attempts 1, which a file
+    # with max_attempts = 1 would call out of tries.
+    status, _, got = http_call(g.urls[g.leader()], "POST", "/v1/job/claim", {"capability": {}}, headers=W1)
+    assert status == 200 and got["job"] is not None
+    wait_for("the stale claim to go back to pending",
+             lambda: g.coords[g.leader()].store.job(got["job_id"], time.time())["status"] == "pending", timeout=20)
+    before = queue_view(g.coords[g.leader()])
+    assert before["fleet"]["max_attempts"] == 3
+
+    old = g.leader()
+    g.stop(old)
+    new = g.leader()
+    assert new != old
+    status, _, _ = http_call(g.urls[new], "GET", "/v1/jobs")  # passes the new leader's read barrier
+    assert status == 200
+    time.sleep(1.0)  # room for a leader's start-up work (the old code re-read its file here)
+    g.converged()
+    for c in g.coords.values():
+        assert queue_view(c) == before
+    assert "out of tries" not in caplog.text
+
+
+def test_a_reload_without_a_file_through_a_follower_puts_that_peer_s_own_file_in_force(files_group):
+    g = files_group
+    g.start_all()
+    f = g.follower()
+    status, headers, result = http_call(g.urls[f], "POST", "/v1/manifest/reload", headers=OP)
+    assert status == 200 and headers["x-forwarded-by"] == f, result
+    assert result["manifest"]["sha256"] == commands.manifest_sha256(FILES[f])
+    wait_for("every peer to apply it", lambda: {c.store.manifest_info()["sha256"] for c in g.coords.values()}
+             == {commands.manifest_sha256(FILES[f])})
+    health = g.coords[f].health()
+    assert health["manifest"]["sha256"] == commands.manifest_sha256(FILES[f])
+
+
+def test_jobs_reload_file_sends_the_text_and_jobs_peers_shows_the_manifest_in_force(files_group, tmp_path):
+    g = files_group
+    g.start_all()
+    mine = tmp_path / "mine.toml"
+    mine.write_text(IN_FORCE)
+    out = jobs_cli(g.urls[g.follower()], "reload", str(mine))
+    sha = commands.manifest_sha256(IN_FORCE)
+    assert out.returncode == 0 and f"sha256 {sha[:16]}" in out.stdout, out.stderr
+    g.converged()
+    out = jobs_cli(g.urls["a"], "peers")
+    assert out.returncode == 0, out.stderr
+    assert "MANIFEST" in out.stdout and out.stdout.count(sha[:12]) == 3, out.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import threading
 
@@ -35,7 +36,10 @@ def store(tmp_path):
 
 
 def sync(store, *jobs, now=T0, **kw):
-    return store.execute({"op": "sync_manifest", "now": now, "manifest": manifest(*jobs, **kw)})
+    """The sync's counts (``manifest``, the record of what is in force, is tested on its own)."""
+    result = store.execute({"op": "sync_manifest", "now": now, "manifest": manifest(*jobs, **kw)})
+    result.pop("manifest")
+    return result
 
 
 def claim(store, host="ws1", lease="L1", now=T0, cap=CPU):
@@ -585,6 +589,23 @@ def test_a_fault_of_the_machine_undoes_the_whole_batch(tmp_path):
                          {"op": "cancel", "now": T0, "job_id": b.id}])
     assert s.counts()["pending"] == 2
     s.close()
+
+
+def test_the_manifest_in_force_is_recorded_with_its_text_and_a_seed_applies_only_to_an_empty_queue(store):
+    a, b = seeds(2)
+    seed = {"op": "sync_manifest", "now": T0, "manifest": manifest(a), "seed_only": True,
+            "source": {"text": "first", "name": "a.toml"}}
+    assert store.execute(seed)["added"] == 1
+    first = store.manifest_info()
+    assert first == {"sha256": hashlib.sha256(b"first").hexdigest(), "name": "a.toml", "applied": T0}
+    again = store.execute({**seed, "manifest": manifest(a, b), "source": {"text": "other", "name": "b.toml"}})
+    assert again["seeded"] is False and again["manifest"] == first and store.counts()["pending"] == 1
+    reload = {**seed, "seed_only": False, "manifest": manifest(a, b), "now": T0 + 5,
+              "source": {"text": "second", "name": "lab.toml"}}
+    assert store.execute(reload)["added"] == 1
+    assert store.manifest_info()["applied"] == T0 + 5 and store.manifest_text() == "second"
+    store.execute({**reload, "now": T0 + 9})
+    assert store.manifest_info()["applied"] == T0 + 5, "the same text again keeps when it came in force"
 
 
 # ------------------------------------------------------------------ dependencies

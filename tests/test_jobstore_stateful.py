@@ -9,6 +9,7 @@ tries than it has; a caller with a stale lease changes nothing; no job disappear
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -132,6 +133,8 @@ class QueueMachine(RuleBasedStateMachine):
                 added += 1
         for job_id, job in self.jobs.items():
             job.in_manifest = job_id in wanted
+        assert res.pop("manifest")["sha256"] == hashlib.sha256(
+            json.dumps(manifest.to_json(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
         assert res == {"added": added, "kept": len(specs) - added, "removed": len(self.jobs) - len(specs),
                        "total": len(self.jobs), "out_of_tries": 0,  # retries never change here
                        "unclaimable": unclaimable}

@@ -306,7 +306,8 @@ def test_reload_adds_new_jobs(fleet, operator):
     manifest.write_text(manifest_toml(5), encoding="utf-8")
     code, out, _ = jobs(fleet.url, "reload")
     assert code == 0
-    assert out.strip() == "manifest reloaded: 2 added, 3 kept, 0 removed, 5 total"
+    sha = hashlib.sha256(manifest_toml(5).encode()).hexdigest()
+    assert out.strip() == f"manifest reloaded (sha256 {sha[:16]}): 2 added, 3 kept, 0 removed, 5 total"
     code, out, _ = jobs(fleet.url, "reload", "--json")
     assert json.loads(out)["kept"] == 5
 
