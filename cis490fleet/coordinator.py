@@ -695,12 +695,12 @@ class Coordinator:
         interval = watchdog_interval()
         if interval:
             threads.append(threading.Thread(target=self._watchdog, args=(interval,), name="watchdog", daemon=True))
-        if self.replicator is not None and self.manifest_path is not None:
-            threads.append(threading.Thread(target=self._check_manifest_file, name="manifest-check", daemon=True))
         for t in threads:
             t.start()
         self._threads += threads
         self.notifier.start()
+        if self.replicator is not None and self.manifest_path is not None:  # ends when it has said its piece
+            threading.Thread(target=self._check_manifest_file, name="manifest-check", daemon=True).start()
 
     def listen(self, host: str, port: int, ssl_context=None, *, per_address: int | None = None):
         """Bind the HTTP server (not yet serving); sets ``url``. The group's peers are exempt from the
