@@ -319,7 +319,8 @@ def test_reload_says_how_many_jobs_stopped_being_claimable(fleet, operator):
     manifest.write_text(manifest_toml(0), encoding="utf-8")
     code, out, _ = jobs(fleet.url, "reload")
     assert code == 0
-    assert out.splitlines() == ["manifest reloaded: 0 added, 0 kept, 3 removed, 3 total",
+    sha = hashlib.sha256(manifest_toml(0).encode()).hexdigest()
+    assert out.splitlines() == [f"manifest reloaded (sha256 {sha[:16]}): 0 added, 0 kept, 3 removed, 3 total",
                                 "2 pending job(s) stopped being claimable: they left the manifest (bring them back, "
                                 "or 'jobs cancel ID')"]
     assert w.claim(cap) == {"job": None}
