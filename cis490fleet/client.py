@@ -513,6 +513,30 @@ class Client:
         return self._call("PUT", f"/v1/job/{_quote(job_id)}/checkpoint", headers=headers, body_path=path,
                           timeout=max(self.timeout, 120.0))
 
+    def upload_log(self, job_id: str, lease, path: str | Path, *, sha256: str) -> dict:
+        """Hand in the attempt's log (``attempt_log.pack``'s gzip file): ``{"sha256", "attempt", "size"}``."""
+        _check_sha256(sha256, "sha256")
+        path = Path(path)
+        try:
+            size = path.stat().st_size
+        except OSError as err:
+            raise errors.ConfigError(f"cannot read log {path}: {err.strerror or err}") from None
+        headers = {"x-lease": lease, "x-content-sha256": sha256, "content-length": size,
+                   "content-type": "application/gzip"}
+        return self._call("PUT", f"/v1/job/{_quote(job_id)}/log", headers=headers, body_path=path)
+
+    def job_log(self, ref: str, attempt: int | None = None) -> tuple[int, str]:
+        """(attempt number, its whole log as text) of the job named by ``ref``; None: its newest log."""
+        import gzip
+
+        path = f"/v1/job/{_quote(ref)}/log" + ("" if attempt is None else f"?attempt={int(attempt)}")
+        status, headers, data = self._exchange("GET", path)
+        if status >= 300:
+            raise self._error(self.urls[self._preferred], "GET", path, status, data)
+        if (headers.get("content-encoding") or "").lower() == "gzip":
+            data = gzip.decompress(data)
+        return int(headers.get("x-attempt") or 0), data.decode("utf-8", "replace")
+
     def download_checkpoint(self, sha256: str, dest_path: str | Path) -> Path:
         """Stream a checkpoint to ``dest_path`` through a temporary file; its sha256 must equal ``sha256``."""
         _check_sha256(sha256, "checkpoint id")

@@ -286,6 +286,9 @@ OPS: dict[str, dict[str, tuple]] = {
     "record_checkpoint": {"job_id": (_job_id, REQUIRED), "host": (_host, REQUIRED), "lease": (_opt_lease, None),
                           "sha256": (_sha, REQUIRED), "epoch": (_opt_epoch, None), "size": (_size, REQUIRED),
                           "model": (_short_text, REQUIRED), "mode": (_short_text, REQUIRED)},
+    "record_log": {"job_id": (_job_id, REQUIRED), "host": (_host, REQUIRED), "lease": (_opt_lease, None),
+                   "sha256": (_sha, REQUIRED), "size": (_size, REQUIRED), "model": (_short_text, REQUIRED),
+                   "mode": (_short_text, REQUIRED)},
 }
 
 

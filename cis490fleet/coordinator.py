@@ -328,6 +328,7 @@ class Coordinator:
         self.artifacts = ArtifactStore(self.data_dir)
         self.artifacts.clean_tmp()
         self.checkpoints = ArtifactStore(self.data_dir, root="checkpoints")
+        self.logs = ArtifactStore(self.data_dir, root="logs")  # attempts' train.log, gzip (log_api.py)
         self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="queue-read")
         self.replicator = None
         self.peer_ssl_context = peer_ssl_context
@@ -338,7 +339,7 @@ class Coordinator:
                 self.replicator = Replicator(self.data_dir, self.node_id, peers, self.store,
                                              on_applied=self._after_commit, ssl_context=peer_ssl_context,
                                              artifacts=self.artifacts, checkpoints=self.checkpoints,
-                                             **(raft_options or {}))
+                                             logs=self.logs, **(raft_options or {}))
             except BaseException:
                 self.store.close()
                 self._data_lock.release()

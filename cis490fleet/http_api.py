@@ -49,7 +49,7 @@ MAX_ERROR_TEXT = 64 * 1024
 MAX_LOG_TAIL = 256 * 1024
 LINGER_S = 2.0
 SMALL_STREAM = 256 * 1024  # streamed bodies up to this size go out in the same send as the headers
-EXTENSIONS = ("cis490fleet.dashboard", "cis490fleet.metrics", "cis490fleet.checkpoint_api",
+EXTENSIONS = ("cis490fleet.dashboard", "cis490fleet.metrics", "cis490fleet.checkpoint_api", "cis490fleet.log_api",
               "cis490fleet.membership_api")
 _SECRET_QUERY_KEYS = re.compile(r"token|secret|key|pass|auth|lease", re.I)
 

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from cis490fleet import checkpoint_records, commands, db, failure_text, jobs, metric_history, placement, policy
+from cis490fleet import checkpoint_records, commands, db, failure_text, jobs, log_records, metric_history, placement, policy
 from cis490fleet.results import final_metrics
 from cis490fleet.errors import (AmbiguousId, ApplyFailed, BadRequest, FleetError, InvalidTransition, NotFound,
                                 Unavailable, error_from_wire)
@@ -154,6 +154,8 @@ MIGRATIONS = [
     """,
     # The numbers of every progress report per attempt (metric_history.py): curves that outlive the browser.
     metric_history.MIGRATION,
+    # The whole log each attempt handed in (log_records.py).
+    log_records.MIGRATION,
 ]
 
 # The claim seek: the best claimable job of one class. Its WHERE and ORDER BY
@@ -359,7 +361,7 @@ class _HostGpus:
 
 # ---------------------------------------------------------------- the store
 
-class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistory):
+class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistory, log_records.LogRecords):
     """The queue in one SQLite file; one connection per thread, shared by any number of processes."""
 
     def __init__(self, path, *, synchronous: str = "FULL"):
@@ -1097,9 +1099,10 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
             spec = JobSpec.from_json(json.loads(row[14]))
             attempts = [
                 {"number": a[0], "host": a[1], "lease": a[2][:8], "started": a[3], "ended": a[4], "outcome": a[5],
-                 "error": a[6], "class": a[8], **({"gpus": json.loads(a[7])["gpus"]} if a[7] else {})}
-                for a in conn.execute("SELECT number, host, lease, started, ended, outcome, error, placement, class "
-                                      "FROM attempts WHERE job = ? ORDER BY number", (job_id,))]
+                 "error": a[6], "class": a[8], "log_size": a[9],  # log_size: the stored log's, None without
+                 **({"gpus": json.loads(a[7])["gpus"]} if a[7] else {})}
+                for a in conn.execute("SELECT number, host, lease, started, ended, outcome, error, placement, class, "
+                                      "log_size FROM attempts WHERE job = ? ORDER BY number", (job_id,))]
             tail = conn.execute("SELECT log_tail FROM attempts WHERE job = ? AND log_tail IS NOT NULL "
                                 "ORDER BY number DESC LIMIT 1", (job_id,)).fetchone()
             out.update({

@@ -323,6 +323,33 @@ PATHS = {
                               "content": {"application/octet-stream": {"schema": {
                                   "type": "string", "contentMediaType": "application/octet-stream"}}}},
                       **_errors(400, 404)}}},
+    "/v1/job/{job_id}/log": {"put": {
+        "summary": "hand in the caller's attempt's whole train.log, gzip-compressed (head and tail past 8 MiB, a "
+                   "marker between), when the attempt ends; fenced by the lease like a checkpoint",
+        "security": _WORKER,
+        "parameters": [_JOB_ID_PARAM, _HOST_HEADER, _LEASE_HEADER,
+                       {"name": "x-content-sha256", "in": "header", "required": True, "schema": _HEX64},
+                       {"name": "content-length", "in": "header", "required": True,
+                        "schema": {"type": "integer", "minimum": 0}}],
+        "requestBody": {"required": True, "content": {"application/gzip": {
+            "schema": {"type": "string", "contentMediaType": "application/gzip"}}}},
+        "responses": {"201": _json({"type": "object", "required": ["sha256", "attempt", "size"],
+                                    "properties": {"sha256": _HEX64, "attempt": {"type": "integer"},
+                                                   "size": {"type": "integer"}}}, "stored and recorded"),
+                      **_errors(400, 401, 403, 404, 409, 411, 413)}}},
+    "/v1/job/{id}/log": {"get": {
+        "summary": "an attempt's whole log as text (content-encoding: gzip); header x-attempt names the attempt",
+        "parameters": [_ID_PARAM, {"name": "attempt", "in": "query", "required": False,
+                                   "schema": {"type": "integer", "minimum": 1},
+                                   "description": "default: the newest attempt that handed in a log"}],
+        "responses": {"200": {"description": "the log", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                      **_errors(400, 404)}}},
+    "/v1/log/{sha256}": {"get": {
+        "summary": "a stored log by content, gzip (peers copy what they lack)", "parameters": [_SHA_PARAM],
+        "responses": {"200": {"description": "the gzip file; header x-content-sha256 repeats the id",
+                              "content": {"application/gzip": {"schema": {
+                                  "type": "string", "contentMediaType": "application/gzip"}}}},
+                      **_errors(400, 404)}}},
     "/v1/zipapp": {"get": {
         "summary": "this coordinator's cis490fleet.pyz, for copy-one-file enrollment",
         "responses": {"200": {"description": "the zipapp; header x-content-sha256 is its sha256",

@@ -526,11 +526,15 @@ class Ops:
 
     def cmd_logs(self) -> int:
         a = self.args
+        if a.attempt is not None:
+            return self._stored_log(a.id, a.attempt)
         result = self.client.job(a.id)
+        job = result.get("job") or {}
+        if job.get("status") in FINAL and not a.follow:
+            return self._stored_log(job.get("id") or a.id, None, job)
         if a.json and not a.follow:
             self.out.json(result)
             return EXIT_OK
-        job = result.get("job") or {}
         shown = log_text(job.get("log_tail"))
         self.out.stream.write(shown)
         self.out.stream.flush()
@@ -549,6 +553,26 @@ class Ops:
                 shown = text
         except KeyboardInterrupt:
             pass
+        return EXIT_OK
+
+    def _stored_log(self, ref: str, attempt: int | None, job: dict | None = None) -> int:
+        """Print the whole log an attempt handed in (the newest when ``attempt`` is None)."""
+        try:
+            number, text = self.client.job_log(ref, attempt)
+        except errors.NotFound:
+            if attempt is not None or job is None:
+                raise
+            # A finished job whose attempts handed in no log (a worker older than the log upload): its tail.
+            tail = log_text(job.get("log_tail"))
+            if not tail:
+                self.err.write(f"job {short(job.get('id'))} kept no log (it is {job.get('status')})\n")
+                return EXIT_OK
+            number, text = None, tail
+        if self.args.json:
+            self.out.json({"id": (job or {}).get("id") or ref, "attempt": number, "log": text})
+        else:
+            self.out.stream.write(text)
+            self.out.stream.flush()
         return EXIT_OK
 
     def cmd_fetch(self) -> int:
@@ -729,8 +753,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?", metavar="FILE", help="manifest (TOML) to send; default: the file the "
                    "receiving coordinator was started with")
     add("workers", "workers, when they were last seen, what they run")
-    p = add("logs", "a job's log tail")
+    p = add("logs", "a job's log: the live tail while it runs, the whole log an attempt handed in once it ended")
     p.add_argument("id", help=JOB_REF_HELP)
+    p.add_argument("--attempt", type=_positive_int, metavar="N", help="the whole log of attempt N (jobs show lists them)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the job ends")
     p.add_argument("--interval", type=_positive_float, default=2.0, metavar="S", help="seconds between polls")
     p = add("fetch", "download a job's artifact and verify its sha256")

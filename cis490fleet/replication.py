@@ -60,6 +60,7 @@ MESSAGES_PATH = "/v1/raft/messages"
 SNAPSHOT_PATH = "/v1/raft/snapshot"
 ARTIFACT_PATH = "/v1/raft/artifact/"
 CHECKPOINT = "checkpoint"  # the kind of a copied file that is a checkpoint, not a model bundle
+LOG = "log"  # the kind of a copied file that is an attempt's train.log (gzip)
 PROPOSE_TIMEOUT_S = 20.0
 READ_TIMEOUT_S = 5.0
 SEND_TIMEOUT_S = 5.0
@@ -182,7 +183,7 @@ class Replicator:
     def __init__(self, data_dir: Path, node_id: str, peers: dict[str, str], store, *, on_applied=None,
                  ssl_context=None, tick_s: float = 0.1, election_ticks: tuple[int, int] = (10, 20),
                  heartbeat_ticks: int = 1, snapshot_every: int = SNAPSHOT_EVERY, artifacts=None,
-                 checkpoints=None, join: bool = False):
+                 checkpoints=None, logs=None, join: bool = False):
         if node_id not in peers:
             raise errors.ConfigError(f"--node-id {node_id!r} is not among the --peer entries "
                                      f"({', '.join(sorted(peers))}); list this peer too: --peer {node_id}=URL")
@@ -195,6 +196,7 @@ class Replicator:
         self.store = store
         self.artifacts = artifacts
         self.checkpoints = checkpoints  # a second ArtifactStore: checkpoints travel like bundles, with kind=checkpoint
+        self.logs = logs  # a third: attempts' logs, kind=log
         self.on_applied = on_applied
         self.ssl_context = ssl_context
         self.tick_s = tick_s
@@ -608,10 +610,12 @@ class Replicator:
                     continue
                 if cmd.get("op") == "record_artifact":
                     self._ensure_artifact(cmd)
-                elif cmd.get("op") == "record_checkpoint" and self.checkpoints is not None:
-                    self._ensure_artifact({"artifact_id": cmd["sha256"], "model": cmd["model"], "mode": cmd["mode"],
-                                           "job_id": cmd["job_id"], "host": cmd["host"], "now": cmd["now"],
-                                           "kind": CHECKPOINT})
+                elif cmd.get("op") in ("record_checkpoint", "record_log"):
+                    kind = CHECKPOINT if cmd["op"] == "record_checkpoint" else LOG
+                    if (self.checkpoints if kind == CHECKPOINT else self.logs) is not None:
+                        self._ensure_artifact({"artifact_id": cmd["sha256"], "model": cmd["model"],
+                                               "mode": cmd["mode"], "job_id": cmd["job_id"], "host": cmd["host"],
+                                               "now": cmd["now"], "kind": kind})
 
     def _answer_reads(self) -> None:
         applied = self.node.applied
@@ -725,6 +729,10 @@ class Replicator:
             if self.checkpoints is None:
                 raise errors.BadRequest("this peer keeps no checkpoints")
             return self.checkpoints
+        if kind == LOG:
+            if self.logs is None:
+                raise errors.BadRequest("this peer keeps no attempt logs")
+            return self.logs
         return self.artifacts
 
     def _ensure_artifact(self, cmd: dict) -> None:
@@ -755,6 +763,11 @@ class Replicator:
                              for c in self.store.checkpoint_records()]
             except errors.FleetError as err:
                 log.info("could not list the queue's checkpoints to fetch the missing ones: %s", err)
+        if self.logs is not None:
+            try:
+                recorded += [{"artifact_id": r["sha256"], "kind": LOG, **r} for r in self.store.log_records()]
+            except errors.FleetError as err:
+                log.info("could not list the queue's attempt logs to fetch the missing ones: %s", err)
         missing = [a for a in recorded if a["artifact_id"] not in self._fetching
                    and self._store_of(a.get("kind")).locate(a["artifact_id"]) is None]
         if missing:
@@ -772,7 +785,8 @@ class Replicator:
     def _fetch_artifact(self, cmd: dict) -> None:
         sha = cmd["artifact_id"]
         store = self._store_of(cmd.get("kind"))
-        source = f"/v1/checkpoint/{sha}" if cmd.get("kind") == CHECKPOINT else f"/v1/artifact/{sha}"
+        source = {CHECKPOINT: f"/v1/checkpoint/{sha}", LOG: f"/v1/log/{sha}"}.get(cmd.get("kind"),
+                                                                                   f"/v1/artifact/{sha}")
         try:
             for pid, url in self.peers.items():
                 if pid == self.node_id:

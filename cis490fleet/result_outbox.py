@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from cis490fleet import errors, jobs, results
+from cis490fleet import attempt_log, errors, jobs, results
 from cis490fleet.slots import COMPLETED, FAILED, LOST, PENDING
 from cis490fleet.trainer_process import TrainerRun
 from cis490fleet.worker_view import logger
@@ -53,13 +53,32 @@ class Outbox:
         record = {"action": "complete", "job_id": run.job_id, "lease": run.lease, "attempt": run.attempt,
                   "bundle": str(path), "sha256": sha256, "size": size, "label": run.label,
                   "metrics": final_metrics(run)}
-        return self.deliver(record)
+        return self.deliver(self._with_log(record, run))
 
     def report_failure(self, run: TrainerRun, error: str, failure_class: str) -> str:
         """Report the attempt failed; ``failure_class`` (``jobs.FAILURE_CLASSES``) decides whether it is retried."""
         record = {"action": "fail", "job_id": run.job_id, "lease": run.lease, "attempt": run.attempt,
                   "error": error, "class": failure_class, "label": run.label}
-        return self.deliver(record)
+        return self.deliver(self._with_log(record, run))
+
+    def _with_log(self, record: dict, run: TrainerRun) -> dict:
+        """The record, with the attempt's whole log packed beside it: it goes out before the result, while the
+        lease still holds."""
+        self.pending_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            path, sha256, _ = attempt_log.pack(run.log_path, self.pending_dir / f"{run.job_id}.log.gz")
+        except OSError as err:
+            log.warning("job %s: cannot pack its log %s: %s", run.label, run.log_path, err)
+            return record
+        return {**record, "log": str(path), "log_sha256": sha256}
+
+    def hand_in_log(self, run: TrainerRun) -> None:
+        """Send the attempt's log now, for an attempt that ends without a result (cancelled, released)."""
+        record = self._with_log({"job_id": run.job_id, "lease": run.lease, "label": run.label}, run)
+        packed = record.get("log")
+        if packed:
+            self._send_log(record)
+            Path(packed).unlink(missing_ok=True)
 
     def deliver(self, record: dict) -> str:
         """Write the result to disk first, then send it; flush_pending leaves it alone meanwhile."""
@@ -86,17 +105,39 @@ class Outbox:
         os.replace(tmp, path)
 
     def _drop_record(self, record: dict) -> None:
-        for p in (self._record_path(record["job_id"]), Path(record["bundle"]) if record.get("bundle") else None):
-            if p is not None:
-                try:
-                    p.unlink()
-                except FileNotFoundError:
-                    pass
+        for p in (self._record_path(record["job_id"]), record.get("bundle"), record.get("log")):
+            if p:
+                Path(p).unlink(missing_ok=True)
+
+    def _send_log(self, record: dict) -> bool:
+        """Hand in the record's log, if it has one still to send; False while no coordinator answers.
+
+        Any other error drops the log (a result must not wait for it); a 409 will refuse the result too."""
+        if not record.get("log"):
+            return True
+        label = record.get("label") or record["job_id"][:12]
+        try:
+            answer = self.client.upload_log(record["job_id"], record.get("lease"), record["log"],
+                                            sha256=record["log_sha256"])
+        except errors.Unavailable:
+            return False
+        except (errors.FleetError, OSError) as err:
+            log.warning("job %s: its log was not handed in: %s", label, err)
+        else:
+            log.info("job %s: log of attempt %s handed in (%d bytes)", label, answer.get("attempt"),
+                     answer.get("size") or 0)
+        Path(record.pop("log")).unlink(missing_ok=True)
+        if self._record_path(record["job_id"]).exists():
+            self._save_record(record)
+        return True
 
     def _send(self, record: dict) -> str:
         """Deliver one result. Unavailable keeps it on disk for later; a 409 drops it."""
         label = record.get("label") or record["job_id"][:12]
         job_id, lease = record["job_id"], record.get("lease")
+        if not self._send_log(record):
+            log.warning("job %s: result kept in %s until the coordinator answers", label, self.pending_dir)
+            return PENDING
         if record["action"] == "fail":
             try:
                 answer = self.client.fail(job_id, lease, record["error"], record.get("class")) or {}

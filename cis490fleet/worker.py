@@ -227,6 +227,7 @@ class Worker:
             if self.stopping:
                 run.stop(self.config.grace_s)
                 checkpoints.hand_over()
+                self.outbox.hand_in_log(run)
                 self._release(run)
                 return RELEASED
             now = time.monotonic()
@@ -245,6 +246,7 @@ class Worker:
                 run.stop(self.config.grace_s)
                 if verdict == lease_keeper.CANCELLED:  # a cancelled job's holder still hands in what it saved
                     checkpoints.hand_over()
+                    self.outbox.hand_in_log(run)
                     return CANCELLED
                 return LOST
             over = run.over_limit(now)

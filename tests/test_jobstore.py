@@ -396,7 +396,7 @@ def test_heartbeat_runs_the_job_and_keeps_progress_and_log_tail(store):
     assert detail["status"] == "running" and detail["progress"] == {"epoch": 3}
     assert detail["log_tail"] == "loss 0.5\n"
     assert detail["attempts"] == [{"number": 1, "host": "ws1", "lease": "L1", "started": T0, "ended": None,
-                                   "outcome": None, "error": None, "class": None}]
+                                   "outcome": None, "error": None, "class": None, "log_size": None}]
 
 
 def test_attempts_show_only_a_lease_prefix(store):

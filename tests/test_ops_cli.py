@@ -355,6 +355,18 @@ def test_logs_prints_the_tail(fleet):
     assert code == 0 and out == "" and "no log yet" in err
 
 
+def test_logs_of_a_finished_job_never_says_yet(fleet, operator):
+    w, cap = worker(fleet.url)
+    claim = w.claim(cap)
+    w.fail(claim["job_id"], claim["lease"], "boom")  # final: the manifest grants no retries
+    code, out, err = jobs(fleet.url, "logs", claim["job_id"])
+    assert (code, out) == (0, "") and err == f"job {claim['job_id'][:12]} kept no log (it is failed)\n"
+    code, out, err = jobs(fleet.url, "logs", claim["job_id"], "--attempt", "1")
+    assert code == 3 and f"attempt 1 of job {claim['job_id'][:12]} handed in no log" in err
+    code, out, err = jobs(fleet.url, "logs", claim["job_id"], "--attempt", "7")
+    assert code == 3 and "has no attempt 7" in err
+
+
 def test_logs_follow_prints_each_line_once_until_the_job_ends(fleet, tmp_path):
     w, cap = worker(fleet.url)
     claim = w.claim(cap)

@@ -924,3 +924,42 @@ def test_a_crash_reports_stderr_from_a_line_boundary(tmp_path):
         run._keep_stderr(f"warning {i:04d}: noisy\n".encode())
     tail = run.stderr_tail()
     assert tail.startswith("warning ") and tail.endswith("warning 0999: noisy\n") and len(tail) <= trainer_process.TAIL_BYTES
+
+
+# -- whole logs: each attempt hands in its train.log; `jobs logs --attempt N` prints it ---------------------
+
+
+def jobs_cli(url: str, *argv: str) -> tuple[int, str]:
+    from cis490fleet import ops
+
+    out = io.StringIO()
+    code = ops.main(["--receiver", url, "logs", *argv], stdout=out)
+    return code, out.getvalue()
+
+
+def test_each_attempt_hands_in_its_whole_log_and_jobs_logs_prints_it(live_server, tmp_path, cpu_host):
+    server = live_server(trainer_manifest("crash.py", ONE_JOB + "retries = 1\n", max_attempts=3))
+    w = make_worker(server.url, tmp_path)
+    assert w.run_once() == slots.FAILED
+    time.sleep(0.2)  # the retry backoff
+    assert w.run_once() == slots.FAILED
+    job = only_job(server)
+    assert job["status"] == "failed" and [a["log_size"] > 0 for a in job["attempts"]] == [True, True]
+    for attempt in (1, 2):
+        code, text = jobs_cli(server.url, job["id"], "--attempt", str(attempt))
+        assert code == 0
+        assert sorted(text.splitlines()) == ["boom: simulated trainer crash (fixture tests/trainers/crash.py)",
+                                             "starting, about to crash"], text  # both streams, in either order
+        assert text == (w.work_dir / job["id"] / f"attempt-{attempt}" / "train.log").read_text()
+    assert jobs_cli(server.url, job["id"]) == (0, text)  # a finished job: the newest whole log
+    assert not list(w.outbox.pending_dir.iterdir())  # nothing left behind on the worker
+
+
+def test_a_completed_job_s_log_is_kept_whole_past_the_tail(live_server, tmp_path, cpu_host):
+    server = live_server(trainer_manifest("noisy.py", ONE_JOB.replace("steps = 40, sleep = 0.1", "lines = 5000")))
+    w = make_worker(server.url, tmp_path)
+    assert w.run_once() == slots.COMPLETED
+    job = only_job(server)
+    code, text = jobs_cli(server.url, job["id"], "--attempt", "1")
+    assert code == 0 and len(text.encode()) > 4 * 4096  # more than the 4 KiB tail a heartbeat carries
+    assert text == (w.work_dir / job["id"] / "attempt-1" / "train.log").read_text()

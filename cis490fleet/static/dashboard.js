@@ -572,14 +572,41 @@
     if ((job.attempts || []).length) {
       const rows = job.attempts.map((a) => el("tr", {}, el("td", { text: String(a.number) }), el("td", { text: a.host || "-" }),
         el("td", { text: when(a.started) }), el("td", { text: a.ended ? duration(a.ended - a.started) : "…" }),
-        el("td", { text: a.outcome || "-" }), el("td", { class: "err", text: a.error || "" })));
+        el("td", { text: a.outcome || "-" }), el("td", { text: a.class || "" }),
+        el("td", {}, a.log_size ? el("button", { type: "button", class: "link", text: "log",
+          title: `the whole log this attempt handed in (${a.log_size} bytes, gzip)`,
+          dataset: { log: String(a.number), job: job.id } }) : ""),
+        el("td", { class: "err", text: a.error || "" })));
       parts.push(el("h2", { text: "Attempts" }), el("div", { class: "scroll" }, el("table", { class: "table" },
-        el("thead", {}, el("tr", {}, ...["#", "host", "started", "took", "outcome", "error"].map((h) => el("th", { text: h })))),
+        el("thead", {}, el("tr", {}, ...["#", "host", "started", "took", "outcome", "class", "log", "error"].map((h) => el("th", { text: h })))),
         el("tbody", {}, ...rows))));
+      parts.push(el("div", { id: "attempt-log" }));
     }
     if (job.last_error) parts.push(el("h2", { text: "Last error" }), el("pre", { class: "log err", text: job.last_error }));
     if (job.log_tail) parts.push(el("h2", { text: "Log tail" }), el("pre", { class: "log", text: job.log_tail }));
     $("detail-body").replaceChildren(...parts);
+  }
+
+  // One attempt's whole log, below the attempts table (the server sends it gzip-encoded; fetch unpacks it).
+  async function showAttemptLog(id, attempt) {
+    const panel = $("attempt-log");
+    if (!panel) return;
+    panel.replaceChildren(el("p", { class: "muted", text: "loading…" }));
+    let text;
+    try {
+      const resp = await fetch(`/v1/job/${encodeURIComponent(id)}/log?attempt=${encodeURIComponent(attempt)}`,
+        { cache: "no-store" });
+      text = await resp.text();
+      if (!resp.ok) {
+        let detail = text;
+        try { detail = JSON.parse(text).detail || text; } catch (_) { /* not JSON */ }
+        throw new Error(detail);
+      }
+    } catch (err) {
+      panel.replaceChildren(el("p", { class: "err", text: err.message }));
+      return;
+    }
+    panel.replaceChildren(el("h2", { text: `Log of attempt ${attempt}` }), el("pre", { class: "log", text }));
   }
 
   // -- wiring -----------------------------------------------------------------------------------------
@@ -592,6 +619,7 @@
       const target = ev.target.closest("button");
       if (!target) return;
       if (target.dataset.detail) { showDetail(target.dataset.detail); return; }
+      if (target.dataset.log) { showAttemptLog(target.dataset.job, target.dataset.log); return; }
       if (target.dataset.action) {
         const key = armedKey(target.dataset.action, target.dataset.id);
         if (isArmed(key)) {
