@@ -24,6 +24,7 @@ import importlib
 import json
 import logging
 import re
+import select
 import socket
 import ssl
 import threading
@@ -691,10 +692,29 @@ FORWARD_TIMEOUT_S = SOCKET_TIMEOUT_S + MAX_WAIT_S
 _upstreams = threading.local()  # per handler thread: leader URL -> kept-alive connection
 
 
+def _still_open(conn: http.client.HTTPConnection) -> bool:
+    """Whether a kept-alive connection to the leader is still usable: an idle one that has anything to read
+    was closed by the leader (or holds a stray answer), so a request must not go on it."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+def _repeatable(req: Request) -> bool:
+    """A request the leader may see twice without harm: a read, or a write of a client session
+    (x-client-id + x-client-serial), which the queue applies once and answers alike."""
+    return req.method in ("GET", "HEAD") or bool(req.header("x-client-id") and req.header("x-client-serial"))
+
+
 def _upstream_conn(url: str, context, reuse: bool) -> tuple[http.client.HTTPConnection, bool]:
     cache = _upstreams.__dict__.setdefault("conns", {})
     conn = cache.pop(url, None)
-    if conn is not None and reuse:
+    if conn is not None and reuse and _still_open(conn):
         return conn, True
     if conn is not None:
         conn.close()
@@ -730,9 +750,10 @@ def forward(req: Request, leader_url: str, body: bytes | None = None) -> Respons
     ``body`` replaces the request's body (read by the caller), as a reload that names no manifest
     sends this peer's file.
 
-    A small body is read first, so a request that meets a kept-alive connection the
-    leader has just closed goes again on a fresh one; a large one (an upload) is
-    streamed through on a fresh connection."""
+    A small body is read first and goes on this thread's kept-alive connection, unless the
+    leader has closed it meanwhile; a large one (an upload) is streamed through on a fresh
+    connection. A request that got no answer on a kept-alive connection may have reached the
+    leader, so it goes again (on a fresh one) only when repeating it is harmless (``_repeatable``)."""
     node = getattr(req.app, "node_id", "?")
     if req.header("x-forwarded-by"):
         raise errors.Unavailable(f"forwarded by {req.header('x-forwarded-by')[:40]} but {node} is not the leader "
@@ -763,8 +784,13 @@ def forward(req: Request, leader_url: str, body: bytes | None = None) -> Respons
             break
         except (OSError, http.client.HTTPException) as err:
             conn.close()
+            if reused and _repeatable(req):
+                continue
             if reused:
-                continue  # the leader closed this idle connection: nothing of the request reached it
+                raise errors.Unavailable(
+                    f"the leader at {leader_url} closed the connection before answering ({err}): the request may "
+                    "have been applied; check before repeating it (a request with x-client-id and x-client-serial "
+                    "is repeated safely)") from None
             raise errors.Unavailable(f"the leader at {leader_url} did not answer ({err}); retry in a second") from None
     headers = {h: resp.getheader(h) for h in _ANSWER_HEADERS if resp.getheader(h)}
     headers["x-forwarded-by"] = node

@@ -6,11 +6,13 @@ In-process peers on loopback (``test_replication.Group``); ticks of 50 ms.
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 import time
 
 import pytest
 
-from conftest import OPERATOR_TOKEN, http_call, manifest_toml
+from conftest import OPERATOR_TOKEN, Conn, http_call, manifest_toml
 from test_e2e import jobs_cli, wait_for
 from test_replication import W1, Group, group, three  # noqa: F401 - the in-process group fixture
 
@@ -144,3 +146,74 @@ def test_jobs_reload_file_sends_the_text_and_jobs_peers_shows_the_manifest_in_fo
     out = jobs_cli(g.urls["a"], "peers")
     assert out.returncode == 0, out.stderr
     assert "MANIFEST" in out.stdout and out.stdout.count(sha[:12]) == 3, out.stdout
+
+
+# -- forwarding ------------------------------------------------------------------------------------------
+
+
+class LosingLeader:
+    """A stand-in for a leader's HTTP side that reads a write and closes the connection without answering
+    (as a leader that applied it and then crashed): once per distinct write, answering a repeat. Reads are
+    answered on the kept-alive connection."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, str | None]] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as f:
+            while True:
+                line = f.readline()
+                if not line:
+                    return
+                method, target, _ = line.decode().split(" ", 2)
+                headers = {}
+                while (h := f.readline()) not in (b"\r\n", b""):
+                    k, _, v = h.decode().partition(":")
+                    headers[k.strip().lower()] = v.strip()
+                f.read(int(headers.get("content-length") or 0))
+                key = (target, headers.get("x-client-serial"))
+                self.seen.append(key)
+                if method == "POST" and self.seen.count(key) == 1:
+                    return  # applied, never answered
+                body = b'{"jobs": [], "total": 0, "job": null}'
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                             + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_forwarded_write_that_may_have_reached_the_leader_is_repeated_only_with_a_client_session(tmp_path):
+    leader = LosingLeader()
+    coord = Coordinator(tmp_path / "follower", node_id="f")
+    coord.forward_url = lambda template, params=None: leader.url  # every request goes to the stand-in leader
+    coord.listen("127.0.0.1", 0)
+    coord.serve_in_thread()
+    try:
+        with Conn(coord.url) as conn:
+            assert conn.call("GET", "/v1/jobs")[0] == 200  # keeps a connection to the leader for this client
+            status, _, body = conn.call("POST", "/v1/job/claim", {"capability": {}}, headers=W1)
+            assert status == 503 and "may have been applied" in body["detail"], body
+            assert leader.seen.count(("/v1/job/claim", None)) == 1, "a write without a session was sent twice"
+
+            assert conn.call("GET", "/v1/jobs")[0] == 200
+            session = {**W1, "x-client-id": "c" * 16, "x-client-serial": "7"}
+            status, _, body = conn.call("POST", "/v1/job/claim", {"capability": {}}, headers=session)
+            assert status == 200, body
+            assert leader.seen.count(("/v1/job/claim", "7")) == 2
+    finally:
+        coord.close(grace=2)
+        leader.close()
