@@ -205,7 +205,8 @@ class Replicator:
         applied = store.applied_index()
         state = self.raft_store.load()
         seed = list(peers)
-        if not (state.entries or state.snapshot or state.hard_state.term):
+        # No log: nothing acknowledged yet, or nothing kept (a term alone may come from a vote request it refused).
+        if not (state.entries or state.snapshot):
             if join:
                 seed = []
                 log.info("raft: %s waits to be added to a group (jobs peers add %s=URL on any member)", node_id,

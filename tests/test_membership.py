@@ -105,6 +105,10 @@ def test_a_peer_whose_raft_state_is_gone_never_votes_and_is_replaced(group, capl
     status, _, body = http_call(g.urls[victim], "GET", "/v1/jobs")
     assert status == 503 and "lost the raft state it once acknowledged" in body["detail"]
     assert "add it back under a new id" in body["detail"]
+    g.stop(victim)  # restarted, with the leader's term in its store but still no log: still out
+    g.start(victim)
+    wait_for("the leader's contact makes it lost again", lambda: health(g, victim)["lost"], timeout=10)
+    assert health(g, victim)["member"] is None
 
     e = join(g, "e")
     status, _, body = http_call(g.urls[g.leader()], "POST", "/v1/peers/replace",
