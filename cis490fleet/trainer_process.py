@@ -191,9 +191,13 @@ class TrainerRun:
         system calls; copying bytes as they arrive would splice the other
         stream's lines into the middle of this one's. Each stream appends through
         its own O_APPEND descriptor, so each write lands whole at the end.
+
+        The stream is read to its end whatever happens to train.log: a full disk loses log lines
+        (counted, said once), never stops the reading, which would block the trainer on a full pipe.
         """
         fd = stream.fileno()
         partial = b""
+        lost = 0
         with open(self.log_path, "ab", buffering=0) as logf:
             while True:
                 chunk = os.read(fd, 65536)
@@ -202,10 +206,20 @@ class TrainerRun:
                 data = partial + chunk
                 cut = data.rfind(b"\n") + 1 if chunk and len(data) < LOG_LINE_MAX else len(data)
                 if cut:
-                    logf.write(data[:cut])
+                    try:
+                        logf.write(data[:cut])
+                    except OSError as err:
+                        if not lost:
+                            log.warning("job %s: cannot write %s (%s); dropping the trainer's output until it "
+                                        "can (free space in the work folder)", self.label, self.log_path,
+                                        err.strerror or err)
+                        lost += cut
                 partial = data[cut:]
                 if not chunk:
                     break
+        if lost:
+            log.warning("job %s: %d bytes of the trainer's %s never reached %s", self.label, lost,
+                        "stderr" if is_stderr else "stdout", self.log_path)
         stream.close()
 
     def _keep_stderr(self, chunk: bytes) -> None:

@@ -402,3 +402,32 @@ def test_a_handler_that_raises_answers_500_logs_the_traceback_and_the_connection
     tracebacks = [r for r in caplog.records if r.exc_info and r.exc_info[0] is ZeroDivisionError]
     assert len(tracebacks) == 3
     assert queue_dump(srv)  # and the queue still reads
+
+
+def test_a_full_work_disk_loses_log_lines_but_never_blocks_the_trainer(small_disk, tmp_path):
+    from cis490fleet.slots import Slot
+    from cis490fleet.trainer_process import TrainerRun
+
+    go = tmp_path / "go"
+    script = tmp_path / "chatty.py"
+    script.write_text(
+        "import os, sys, time\n"
+        f"while not os.path.exists({str(go)!r}):\n    time.sleep(0.05)\n"
+        "for i in range(40000):\n    print('epoch line', i, 'x' * 40)\n"  # ~2 MB: far more than a pipe holds
+        "print('done-marker', file=sys.stderr)\n")
+    claim = {"job_id": "ab" * 32, "attempt": 1, "job": {"model": "mlp", "mode": "train"},
+             "trainer": {"command": ["{python}", str(script)]}}
+    run = TrainerRun(claim, Slot(0, ""), small_disk / "work", now=0.0)
+    run.spawn()
+    try:
+        fill(small_disk)
+        go.touch()
+        deadline = time.monotonic() + 60
+        while run.poll() is None:
+            assert time.monotonic() < deadline, "the trainer blocked: nobody read its output once the disk was full"
+            time.sleep(0.05)
+        assert run.poll() == 0
+        assert run.stderr_tail() == "done-marker\n"  # the failure reasons still come through
+    finally:
+        if run.proc is not None and run.proc.poll() is None:
+            run.proc.kill()
