@@ -99,3 +99,28 @@ def test_a_reload_that_raises_a_hosts_slots_reaches_the_running_worker(serve_pro
     assert jobs_cli(server.url, "reload").returncode == 0
     wait_for("b and c running at once", lambda: running_at_once(client, {"b", "c"}), timeout=60)
     assert "the coordinator now counts 2 slot(s) here" in w.log_text()
+
+
+def test_a_slow_host_leaves_a_job_to_a_faster_busy_one_and_jobs_show_says_why(serve_process, workers,  # noqa: F811
+                                                                              tmp_path):
+    server = serve_process(manifest=trainer_manifest("devices.py", """
+        [[hosts]]
+        id = "fast"
+        speed = 10.0
+
+        [[hosts]]
+        id = "slow"
+        speed = 0.1
+    """ + job("long", steps=40, extra="expected_minutes = 10") + job("short", steps=5, extra="expected_minutes = 1")))
+    fake_nvidia_smi(tmp_path, [])
+    client = Client(server.url)
+    workers(server.url, "fast")
+    wait_for("the long job running on fast", lambda: jobs_by_name(client)["long"].get("host") == "fast", timeout=60)
+    slow = workers(server.url, "slow")
+    wait_for("slow to register", lambda: any(w["host"] == "slow" for w in client.workers()["workers"]), timeout=60)
+    shown = jobs_cli(server.url, "show", "short").stdout
+    assert re.search(r"slow: waits for a faster host: fast is expected to start it in \S+ and finish it in \S+, "
+                     r"sooner than slow would \(here: 10m00s\)", shown), shown
+    wait_for("both jobs completed", lambda: {j["status"] for j in jobs_by_name(client).values()} == {"completed"},
+             timeout=60)
+    assert {j["host"] for j in jobs_by_name(client).values()} == {"fast"}, slow.log_text()
