@@ -498,7 +498,7 @@ class Coordinator:
         while True:
             with self._wake:
                 generation = self._generation
-            if self._read(self.store.check_holder, job_id, host, lease)["status"] == model.CANCELLED:
+            if self._read(self.store.check_holder, job_id, host, lease)["status"] in model.HALTED_STATUSES:
                 return {"cancel": True}
             with self._wake:
                 while self._generation == generation and not self._stopping.is_set():

@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from cis490fleet.errors import InvalidTransition, StaleLease
-from cis490fleet.model import (CANCELLED, CLAIMED, COMPLETED, FAILED, FINAL_STATUSES, HELD_STATUSES, PENDING,
-                               RUNNING)
+from cis490fleet.model import (CANCELLED, CLAIMED, COMPLETED, FAILED, FINAL_STATUSES, HALTED_STATUSES, HELD_STATUSES,
+                               PENDING, RUNNING, STOPPED)
 
 MAX_BACKOFF_S = 3600.0
 
@@ -33,6 +33,7 @@ OUT_FAILED = "failed"
 OUT_RELEASED = "released"
 OUT_STALE = "stale"
 OUT_CANCELLED = "cancelled"
+OUT_STOPPED = "stopped"
 
 # Failure classes, one per ended attempt that did not complete (DESIGN.md, State).
 # The job's fault: final unless `retries` grants more tries; a usage error never retries.
@@ -47,6 +48,7 @@ CLASS_INFRA = "infra"            # a lost upload, a trainer that could not start
 CLASS_LOST = "lost"              # its worker stopped heartbeating (the stale sweep)
 # Attempts that ended without failing.
 CLASS_CANCELLED = "cancelled"
+CLASS_STOPPED = "stopped_early"  # a sweep's stop rule ended it
 CLASS_RELEASED = "released"
 
 JOB_FAULTS = frozenset({CLASS_JOB, CLASS_USAGE, CLASS_TIME_LIMIT, CLASS_STALLED})
@@ -122,7 +124,7 @@ def check_checkpoint(job: JobState, host: str, lease: str | None) -> None:
     """A checkpoint comes from the holder while it trains, or after a cancel told it to stop (what the
     trainer saved on its way out is kept for a requeue)."""
     check_holder(job, host, lease)
-    if job.status not in HELD_STATUSES and job.status != CANCELLED:
+    if job.status not in HELD_STATUSES and job.status not in HALTED_STATUSES:
         raise InvalidTransition(job.id, job.status, "record a checkpoint for")
 
 
@@ -143,7 +145,7 @@ def claim(job: JobState, *, host: str, lease: str, now: float, stale_after_s: fl
 
 def heartbeat(job: JobState, *, host: str, lease: str | None, now: float, stale_after_s: float) -> Step:
     check_holder(job, host, lease)
-    if job.status == CANCELLED:
+    if job.status in HALTED_STATUSES:
         return Step(job, cancel=True)
     if job.status not in HELD_STATUSES:
         raise InvalidTransition(job.id, job.status, "heartbeat")
@@ -182,8 +184,8 @@ def fail(job: JobState, *, host: str, lease: str | None, error: str, now: float,
     ``fault_tries`` (None: ``max_attempts``) limits the tries of failures that are the job's fault.
     """
     check_holder(job, host, lease)
-    if job.status in (CANCELLED, FAILED):
-        return Step(job)  # the holder reporting after a cancel, or a retried fail
+    if job.status in HALTED_STATUSES or job.status == FAILED:
+        return Step(job)  # the holder reporting after a cancel or an early stop, or a retried fail
     if job.status not in HELD_STATUSES:
         raise InvalidTransition(job.id, job.status, "fail")
     closed = AttemptEnd(job.tries, now, OUT_FAILED, error, failure_class)
@@ -200,7 +202,7 @@ def fail(job: JobState, *, host: str, lease: str | None, error: str, now: float,
 def release(job: JobState, *, host: str, lease: str | None, now: float) -> Step:
     """The holder gives the job back untried (e.g. shutting down): the attempt does not count."""
     check_holder(job, host, lease)
-    if job.status == CANCELLED:
+    if job.status in HALTED_STATUSES:
         return Step(job)
     if job.status not in HELD_STATUSES:
         raise InvalidTransition(job.id, job.status, "release")
@@ -220,8 +222,19 @@ def cancel(job: JobState, *, now: float) -> Step:
     return Step(replace(job, status=CANCELLED, lease_expires=None, not_before=None, updated=now), closed=closed)
 
 
+def stop_early(job: JobState, *, now: float, reason: str) -> Step:
+    """A running job that its sweep's stop rule found worse than its peers ends, for good, as ``stopped``;
+    like a cancel, its holder keeps the lease only to hear that it must stop (and hand in its checkpoint)."""
+    if job.status not in HELD_STATUSES:
+        raise InvalidTransition(job.id, job.status, "stop early")
+    closed = AttemptEnd(job.tries, now, OUT_STOPPED, reason, CLASS_STOPPED)
+    return Step(replace(job, status=STOPPED, lease_expires=None, not_before=None, last_error=reason, updated=now),
+                closed=closed)
+
+
 def requeue(job: JobState, *, now: float) -> Step:
-    """A failed or cancelled job starts over with every try available again."""
+    """A failed, cancelled or stopped job starts over with every try available again (a stopped one resumes
+    from its checkpoint)."""
     if job.status == PENDING:
         return Step(job)
     if job.status == COMPLETED:

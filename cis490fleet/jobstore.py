@@ -156,6 +156,8 @@ MIGRATIONS = [
     metric_history.MIGRATION,
     # The whole log each attempt handed in (log_records.py).
     log_records.MIGRATION,
+    # Points at one epoch across a sweep's jobs, for its early-stopping rule (stop_rules.py).
+    metric_history.STOP_MIGRATION,
 ]
 
 # The claim seek: the best claimable job of one class. Its WHERE and ORDER BY
@@ -938,6 +940,11 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
         if log_tail is not None:
             conn.execute("UPDATE attempts SET log_tail = ? WHERE job = ? AND number = ?",
                          (log_tail, job_id, state.tries))
+        reason = self._stop_reason(conn, job_id, progress) if progress is not None else None
+        if reason is not None:
+            self._save(conn, jobs.stop_early(step.job, now=now, reason=reason))
+            log.info("job %s: %s", job_id[:12], reason)
+            return {"ok": True, "cancel": True, "stopped": reason}
         return {"ok": True, "cancel": False}
 
     def _op_record_artifact(self, conn, now: float, artifact_id: str, job_id: str, host: str, lease: str | None,

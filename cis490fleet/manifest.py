@@ -59,6 +59,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from cis490fleet import stop_rules
 from cis490fleet.errors import ManifestError
 from cis490fleet.model import (
     HOST_ID_RE,
@@ -93,7 +94,8 @@ CAPABILITY_KEYS = ("cuda", "vram_gib", "ram_gib", "disk_free_gib", "cores", "slo
 GPU_KEYS = ("index", "name", "vram_gib")
 JOB_KEYS = ("model", "mode", "hyper", "split_recipe", "train_hosts", "seed", "require_cuda", "prefer_cuda",
             "min_vram_gib", "min_ram_gib", "allowed_hosts", "priority", "retries", "name", "after", "gpus",
-            "gpu_share", "mixed_gpus", "expected_minutes", "checkpoint_every_s", "max_runtime_s", "stall_after_s")
+            "gpu_share", "mixed_gpus", "expected_minutes", "checkpoint_every_s", "max_runtime_s", "stall_after_s", "stop")
+STOP_KEYS = ("metric", "mode", "rule", "min_epochs", "reduction_factor")
 
 _NAME_RULE = "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 _HOST_RULE = "use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -614,6 +616,9 @@ class _Parser:
                 hyper_axes.append((key, _BAD if v is _BAD else [v]))
 
         fixed = self.constraints(label, raw)
+        if "stop" in raw:
+            rule = self.stop_rule(f"{label}.stop", raw["stop"], sweep)
+            fixed = _BAD if _BAD in (fixed, rule) else {**fixed, "stop": rule}
         name = raw.get("name")
         if sweep and isinstance(name, list):
             self.problem(f"{label}.name", "a sweep's name cannot be a list: it is the prefix of its jobs' "
@@ -664,6 +669,31 @@ class _Parser:
             if not NAME_RE.fullmatch(last):
                 self.problem(f"{label}.name", f"the job names it makes ({last!r}) are too long; {_NAME_RULE}")
         return entry
+
+    def stop_rule(self, where: str, raw: Any, sweep: bool) -> Any:
+        if not sweep:
+            self.problem(where, "early stopping compares the jobs of one sweep: move 'stop' to a [[sweeps]] entry")
+            return _BAD
+        if self.table(where, raw) is _BAD:
+            return _BAD
+        self.known_keys(where, raw, STOP_KEYS)
+        out: dict[str, Any] = {}
+        if "metric" not in raw:
+            self.missing(where, "metric")
+            return _BAD
+        out["metric"] = self.string(f"{where}.metric", raw["metric"])
+        for key, choices in (("mode", stop_rules.MODES), ("rule", stop_rules.RULES)):
+            if key in raw:
+                if raw[key] not in choices:
+                    self.problem(f"{where}.{key}", f"unknown {key} {_show(raw[key])}{_suggest(str(raw[key]), choices)}")
+                    out[key] = _BAD
+                else:
+                    out[key] = raw[key]
+        if "min_epochs" in raw:
+            out["min_epochs"] = self.integer(f"{where}.min_epochs", raw["min_epochs"], minimum=1)
+        if "reduction_factor" in raw:
+            out["reduction_factor"] = self.integer(f"{where}.reduction_factor", raw["reduction_factor"], minimum=2)
+        return _BAD if _BAD in out.values() else stop_rules.normalise(out)
 
     def constraints(self, label: str, raw: dict) -> Any:
         out: dict[str, Any] = {}

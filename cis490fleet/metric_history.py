@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+from cis490fleet import stop_rules
 from cis490fleet.results import final_metrics
 
 MAX_POINTS = 512
@@ -25,6 +26,12 @@ MIGRATION = """
         metrics TEXT NOT NULL
     );
     CREATE INDEX metric_points_job ON metric_points(job, attempt);
+"""
+
+
+# The sweep's early-stopping rule compares values reported at one epoch across the sweep's jobs.
+STOP_MIGRATION = """
+    CREATE INDEX metric_points_epoch ON metric_points(epoch) WHERE epoch IS NOT NULL;
 """
 
 
@@ -55,6 +62,29 @@ class MetricHistory:
                                                  "ORDER BY rowid", (job_id, attempt))]
             drop = rowids[1:-1:2]
             conn.executemany("DELETE FROM metric_points WHERE rowid = ?", [(r,) for r in drop])
+
+    def _stop_reason(self, conn, job_id: str, progress: dict) -> str | None:
+        """Why the sweep's stop rule ends this job at the epoch ``progress`` reports; None: it goes on."""
+        epoch = _position(progress, "epoch")
+        if epoch is None:
+            return None
+        spec_text = conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+        spec = json.loads(spec_text)
+        stop, sweep = spec.get("stop"), spec.get("sweep")
+        if not stop or not sweep:
+            return None
+        mine = final_metrics(progress).get(stop["metric"])
+        if mine is None:
+            return None
+        latest: dict[str, float] = {}
+        for other, metrics in conn.execute(
+                "SELECT p.job, p.metrics FROM metric_points p INDEXED BY metric_points_epoch JOIN jobs j ON j.id = p.job "
+                "WHERE p.epoch = ? AND p.job != ? AND json_extract(j.spec, '$.sweep') = ? ORDER BY p.rowid",
+                (epoch, job_id, sweep)):
+            value = json.loads(metrics).get(stop["metric"])
+            if value is not None:
+                latest[other] = value
+        return stop_rules.verdict(stop, epoch, mine, list(latest.values()))
 
     def metric_history(self, job_id: str) -> list[dict]:
         """``[{"attempt", "points": [{"t", "epoch", "step", "metrics"}, ...]}, ...]``, oldest attempt first."""

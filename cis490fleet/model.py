@@ -36,9 +36,11 @@ RUNNING = "running"
 COMPLETED = "completed"
 FAILED = "failed"
 CANCELLED = "cancelled"
+STOPPED = "stopped"  # stopped early: a sweep's stop rule found it worse than its peers (final; requeue resumes it)
 
-STATUSES = (PENDING, CLAIMED, RUNNING, COMPLETED, FAILED, CANCELLED)
-FINAL_STATUSES = frozenset({COMPLETED, FAILED, CANCELLED})
+STATUSES = (PENDING, CLAIMED, RUNNING, COMPLETED, FAILED, CANCELLED, STOPPED)
+FINAL_STATUSES = frozenset({COMPLETED, FAILED, CANCELLED, STOPPED})
+HALTED_STATUSES = frozenset({CANCELLED, STOPPED})  # its holder keeps the lease only to be told to stop
 HELD_STATUSES = frozenset({CLAIMED, RUNNING})
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -241,6 +243,7 @@ class JobSpec:
     sweep: str | None = None  # the [[sweeps]] entry it came from: its name, else "sweeps[<index>]"
     max_runtime_s: float | None = None  # None: fleet.max_runtime_s
     stall_after_s: float | None = None  # None: fleet.stall_after_s
+    stop: dict | None = field(default=None, hash=False)  # a sweep's early-stopping rule (stop_rules.py)
 
     @property
     def id(self) -> str:
@@ -289,7 +292,8 @@ class JobSpec:
                 "name": self.name, "after": list(self.after), "gpus": self.gpus, "gpu_share": self.gpu_share,
                 "mixed_gpus": self.mixed_gpus, "expected_minutes": self.expected_minutes,
                 "checkpoint_every_s": self.checkpoint_every_s, "sweep": self.sweep,
-                "max_runtime_s": self.max_runtime_s, "stall_after_s": self.stall_after_s}
+                "max_runtime_s": self.max_runtime_s, "stall_after_s": self.stall_after_s,
+                "stop": None if self.stop is None else dict(self.stop)}
 
     @classmethod
     def from_json(cls, d: dict) -> "JobSpec":

@@ -183,7 +183,9 @@ PATHS = {
         "report progress; the answer says whether to cancel",
         _body({"oneOf": [_ref("Progress"), {"type": "array", "items": _ref("Progress")}]}, False),
         {"type": "object", "required": ["ok", "cancel"],
-         "properties": {"ok": {"const": True}, "cancel": {"type": "boolean"}}})},
+         "properties": {"ok": {"const": True}, "cancel": {"type": "boolean"},
+                        "stopped": {"type": "string", "description": "why the sweep's stop rule ended the job "
+                                                                     "(then cancel is true)"}}})},
     "/v1/job/{id}/complete": {"post": _worker_op(
         "finish the job with an uploaded artifact",
         _body({"type": "object", "required": ["artifact_id"], "properties": {

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from cis490fleet.model import CANCELLED, CLAIMED, COMPLETED, FAILED, PENDING, RUNNING, HostSpec, JobSpec
+from cis490fleet.model import CANCELLED, CLAIMED, COMPLETED, FAILED, PENDING, RUNNING, STOPPED, HostSpec, JobSpec
 from cis490fleet.model import normalize_capability
 
 
@@ -92,6 +92,7 @@ _WAITING = {
     RUNNING: "which is running",
     FAILED: "which failed: requeue it",
     CANCELLED: "which was cancelled: requeue it",
+    STOPPED: "which was stopped early: requeue it",
 }
 
 

@@ -283,7 +283,7 @@ def test_jobspec_to_json_carries_every_field_like_asdict():
                    train_hosts=("h1",), seed=3, require_cuda=True, prefer_cuda=True, min_vram_gib=4.0,
                    min_ram_gib=2.0, allowed_hosts=("h1",), priority=2, retries=1, name="n", after=("z",),
                    gpus=2, gpu_share=True, mixed_gpus=True, expected_minutes=90.0, sweep="lr", max_runtime_s=60.0,
-                   stall_after_s=30.0)
+                   stall_after_s=30.0, stop={"metric": "val_loss"})
     expected = dataclasses.asdict(spec)
     for key in ("train_hosts", "allowed_hosts", "after"):
         expected[key] = list(expected[key])

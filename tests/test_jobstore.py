@@ -542,7 +542,8 @@ def test_one_bad_command_in_a_batch_does_not_undo_the_others(store):
     assert isinstance(results[1], NotFound) and isinstance(results[2], BadRequest)
     assert results[3]["job_id"] == b.id
     assert isinstance(results[4], StaleLease)
-    assert store.counts() == {"pending": 0, "claimed": 1, "running": 0, "completed": 0, "failed": 0, "cancelled": 1}
+    assert store.counts() == {"pending": 0, "claimed": 1, "running": 0, "completed": 0, "failed": 0, "cancelled": 1,
+                              "stopped": 0}
 
 
 def test_a_failing_command_inside_a_batch_leaves_no_partial_writes(store):
@@ -687,7 +688,7 @@ def test_listing_filters_pages_and_counts(store):
     assert set(page[0]) >= {"id", "name", "model", "mode", "status", "priority", "attempts", "host", "progress",
                             "updated", "created", "in_manifest", "last_error", "artifact_id", "seed", "hyper"}
     assert store.counts() == {"pending": 5, "claimed": 1, "running": 0, "completed": 0, "failed": 0,
-                              "cancelled": 0}
+                              "cancelled": 0, "stopped": 0}
     assert store.pending_claimable_count(T0) == 5
     with pytest.raises(BadRequest, match="unknown status"):
         store.jobs(status="done")

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cis490fleet"
 
 LAYERS = {
     "errors": 0, "model": 0, "manifest": 0, "policy": 0, "jobs": 0, "raft": 0, "signing": 0, "failure_text": 0,
-    "slots": 0, "bootstrap": 0, "notify": 0, "edge_json": 0, "results": 0,
+    "slots": 0, "bootstrap": 0, "notify": 0, "edge_json": 0, "results": 0, "stop_rules": 0,
     "commands": 0, "placement": 0,
     "db": 1, "jobstore": 1, "raftstore": 1, "artifacts": 1, "bundle": 1, "capability": 1,
     "checkpoint_records": 1,
@@ -20,7 +20,7 @@ LAYERS = {
     "connection_guard": 1,
     "manifest_source": 1,
     "http_api": 2, "coordinator": 2, "worker": 2, "ops": 2, "manifest_cmd": 2, "enroll": 2, "trainer": 2, "trainer_ddp": 2,
-    "progress": 1, "notifier": 1, "metric_history": 1, "job_inputs": 2, "replication": 2, "worker_config": 1, "worker_view": 1,
+    "progress": 1, "notifier": 1, "metric_history": 1,  "job_inputs": 2, "replication": 2, "worker_config": 1, "worker_view": 1,
     "checkpoint_api": 2, "membership_api": 2, "checkpoint_sync": 2,
     "trainer_process": 2, "lease_keeper": 2, "result_outbox": 2,
     "attempt_log": 1, "log_records": 1, "log_api": 2,
