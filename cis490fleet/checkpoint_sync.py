@@ -9,8 +9,9 @@ not fail a job that can still be trained).
 
 While the trainer runs it keeps its newest checkpoint in ``checkpoint/``
 (``CIS490_CHECKPOINT_DIR``; names starting with "." are files being written).
-A changed checkpoint is uploaded, from a background thread so heartbeats keep their
-time, at most once per ``checkpoint_every_s`` (the first one at once); a progress
+A changed checkpoint is uploaded, by the worker's one upload thread (``uploads``, an
+executor: heartbeats keep their time, and one thread keeps one connection), at most
+once per ``checkpoint_every_s`` (the first one at once); a progress
 line naming a checkpoint makes the worker look at once instead of at its next scan.
 When the attempt ends without a result (SIGTERM, cancel, release, a failure, a
 self-fence), ``hand_over`` uploads what the trainer saved last, before the worker
@@ -23,6 +24,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +56,10 @@ class CheckpointSync:
     """The checkpoint side of one ``TrainerRun``: ``environment()`` before it starts, ``poll(now)`` while it
     runs, ``hand_over()`` once it ended without a result."""
 
-    def __init__(self, client: Any, run: Any, now: float):
+    def __init__(self, client: Any, run: Any, now: float, uploads: Executor):
         self.client = client
         self.run = run
+        self.uploads = uploads
         claim = run.claim
         self.resume: dict | None = claim.get("resume") if isinstance(claim.get("resume"), dict) else None
         every = claim.get("checkpoint_every_s")
@@ -68,7 +71,7 @@ class CheckpointSync:
         self._next_scan = now
         self._announced: object = None
         self._lock = threading.Lock()  # one upload at a time
-        self._thread: threading.Thread | None = None
+        self._pending: Future | None = None
 
     # -- before the trainer starts ----------------------------------------------------------
 
@@ -110,21 +113,22 @@ class CheckpointSync:
         if now < self._next_upload or not (fresh or now >= self._next_scan):
             return
         self._next_scan = now + SCAN_S
-        if self._thread is not None and self._thread.is_alive():
+        if self._pending is not None and not self._pending.done():
             return
         if _signature(self.dir) == self._sent:
             return
         self._next_upload = now + self.every_s
-        self._thread = threading.Thread(target=self._upload, args=(progress,), daemon=True,
-                                        name=f"checkpoint-{self.run.job_id[:8]}")
-        self._thread.start()
+        try:
+            self._pending = self.uploads.submit(self._upload, progress)
+        except RuntimeError:  # the worker is shutting down; hand_over still sends the newest
+            self._pending = None
 
     # -- once it ended without a result -----------------------------------------------------------
 
     def hand_over(self, progress: dict | None = None) -> None:
         """Upload the newest checkpoint unless already sent; waits for an upload in flight first."""
-        if self._thread is not None:
-            self._thread.join()
+        if self._pending is not None:
+            self._pending.result()
         self._upload(progress if progress is not None else self.run.progress())
 
     def _upload(self, progress: dict | None) -> None:

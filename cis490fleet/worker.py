@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from cis490fleet import errors, job_inputs, jobs, lease_keeper
@@ -51,6 +52,8 @@ class Worker:
         self.runs: dict[int, TrainerRun] = {}
         self._stopping = threading.Event()
         self.outbox = Outbox(self.client, self.work_dir / "pending", self._stopping)
+        # One thread uploads every slot's checkpoints: its one kept-alive connection serves them all.
+        self.checkpoint_uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
         self._last_busy = self.clock()
         self._lock = threading.Lock()
         self._registered = False
@@ -188,7 +191,7 @@ class Worker:
 
     def _carry(self, run: TrainerRun, claim_sent: float) -> str:
         log.info("job %s: claimed attempt %d on slot %d", run.label, run.attempt, run.slot.index)
-        checkpoints = CheckpointSync(self.client, run, self.clock())
+        checkpoints = CheckpointSync(self.client, run, self.clock(), self.checkpoint_uploads)
         keeper = LeaseKeeper(self.client, run, self.config.grace_s, claim_sent)
         keeper.start()
         try:

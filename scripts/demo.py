@@ -5,7 +5,9 @@
 
 Builds dist/cis490fleet.pyz, starts `serve` from it with its data under demo-run/,
 starts two workers (`work --once`, distinct host ids), shows each job's progress
-until every job is final, fetches every model into demo-run/models/ with
+until every job is final (on the way it kills, with SIGKILL, the worker training the
+job named "mlp-resume" once that job's checkpoint is on the coordinator, and checks that
+the other worker finishes it from that checkpoint), fetches every model into demo-run/models/ with
 `jobs fetch`, and stops everything it started (also on Ctrl-C or an error).
 Exit 0 only when every job completed. `--keep` leaves the coordinator running
 (until Ctrl-C) so the printed `jobs` commands can be tried.
@@ -121,11 +123,65 @@ def tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def fetch_jobs(url: str) -> list[dict]:
+def fetch_json(url: str) -> dict:
     import urllib.request
 
-    with urllib.request.urlopen(url + "/v1/jobs", timeout=10) as resp:
-        return json.load(resp)["jobs"]
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.load(resp)
+
+
+def fetch_jobs(url: str) -> list[dict]:
+    return fetch_json(url + "/v1/jobs")["jobs"]
+
+
+class Crash:
+    """Kills the worker training job ``name`` (and its trainer) with SIGKILL once the coordinator holds a
+    checkpoint of it past epoch 1, as a host that loses power would; ``report`` tells how the job ended."""
+
+    def __init__(self, fleet: Fleet, run_dir: Path, name: str = "mlp-resume"):
+        self.fleet, self.run_dir, self.name = fleet, run_dir, name
+        self.host: str | None = None
+        self.epoch: int | None = None
+        self.job_id: str | None = None
+
+    def check(self, jobs: list[dict]) -> None:
+        job = next((j for j in jobs if j.get("name") == self.name), None)
+        if self.host is not None or os.name == "nt" or job is None or job["status"] != "running":
+            return
+        saved = [c for c in fetch_json(f"{self.fleet.url}/v1/job/{job['id']}")["job"].get("checkpoints") or []
+                 if (c.get("epoch") or 0) >= 2]
+        worker = next((p for n, p in self.fleet.procs if n == f"worker-{job.get('host')}"), None)
+        if not saved or worker is None:
+            return
+        self.host, self.epoch, self.job_id = job["host"], saved[-1]["epoch"], job["id"]
+        _signal(worker, signal.SIGKILL)
+        for pid_file in (self.run_dir / f"work-{self.host}" / job["id"]).glob("attempt-*/trainer.pid"):
+            try:
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        say(f"demo: killed worker {self.host} (SIGKILL, trainer too) while it trained {self.name}; its checkpoint "
+            f"of epoch {self.epoch} is on the coordinator, so the other worker takes the job over from there once "
+            "its heartbeats have stopped for stale_after_s")
+
+    def report(self) -> int:
+        """0 when the killed job completed on another host from a checkpoint; else 1, saying what happened."""
+        if self.host is None:
+            if os.name != "nt" and any(j.get("name") == self.name for j in fetch_jobs(self.fleet.url)):
+                say(f"demo: {self.name} finished before a checkpoint of it reached the coordinator; nothing killed")
+                return 1
+            return 0
+        job = fetch_json(f"{self.fleet.url}/v1/job/{self.job_id}")["job"]
+        last = job["attempts"][-1]
+        log = self.run_dir / f"work-{last['host']}" / self.job_id / f"attempt-{last['number']}" / "train.log"
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        if job["status"] != "completed" or last["host"] == self.host or "resuming from the checkpoint" not in text:
+            say(f"demo: {self.name} did not finish from its checkpoint on another host; see {log}")
+            return 1
+        resumed = text.split("resuming from the checkpoint")[1].split("\n")[0].split(" after ")[-1]
+        say(f"demo: {self.name} was resumed by {last['host']} from the checkpoint {self.host} left "
+            f"(after {resumed}) and completed: attempt {last['number']}, not a fresh start")
+        return 0
 
 
 def progress_text(job: dict) -> str:
@@ -219,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             fleet.start(f"worker-{host}", "work", "--receiver", url, "--host-id", host,
                         "--work-dir", str(run_dir / f"work-{host}"), "--once", "--wait", "5", "--grace", "10")
         say(f"demo: workers demo-a and demo-b started (logs {run_dir}/worker-*.log)")
-        code = watch(fleet, run_dir, opts.timeout)
+        crash = Crash(fleet, run_dir)
+        code = watch(fleet, run_dir, opts.timeout, crash) or crash.report()
         if code != 0:
             return code
         code = fetch_models(fleet, run_dir)
@@ -238,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         fleet.stop()
 
 
-def watch(fleet: Fleet, run_dir: Path, timeout: float) -> int:
+def watch(fleet: Fleet, run_dir: Path, timeout: float, crash: Crash) -> int:
     view = View(sys.stdout.isatty())
     started = time.monotonic()
     while True:
@@ -249,6 +306,11 @@ def watch(fleet: Fleet, run_dir: Path, timeout: float) -> int:
             say(f"demo: cannot list jobs ({err})")
             return 1
         view.show(jobs, elapsed)
+        try:
+            crash.check(jobs)
+        except OSError as err:
+            say(f"demo: cannot read a job's checkpoints ({err})")
+            return 1
         if jobs and all(j["status"] in FINAL for j in jobs):
             break
         workers = [p for name, p in fleet.procs if name.startswith("worker")]

@@ -310,10 +310,11 @@ def test_the_quickstart_demo(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "jobs status" in proc.stdout
+    assert "demo: killed worker" in proc.stdout and "mlp-resume was resumed by" in proc.stdout, proc.stdout
     models = tmp_path / "run" / "models"
     assert sorted(p.name for p in models.iterdir()) == ["gbt-small", "logreg-base", "logreg-l2", "mlp-finetune",
-                                                        "mlp-holdout", "mlp-small", "mlp-wide"], proc.stdout
-    assert len(list(models.glob("*/*/model.pt"))) == 7, proc.stdout
+                                                        "mlp-holdout", "mlp-resume", "mlp-small", "mlp-wide"], proc.stdout
+    assert len(list(models.glob("*/*/model.pt"))) == 8, proc.stdout
 
 
 def processes_mentioning(text: str) -> list[str]:
