@@ -172,6 +172,8 @@ def test_a_tampered_checkpoint_is_refused_and_training_starts_over(serve_process
     a.proc.send_signal(signal.SIGKILL)
     os.killpg(trainer, signal.SIGKILL)
     a.wait()
+    # Once the job is stale no upload of host-a's can be recorded any more: the newest checkpoint is final.
+    wait_for("the job to go stale", lambda: job_named(client, "ckpt")["status"] == "pending", timeout=30)
     # Someone changes the stored checkpoint: it no longer matches the sha256 it is recorded under.
     saved = checkpoint_at(client, 1)()
     stored = next(server.data_dir.glob(f"checkpoints/*/{saved['sha256']}/bundle.tar*"))
