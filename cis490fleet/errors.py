@@ -142,8 +142,8 @@ def disk_full(err: BaseException, where: str) -> DiskFull | None:
     if errno not in _DISK_FULL_ERRNOS and (sqlite_code is None or sqlite_code & 0xFF != _SQLITE_FULL) \
             and "database or disk is full" not in str(err):
         return None
-    return DiskFull(f"the coordinator's disk is full ({where}): nothing already stored was lost, but nothing "
-                    "new can be written; free space there (or move the data with serve --data), then retry")
+    return DiskFull(f"the disk is full ({where}): nothing already stored was lost, but nothing "
+                    "new can be written there; free space on it, then retry")
 
 
 class ConfigError(FleetError):

@@ -48,7 +48,10 @@ class Outbox:
         try:
             path, sha256, size = bundle.make_bundle(run.out, self.pending_dir / run.job_id)
         except (OSError, errors.FleetError) as err:
-            return self.report_failure(run, f"cannot bundle the trainer's output {run.out}: {err}", jobs.CLASS_JOB)
+            # A full disk is this host's problem, not the job's: retried like any other host problem.
+            full = errors.disk_full(err, str(self.pending_dir)) if isinstance(err, OSError) else None
+            return self.report_failure(run, f"cannot bundle the trainer's output {run.out}: {full or err}",
+                                       jobs.CLASS_INFRA if full else jobs.CLASS_JOB)
         log.info("job %s: trainer done; bundle %s (%d bytes)", run.label, Path(path).name, size)
         record = {"action": "complete", "job_id": run.job_id, "lease": run.lease, "attempt": run.attempt,
                   "bundle": str(path), "sha256": sha256, "size": size, "label": run.label,

@@ -431,3 +431,28 @@ def test_a_full_work_disk_loses_log_lines_but_never_blocks_the_trainer(small_dis
     finally:
         if run.proc is not None and run.proc.poll() is None:
             run.proc.kill()
+
+
+def test_a_bundle_that_does_not_fit_the_work_disk_is_a_host_problem_retried_not_the_jobs_failure(
+        small_disk, live_server):
+    import os
+
+    from cis490fleet.client import Client
+    from cis490fleet.result_outbox import Outbox
+    from cis490fleet.slots import Slot
+    from cis490fleet.trainer_process import TrainerRun
+
+    srv = live_server(manifest_toml(1))
+    claim = srv.call("POST", "/v1/job/claim", {"capability": {}}, worker("ws1"))[2]
+    run = TrainerRun(claim, Slot(0, ""), small_disk / "work", now=0.0)
+    run.out.mkdir(parents=True)
+    (run.out / "weights.bin").write_bytes(os.urandom(4 << 20))  # the trainer's output, already on disk
+    reserve = small_disk / "reserve"
+    reserve.write_bytes(b"\0" * (256 << 10))
+    fill(small_disk)
+    reserve.unlink()  # room for the small result record, none for a 4 MiB bundle
+    with Client(srv.url, host_id="ws1", retries=0) as client:
+        Outbox(client, small_disk / "work" / "pending", threading.Event()).finish(run)
+    job = srv.call("GET", f"/v1/job/{claim['job_id']}")[2]["job"]
+    assert job["status"] == "pending", job  # another try, on this host once it has room or on another
+    assert "disk is full" in json.dumps(job["attempts"]), job["attempts"]
