@@ -685,7 +685,8 @@ def h_raft_artifact(req: Request):
 
 _HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                           "transfer-encoding", "upgrade", "host", "expect", "content-length"})
-_ANSWER_HEADERS = ("x-leader", "x-content-sha256", "content-disposition", "allow", "retry-after")
+_ANSWER_HEADERS = ("x-leader", "x-content-sha256", "content-disposition", "allow", "retry-after", "content-encoding",
+                   "x-attempt")
 FORWARD_TIMEOUT_S = SOCKET_TIMEOUT_S + MAX_WAIT_S
 
 
