@@ -190,3 +190,27 @@ def test_a_tampered_checkpoint_is_refused_and_training_starts_over(serve_process
     job = job_named(client, "ckpt")
     assert job["status"] == "completed"
     assert result_of(client, job, tmp_path) == {"steps": 30, "state": expected_state(30)}
+
+
+@pytest.mark.parametrize("limit,hyper,outcome", [
+    ("max_runtime_s = 2", "steps = 100, sleep = 0.1", "ran past its time limit of 2 s"),
+    ("stall_after_s = 1.5", "steps = 100, sleep = 0.1, stall_at = 5", "stalled: no progress for 1.5 s"),
+])
+def test_a_time_limit_or_a_stall_keeps_what_the_trainer_saved_when_stopped(serve_process, workers, limit, hyper,
+                                                                          outcome):
+    server = serve_process(manifest=manifest(f"""
+        [[jobs]]
+        name = "ckpt"
+        model = "mlp"
+        mode = "limited"
+        hyper = {{ {hyper} }}
+        {limit}
+    """, trainer="resumable.py", max_attempts=1))
+    client = Client(server.url)
+    a = workers(server.url, "host-a", "--once")
+    assert a.wait(timeout=90) == 0
+    job = job_named(client, "ckpt")
+    assert job["status"] == "failed" and outcome in job["attempts"][0]["error"], job["attempts"]
+    stopped = attempt_log(a, job["id"], 1)
+    at = int(stopped.split("stopped at step ")[1].split()[0])
+    assert at >= 1 and [(c["attempt"], c["epoch"]) for c in job["checkpoints"]] == [(1, at)], job["checkpoints"]

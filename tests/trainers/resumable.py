@@ -3,7 +3,8 @@
 After each step it writes ``state.json`` into CIS490_CHECKPOINT_DIR atomically (a "." temporary file,
 then a rename) and a progress line naming it; on SIGTERM it checkpoints and exits 143. Given
 CIS490_RESUME_FROM it carries on from the state there, so its result.json is the same however often
-it was stopped. Prints "resumed at step N" when it resumed.
+it was stopped. Prints "resumed at step N" when it resumed. With ``stall_at`` (hyper) it goes
+silent after that step until SIGTERM.
 """
 
 import hashlib
@@ -24,6 +25,7 @@ def arg(name, default=None):
 
 hyper = json.loads(arg("--hyper", "{}"))
 steps, pause = int(hyper.get("steps", 5)), float(hyper.get("sleep", 0.2))
+stall_at = hyper.get("stall_at")
 out = Path(arg("--out") or os.environ["CIS490_OUT"])
 out.mkdir(parents=True, exist_ok=True)
 progress = os.environ.get("CIS490_PROGRESS")
@@ -54,6 +56,8 @@ while step < steps:
         print(f"stopped at step {step}", flush=True)
         sys.exit(143)
     time.sleep(pause)
+    if step == stall_at:
+        continue
     step += 1
     state = hashlib.sha256(f"{state}:{step}".encode()).hexdigest()
     print(f"step {step}/{steps}", flush=True)
