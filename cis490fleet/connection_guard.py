@@ -6,7 +6,7 @@ first byte, and a TLS handshake within ``handshake_s`` of the accept, however
 slowly the bytes trickle in (a per-read timeout restarts with every byte). One
 reaper thread shuts the socket of a connection whose deadline passed, which
 ends the read its handler thread is blocked in. And no client address holds more
-than ``per_address`` connections at once (the group's own peers excepted), so
+than ``per_address`` connections at once (``exempt``: the group's own peers), so
 one host cannot take every handler thread. It never reads or writes a request.
 """
 
@@ -16,6 +16,7 @@ import logging
 import socket
 import threading
 import time
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,11 @@ REAP_EVERY_S = 0.25
 
 class ConnectionGuard:
     def __init__(self, *, per_address: int = PER_ADDRESS, head_s: float = HEAD_S, handshake_s: float = HANDSHAKE_S,
-                 exempt: frozenset[str] = frozenset()):
+                 exempt: Callable[[str], bool] | None = None):
         self.per_address = per_address
         self.head_s = head_s
         self.handshake_s = handshake_s
-        self.exempt = frozenset(exempt)
+        self.exempt = exempt  # asked only for an address over its share, from the accept loop alone
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
         self._deadlines: dict[socket.socket, tuple[float, str]] = {}
@@ -46,11 +47,14 @@ class ConnectionGuard:
     def admit(self, address: str) -> bool:
         """Count a new connection from ``address``; False (nothing counted) when it already holds its share."""
         with self._lock:
-            held = self._counts.get(address, 0)
-            if held >= self.per_address and address not in self.exempt:
-                return False
-            self._counts[address] = held + 1
-            return True
+            if self._counts.get(address, 0) < self.per_address:
+                self._counts[address] = self._counts.get(address, 0) + 1
+                return True
+        if self.exempt is None or not self.exempt(address):  # outside the lock: it may resolve names
+            return False
+        with self._lock:
+            self._counts[address] = self._counts.get(address, 0) + 1
+        return True
 
     def release(self, address: str) -> None:
         with self._lock:

@@ -316,6 +316,8 @@ class Coordinator:
         self._threads: list[threading.Thread] = []
         self.server = None
         self._serving: threading.Thread | None = None
+        self._peer_urls: tuple[str, ...] = ()
+        self._peer_ips: frozenset[str] = frozenset()
         self._closed = False
         self._data_lock = DataDirLock(self.data_dir)
         try:
@@ -709,14 +711,21 @@ class Coordinator:
         from cis490fleet import connection_guard
         from cis490fleet.http_api import FleetHTTPServer
 
-        exempt = (connection_guard.peer_addresses(self.replicator.peers.values()) if self.replicator
-                  else frozenset())
-        self.server = FleetHTTPServer((host, port), self, ssl_context=ssl_context, exempt=exempt,
+        self.server = FleetHTTPServer((host, port), self, ssl_context=ssl_context, exempt=self._is_peer_address,
                                       per_address=per_address or connection_guard.PER_ADDRESS)
         scheme = "https" if ssl_context is not None else "http"
         shown = f"[{host}]" if ":" in host else host
         self.url = f"{scheme}://{shown}:{self.server.port}"
         return self.server
+
+    def _is_peer_address(self, address: str) -> bool:
+        """Whether ``address`` is one of the group's members now (their URLs resolved again after a change)."""
+        from cis490fleet import connection_guard
+
+        urls = tuple(sorted(self.replicator.peers.values())) if self.replicator is not None else ()
+        if urls != self._peer_urls:
+            self._peer_urls, self._peer_ips = urls, connection_guard.peer_addresses(urls)
+        return address in self._peer_ips
 
     def dead_threads(self) -> list[str]:
         """Names of the started threads ``serve`` cannot do without that have ended (none while all run)."""

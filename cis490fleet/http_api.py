@@ -1192,7 +1192,7 @@ class FleetHTTPServer(http.server.ThreadingHTTPServer):
                  router: Router | None = None, max_handlers: int = MAX_HANDLERS,
                  socket_timeout: float = SOCKET_TIMEOUT_S, per_address: int = connection_guard.PER_ADDRESS,
                  head_s: float = connection_guard.HEAD_S, handshake_s: float = connection_guard.HANDSHAKE_S,
-                 exempt: frozenset[str] = frozenset()):
+                 exempt: Callable[[str], bool] | None = None):
         self.app = app
         self.guard = connection_guard.ConnectionGuard(per_address=per_address, head_s=head_s,
                                                       handshake_s=handshake_s, exempt=exempt)

@@ -456,3 +456,27 @@ def test_a_bundle_that_does_not_fit_the_work_disk_is_a_host_problem_retried_not_
     job = srv.call("GET", f"/v1/job/{claim['job_id']}")[2]["job"]
     assert job["status"] == "pending", job  # another try, on this host once it has room or on another
     assert "disk is full" in json.dumps(job["attempts"]), job["attempts"]
+
+
+def test_an_exempt_address_is_not_held_to_its_share(srv):
+    """The group's peers forward many workers' long-polls over their own connections."""
+    guarded = http_api.FleetHTTPServer(("127.0.0.1", 0), srv.coordinator, per_address=4,
+                                       exempt=lambda address: address == ATTACKER)
+    serve_in_thread(guarded)
+    peer = open_slow(guarded.port, 10, b"")
+    others = []
+    try:
+        t0 = time.monotonic()
+        while guarded.guard.held(ATTACKER) < 10 and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        assert guarded.guard.held(ATTACKER) == 10
+        for _ in range(6):  # an address that is not exempt gets its share and 503s after
+            sock = socket.create_connection(("127.0.0.1", guarded.port), timeout=5)
+            others.append(sock)
+        answers = [_answer_or_close(s, 0.5) for s in others]
+        assert sum(1 for a in answers if a is not None and a.startswith(b"HTTP/1.1 503")) == 2, answers
+    finally:
+        for sock in peer + others:
+            sock.close()
+        guarded.shutdown()
+        guarded.server_close()
