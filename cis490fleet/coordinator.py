@@ -396,9 +396,8 @@ class Coordinator:
         Unavailable when the group has no leader now."""
         if self.replicator is None or template in LOCAL_ROUTES or template == RELOAD_ROUTE:
             return None
-        if template == "/v1/artifact/{sha256}" and model.SHA256_RE.match((params or {}).get("sha256", "")):
-            if self.artifacts.locate(params["sha256"]) is not None:
-                return None
+        if template == "/v1/artifact/{sha256}":
+            return None  # from this peer's store, else streamed from a peer that has it (open_artifact)
         st = self.replicator.status()
         if st["role"] == "leader":
             return None
@@ -598,8 +597,15 @@ class Coordinator:
                       "path": result["path"]})
         return result
 
-    def open_artifact(self, sha256: str):
-        return self.artifacts.open_artifact(sha256)
+    def open_artifact(self, sha256: str, *, from_peers: bool = True):
+        """(file, size) of a stored bundle; one this peer lacks (not fetched yet) is streamed from a peer
+        that has it, unless ``from_peers`` is False (a peer asking: it asks the others itself)."""
+        try:
+            return self.artifacts.open_artifact(sha256)
+        except errors.NotFound:
+            if self.replicator is None or not from_peers:
+                raise
+        return self.replicator.open_remote(f"/v1/artifact/{sha256}")
 
     def zipapp(self) -> tuple[bytes, str]:
         """The running zipapp's bytes, else one built from these sources (built once, then cached)."""

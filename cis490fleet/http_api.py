@@ -623,7 +623,10 @@ def h_upload(req: Request):
 
 def h_artifact(req: Request):
     sha = sha_param(req.params["sha256"])
-    f, size = req.app.open_artifact(sha)
+    if req.header("x-forwarded-by"):  # a peer fetching a copy: this store only, never a further hop
+        f, size = req.app.open_artifact(sha, from_peers=False)
+    else:
+        f, size = req.app.open_artifact(sha)
     return Response(status=200, content_type="application/octet-stream", stream=f, length=size,
                     headers={"x-content-sha256": sha})
 

@@ -509,15 +509,16 @@ class Ops:
             for r in report:
                 h = r.get("health")
                 if h is None:
-                    rows.append([r["url"], "unreachable", None, None, None, None, None, None, None, None, None,
+                    rows.append([r["url"], "unreachable", None, None, None, None, None, None, None, None, None, None,
                                  r["detail"]])
                 else:
                     node = h.get("node_id")
                     rows.append([r["url"], h.get("role"), h.get("term"), h.get("leader"), node,
                                  member.get(node, h.get("member")), h.get("commit"), h.get("applied"), lag.get(node),
-                                 _manifest_cell(h.get("manifest"), time.time()), h.get("version"), h.get("lost")])
+                                 _manifest_cell(h.get("manifest"), time.time()), h.get("artifacts_missing"),
+                                 h.get("version"), h.get("lost")])
             self.out.table(["URL", "ROLE", "TERM", "LEADER", "NODE", "MEMBER", "COMMIT", "APPLIED", "LAG",
-                            "MANIFEST", "VERSION", "PROBLEM"], rows, {1: lambda s: self.out.paint(s, s)})
+                            "MANIFEST", "MISSING", "VERSION", "PROBLEM"], rows, {1: lambda s: self.out.paint(s, s)})
         if reachable == len(report):
             return EXIT_OK
         return EXIT_UNREACHABLE if reachable == 0 else EXIT_FAILED

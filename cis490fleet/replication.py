@@ -52,6 +52,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 from cis490fleet import commands, edge_json, errors, raft
+from cis490fleet.copy_fetcher import CopyFetcher
 from cis490fleet.raftstore import SqliteRaftStore
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 MESSAGES_PATH = "/v1/raft/messages"
 SNAPSHOT_PATH = "/v1/raft/snapshot"
 ARTIFACT_PATH = "/v1/raft/artifact/"
+RECORD_OPS = frozenset({"record_artifact", "record_checkpoint", "record_log"})
 CHECKPOINT = "checkpoint"  # the kind of a copied file that is a checkpoint, not a model bundle
 LOG = "log"  # the kind of a copied file that is an attempt's train.log (gzip)
 PROPOSE_TIMEOUT_S = 20.0
@@ -171,6 +173,20 @@ class _Sender:
                     time.sleep(0.05)
 
 
+class _RemoteCopy:
+    """A peer's answer as a readable stream that closes its connection."""
+
+    def __init__(self, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection):
+        self._resp, self._conn = resp, conn
+
+    def read(self, n: int = -1) -> bytes:
+        return self._resp.read(None if n is None or n < 0 else n)
+
+    def close(self) -> None:
+        self._resp.close()
+        self._conn.close()
+
+
 class Replicator:
     """This peer's member of the Raft group that replicates the queue.
 
@@ -246,7 +262,7 @@ class Replicator:
                         "seeds a new group: change the members with jobs peers add/remove/replace",
                         ", ".join(config["voters"]), ", ".join(config["learners"]) or "none", ", ".join(sorted(peers)))
         self._thread = threading.Thread(target=self._run, name="raft-driver", daemon=True)
-        self._fetching: set[str] = set()
+        self.copies = CopyFetcher(self) if artifacts is not None else None
         if len(self.node.voters) == 2:
             log.warning("a group of two peers cannot survive the loss of either: add a third (jobs peers add)")
 
@@ -255,6 +271,8 @@ class Replicator:
     def start(self) -> None:
         self._started = True
         self._thread.start()
+        if self.copies is not None:
+            self.copies.start()
         if self.node.voters == [self.node_id]:
             self._call(lambda n: n.campaign())
 
@@ -279,6 +297,8 @@ class Replicator:
         for s in senders:
             s.thread.join(1.0)
         self._fail_all(errors.Unavailable("this coordinator is shutting down; retry on another peer"))
+        if self.copies is not None:
+            self.copies.stop()
         self.raft_store.close()
 
     def hand_over(self, timeout: float = 2.0) -> bool:
@@ -420,7 +440,8 @@ class Replicator:
         return {"role": role, "term": st["term"], "leader": st["leader"], "leader_url": self.url_of(st["leader"]),
                 "node_id": self.node_id, "commit": st["commit"], "commit_index": st["commit"],
                 "applied": st["applied"], "last_index": st["last_index"], "cluster": self.cluster, "peers": peers,
-                "voters": st["voters"], "learners": st["learners"], "member": member, "lost": st["lost"]}
+                "voters": st["voters"], "learners": st["learners"], "member": member, "lost": st["lost"],
+                "artifacts_missing": self.copies.missing() if self.copies is not None else 0}
 
     # -- the driver -------------------------------------------------------------------------------
 
@@ -438,8 +459,6 @@ class Replicator:
         try:
             if self._unfinished is not None:
                 self._install_snapshot(self._unfinished)
-            else:
-                self._fetch_missing_artifacts()
             while not self._stop.is_set():
                 try:
                     item = self._inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
@@ -605,18 +624,8 @@ class Replicator:
                 self.on_applied(cmds, results)
             except Exception:
                 log.exception("after-commit hook failed")
-        if self.artifacts is not None:
-            for cmd, result in zip(cmds, results):
-                if isinstance(result, BaseException):
-                    continue
-                if cmd.get("op") == "record_artifact":
-                    self._ensure_artifact(cmd)
-                elif cmd.get("op") in ("record_checkpoint", "record_log"):
-                    kind = CHECKPOINT if cmd["op"] == "record_checkpoint" else LOG
-                    if (self.checkpoints if kind == CHECKPOINT else self.logs) is not None:
-                        self._ensure_artifact({"artifact_id": cmd["sha256"], "model": cmd["model"],
-                                               "mode": cmd["mode"], "job_id": cmd["job_id"], "host": cmd["host"],
-                                               "now": cmd["now"], "kind": kind})
+        if self.copies is not None and any(cmd.get("op") in RECORD_OPS for cmd in cmds):
+            self.copies.wake()  # a follower that missed an upload's push fetches it
 
     def _answer_reads(self) -> None:
         applied = self.node.applied
@@ -685,7 +694,8 @@ class Replicator:
                          snap.index)
                 # Entries between the snapshot and the copy are already in it: _apply skips them.
                 self._db_applied = applied
-                self._fetch_missing_artifacts()
+                if self.copies is not None:
+                    self.copies.wake()  # its queue names uploads this peer never saw pushed
                 return
             self._stop.wait(delay)
             delay = min(delay * 2, 2.0)
@@ -724,8 +734,8 @@ class Replicator:
 
     # -- artifacts -----------------------------------------------------------------------------
 
-    def _store_of(self, kind: str | None):
-        """Where a copy of that kind lives: checkpoints apart from model bundles."""
+    def store_of(self, kind: str | None):
+        """Where a copy of that kind lives: checkpoints and logs apart from model bundles."""
         if kind == CHECKPOINT:
             if self.checkpoints is None:
                 raise errors.BadRequest("this peer keeps no checkpoints")
@@ -736,87 +746,71 @@ class Replicator:
             return self.logs
         return self.artifacts
 
-    def _ensure_artifact(self, cmd: dict) -> None:
-        """A follower that missed an upload's push fetches the bundle from the leader (background)."""
-        sha = cmd.get("artifact_id")
-        if not sha or self._store_of(cmd.get("kind")).locate(sha) is not None or sha in self._fetching:
-            return
-        self._fetching.add(sha)
-        threading.Thread(target=self._fetch_artifact, args=(cmd,), name="raft-artifact-fetch", daemon=True).start()
-
-    def _fetch_missing_artifacts(self) -> None:
-        """Fetch in the background every bundle the queue records that this peer lacks: after a snapshot
-        install (its queue names bundles uploaded while this peer was away, whose record_artifact entries it
-        never applies) and at start-up (a fetch cut short by a crash is not retried by re-applying its entry)."""
-        if self.artifacts is None:
-            return
-        threading.Thread(target=self._catch_up_artifacts, name="raft-artifact-catch-up", daemon=True).start()
-
-    def _catch_up_artifacts(self) -> None:
-        try:
-            recorded = self.store.artifacts()
-        except errors.FleetError as err:
-            log.info("could not list the queue's artifacts to fetch the missing ones: %s", err)
-            return
+    def recorded_copies(self) -> list[dict]:
+        """Every copy the queue records (``copy_fetcher``): bundles, and checkpoints and logs where kept."""
+        recorded = [{**a, "now": a["created"]} for a in self.store.artifacts()]
         if self.checkpoints is not None:
-            try:
-                recorded += [{"artifact_id": c["sha256"], "kind": CHECKPOINT, **c}
-                             for c in self.store.checkpoint_records()]
-            except errors.FleetError as err:
-                log.info("could not list the queue's checkpoints to fetch the missing ones: %s", err)
+            recorded += [{**c, "artifact_id": c["sha256"], "kind": CHECKPOINT, "now": c["created"]}
+                         for c in self.store.checkpoint_records()]
         if self.logs is not None:
-            try:
-                recorded += [{"artifact_id": r["sha256"], "kind": LOG, **r} for r in self.store.log_records()]
-            except errors.FleetError as err:
-                log.info("could not list the queue's attempt logs to fetch the missing ones: %s", err)
-        missing = [a for a in recorded if a["artifact_id"] not in self._fetching
-                   and self._store_of(a.get("kind")).locate(a["artifact_id"]) is None]
-        if missing:
-            log.info("fetching %d bundles the queue records and this peer lacks", len(missing))
-        for a in missing:
-            if self._stop.is_set():
-                return
-            sha = a["artifact_id"]
-            if sha in self._fetching:
-                continue
-            self._fetching.add(sha)
-            self._fetch_artifact({"artifact_id": sha, "model": a["model"], "mode": a["mode"], "job_id": a["job_id"],
-                                  "host": a["host"], "now": a["created"], "kind": a.get("kind")})
+            recorded += [{**r, "artifact_id": r["sha256"], "kind": LOG, "now": r["created"]}
+                         for r in self.store.log_records()]
+        return recorded
 
-    def _fetch_artifact(self, cmd: dict) -> None:
-        sha = cmd["artifact_id"]
-        store = self._store_of(cmd.get("kind"))
-        source = {CHECKPOINT: f"/v1/checkpoint/{sha}", LOG: f"/v1/log/{sha}"}.get(cmd.get("kind"),
+    def fetch_copy(self, copy: dict) -> bool:
+        """Fetch one recorded copy from the first other peer that has it (verified by its sha256)."""
+        sha = copy["artifact_id"]
+        store = self.store_of(copy.get("kind"))
+        source = {CHECKPOINT: f"/v1/checkpoint/{sha}", LOG: f"/v1/log/{sha}"}.get(copy.get("kind"),
                                                                                    f"/v1/artifact/{sha}")
-        try:
-            for pid, url in self.peers.items():
-                if pid == self.node_id:
-                    continue
+        for pid, url in self.peers.items():
+            if pid == self.node_id:
+                continue
+            try:
+                conn = _connect(url, self.ssl_context, 60.0)
                 try:
-                    conn = _connect(url, self.ssl_context, 60.0)
                     conn.request("GET", source, headers={"x-forwarded-by": self.node_id})
                     resp = conn.getresponse()
                     if resp.status != 200:
                         resp.read()
-                        conn.close()
                         continue
                     length = int(resp.getheader("content-length") or 0)
-                    store.put(resp, sha256=sha, length=length, model=cmd["model"], mode=cmd["mode"],
-                              job_id=cmd["job_id"], host=cmd["host"], now=cmd["now"])
+                    store.put(resp, sha256=sha, length=length, model=copy["model"], mode=copy["mode"],
+                              job_id=copy["job_id"], host=copy["host"], now=copy["now"])
+                finally:
                     conn.close()
-                    log.info("fetched artifact %s from %s", sha[:12], pid)
-                    return
-                except (OSError, http.client.HTTPException, errors.FleetError) as err:
-                    log.info("could not fetch artifact %s from %s: %s", sha[:12], pid, err)
-        finally:
-            self._fetching.discard(sha)
+            except (OSError, http.client.HTTPException, errors.FleetError) as err:
+                log.info("could not fetch %s %s from %s: %s", copy.get("kind") or "artifact", sha[:12], pid, err)
+                continue
+            log.info("fetched %s %s from %s", copy.get("kind") or "artifact", sha[:12], pid)
+            return True
+        return False
+
+    def open_remote(self, path: str):
+        """(stream, size) of ``GET path`` from the first other peer that answers 200, the leader first:
+        a download of a copy this peer lacks. NotFound when no peer has it."""
+        leader = self.status()["leader"]
+        for pid in sorted((p for p in self.peers if p != self.node_id), key=lambda p: p != leader):
+            try:
+                conn = _connect(self.peers[pid], self.ssl_context, 60.0)
+                conn.request("GET", path, headers={"x-forwarded-by": self.node_id})
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as err:
+                log.info("could not ask %s for %s: %s", pid, path, err)
+                continue
+            if resp.status == 200:
+                return _RemoteCopy(resp, conn), int(resp.getheader("content-length") or 0)
+            resp.read()
+            conn.close()
+        raise errors.NotFound(f"{path.rsplit('/', 1)[-1][:16]}: no peer of this group holds it (yet); if it was "
+                              "recorded, it is being fetched: retry in a while")
 
     def push_artifact(self, sha: str, meta: dict, timeout: float = 60.0) -> int:
         """Leader: send a stored bundle to every member in parallel; returns how many voters hold it
         (this one included) once a majority of them does, else raises Unavailable (learners' copies count for none).
 
         ``timeout`` is per socket operation; the wait for a majority also allows 10 MiB/s for the bytes."""
-        path = self._store_of(meta.get("kind")).locate(sha)
+        path = self.store_of(meta.get("kind")).locate(sha)
         size = path.stat().st_size
         voters = set(self.status()["voters"])
         need = len(voters) // 2 + 1
@@ -867,7 +861,7 @@ class Replicator:
             raise errors.Forbidden("artifact push from another cluster refused; check the --peer lists")
         try:
             meta = edge_json.parse((meta_text or "").encode(), what="x-artifact")
-            store = self._store_of(meta.get("kind"))
+            store = self.store_of(meta.get("kind"))
             return store.put(body, sha256=sha, length=length, model=meta["model"], mode=meta["mode"],
                              job_id=meta["job_id"], host=meta["host"], now=float(meta["now"]))
         except (ValueError, KeyError, TypeError, AttributeError):

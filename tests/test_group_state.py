@@ -5,16 +5,19 @@ In-process peers on loopback (``test_replication.Group``); ticks of 50 ms.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import OPERATOR_TOKEN, Conn, http_call, manifest_toml
 from test_e2e import jobs_cli, wait_for
-from test_replication import W1, Group, group, three  # noqa: F401 - the in-process group fixture
+from test_replication import W1, Group, claim, group, three  # noqa: F401 - the in-process group fixture
 
 from cis490fleet import commands
 from cis490fleet.coordinator import Coordinator
@@ -217,3 +220,47 @@ def test_a_forwarded_write_that_may_have_reached_the_leader_is_repeated_only_wit
     finally:
         coord.close(grace=2)
         leader.close()
+
+
+# -- artifacts ---------------------------------------------------------------------------------------------
+
+
+def bring_back(folder: Path) -> None:
+    """Put a bundle folder moved away back (the peer's own fetcher may have made the folder meanwhile)."""
+    folder.mkdir(exist_ok=True)
+    for f in folder.with_name(folder.name + ".away").iterdir():
+        f.rename(folder / f.name)
+
+
+def test_a_peer_back_from_a_stop_keeps_fetching_a_missing_bundle_and_serves_it_from_a_peer_meanwhile(group):  # noqa: F811
+    """A follower that was down during an upload finds no peer holding the bundle at first (both copies are
+    moved away): it says one bundle is missing, a download through it is streamed from the first peer that
+    has the file again (the leader still lacks it), and it fetches its own copy on a later try."""
+    g = three(group)
+    leader = g.leader()
+    away = next(n for n in g.coords if n != leader)
+    other = next(n for n in g.coords if n not in (leader, away))
+    g.stop(away)
+    got = claim(g.urls[leader], "w1")
+    data = os.urandom(20_000)
+    sha = hashlib.sha256(data).hexdigest()
+    status, _, _ = http_call(g.urls[leader], "PUT", f"/v1/model/{got['job_id']}", data,
+                             headers={"x-lab-host": "w1", "x-lease": got["lease"], "x-content-sha256": sha})
+    assert status == 201
+    wait_for("the push to reach the other follower", lambda: g.coords[other].artifacts.locate(sha) is not None)
+    held = {n: g.coords[n].artifacts.locate(sha).parent for n in (leader, other)}
+    for folder in held.values():
+        folder.rename(folder.with_name(folder.name + ".away"))
+    back = g.start(away)
+    g.converged()
+    wait_for("the missing bundle to show", lambda: back.health()["artifacts_missing"] == 1)
+    status, _, body = http_call(g.urls[away], "GET", f"/v1/artifact/{sha}")
+    assert status == 404, body
+
+    bring_back(held[other])
+    status, headers, body = http_call(g.urls[away], "GET", f"/v1/artifact/{sha}")
+    assert status == 200 and body == data and headers["x-content-sha256"] == sha
+    wait_for("the returning peer to fetch its own copy", lambda: back.artifacts.locate(sha) is not None, timeout=40)
+    assert hashlib.sha256(back.artifacts.locate(sha).read_bytes()).hexdigest() == sha
+    wait_for("nothing missing any more", lambda: back.health()["artifacts_missing"] == 0, timeout=10)
+    bring_back(held[leader])

@@ -22,6 +22,7 @@ LAYERS = {
     "http_api": 2, "coordinator": 2, "worker": 2, "ops": 2, "manifest_cmd": 2, "enroll": 2, "trainer": 2, "trainer_ddp": 2,
     "progress": 1, "notifier": 1, "metric_history": 1,  "job_inputs": 2, "replication": 2, "worker_config": 1, "worker_view": 1,
     "checkpoint_api": 2, "membership_api": 2, "checkpoint_sync": 2,
+    "copy_fetcher": 2,
     "trainer_process": 2, "lease_keeper": 2, "result_outbox": 2,
     "attempt_log": 1, "log_records": 1, "log_api": 2,
     "cli": 3, "__main__": 3, "__init__": 0, "_build": 0,
