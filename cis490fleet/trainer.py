@@ -37,6 +37,7 @@ This module and trainer_ddp.py are the only ones that import torch, and only ins
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import math
@@ -68,6 +69,9 @@ SAMPLES = 512
 FEATURES = 8
 CLASSES = 2
 RECIPE_RE = re.compile(r"^holdout-(\d{1,2})$")
+DATA_KEY = "data"            # hyper key naming a table, so the table is part of the job's id
+PACKAGE_DATA = "package:"    # a table shipped in cis490fleet/data/ (inside the zipapp: on every worker)
+LABEL_COLUMN = "label"       # else the last column is the label
 
 
 class UsageError(Exception):
@@ -88,6 +92,7 @@ class Job:
     checkpoint_dir: Path | None = None
     resume_from: Path | None = None
     init_from: Path | None = None  # a parent job's extracted bundle: start from its model.pt
+    data: str | None = None
 
     def identity(self) -> dict:
         """What a checkpoint must match to be resumed by this job."""
@@ -96,7 +101,7 @@ class Job:
 
 
 def describe() -> dict[str, list[str]]:
-    return {name: sorted(keys) for name, keys in sorted(HYPER_DEFAULTS.items())}
+    return {name: sorted([*keys, DATA_KEY]) for name, keys in sorted(HYPER_DEFAULTS.items())}
 
 
 def validate_hyper(model_name: str, raw: object) -> dict:
@@ -104,13 +109,18 @@ def validate_hyper(model_name: str, raw: object) -> dict:
     if not isinstance(raw, dict):
         raise UsageError(f"--hyper must be a JSON object like '{{\"lr\": 0.01}}', got {json.dumps(raw)}")
     accepted = HYPER_DEFAULTS[model_name]
-    unknown = sorted(set(raw) - set(accepted))
+    unknown = sorted(set(raw) - set(accepted) - {DATA_KEY})
     if unknown:
         raise UsageError(f"unknown hyper key(s) {', '.join(map(repr, unknown))} for model {model_name}; "
                          f"accepted: {', '.join(sorted(accepted))}")
     hyper = dict(accepted)
     for key, value in raw.items():
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key == DATA_KEY:
+            if not isinstance(value, str) or not value.strip():
+                raise UsageError(f"hyper data must name a table (package:NAME or a CSV file), got {json.dumps(value)}")
+            hyper[key] = value
+            continue
         if key in INT_KEYS:
             top = INT_KEYS[key]
             if not (is_number and float(value).is_integer() and 1 <= value <= (top or value)):
@@ -154,6 +164,81 @@ def make_dataset(seed: int, holdout: float) -> tuple[list, list, list, list]:
     return [xs[i] for i in train], [ys[i] for i in train], [xs[i] for i in val], [ys[i] for i in val]
 
 
+def read_table(ref: str) -> tuple[str, str]:
+    """(the CSV text, where it came from) of ``package:NAME`` (cis490fleet/data/NAME) or a file path."""
+    if ref.startswith(PACKAGE_DATA):
+        import importlib.resources
+
+        name = ref[len(PACKAGE_DATA):]
+        entry = importlib.resources.files("cis490fleet").joinpath("data", name)
+        if "/" in name or "\\" in name or not name or not entry.is_file():
+            shipped = sorted(e.name for e in importlib.resources.files("cis490fleet").joinpath("data").iterdir()
+                             if e.name.endswith(".csv"))
+            raise UsageError(f"no table {name!r} ships with cis490fleet; shipped: {', '.join(shipped)}")
+        return entry.read_text(encoding="utf-8"), ref
+    try:
+        return Path(ref).read_text(encoding="utf-8"), ref
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"cannot read the data file {ref!r} ({getattr(err, 'strerror', None) or err}); give a "
+                         f"path every worker has (an absolute path on a shared mount) or {PACKAGE_DATA}NAME") from None
+
+
+def load_table(ref: str) -> tuple[list[list[float]], list[str]]:
+    """Features and labels of a CSV with a header: the ``label`` column (else the last) is the class, every
+    other column a number. Every problem is a UsageError naming the line."""
+    import csv
+
+    text, where = read_table(ref)
+    rows = [r for r in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in r)]
+    if len(rows) < 3:
+        raise UsageError(f"{where}: expected a header and at least two rows")
+    header = [h.strip() for h in rows[0]]
+    label_at = header.index(LABEL_COLUMN) if LABEL_COLUMN in header else len(header) - 1
+    xs, ys = [], []
+    for number, row in enumerate(rows[1:], 2):
+        if len(row) != len(header):
+            raise UsageError(f"{where} line {number}: {len(row)} values, the header has {len(header)}")
+        try:
+            x = [float(v) for i, v in enumerate(row) if i != label_at]
+        except ValueError:
+            raise UsageError(f"{where} line {number}: every column but {header[label_at]!r} must be a number") from None
+        if not all(math.isfinite(v) for v in x):
+            raise UsageError(f"{where} line {number}: a value is not finite")
+        xs.append(x)
+        ys.append(row[label_at].strip())
+    return xs, ys
+
+
+def load_dataset(job: "Job") -> tuple[list, list, list, list, list[str]]:
+    """(x_train, y_train, x_val, y_val, class names) of the job: its table, split by its recipe with its seed
+    and standardised by the training rows' mean and spread; else the synthetic set of ``make_dataset``."""
+    if job.data is None:
+        return (*make_dataset(job.seed, job.holdout), ["0", "1"])
+    xs, labels = load_table(job.data)
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise UsageError(f"{job.data}: the label column has one class ({classes[0]!r}); a classifier needs two")
+    if job.model == "gbt" and len(classes) != 2:
+        raise UsageError(f"{job.data}: gbt is a two-class model and the labels have {len(classes)} classes "
+                         f"({', '.join(classes)}); use mlp or logreg, or a two-class table")
+    ys = [classes.index(v) for v in labels]
+    order = list(range(len(xs)))
+    random.Random(f"cis490fleet-split-{job.seed}").shuffle(order)
+    n_val = int(round(len(xs) * job.holdout))
+    val, train = order[:n_val], order[n_val:]
+    if not train:
+        raise UsageError(f"{job.data}: split {job.split_recipe!r} leaves no training rows")
+    columns = list(zip(*(xs[i] for i in train)))
+    mean = [sum(c) / len(c) for c in columns]
+    spread = [math.sqrt(sum((v - m) ** 2 for v in c) / len(c)) or 1.0 for c, m in zip(columns, mean)]
+
+    def scaled(i: int) -> list[float]:
+        return [(v - m) / d for v, m, d in zip(xs[i], mean, spread)]
+
+    return ([scaled(i) for i in train], [ys[i] for i in train], [scaled(i) for i in val], [ys[i] for i in val],
+            classes)
+
+
 def parse_args(argv: list[str]) -> Job | None:
     parser = argparse.ArgumentParser(prog="cis490fleet train", description="The built-in example trainer.")
     parser.add_argument("--describe", action="store_true", help="print the accepted hyper keys per model as JSON")
@@ -163,6 +248,9 @@ def parse_args(argv: list[str]) -> Job | None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split-recipe", default="default")
     parser.add_argument("--train-hosts", default="[]", help="accepted for the contract; unused here")
+    parser.add_argument("--data", metavar="FILE", help="train on this CSV (a 'label' column, else the last one, is "
+                        f"the class) instead of the synthetic set: {PACKAGE_DATA}NAME for a table shipped with "
+                        "cis490fleet, else a path every worker has; a manifest's job gives it as hyper data")
     parser.add_argument("--out", default=os.environ.get("CIS490_OUT"), help="output folder (default: $CIS490_OUT)")
     parser.add_argument("--init-from", metavar="DIR",
                         help="start from the weights in DIR/model.pt (an earlier job's bundle, e.g. {input.NAME}); "
@@ -178,6 +266,9 @@ def parse_args(argv: list[str]) -> Job | None:
         raw = json.loads(args.hyper)
     except json.JSONDecodeError as err:
         raise UsageError(f"--hyper is not valid JSON ({err.msg} at character {err.pos}): {args.hyper}") from None
+    hyper = validate_hyper(args.model, raw)
+    if args.data and hyper.get(DATA_KEY, args.data) != args.data:
+        raise UsageError(f"--data {args.data!r} and hyper data {hyper[DATA_KEY]!r} differ; give one of them")
     cuda = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
     progress = os.environ.get("CIS490_PROGRESS")
     checkpoint_dir = os.environ.get("CIS490_CHECKPOINT_DIR")
@@ -190,12 +281,13 @@ def parse_args(argv: list[str]) -> Job | None:
     if init_from is not None and not (init_from / "model.pt").is_file():
         raise UsageError(f"{init_from / 'model.pt'} does not exist: --init-from needs the folder of an earlier "
                          "job's bundle (one that holds model.pt)")
-    return Job(model=args.model, mode=args.mode, hyper=validate_hyper(args.model, raw), seed=args.seed,
+    return Job(model=args.model, mode=args.mode, hyper=hyper, seed=args.seed,
                split_recipe=args.split_recipe, holdout=holdout_fraction(args.split_recipe), out=Path(args.out),
                progress=Path(progress) if progress else None,
                device_requested=bool(cuda) and cuda not in ("-1", "none", "NoDevFiles"),
                checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
-               resume_from=Path(resume_from) if resume_from else None, init_from=init_from)
+               resume_from=Path(resume_from) if resume_from else None, init_from=init_from,
+               data=hyper.get(DATA_KEY) or args.data)
 
 
 def _only_input(inputs: str | None) -> Path:
@@ -266,7 +358,11 @@ def _train(job: Job, stop: _Stop) -> int:
     torch.manual_seed(job.seed)
     device = torch.device("cuda" if job.device_requested and torch.cuda.is_available() else "cpu")
 
-    x_train, y_train, x_val, y_val = make_dataset(job.seed, job.holdout)
+    try:
+        x_train, y_train, x_val, y_val, classes = load_dataset(job)
+    except UsageError as err:
+        print(f"cis490fleet train: {err}", file=sys.stderr)
+        return EXIT_USAGE
     xt = torch.tensor(x_train, dtype=torch.float32, device=device)
     yt = torch.tensor(y_train, dtype=torch.long, device=device)
     xv = torch.tensor(x_val, dtype=torch.float32, device=device)
@@ -323,7 +419,7 @@ def _train(job: Job, stop: _Stop) -> int:
             done = len(history)
             _report(job.progress, {"epoch": done, "epochs": epochs, "fraction": done / epochs, "checkpoint": name})
 
-    fit = _fit_gbt if job.model == "gbt" else _fit_net
+    fit = _fit_gbt if job.model == "gbt" else functools.partial(_fit_net, classes=len(classes))
     state = fit(torch, job, device, (xt, yt), (xv, yv) if len(y_val) else (xt, yt),
                 "val" if len(y_val) else "train", stop, epoch_done, stopped,
                 resumed["fit"] if resumed is not None else None)
@@ -380,19 +476,23 @@ def _load_checkpoint(torch, job: Job) -> dict | None:
     return data
 
 
+def make_net(torch, job: Job, features: int, classes: int):
+    """The job's network: ``features`` inputs, one output per class."""
+    if job.model == "mlp":
+        return torch.nn.Sequential(torch.nn.Linear(features, job.hyper["hidden"]), torch.nn.ReLU(),
+                                   torch.nn.Linear(job.hyper["hidden"], classes))
+    return torch.nn.Linear(features, classes)
+
+
 def _fit_net(torch, job: Job, device, train, check, split: str, stop: _Stop, epoch_done, stopped,
-             resume: dict | None) -> dict:
+             resume: dict | None, *, classes: int = CLASSES) -> dict:
     """An MLP or a logistic regression, minibatch SGD with momentum.
 
     A checkpoint holds the weights, the optimizer's momentum, the shuffling generator and, when
     taken mid-epoch (SIGTERM), that epoch's order and where in it training stopped.
     """
     h = job.hyper
-    if job.model == "mlp":
-        net = torch.nn.Sequential(torch.nn.Linear(FEATURES, h["hidden"]), torch.nn.ReLU(),
-                                  torch.nn.Linear(h["hidden"], CLASSES))
-    else:
-        net = torch.nn.Linear(FEATURES, CLASSES)
+    net = make_net(torch, job, train[0].shape[1], classes)
     net.to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=h["lr"], momentum=0.9, weight_decay=h["weight_decay"])
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -474,11 +574,12 @@ def _fit_gbt(torch, job: Job, device, train, check, split: str, stop: _Stop, epo
     n = len(y)
     bins = min(h["bins"], n)
     cuts = [(k * n) // bins for k in range(1, bins)]
-    edges = xt.sort(dim=0).values[cuts].T.contiguous()                    # (FEATURES, bins-1)
-    binned = (xt.unsqueeze(2) > edges.unsqueeze(0)).sum(dim=2)            # (n, FEATURES) in [0, bins-1]
-    offsets = torch.arange(FEATURES, device=device) * bins
-    onehot = torch.nn.functional.one_hot(binned + offsets, FEATURES * bins).sum(dim=1).float()
-    flat_edges = torch.cat([edges, torch.full((FEATURES, 1), math.inf, device=device)], dim=1).flatten()
+    n_features = xt.shape[1]
+    edges = xt.sort(dim=0).values[cuts].T.contiguous()                    # (n_features, bins-1)
+    binned = (xt.unsqueeze(2) > edges.unsqueeze(0)).sum(dim=2)            # (n, n_features) in [0, bins-1]
+    offsets = torch.arange(n_features, device=device) * bins
+    onehot = torch.nn.functional.one_hot(binned + offsets, n_features * bins).sum(dim=1).float()
+    flat_edges = torch.cat([edges, torch.full((n_features, 1), math.inf, device=device)], dim=1).flatten()
     inner = 2 ** depth - 1
     rate = y.mean().clamp(1e-6, 1 - 1e-6)
     base = torch.log(rate / (1 - rate))
@@ -514,7 +615,7 @@ def _fit_gbt(torch, job: Job, device, train, check, split: str, stop: _Stop, epo
             first, width = 2 ** level - 1, 2 ** level
             member = torch.nn.functional.one_hot(node - first, width).float()          # (n, width)
             sums = [(member * w.unsqueeze(1)).T @ onehot for w in (grad, hess, torch.ones_like(grad))]
-            g, hs, c = (t.view(width, FEATURES, bins) for t in sums)
+            g, hs, c = (t.view(width, n_features, bins) for t in sums)
             gl, hl, cl = (t.cumsum(dim=2) for t in (g, hs, c))
             gt, ht, ct = gl[..., -1:], hl[..., -1:], cl[..., -1:]
             gain = gl ** 2 / (hl + l2) + (gt - gl) ** 2 / (ht - hl + l2) - gt ** 2 / (ht + l2)

@@ -66,17 +66,13 @@ def _rank(rank: int, world: int, port: int, job: "trainer.Job", cuda: bool, done
 
 def _fit(torch, dist, rank: int, world: int, job: "trainer.Job", device, stop) -> int:
     h = job.hyper
-    x_train, y_train, x_val, y_val = trainer.make_dataset(job.seed, job.holdout)
+    x_train, y_train, x_val, y_val, classes = trainer.load_dataset(job)
     xt = torch.tensor(x_train, dtype=torch.float32, device=device)
     yt = torch.tensor(y_train, dtype=torch.long, device=device)
     check = ((torch.tensor(x_val, dtype=torch.float32, device=device),
               torch.tensor(y_val, dtype=torch.long, device=device)) if len(y_val) else (xt, yt))
     split = "val" if len(y_val) else "train"
-    if job.model == "mlp":
-        net = torch.nn.Sequential(torch.nn.Linear(trainer.FEATURES, h["hidden"]), torch.nn.ReLU(),
-                                  torch.nn.Linear(h["hidden"], trainer.CLASSES))
-    else:
-        net = torch.nn.Linear(trainer.FEATURES, trainer.CLASSES)
+    net = trainer.make_net(torch, job, xt.shape[1], len(classes))
     net.to(device)
     model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
                                                       else None)

@@ -6,7 +6,7 @@ rebuilds a byte-identical copy to serve at ``GET /v1/zipapp``. Entries are
 sorted, dated 1980-01-01, with fixed permissions and a fixed "made by" system,
 and stored uncompressed: deflate output differs between zlib builds (zlib-ng),
 which would make the hash depend on the building machine. Only ``.py`` files
-and ``static/`` assets go in; never tests, caches or bytecode.
+and the ``static/`` and ``data/`` assets go in; never tests, caches or bytecode.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ ENTRY_POINT = (b'"""Entry point of the cis490fleet zipapp."""\n\nfrom cis490flee
                b'bytecode_cache.install()\n\nfrom cis490fleet.cli import main  # noqa: E402\n\n'
                b'raise SystemExit(main())\n')
 BUILD_MODULE = "_build.py"
+ASSET_DIRS = ("static", "data")  # the dashboard's files; the tables the built-in trainer ships (data/README.md)
 UNIX = 3
 
 
@@ -41,7 +42,7 @@ def _walk(node, prefix: str, in_static: bool):
             continue
         path = f"{prefix}/{name}"
         if child.is_dir():
-            yield from _walk(child, path, in_static or (prefix == PACKAGE and name == "static"))
+            yield from _walk(child, path, in_static or (prefix == PACKAGE and name in ASSET_DIRS))
         elif in_static and not name.endswith((".pyc", ".pyo")):
             yield path, child
         elif name.endswith(".py") and not (prefix == PACKAGE and name == BUILD_MODULE):

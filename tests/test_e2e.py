@@ -312,9 +312,11 @@ def test_the_quickstart_demo(tmp_path):
     assert "jobs status" in proc.stdout
     assert "demo: killed worker" in proc.stdout and "mlp-resume was resumed by" in proc.stdout, proc.stdout
     models = tmp_path / "run" / "models"
-    assert sorted(p.name for p in models.iterdir()) == ["gbt-small", "logreg-base", "logreg-l2", "mlp-finetune",
-                                                        "mlp-holdout", "mlp-resume", "mlp-small", "mlp-wide"], proc.stdout
-    assert len(list(models.glob("*/*/model.pt"))) == 8, proc.stdout
+    assert sorted(p.name for p in models.iterdir()) == ["gbt-small", "iris-logreg", "logreg-base", "logreg-l2",
+                                                        "mlp-finetune", "mlp-holdout", "mlp-resume", "mlp-small",
+                                                        "mlp-wide"], proc.stdout
+    assert len(list(models.glob("*/*/model.pt"))) == 9, proc.stdout
+    assert "train=120 val=30" in next(models.glob("iris-logreg/*/train.log")).read_text()
 
 
 def processes_mentioning(text: str) -> list[str]:

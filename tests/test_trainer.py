@@ -50,9 +50,9 @@ def test_describe_lists_hyper_keys_without_importing_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env_for(tmp_path), capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"gbt": ["bins", "l2", "lr", "max_depth", "min_leaf", "trees"],
-                                       "logreg": ["batch_size", "epochs", "lr", "weight_decay"],
-                                       "mlp": ["batch_size", "epochs", "hidden", "lr", "weight_decay"]}
+    assert json.loads(proc.stdout) == {"gbt": ["bins", "data", "l2", "lr", "max_depth", "min_leaf", "trees"],
+                                       "logreg": ["batch_size", "data", "epochs", "lr", "weight_decay"],
+                                       "mlp": ["batch_size", "data", "epochs", "hidden", "lr", "weight_decay"]}
     via_cli = subprocess.run([sys.executable, "-m", "cis490fleet", "train", "--describe"], env=env_for(tmp_path),
                              capture_output=True, text=True, timeout=60)
     assert via_cli.returncode == 0 and json.loads(via_cli.stdout) == json.loads(proc.stdout)
@@ -378,3 +378,74 @@ def test_an_unusable_checkpoint_starts_from_the_beginning_and_says_why(tmp_path,
     assert again.returncode == 0 and whole.returncode == 0, again.stderr
     assert why in again.stderr and "starting from the beginning" in again.stderr and "Traceback" not in again.stderr
     assert (tmp_path / "again" / "model.pt").read_bytes() == (tmp_path / "whole" / "model.pt").read_bytes()
+
+
+# -- a real table instead of the synthetic set (--data, hyper data) ------------------------------------
+
+
+def test_the_shipped_iris_table_is_the_documented_one():
+    from cis490fleet import trainer
+
+    xs, labels = trainer.load_table("package:iris.csv")
+    assert len(xs) == 150 and all(len(x) == 4 for x in xs)
+    assert {name: labels.count(name) for name in set(labels)} == {"setosa": 50, "versicolor": 50, "virginica": 50}
+    readme = (ROOT / "cis490fleet" / "data" / "README.md").read_text(encoding="utf-8")
+    assert "## iris.csv" in readme and "Fisher" in readme and "Licence: public domain" in readme
+
+
+def test_a_table_is_split_by_the_recipe_and_seed_and_scaled_by_the_training_rows(tmp_path):
+    from cis490fleet import trainer
+
+    job = trainer.parse_args(["--model", "mlp", "--hyper", '{"data": "package:iris.csv"}', "--seed", "3",
+                              "--split-recipe", "holdout-30", "--out", str(tmp_path)])
+    x_train, y_train, x_val, y_val, classes = trainer.load_dataset(job)
+    assert (len(x_train), len(x_val), classes) == (105, 45, ["setosa", "versicolor", "virginica"])
+    assert trainer.load_dataset(job) == (x_train, y_train, x_val, y_val, classes)
+    other_seed = trainer.parse_args(["--model", "mlp", "--data", "package:iris.csv", "--seed", "4",
+                                     "--split-recipe", "holdout-30", "--out", str(tmp_path)])
+    assert trainer.load_dataset(other_seed)[3] != y_val
+    for column in zip(*x_train):
+        assert abs(sum(column) / len(column)) < 1e-9
+
+
+@needs_torch
+def test_train_on_the_iris_table_learns_it(tmp_path):
+    proc = train(tmp_path, "logreg", {"epochs": 15, "lr": 0.1, "batch_size": 16, "data": "package:iris.csv"},
+                 tmp_path / "out", recipe="holdout-20")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["history"][-1]["val_accuracy"] >= 0.85, metrics["history"][-1]
+    assert "train=120 val=30" in (tmp_path / "out" / "train.log").read_text()
+
+
+@needs_torch
+def test_a_csv_with_a_label_column_anywhere_trains_gbt(tmp_path):
+    rows = ["height,label,weight"] + [f"{150 + i},{'tall' if i >= 20 else 'short'},{50 + (i * 7) % 13}"
+                                      for i in range(40)]
+    (tmp_path / "people.csv").write_text("\n".join(rows) + "\n")
+    proc = train(tmp_path, "gbt", {"trees": 3, "data": str(tmp_path / "people.csv")}, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["history"][-1]["val_accuracy"] >= 0.75
+
+
+@pytest.mark.parametrize("table,hyper,message", [
+    ("a,label\n1,x\n2,y\nthree,x\n", {}, "line 4: every column but 'label' must be a number"),
+    ("a,b\n1,x\n2,y\n3\n", {}, "line 4: 1 values, the header has 2"),
+    ("a,b\n1,x\n2,y\n3,z\n", {"trees": 2}, "gbt is a two-class model and the labels have 3 classes"),
+])
+def test_a_bad_table_is_exit_2_naming_the_line(tmp_path, table, hyper, message):
+    pytest.importorskip("torch")
+    (tmp_path / "t.csv").write_text(table)
+    proc = subprocess.run(train_argv("gbt" if "trees" in hyper else "mlp", {**hyper, "data": str(tmp_path / "t.csv")},
+                                     tmp_path / "out"), env=env_for(tmp_path), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def test_data_given_twice_differently_is_a_usage_error(tmp_path):
+    from cis490fleet import trainer
+
+    with pytest.raises(trainer.UsageError, match="differ"):
+        trainer.parse_args(["--model", "mlp", "--data", "a.csv", "--hyper", '{"data": "b.csv"}', "--out", "x"])
+    with pytest.raises(trainer.UsageError, match="no table 'nope.csv' ships with cis490fleet; shipped: iris.csv"):
+        trainer.load_table("package:nope.csv")

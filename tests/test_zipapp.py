@@ -66,15 +66,24 @@ def test_only_package_sources_and_assets_inside(pyz):
         assert name == "__main__.py" or name.startswith("cis490fleet/"), name
         assert "__pycache__" not in name and not name.endswith((".pyc", ".pyo")), name
         assert not name.split("/")[-1].startswith("test_") and "/tests/" not in name, name
-        if not name.startswith("cis490fleet/static/"):
+        if not name.startswith(("cis490fleet/static/", "cis490fleet/data/")):
             assert name.endswith(".py"), name
     expected = {f"cis490fleet/{p.name}" for p in package.glob("*.py") if p.name != "_build.py"}
     assert expected <= names
-    static = package / "static"
-    if static.is_dir():
-        assets = {f"cis490fleet/static/{p.relative_to(static).as_posix()}" for p in static.rglob("*")
+    for folder in ("static", "data"):
+        assets = {f"cis490fleet/{folder}/{p.relative_to(package / folder).as_posix()}"
+                  for p in (package / folder).rglob("*")
                   if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")}
-        assert assets <= names
+        assert assets and assets <= names, folder
+
+
+def test_a_worker_anywhere_finds_the_shipped_tables_inside_the_zipapp(tmp_path, pyz):
+    """`data = "package:iris.csv"` in a job's hyper needs no file on the worker: the zipapp carries the table."""
+    pytest.importorskip("torch")
+    proc = run_pyz(pyz, "train", "--model", "logreg", "--hyper", '{"epochs": 1, "data": "package:iris.csv"}',
+                   "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "train=120 val=30" in (tmp_path / "out" / "train.log").read_text()
 
 
 def test_version_on_a_bare_interpreter_in_an_empty_folder(tmp_path, pyz):
