@@ -106,6 +106,13 @@ def check_config(where: str, config: object) -> dict:
         if seen & set(ids) or len(set(ids)) != len(ids):
             raise BadRequest(f"{where}: config lists a member twice: {config.get('voters')}, {config.get('learners')}")
         seen |= set(ids)
+    for key in ("addresses", "replacing"):
+        value = config.get(key, {})
+        if not isinstance(value, dict) or not all(isinstance(k, str) and (v is None or isinstance(v, str))
+                                                  for k, v in value.items()):
+            raise BadRequest(f"{where}: config {key!r} must map member ids to strings, got {value!r}")
+    if not isinstance(config.get("cluster", ""), str):
+        raise BadRequest(f"{where}: config 'cluster' must be a string, got {config['cluster']!r}")
     return config
 
 
