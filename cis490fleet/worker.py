@@ -49,6 +49,7 @@ class Worker:
         self.capability: dict = {}
         self.slots: list[Slot] = []
         self._own_slots = 1  # this host's own count (config, else one per GPU), sent in the capability
+        self._retired: set[int] = set()  # slots whose thread ended because a registration removed them
         self.runs: dict[int, TrainerRun] = {}
         self._stopping = threading.Event()
         self.outbox = Outbox(self.client, self.work_dir / "pending", self._stopping)
@@ -283,6 +284,7 @@ class Worker:
             with self._lock:
                 if slot.index >= len(self.slots):
                     log.info("slot %d: no longer one of this host's slots; it stops", slot.index)
+                    self._retired.add(slot.index)
                     return
                 slot = self.slots[slot.index]
             try:
@@ -370,12 +372,21 @@ class Worker:
                         "gone once worker_timeout_s has passed", err)
 
     def _start_slots(self, threads: list[threading.Thread]) -> None:
-        """A thread for each slot that has none (a later registration may add slots)."""
+        """A thread for each slot that has none: a later registration may add slots, or bring back one
+        whose thread ended when an earlier registration removed it (``threads[i]`` runs slot i)."""
         with self._lock:
-            new = self.slots[len(threads):]
-        for slot in new:
+            slots = list(self.slots)
+            back = [i for i in self._retired if i < len(slots) and i < len(threads)]
+            self._retired.difference_update(back)
+        for slot in slots:
+            if slot.index < len(threads) and slot.index not in back:
+                continue
             t = threading.Thread(target=self._slot_loop, args=(slot,), name=f"slot-{slot.index}", daemon=True)
-            threads.append(t)
+            if slot.index < len(threads):
+                threads[slot.index].join()
+                threads[slot.index] = t
+            else:
+                threads.append(t)
             t.start()
 
     def _slot_busy(self, thread: threading.Thread) -> bool:

@@ -124,3 +124,34 @@ def test_a_slow_host_leaves_a_job_to_a_faster_busy_one_and_jobs_show_says_why(se
     wait_for("both jobs completed", lambda: {j["status"] for j in jobs_by_name(client).values()} == {"completed"},
              timeout=60)
     assert {j["host"] for j in jobs_by_name(client).values()} == {"fast"}, slow.log_text()
+
+
+def test_a_slot_removed_by_a_reload_comes_back_with_the_next(serve_process, workers, tmp_path):  # noqa: F811
+    host = """
+        [[hosts]]
+        id = "ws-s"
+        slots = {slots}
+    """
+    jobs = ""
+
+    def reload(slots: int, *names: str, steps: int) -> None:
+        nonlocal jobs
+        jobs += "".join(job(n, steps=steps) for n in names)
+        path.write_text(trainer_manifest("devices.py", host.format(slots=slots) + jobs))
+        assert jobs_cli(server.url, "reload").returncode == 0
+
+    def done(*names: str) -> bool:
+        return all(jobs_by_name(client)[n]["status"] == "completed" for n in names)
+
+    server = serve_process(manifest=trainer_manifest("devices.py", host.format(slots=2)))
+    path = server.data_dir.parent / "manifest.toml"
+    fake_nvidia_smi(tmp_path, [])
+    w = workers(server.url, "ws-s")
+    client = Client(server.url)
+    reload(2, "a", "b", steps=20)
+    wait_for("a and b running at once", lambda: running_at_once(client, {"a", "b"}), timeout=60)
+    reload(1, "c", "d", steps=5)
+    wait_for("slot 1 to stop", lambda: "slot 1: no longer one of this host's slots" in w.log_text(), timeout=60)
+    wait_for("a to d completed", lambda: done("a", "b", "c", "d"), timeout=60)
+    reload(2, "e", "f", steps=40)
+    wait_for("e and f running at once", lambda: running_at_once(client, {"e", "f"}), timeout=60)
