@@ -591,6 +591,10 @@ class Client:
         qs = "" if limit is None else "?" + urllib.parse.urlencode({"limit": limit})
         return self._call("GET", "/v1/failures" + qs)
 
+    def submit(self, toml_text: str, *, dry_run: bool = False) -> dict:
+        """``{"added", "existing", "jobs": [{"id", "name", "model", "mode", "hyper", "seed"}], "dry_run"}``."""
+        return self._call("POST", "/v1/jobs", payload={"toml": toml_text, "dry_run": dry_run}, session=True)
+
     def metric_history(self, id_or_prefix: str) -> dict:
         """``{"job_id", "attempts": [{"attempt", "points": [{"t", "epoch", "step", "metrics"}]}]}``."""
         return self._call("GET", f"/v1/job/{_quote(id_or_prefix)}/metrics")

@@ -230,6 +230,17 @@ def _opt_slot(op, name, v):
     return {"index": index, "gpus": gpus, "free": free}
 
 
+def _job_list(op, name, v):
+    """Submitted jobs: a list of JobSpec.to_json() objects, as many as one sweep may have, bounded like a manifest."""
+    if not isinstance(v, list) or not v or len(v) > 10_000:
+        raise _bad(op, name, "a list of 1 to 10000 jobs", v)
+    for i, job in enumerate(v):
+        if not isinstance(job, dict) or not isinstance(job.get("model"), str) or not isinstance(job.get("mode"), str):
+            raise _bad(op, f"{name}[{i}]", "a job object with model and mode", job)
+    check_json(op, name, v, max_bytes=MANIFEST_BYTES_MAX, depth=16, items=10_000_000)
+    return v
+
+
 def _failure_class(op, name, v):
     if v not in FAILURE_CLASSES:
         raise _bad(op, name, f"one of {', '.join(sorted(FAILURE_CLASSES))}", v)
@@ -266,6 +277,7 @@ REQUIRED = object()
 # op -> {field: (checker, default)}; every op also takes "now".
 OPS: dict[str, dict[str, tuple]] = {
     "sync_manifest": {"manifest": (_manifest, REQUIRED), "source": (_opt_source, None), "seed_only": (_flag, False)},
+    "submit_jobs": {"jobs": (_job_list, REQUIRED)},
     "register_worker": {"host": (_host, REQUIRED), "capability": (_capability, REQUIRED)},
     "leave_worker": {"host": (_host, REQUIRED)},
     "claim": {"host": (_host, REQUIRED), "capability": (_capability, REQUIRED), "lease": (_lease, REQUIRED),

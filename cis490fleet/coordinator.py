@@ -549,6 +549,18 @@ class Coordinator:
         self._barrier()
         return self._read(self.store.recent_failures, limit)
 
+    def submit_jobs(self, text: str, *, dry_run: bool = False) -> dict:
+        """Add the jobs of a ``[[jobs]]``/``[[sweeps]]`` snippet, checked with the manifest in force."""
+        from cis490fleet import submission
+
+        added = submission.new_jobs(text, self._read(self.store.manifest_text))
+        listed = [{"id": j.id, "name": j.name, "model": j.model, "mode": j.mode, "hyper": j.hyper, "seed": j.seed}
+                  for j in added]
+        if dry_run or not added:
+            return {"dry_run": dry_run, "added": 0, "existing": 0, "jobs": listed}
+        result = self.execute({"op": "submit_jobs", "jobs": [j.to_json() for j in added]})
+        return {"dry_run": False, "added": result["added"], "existing": result["existing"], "jobs": listed}
+
     def metric_history(self, ref: str) -> list:
         self._barrier()
         return self._read(self.store.metric_history, ref)

@@ -549,6 +549,18 @@ def h_failures(req: Request):
     return {"failures": req.app.failures(req.query_int("limit", 20, 1, 1000))}
 
 
+def h_submit(req: Request):
+    """Body ``{"toml": "[[jobs]] ...", "dry_run": false}``: jobs added without editing the manifest (operator)."""
+    req.require_operator()
+    req.session()
+    body = req.json_object()
+    text = field_string(body, "toml", required=True, keep_last=MAX_JSON_BYTES)
+    dry_run = body.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise errors.BadRequest("field 'dry_run' must be true or false")
+    return req.app.submit_jobs(text, dry_run=dry_run)
+
+
 def h_job_metrics(req: Request):
     """Every progress report's numbers, per attempt: the curves of a running or finished job."""
     ref = job_ref_param(req.params["id"])
@@ -822,6 +834,7 @@ def make_router() -> Router:
         ("GET", "/v1/job/{id}", h_job),
         ("GET", "/v1/job/{id}/metrics", h_job_metrics),
         ("GET", "/v1/jobs", h_jobs),
+        ("POST", "/v1/jobs", h_submit),
         ("GET", "/v1/workers", h_workers),
         ("GET", "/v1/failures", h_failures),
         ("GET", "/v1/results", h_results),

@@ -26,6 +26,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from cis490fleet import checkpoint_records, commands, db, failure_text, jobs, log_records, metric_history, placement, policy
@@ -158,6 +159,10 @@ MIGRATIONS = [
     log_records.MIGRATION,
     # Points at one epoch across a sweep's jobs, for its early-stopping rule (stop_rules.py).
     metric_history.STOP_MIGRATION,
+    # Where a job came from: NULL the manifest, 'submitted' jobs submit (kept across reloads).
+    """
+    ALTER TABLE jobs ADD COLUMN origin TEXT;
+    """,
 ]
 
 # The claim seek: the best claimable job of one class. Its WHERE and ORDER BY
@@ -204,7 +209,7 @@ STATE_COLUMNS = "id, status, attempts, tries, host, lease, lease_expires, not_be
 SUMMARY_COLUMNS = ("id, name, model, mode, status, priority, attempts, host, progress, updated, created, "
                    "in_manifest, last_error, artifact_id, spec, "
                    "(SELECT a.started FROM attempts a WHERE a.job = jobs.id AND a.number = jobs.tries "
-                   "AND jobs.lease IS NOT NULL)")
+                   "AND jobs.lease IS NOT NULL), origin")
 
 # Dependencies are satisfied when a job of that name has completed.
 REFRESH_BLOCKED_SQL = """
@@ -362,6 +367,18 @@ class _HostGpus:
 
 
 # ---------------------------------------------------------------- the store
+
+ORIGIN_SUBMITTED = "submitted"
+
+
+@dataclass
+class _Upsert:
+    present: dict  # job id -> in_manifest, before the upsert
+    pending: set
+    submitted: set  # jobs that came from jobs submit: a reload never counts them removed
+    seen: dict  # the ids of job_dicts, in order
+    added: int
+
 
 class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistory, log_records.LogRecords):
     """The queue in one SQLite file; one connection per thread, shared by any number of processes."""
@@ -639,15 +656,36 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
             conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
                          "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, _dumps(value)))
 
+        up = self._upsert_specs(conn, job_dicts, now, "sync_manifest")
+        present, pending, seen = up.present, up.pending, up.seen
+        back = sorted(job_id for job_id in seen if present.get(job_id) == 0)
+        gone = sorted(job_id for job_id, flag in present.items()
+                      if flag == 1 and job_id not in seen and job_id not in up.submitted)
+        conn.executemany("UPDATE jobs SET in_manifest = 1 WHERE id = ?", [(j,) for j in back])
+        conn.executemany("UPDATE jobs SET in_manifest = 0 WHERE id = ?", [(j,) for j in gone])
+        exhausted = self._fail_out_of_tries(conn, now, fleet)
+        self._refresh_blocked(conn)
+        total = len(present) + up.added
+        kept = len(seen) - up.added
+        listed = len(seen) + len(up.submitted - seen.keys())
+        return {"added": up.added, "kept": kept, "removed": total - listed, "total": total,
+                "out_of_tries": exhausted, "unclaimable": len(pending.intersection(gone)), "manifest": info}
+
+    def _upsert_specs(self, conn, job_dicts: list, now: float, op: str, origin: str | None = None) -> _Upsert:
+        """Insert the jobs of ``job_dicts`` that are new, update those whose spec changed; ``origin`` marks
+        the new ones (None: the manifest's; ``ORIGIN_SUBMITTED``: ``jobs submit``'s, kept across reloads)."""
         by_hash: dict[str, str] = {}
         present: dict[str, int] = {}
         pending: set[str] = set()
-        for job_id, spec_hash, in_manifest, status in conn.execute(
-                "SELECT id, spec_hash, in_manifest, status FROM jobs"):
+        submitted: set[str] = set()
+        for job_id, spec_hash, in_manifest, status, job_origin in conn.execute(
+                "SELECT id, spec_hash, in_manifest, status, origin FROM jobs"):
             by_hash[spec_hash] = job_id
             present[job_id] = in_manifest
             if status == PENDING:
                 pending.add(job_id)
+            if job_origin == ORIGIN_SUBMITTED:
+                submitted.add(job_id)
         classes = dict(conn.execute("SELECT key, id FROM classes").fetchall())
         next_seq = (conn.execute("SELECT max(seq) FROM jobs").fetchone()[0] or 0) + 1
 
@@ -658,7 +696,7 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
             try:
                 text = _dumps(d)
             except (TypeError, ValueError) as err:
-                raise BadRequest(f"sync_manifest: jobs[{index}] is not plain JSON ({err})") from None
+                raise BadRequest(f"{op}: jobs[{index}] is not plain JSON ({err})") from None
             spec_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
             job_id = by_hash.get(spec_hash)
             if job_id is not None:
@@ -669,7 +707,7 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
                 job_id = spec.id
                 key = spec.constraint_key()
             except (TypeError, ValueError, KeyError) as err:
-                raise BadRequest(f"sync_manifest: jobs[{index}] is not a valid job ({err})") from None
+                raise BadRequest(f"{op}: jobs[{index}] is not a valid job ({err})") from None
             if job_id in seen:
                 continue
             seen[job_id] = None
@@ -684,28 +722,26 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
                 updates.append((cls, spec.name, spec.priority, spec.retries, text, spec_hash, now, job_id))
             else:
                 inserts.append((job_id, next_seq, cls, spec.name, spec.model, spec.mode, spec.priority, spec.retries,
-                                text, spec_hash, PENDING, now, now))
+                                text, spec_hash, PENDING, now, now, origin))
                 next_seq += 1
         if inserts:
             conn.executemany(
                 "INSERT INTO jobs (id, seq, cls, name, model, mode, priority, retries, spec, spec_hash, status, "
-                "created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", inserts)
+                "created, updated, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", inserts)
         if updates:
             conn.executemany("UPDATE jobs SET cls = ?, name = ?, priority = ?, retries = ?, spec = ?, spec_hash = ?, "
                              "in_manifest = 1, updated = ? WHERE id = ?", updates)
             conn.executemany("DELETE FROM job_deps WHERE job = ?", changed_ids)
         if deps:
             conn.executemany("INSERT OR IGNORE INTO job_deps (job, dep_name) VALUES (?, ?)", deps)
-        back = sorted(job_id for job_id in seen if present.get(job_id) == 0)
-        gone = sorted(job_id for job_id, flag in present.items() if flag == 1 and job_id not in seen)
-        conn.executemany("UPDATE jobs SET in_manifest = 1 WHERE id = ?", [(j,) for j in back])
-        conn.executemany("UPDATE jobs SET in_manifest = 0 WHERE id = ?", [(j,) for j in gone])
-        exhausted = self._fail_out_of_tries(conn, now, fleet)
+        return _Upsert(present, pending, submitted, seen, len(inserts))
+
+    def _op_submit_jobs(self, conn, now: float, jobs: list) -> dict:
+        """Add jobs outside the manifest (``jobs submit``): validated like it before they are proposed, listed
+        with origin "submitted", and never counted removed by a reload."""
+        up = self._upsert_specs(conn, jobs, now, "submit_jobs", ORIGIN_SUBMITTED)
         self._refresh_blocked(conn)
-        total = len(present) + len(inserts)
-        kept = len(seen) - len(inserts)
-        return {"added": len(inserts), "kept": kept, "removed": total - len(seen), "total": total,
-                "out_of_tries": exhausted, "unclaimable": len(pending.intersection(gone)), "manifest": info}
+        return {"added": up.added, "existing": len(up.seen) - up.added, "ids": list(up.seen)}
 
     def _fail_out_of_tries(self, conn, now: float, fleet: FleetConfig) -> int:
         rows = conn.execute(f"SELECT {STATE_COLUMNS}, retries FROM jobs WHERE status = 'pending' AND attempts > 0 "
@@ -1089,7 +1125,7 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
                 "priority": row[5], "attempts": row[6], "host": row[7], "progress": _loads(row[8]),
                 "updated": row[9], "created": row[10], "in_manifest": bool(row[11]),
                 "last_error": failure_text.summary(row[12]), "artifact_id": row[13], "seed": spec.get("seed"),
-                "hyper": spec.get("hyper", {}), "started": row[15]}
+                "hyper": spec.get("hyper", {}), "started": row[15], "origin": row[16] or "manifest"}
 
     def job(self, job_id: str, now: float) -> dict:
         """Everything ``jobs show`` prints about one job."""
@@ -1114,9 +1150,9 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
                                 "ORDER BY number DESC LIMIT 1", (job_id,)).fetchone()
             out.update({
                 "spec": spec.to_json(), "attempts": attempts, "attempt_count": row[6],
-                "max_attempts": self._max_attempts(row[17], meta.fleet), "last_error": row[12],
-                "log_tail": tail[0] if tail else None, "not_before": row[16], "peak_vram_gib": row[20],
-                "why_pending": self._why_pending(conn, meta, job_id, spec, row[4], row[16], now, bool(row[11])),
+                "max_attempts": self._max_attempts(row[18], meta.fleet), "last_error": row[12],
+                "log_tail": tail[0] if tail else None, "not_before": row[17], "peak_vram_gib": row[21],
+                "why_pending": self._why_pending(conn, meta, job_id, spec, row[4], row[17], now, bool(row[11])),
                 "checkpoints": self._checkpoints_of(conn, job_id),
             })
         return out

@@ -220,7 +220,15 @@ PATHS = {
                              "responses": {"200": _json({"type": "object", "required": ["job"],
                                                          "properties": {"job": _ref("Job")}}),
                                            **_errors(400, 404)}}},
-    "/v1/jobs": {"get": {"summary": "list jobs", "parameters": [
+    "/v1/jobs": {"post": _operator_op(
+        "add jobs without editing the manifest: [[jobs]] and [[sweeps]] tables, checked with the manifest in force",
+        {"type": "object", "required": ["added", "jobs"], "properties": {
+            "dry_run": {"type": "boolean"}, "added": {"type": "integer"}, "existing": {"type": "integer"},
+            "jobs": {"type": "array", "items": {"type": "object"}}}},
+        body=_body({"type": "object", "required": ["toml"], "properties": {
+            "toml": {"type": "string", "description": "TOML with [[jobs]] and [[sweeps]] tables only"},
+            "dry_run": {"type": "boolean", "description": "answer the jobs it would add, add nothing"}}})),
+                 "get": {"summary": "list jobs", "parameters": [
         {"name": "status", "in": "query", "schema": {"type": "string"}},
         {"name": "model", "in": "query", "schema": {"type": "string"}},
         {"name": "host", "in": "query", "schema": {"type": "string"}},

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from cis490fleet import errors, failure_text, results
+from cis490fleet import errors, failure_text, results, submission
 from cis490fleet.errors import (  # noqa: F401 (jobs documents all six)
     EXIT_FAILED, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNAUTHORISED, EXIT_UNREACHABLE, EXIT_USAGE, exit_code,
 )
@@ -396,6 +396,40 @@ class Ops:
     def cmd_requeue(self) -> int:
         return self._each("requeued", self.client.requeue)
 
+    def cmd_submit(self) -> int:
+        """Jobs added without editing the manifest: a TOML snippet (FILE, or - for stdin), or built from flags."""
+        a = self.args
+        if a.file and a.model:
+            raise errors.BadRequest("give a TOML file or --model/--mode flags, not both")
+        if a.file:
+            try:
+                raw = sys.stdin.buffer.read() if a.file == "-" else Path(a.file).read_bytes()
+                text = raw.decode("utf-8-sig")
+            except OSError as err:
+                raise errors.ConfigError(f"cannot read {a.file}: {err.strerror or err}") from None
+            except UnicodeDecodeError:
+                raise errors.ConfigError(f"{a.file} is not UTF-8 text") from None
+        elif a.model and a.mode:
+            text = submission.snippet_from_flags(model=a.model, mode=a.mode, hyper=a.hyper, sweep=a.sweep,
+                                                 name=a.name, seed=a.seed)
+        else:
+            raise errors.BadRequest("say what to submit: a TOML file of [[jobs]]/[[sweeps]] (- for stdin), or "
+                                    "--model M --mode X [--hyper k=v] [--sweep hyper.k=v1,v2]")
+        result = self.client.submit(text, dry_run=a.dry_run)
+        if a.json:
+            self.out.json(result)
+            return EXIT_OK
+        jobs = result.get("jobs", [])
+        if a.dry_run:
+            self.out.line(f"would add {len(jobs)} job(s):" if jobs else "nothing to add: the queue has these jobs")
+        else:
+            self.out.line(f"added {result.get('added', 0)} job(s)"
+                          + (f", {result['existing']} already in the queue" if result.get("existing") else ""))
+        for job in jobs:
+            self.out.line(f"  {job['id'][:12]}  {job.get('name') or '-'}  {job['model']}/{job['mode']}  "
+                          f"{json.dumps(job.get('hyper') or {}, sort_keys=True)}")
+        return EXIT_OK
+
     def cmd_reload(self) -> int:
         """Send FILE's text from here; without FILE the receiving peer reloads its own --manifest."""
         text = name = None
@@ -750,6 +784,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", nargs="+", metavar="ID", help=JOB_REF_HELP)
     p = add("requeue", "put failed or cancelled jobs back in the queue")
     p.add_argument("ids", nargs="+", metavar="ID", help=JOB_REF_HELP)
+    p = add("submit", "add jobs without editing the manifest: a TOML file of [[jobs]]/[[sweeps]], or flags")
+    p.add_argument("file", nargs="?", metavar="FILE", help="TOML with [[jobs]] and [[sweeps]] tables; - reads stdin")
+    p.add_argument("--model", help="one job (or a sweep) of this model")
+    p.add_argument("--mode", help="its mode")
+    p.add_argument("--name", help="its name (a sweep's: the prefix of its jobs' names)")
+    p.add_argument("--seed", type=int, help="its seed")
+    p.add_argument("--hyper", action="append", default=[], metavar="KEY=VALUE", help="a hyper value; repeat")
+    p.add_argument("--sweep", action="append", default=[], metavar="hyper.KEY=V1,V2",
+                   help="alternatives to train (a sweep over their cross product); repeat")
+    p.add_argument("--dry-run", action="store_true", help="print the ids it would add, add nothing")
     p = add("reload", "put a training manifest in force: FILE from here, else the coordinator's own --manifest")
     p.add_argument("file", nargs="?", metavar="FILE", help="manifest (TOML) to send; default: the file the "
                    "receiving coordinator was started with")

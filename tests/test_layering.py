@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cis490fleet"
 
 LAYERS = {
     "errors": 0, "model": 0, "manifest": 0, "policy": 0, "jobs": 0, "raft": 0, "signing": 0, "failure_text": 0,
-    "slots": 0, "bootstrap": 0, "notify": 0, "edge_json": 0, "results": 0, "stop_rules": 0,
+    "slots": 0, "bootstrap": 0, "notify": 0, "edge_json": 0, "results": 0, "stop_rules": 0, "submission": 0,
     "commands": 0, "placement": 0,
     "db": 1, "jobstore": 1, "raftstore": 1, "artifacts": 1, "bundle": 1, "capability": 1,
     "checkpoint_records": 1,
