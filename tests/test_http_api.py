@@ -550,8 +550,8 @@ def test_reload_adds_jobs_and_reports_every_manifest_problem(srv):
 
 def test_unknown_paths_and_methods_are_json(srv):
     assert_error(srv.call("GET", "/v2/anything"), 404, "not_found")
-    body = assert_error(srv.call("DELETE", "/v1/jobs"), 405, "method_not_allowed", "GET")
-    status, headers, _ = srv.call("DELETE", "/v1/jobs")
+    body = assert_error(srv.call("DELETE", "/v1/workers"), 405, "method_not_allowed", "GET")
+    status, headers, _ = srv.call("DELETE", "/v1/workers")
     assert headers["allow"] == "GET"
     assert_error(srv.call("BREW", "/v1/health"), 405, "method_not_allowed")
     status, headers, body = srv.call("HEAD", "/v1/health")
