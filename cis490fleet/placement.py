@@ -12,12 +12,13 @@ seconds). A job's expected seconds on a host are its ``expected_minutes`` (at sp
 work, divided by that speed; unknown when neither exists.
 
 A free host asks for a job: ``plan`` walks the claimable jobs, higher priority first and within a priority
-the longest first, and gives each to the eligible host expected to finish it first (a host's slots are free now or when their jobs are expected to end), as
-list scheduling does; the asking host takes the first job given to it. Every job it passes over is thus
-expected to finish on a faster host sooner than it would here, starting now: the wait is bounded by what
-this host would take, and since the plan is made again at every claim, a faster host that stays busy
-longer than expected (past twice its job's expected time it counts as busy for good) or goes away stops
-holding jobs back. A job of unknown length goes to the first eligible host that asks, as before.
+the longest first, and gives each to the eligible host expected to finish it first (a host's slots are
+free now or when their jobs are expected to end), as list scheduling does; the asking host takes the
+first job given to it. Every job it passes over is expected to finish on a faster host sooner than it
+would here, starting now. The plan is made again at every claim, so the wait is checked again each time a
+host asks: a faster host that stays busy longer than expected (past twice its job's expected time it
+counts as busy for good) or goes away stops holding jobs back. A job of unknown length goes to the first
+eligible host that asks, as before.
 """
 
 from __future__ import annotations
