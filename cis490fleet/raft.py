@@ -106,6 +106,8 @@ def check_config(where: str, config: object) -> dict:
         if seen & set(ids) or len(set(ids)) != len(ids):
             raise BadRequest(f"{where}: config lists a member twice: {config.get('voters')}, {config.get('learners')}")
         seen |= set(ids)
+    if not config.get("voters"):
+        raise BadRequest(f"{where}: config 'voters' must name at least one member")
     for key in ("addresses", "replacing"):
         value = config.get(key, {})
         if not isinstance(value, dict) or not all(isinstance(k, str) and (v is None or isinstance(v, str))

@@ -900,6 +900,7 @@ GOOD_APPEND = {"type": "AppendEntries", "term": 2, "from": "n1", "to": "n2", "pr
      "entries[0]: config 'voters' must be a list of member ids, got 'n1'"),
     ({"entries": [{"index": 5, "term": 2, "config": {"voters": ["n1"], "learners": ["n1"]}}]},
      "config lists a member twice"),
+    ({"entries": [{"index": 5, "term": 2, "config": {"voters": []}}]}, "config 'voters' must name at least one member"),
     ({"entries": [{"index": 5, "term": 2, "config": {"voters": ["n1"], "addresses": [1]}}]},
      "config 'addresses' must map member ids to strings, got [1]"),
 ])
