@@ -26,6 +26,22 @@ PER_ADDRESS = 64
 REAP_EVERY_S = 0.25
 
 
+def client_key(address: str) -> str:
+    """Whose share a connection counts against: its IPv4 address, or the /64 network of an IPv6 one (a
+    single host usually holds a whole /64, so per-address would be no cap at all)."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return address
+
+
 class ConnectionGuard:
     def __init__(self, *, per_address: int = PER_ADDRESS, head_s: float = HEAD_S, handshake_s: float = HANDSHAKE_S,
                  exempt: Callable[[str], bool] | None = None):

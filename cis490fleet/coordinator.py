@@ -737,12 +737,14 @@ class Coordinator:
         return self.server
 
     def _is_peer_address(self, address: str) -> bool:
-        """Whether ``address`` is one of the group's members now (their URLs resolved again after a change)."""
+        """Whether ``address`` (a ``connection_guard.client_key``) is one of the group's members now (their URLs
+        resolved again after a change)."""
         from cis490fleet import connection_guard
 
         urls = tuple(sorted(self.replicator.peers.values())) if self.replicator is not None else ()
         if urls != self._peer_urls:
-            self._peer_urls, self._peer_ips = urls, connection_guard.peer_addresses(urls)
+            self._peer_urls = urls
+            self._peer_ips = frozenset(map(connection_guard.client_key, connection_guard.peer_addresses(urls)))
         return address in self._peer_ips
 
     def dead_threads(self) -> list[str]:

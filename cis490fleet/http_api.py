@@ -1247,7 +1247,7 @@ class FleetHTTPServer(http.server.ThreadingHTTPServer):
         return sock, addr
 
     def process_request(self, request, client_address):
-        address = client_address[0]
+        address = connection_guard.client_key(client_address[0])
         if not self.guard.admit(address):
             self._refuse_busy(request, f"{address} already holds {self.guard.per_address} connections, this "
                                        "address's share; close idle ones or retry in a moment")
@@ -1268,7 +1268,7 @@ class FleetHTTPServer(http.server.ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
-            self.guard.release(client_address[0])
+            self.guard.release(connection_guard.client_key(client_address[0]))
 
     def server_close(self):
         self.guard.stop()

@@ -480,3 +480,11 @@ def test_an_exempt_address_is_not_held_to_its_share(srv):
             sock.close()
         guarded.shutdown()
         guarded.server_close()
+
+
+def test_an_ipv6_host_counts_as_its_whole_64_network():
+    from cis490fleet.connection_guard import client_key
+
+    assert client_key("2001:db8:1:2::1") == client_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
+    assert client_key("::ffff:10.0.0.7") == "10.0.0.7" and client_key("10.0.0.7") == "10.0.0.7"
