@@ -241,6 +241,15 @@ def _job_list(op, name, v):
     return v
 
 
+def _opt_job_ids(op, name, v):
+    """Job ids a sweep leaves alone (the sweeper's monotonic clock saw their leases renewed within the window)."""
+    if v is None:
+        return None
+    if not isinstance(v, list) or len(v) > 1_000_000:
+        raise _bad(op, name, "a list of job ids", v)
+    return [_job_id(op, f"{name}[{i}]", j) for i, j in enumerate(v)]
+
+
 def _failure_class(op, name, v):
     if v not in FAILURE_CLASSES:
         raise _bad(op, name, f"one of {', '.join(sorted(FAILURE_CLASSES))}", v)
@@ -294,7 +303,7 @@ OPS: dict[str, dict[str, tuple]] = {
     "release": {"job_id": (_job_id, REQUIRED), "host": (_host, REQUIRED), "lease": (_opt_lease, None)},
     "cancel": {"job_id": (_job_id, REQUIRED)},
     "requeue": {"job_id": (_job_id, REQUIRED)},
-    "sweep_stale": {},
+    "sweep_stale": {"hold": (_opt_job_ids, None)},
     "record_checkpoint": {"job_id": (_job_id, REQUIRED), "host": (_host, REQUIRED), "lease": (_opt_lease, None),
                           "sha256": (_sha, REQUIRED), "epoch": (_opt_epoch, None), "size": (_size, REQUIRED),
                           "model": (_short_text, REQUIRED), "mode": (_short_text, REQUIRED)},

@@ -26,8 +26,10 @@ import time
 import urllib.parse
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from cis490fleet import __version__, commands, errors, manifest_source, model
+from cis490fleet.lease_clock import LeaseClock
 from cis490fleet.manifest_source import ManifestTexts
 from cis490fleet.metrics import Histogram
 from cis490fleet.model import FleetConfig, Manifest
@@ -304,6 +306,8 @@ class Coordinator:
         self.operator_token = operator_token or None
         self.node_id = node_id or socket.gethostname() or "coordinator"
         self.counters = Counters()
+        self.lease_clock = LeaseClock()
+        self.wall_clock: Callable[[], float] = time.time  # the ``now`` commands carry
         self.manifest: Manifest | None = None
         self.manifest_texts = ManifestTexts(self.manifest_path)
         self.url: str | None = None
@@ -428,7 +432,7 @@ class Coordinator:
         """Apply one command through the writer (the group-commit writer, or the Raft log), which validates it
         first (``commands.validate``); raises the FleetError it failed with."""
         cmd = dict(cmd)
-        cmd.setdefault("now", time.time())
+        cmd.setdefault("now", self.wall_clock())
         return self.writer.execute(cmd)
 
     def _after_commit(self, cmds: list[dict], results: list) -> None:
@@ -436,6 +440,7 @@ class Coordinator:
         c = self.counters
         c.add("batches")
         c.add("commands", len(cmds))
+        self.lease_clock.observe(cmds, results)
         for cmd, result in zip(cmds, results):
             if isinstance(result, BaseException):
                 continue
@@ -687,7 +692,10 @@ class Coordinator:
     def sweep_once(self) -> dict:
         if self.replicator is not None and not self.replicator.is_leader():
             return {"recovered": 0, "failed": 0}  # the leader sweeps for the group
-        result = self.execute({"op": "sweep_stale"})
+        hold = self.lease_clock.hold(self.fleet().stale_after_s)
+        if hold is None:
+            return {"recovered": 0, "failed": 0}  # not up for a whole stale window yet: it cannot tell
+        result = self.execute({"op": "sweep_stale", "hold": hold})
         if result.get("recovered") or result.get("failed"):
             log.info("stale sweep: %s job(s) back to pending, %s failed", result.get("recovered", 0),
                      result.get("failed", 0))

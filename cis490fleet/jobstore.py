@@ -1047,12 +1047,16 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
             self._save(conn, step)
         return {"ok": True}
 
-    def _op_sweep_stale(self, conn, now: float) -> dict:
+    def _op_sweep_stale(self, conn, now: float, hold: list[str] | None) -> dict:
+        """Expire the leases past ``lease_expires``, except those of the jobs in ``hold``."""
         fleet = self._meta(conn).fleet
+        held = frozenset(hold or ())
         recovered = failed = 0
         rows = conn.execute(f"SELECT {STATE_COLUMNS}, retries FROM jobs WHERE status IN ('claimed', 'running') "
                             "AND lease_expires <= ? ORDER BY lease_expires, id", (now,)).fetchall()
         for row in rows:
+            if row[0] in held:
+                continue
             step = jobs.expire(_state(row), now=now, max_attempts=self._max_attempts(row[-1], fleet),
                                stale_after_s=fleet.stale_after_s)
             if step is None:

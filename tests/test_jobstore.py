@@ -723,6 +723,18 @@ def test_recent_failures_list_failed_and_stale_attempts_of_a_job_that_later_comp
             store.recent_failures(bad)
 
 
+def test_a_sweep_leaves_the_jobs_it_is_told_to_hold_alone(store):
+    held, silent = seeds(2)
+    sync(store, held, silent, stale_after_s=60, heartbeat_s=10)
+    claim(store, lease="L1")
+    claim(store, host="ws2", lease="L2")
+    result = store.execute({"op": "sweep_stale", "now": T0 + 61, "hold": [held.id]})
+    assert result == {"recovered": 1, "failed": 0}
+    assert (store.job(held.id, T0)["status"], store.job(silent.id, T0)["status"]) == ("claimed", "pending")
+    with pytest.raises(BadRequest, match=r"sweep_stale: field 'hold\[0\]' must be a full job id"):
+        store.execute({"op": "sweep_stale", "now": T0 + 62, "hold": ["abc"]})
+
+
 def test_recent_failures_order_ties_by_queue_order_and_cut_after_them(store):
     jobs = [JobSpec(model="mlp", mode="train", seed=i, priority=i) for i in range(4)]
     sync(store, *jobs, max_attempts=5, stale_after_s=60, heartbeat_s=10)

@@ -24,7 +24,7 @@ LAYERS = {
     "checkpoint_api": 2, "membership_api": 2, "checkpoint_sync": 2,
     "copy_fetcher": 2,
     "trainer_process": 2, "lease_keeper": 2, "result_outbox": 2,
-    "attempt_log": 1, "log_records": 1, "log_api": 2,
+    "attempt_log": 1, "log_records": 1, "log_api": 2, "lease_clock": 1,
     "cli": 3, "__main__": 3, "__init__": 0, "_build": 0,
 }
 CORE_FORBIDDEN_IMPORTS = {"sqlite3", "socket", "ssl", "http", "subprocess", "threading", "urllib", "asyncio", "random"}
