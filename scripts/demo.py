@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         code = watch(fleet, run_dir, opts.timeout, crash) or crash.report()
         if code != 0:
             return code
-        code = fetch_models(fleet, run_dir)
+        code = fetch_models(fleet, run_dir) or show_results(fleet)
         if code != 0:
             return code
         advise(fleet, run_dir, manifest, opts.keep)
@@ -353,6 +353,19 @@ def fetch_models(fleet: Fleet, run_dir: Path) -> int:
     return 0
 
 
+def show_results(fleet: Fleet) -> int:
+    """The answer: `jobs results`, every completed job with its hyper values and final metrics, best first."""
+    proc = fleet.jobs_cli("results")
+    if proc.returncode != 0:
+        say(f"demo: jobs results failed ({proc.returncode}): {proc.stderr.strip()}")
+        return 1
+    say("")
+    say("demo: results, best first (jobs results):")
+    for line in proc.stdout.rstrip().splitlines():
+        say(f"  {line}")
+    return 0
+
+
 def score(folder: Path) -> str:
     """The final validation accuracy the built-in trainer wrote, when there is one."""
     try:
@@ -385,6 +398,7 @@ def advise(fleet: Fleet, run_dir: Path, manifest: Path, keep: bool) -> None:
     say(f"  {pyz} jobs list            # every job with its host and artifact")
     say(f"  {pyz} jobs show ID         # one job: spec, attempts, log tail (an id prefix will do)")
     say(f"  {pyz} jobs fetch ID -o DIR # download and verify a job's model")
+    say(f"  {pyz} jobs results --csv   # the results table for a spreadsheet")
     say(f"  or open the dashboard at {'http://127.0.0.1:8445' if not keep else fleet.url}/")
 
 

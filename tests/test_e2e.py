@@ -317,6 +317,9 @@ def test_the_quickstart_demo(tmp_path):
                                                         "mlp-wide"], proc.stdout
     assert len(list(models.glob("*/*/model.pt"))) == 9, proc.stdout
     assert "train=120 val=30" in next(models.glob("iris-logreg/*/train.log")).read_text()
+    results = proc.stdout.split("demo: results, best first (jobs results):", 1)[1].splitlines()
+    assert results[1].split()[:2] == ["NAME", "ID"] and "VAL_LOSS (min)" in results[1], proc.stdout
+    assert sorted(line.split()[0] for line in results[2:11]) == sorted(p.name for p in models.iterdir())
 
 
 def processes_mentioning(text: str) -> list[str]:
