@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import queue
+import random
 import signal
 import socket
 import sqlite3
@@ -613,8 +615,12 @@ CAPABILITY = {"os": "linux", "cores": 4, "ram_gib": 16.0, "cuda": False, "gpus":
 class History:
     """Acknowledged operations only: what a worker was told succeeded."""
 
-    claims: list[dict] = field(default_factory=list)
+    claims: list[dict] = field(default_factory=list)  # t_inv/t_ack: wall clock, as the coordinators' `now`
     completes: list[dict] = field(default_factory=list)
+    heartbeats: list[dict] = field(default_factory=list)  # acknowledged ones, with t_inv
+    ends: list[dict] = field(default_factory=list)  # every release/fail/complete sent, answered or not, with t_inv
+    reads: list[dict] = field(default_factory=list)  # GET /v1/job answers: status, latest attempt, t_inv, t_ack
+    poisoned: list[dict] = field(default_factory=list)  # answers to claims with a poisoned capability
     rejected: list[dict] = field(default_factory=list)
     abandoned: list[dict] = field(default_factory=list)
     unknown: int = 0
@@ -657,24 +663,35 @@ class _Worker(threading.Thread):
     def run(self) -> None:
         try:
             while not self.workload.stop.is_set():
+                self.t_inv = time.time()
                 claim = self.claim()
                 if claim is None:
                     time.sleep(0.05)
                     continue
                 self.claims += 1
+                if self.workload.poison_every and self.claims % self.workload.poison_every == 0:
+                    self.poison()
                 if self.workload.abandon_every and self.claims % self.workload.abandon_every == 0:
                     self.history.add("abandoned", host=self.host, job_id=claim["job_id"], attempt=claim["attempt"])
                     continue
                 late = self.workload.late_every and self.claims % self.workload.late_every == 0
-                hold = self.workload.late_s if late else self.workload.work_s
-                if hold:
-                    time.sleep(hold)
+                if late:  # presumed dead: no heartbeat while away
+                    time.sleep(self.workload.late_s)
+                elif not self.hold(claim, self.workload.work_s):
+                    continue
+                w = self.workload
+                if w.release_every and self.claims % w.release_every == 0:
+                    self.end(claim, "release", lambda: self.release(claim))
+                    continue
+                if w.fail_every and self.claims % w.fail_every == 0:
+                    self.end(claim, "fail", lambda: self.fail(claim))
+                    continue
                 artifact_id = self.retry(lambda: self.upload(claim), claim, "upload")
                 if artifact_id is None:
                     continue
-                if self.retry(lambda: self.complete(claim, artifact_id), claim, "complete"):
+                if self.end(claim, "complete", lambda: self.complete(claim, artifact_id)):
                     self.history.add("completes", host=self.host, job_id=claim["job_id"], attempt=claim["attempt"],
-                                     lease=claim["lease"], artifact_id=artifact_id, kind=self.kind)
+                                     lease=claim["lease"], artifact_id=artifact_id, kind=self.kind, t_ack=time.time())
         except Exception as err:  # a broken worker must show up in the test, not vanish with its thread
             self.history.error(f"{self.host}: {type(err).__name__}: {err}")
 
@@ -683,8 +700,44 @@ class _Worker(threading.Thread):
         if data.get("job") is None:
             return None
         claim = {"job_id": data["job_id"], "attempt": data["attempt"], "lease": data.get("lease")}
-        self.history.add("claims", host=self.host, kind=self.kind, **claim)
+        self.history.add("claims", host=self.host, kind=self.kind, t_inv=self.t_inv, t_ack=time.time(), **claim)
         return claim
+
+    def hold(self, claim: dict, seconds: float) -> bool:
+        """Work on the job for ``seconds``, heartbeating; False when a heartbeat says the lease moved on."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, self.workload.heartbeat_every_s))
+            t_inv = time.time()
+            try:
+                self.heartbeat(claim)
+            except Refused as err:
+                self.history.add("rejected", host=self.host, job_id=claim["job_id"], attempt=claim["attempt"],
+                                 op="heartbeat", reason=str(err))
+                return False
+            except Retry:
+                continue
+            self.history.add("heartbeats", host=self.host, job_id=claim["job_id"], attempt=claim["attempt"],
+                             t_inv=t_inv, t_ack=time.time())
+        return True
+
+    def end(self, claim: dict, op: str, call) -> bool:
+        """Send the attempt's last word (release, fail or complete) until answered; every try is recorded
+        before it is sent, since one that got no answer may still have been applied."""
+        self.history.add("ends", host=self.host, job_id=claim["job_id"], attempt=claim["attempt"], op=op,
+                         t_inv=time.time())
+        return bool(self.retry(call, claim, op))
+
+    def poison(self) -> None:
+        """A claim whose capability no replica could store: must be a 400, and change nothing."""
+        try:
+            status, _ = http_json(self.workload.urls[self.claims % len(self.workload.urls)], "POST",
+                                  "/v1/job/claim", b'{"capability": {"gpus": [{"vram_gib": "x"}]}}',
+                                  {"x-lab-host": self.host, "content-type": "application/json"},
+                                  timeout=self.workload.request_timeout_s)
+        except OSError:
+            return
+        self.history.add("poisoned", host=self.host, status=status)
 
     def retry(self, op, claim: dict, what: str):
         """Repeat ``op`` (harmless to repeat) until it answers; None/False when refused or out of time."""
@@ -760,6 +813,20 @@ class RawWorker(_Worker):
         self.answer(status, data, 200)
         return True
 
+    def heartbeat(self, claim: dict) -> None:
+        status, data = self.call("POST", f"/v1/job/{claim['job_id']}/heartbeat", [{"progress": {"epoch": 1}}])
+        self.answer(status, data, 200)
+
+    def release(self, claim: dict) -> bool:
+        status, data = self.call("POST", f"/v1/job/{claim['job_id']}/release")
+        self.answer(status, data, 200)
+        return True
+
+    def fail(self, claim: dict) -> bool:
+        status, data = self.call("POST", f"/v1/job/{claim['job_id']}/fail", {"error": "chaos: a failed try"})
+        self.answer(status, data, 200)
+        return True
+
     def answer(self, status: int, data, want: int) -> dict:
         if status == want:
             return data
@@ -816,6 +883,17 @@ class ClientWorker(_Worker):
         self._call(self.client.complete, claim["job_id"], claim["lease"], artifact_id)
         return True
 
+    def heartbeat(self, claim: dict) -> None:
+        self._call(self.client.heartbeat, claim["job_id"], claim["lease"], {"epoch": 1})
+
+    def release(self, claim: dict) -> bool:
+        self._call(self.client.release, claim["job_id"], claim["lease"])
+        return True
+
+    def fail(self, claim: dict) -> bool:
+        self._call(self.client.fail, claim["job_id"], claim["lease"], "chaos: a failed try")
+        return True
+
 
 class Workload:
     """``raw`` + ``client`` worker threads against ``urls``; ``work_s`` is how long each holds a job.
@@ -826,8 +904,13 @@ class Workload:
     moved on)."""
 
     def __init__(self, urls: list[str], folder: Path, *, raw: int = 2, client: int = 2, work_s: float = 0.0,
-                 abandon_every: int = 0, late_every: int = 0, late_s: float = 0.0,
+                 abandon_every: int = 0, late_every: int = 0, late_s: float = 0.0, release_every: int = 0,
+                 fail_every: int = 0, poison_every: int = 0, readers: int = 0, heartbeat_every_s: float = 0.3,
                  request_timeout_s: float = 3.0, op_deadline_s: float = 60.0):
+        self.release_every = release_every
+        self.fail_every = fail_every
+        self.poison_every = poison_every
+        self.heartbeat_every_s = heartbeat_every_s
         self.abandon_every = abandon_every
         self.late_every = late_every
         self.late_s = late_s
@@ -840,11 +923,36 @@ class Workload:
         self.op_deadline_s = op_deadline_s
         self.workers: list[_Worker] = [RawWorker(self, f"raw{i}") for i in range(raw)]
         self.workers += [ClientWorker(self, f"cli{i}") for i in range(client)]
+        self.readers = [threading.Thread(target=self._read, args=(i,), name=f"reader-{i}", daemon=True)
+                        for i in range(readers)]
 
     def __enter__(self) -> "Workload":
-        for w in self.workers:
+        for w in [*self.workers, *self.readers]:
             w.start()
         return self
+
+    def _read(self, n: int) -> None:
+        """Read claimed jobs through every peer in turn: each answer joins the history for ``check_reads``."""
+        rng = random.Random(n)
+        while not self.stop.is_set():
+            with self.history.lock:
+                known = [c["job_id"] for c in self.history.claims[-50:]]
+            if not known:
+                time.sleep(0.05)
+                continue
+            job_id = rng.choice(known)
+            t_inv = time.time()
+            try:
+                status, data = http_json(rng.choice(self.urls), "GET", f"/v1/job/{job_id}",
+                                         timeout=self.request_timeout_s)
+            except OSError:
+                continue
+            if status == 200:
+                job = data["job"]
+                latest = max((a.get("number", 0) for a in job.get("attempts") or ()), default=0)
+                self.history.add("reads", job_id=job_id, status=job["status"], attempt=latest, t_inv=t_inv,
+                                 t_ack=time.time())
+            time.sleep(0.02)
 
     def __exit__(self, *exc) -> None:
         self.finish()
@@ -852,9 +960,9 @@ class Workload:
     def finish(self, timeout: float = 90) -> None:
         self.stop.set()
         deadline = time.monotonic() + timeout
-        for w in self.workers:
+        for w in [*self.workers, *self.readers]:
             w.join(max(0.1, deadline - time.monotonic()))
-        alive = [w.name for w in self.workers if w.is_alive()]
+        alive = [w.name for w in [*self.workers, *self.readers] if w.is_alive()]
         if alive:
             self.history.error(f"workers still running after {timeout} s: {alive}")
 
@@ -928,6 +1036,62 @@ def check_history(history: History, state: dict, *, expect_all_completed: bool =
             problems.append(f"job {job_id[:12]} is completed but no complete of it was acknowledged")
         elif expect_all_completed and job[0] != "completed":
             problems.append(f"job {job_id[:12]} ended {job[0]}, not completed")
+    return problems
+
+
+def check_leases(history: History, stale_after_s: float, slack_s: float = 0.2) -> list[str]:
+    """No two acknowledged leases of one job overlap in time, as the workers saw them.
+
+    Attempt A of a job is held from its claim until the first release/fail/complete sent for it (answered
+    or not: one that got no answer may have been applied), or, without one, until ``stale_after_s`` after
+    the last heartbeat acknowledged to it (the claim itself counts as one): the coordinator may give the job
+    to another attempt only after that. The next acknowledged claim B of the job must have been answered
+    after A's end (``slack_s`` for the coordinators' and the workers' readings of the same clock)."""
+    problems = []
+    by_job: dict[str, list[dict]] = {}
+    for c in history.claims:
+        by_job.setdefault(c["job_id"], []).append(c)
+    last_word: dict[tuple, float] = {}
+    for e in history.ends:
+        key = (e["job_id"], e["attempt"])
+        last_word[key] = min(last_word.get(key, e["t_inv"]), e["t_inv"])
+    alive: dict[tuple, float] = {}
+    for h in history.heartbeats:
+        key = (h["job_id"], h["attempt"])
+        alive[key] = max(alive.get(key, 0.0), h["t_inv"])
+    for job_id, claims in by_job.items():
+        claims.sort(key=lambda c: c["attempt"])
+        for a, b in zip(claims, claims[1:]):
+            key = (job_id, a["attempt"])
+            held_until = min(last_word.get(key, math.inf), max(alive.get(key, 0.0), a["t_inv"]) + stale_after_s)
+            if b["t_ack"] < held_until - slack_s:
+                problems.append(f"job {job_id[:12]}: attempt {b['attempt']} ({b['host']}) was granted at "
+                                f"{b['t_ack']:.3f}, while attempt {a['attempt']} ({a['host']}) held it until at least "
+                                f"{held_until:.3f}")
+    return problems
+
+
+def check_reads(history: History) -> list[str]:
+    """Reads of a job are linearizable as far as the queue shows them: a read that began after a claim of
+    attempt n (or a complete) of the job was acknowledged sees attempt n or later (completed), and a read
+    never sees less than a read answered before it began."""
+    problems = []
+    facts: dict[str, list[tuple[float, int, bool]]] = {}  # job -> (acknowledged at, attempt at least, completed)
+    for c in history.claims:
+        facts.setdefault(c["job_id"], []).append((c["t_ack"], c["attempt"], False))
+    for c in history.completes:
+        facts.setdefault(c["job_id"], []).append((c["t_ack"], c["attempt"], True))
+    for r in sorted(history.reads, key=lambda r: r["t_ack"]):
+        facts.setdefault(r["job_id"], []).append((r["t_ack"], r["attempt"], r["status"] == "completed"))
+    for r in history.reads:
+        for at, attempt, completed in facts.get(r["job_id"], ()):
+            if at >= r["t_inv"]:
+                continue
+            if r["attempt"] < attempt or (completed and r["status"] != "completed"):
+                problems.append(f"job {r['job_id'][:12]}: a read begun at {r['t_inv']:.3f} saw attempt {r['attempt']} "
+                                f"{r['status']}, though attempt {attempt}{' completed' if completed else ''} was "
+                                f"known at {at:.3f}")
+                break
     return problems
 
 

@@ -1,10 +1,12 @@
 """Chaos tests of a replicated coordinator group: 3 ``serve`` peers behind link proxies.
 
-Workers (the original raw client and ours) claim, upload and complete jobs while the
-leader is killed with -9, paused with SIGSTOP and resumed, and partitioned away and
-healed. Afterwards: every job came out exactly once, no two acknowledged leases of one
-job overlapped, and every replica holds the same queue (Raft §5.3, §5.4: log matching and
-leader completeness, seen from the outside).
+Workers (the original raw client and ours) claim, heartbeat, upload and complete jobs, and
+now and then release or fail one or send a poisoned claim, while a reader reads jobs through
+every peer and the leader is killed with -9, paused with SIGSTOP and resumed, and partitioned
+away and healed. Afterwards: every job came out exactly once, no two acknowledged leases of
+one job overlapped in time (``check_leases``), reads were linearizable as far as the queue
+shows them (``check_reads``), every poisoned claim was a 400, and every replica holds the
+same queue (Raft §5.3, §5.4: log matching and leader completeness, seen from the outside).
 
 The harness pieces that need no peers (proxy modes, peer arguments, the history checker)
 are tested here too, so that a checker that cannot fail cannot pass unnoticed. The long
@@ -24,10 +26,13 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from peer_harness import (History, LinkProxy, PeerGroup, Workload, check_history,  # noqa: E402
+from peer_harness import (History, LinkProxy, PeerGroup, Workload, check_history, check_leases,  # noqa: E402
+                          check_reads,
                           describe_differences, missing_artifacts, serve_supports_peers)
 
-MANIFEST_FLEET = ("[fleet]\nheartbeat_s = 1\nstale_after_s = 4\nmax_attempts = 50\n\n"
+STALE_S = 4
+MANIFEST_FLEET = (f"[fleet]\nheartbeat_s = 1\nstale_after_s = {STALE_S}\nmax_attempts = 50\nretries = 40\n"
+                  "retry_backoff_s = 0.1\n\n"
                   "[[sweeps]]\nmodel = \"mlp\"\nmode = \"train\"\n")
 
 
@@ -225,6 +230,43 @@ def test_checker_catches_each_violation(breakage, expect):
     assert any(expect in p for p in problems), problems
 
 
+def lease_case() -> History:
+    """Job J1: attempt 1 heartbeats until 10.0 and is released at 11.0; attempt 2 is granted at 11.5."""
+    h = History()
+    h.add("claims", host="w1", job_id=J1, attempt=1, lease="L1", t_inv=9.0, t_ack=9.1)
+    h.add("heartbeats", host="w1", job_id=J1, attempt=1, t_inv=10.0, t_ack=10.1)
+    h.add("ends", host="w1", job_id=J1, attempt=1, op="release", t_inv=11.0)
+    h.add("claims", host="w2", job_id=J1, attempt=2, lease="L2", t_inv=11.4, t_ack=11.5)
+    h.add("reads", job_id=J1, status="claimed", attempt=2, t_inv=11.6, t_ack=11.7)
+    return h
+
+
+def test_lease_and_read_checkers_accept_a_clean_history():
+    h = lease_case()
+    assert check_leases(h, stale_after_s=4) == [] and check_reads(h) == []
+
+
+@pytest.mark.parametrize("breakage, expect", [
+    ("granted_before_release", "held it until at least 11.000"),
+    ("granted_before_stale", "held it until at least 14.000"),
+    ("stale_read", "saw attempt 1"),
+    ("read_went_back", "saw attempt 1"),
+])
+def test_lease_and_read_checkers_catch_each_violation(breakage, expect):
+    h = lease_case()
+    if breakage == "granted_before_release":
+        h.claims[1]["t_ack"] = 10.5
+    elif breakage == "granted_before_stale":
+        h.ends.clear()  # no last word: held until 4 s after the last acknowledged heartbeat
+        h.claims[1]["t_ack"] = 13.0
+    elif breakage == "stale_read":
+        h.reads[0]["attempt"] = 1
+    elif breakage == "read_went_back":
+        h.add("reads", job_id=J1, status="claimed", attempt=1, t_inv=11.8, t_ack=11.9)
+    problems = check_leases(h, stale_after_s=4) + check_reads(h)
+    assert any(expect in p for p in problems), problems
+
+
 def test_differences_are_described():
     _, a = good_case()
     _, b = good_case()
@@ -279,10 +321,13 @@ def verify(group: PeerGroup, work: Workload, bundles_on: tuple[str, ...] | None 
     state = next(iter(states.values()))
     print(f"claims {len(history.claims)}, completes {len(history.completes)}, refused {len(history.rejected)}, "
           f"abandoned {len(history.abandoned)}, "
-          f"unanswered claims {history.unknown}, jobs {len(state['jobs'])}, "
+          f"unanswered claims {history.unknown}, heartbeats {len(history.heartbeats)}, "
+          f"last words {len(history.ends)} ({sum(e['op'] != 'complete' for e in history.ends)} release/fail), "
+          f"reads {len(history.reads)}, poisoned claims {len(history.poisoned)}, jobs {len(state['jobs'])}, "
           f"attempts {sum(len(a) for a in state['attempts'].values())}")
-    problems = check_history(history, state)
+    problems = check_history(history, state) + check_leases(history, STALE_S) + check_reads(history)
     assert not problems, "\n".join(problems[:20])
+    assert all(p["status"] == 400 for p in history.poisoned), history.poisoned
     deadline = time.monotonic() + BUNDLE_WAIT_S
     while True:
         lost = [m for nid in (group.node_ids if bundles_on is None else bundles_on)
@@ -330,8 +375,8 @@ def test_exactly_once_through_kill_pause_and_partition_of_the_leader(tmp_path):
     with PeerGroup(tmp_path / "peers", n=3, manifest_text=manifest(120)) as group:
         group.wait_up()
         group.wait_leader(30)
-        with Workload(group.urls, tmp_path / "work", raw=2, client=2, work_s=0.3, abandon_every=9, late_every=10,
-                      late_s=4.5) as work:
+        with Workload(group.urls, tmp_path / "work", raw=2, client=2, work_s=0.7, abandon_every=9, late_every=10,
+                      late_s=4.5, release_every=7, fail_every=8, poison_every=5, readers=1) as work:
             time.sleep(1.0)
             rng = random.Random(6)
             struck_at = [run_fault(group, work, fault, rng, hold_s=2.5) for fault in ("kill9", "pause", "partition")]
@@ -378,8 +423,9 @@ def test_soak_random_faults(tmp_path, seed):
                    extra_args=("--raft-snapshot-every", str(rng.choice((50, 500, 10000))))) as group:
         group.wait_up()
         group.wait_leader(30)
-        with Workload(group.urls, tmp_path / "work", raw=3, client=3, work_s=0.2, abandon_every=13,
-                      late_every=17, late_s=4.5) as work:
+        with Workload(group.urls, tmp_path / "work", raw=3, client=3, work_s=0.4, abandon_every=13,
+                      late_every=17, late_s=4.5, release_every=11, fail_every=12, poison_every=7,
+                      readers=1) as work:
             for _ in range(12):
                 run_fault(group, work, rng.choice(("kill9", "pause", "partition", "delay")), rng,
                           hold_s=rng.uniform(0.5, 6.0))
