@@ -414,6 +414,12 @@ class _Parser:
                 peers.append((pid, url.rstrip("/")))
         return tuple(peers)
 
+    def choice(self, where: str, what: str, value: Any, choices: tuple[str, ...]) -> Any:
+        if value in choices:
+            return value
+        self.problem(where, f"unknown {what} {_show(value)}{_suggest(str(value), choices)}")
+        return _BAD
+
     def notify(self, raw: Any) -> tuple[NotifyTarget, ...]:
         targets = []
         for i, entry in enumerate(self.tables("notify", raw)):
@@ -442,11 +448,7 @@ class _Parser:
                     on = _BAD
                 values["on"] = on if on is _BAD else tuple(dict.fromkeys(on))
             if "format" in entry:
-                fmt = entry["format"]
-                if fmt not in NOTIFY_FORMATS:
-                    self.problem(f"{where}.format", f"unknown format {_show(fmt)}{_suggest(str(fmt), NOTIFY_FORMATS)}")
-                    fmt = _BAD
-                values["format"] = fmt
+                values["format"] = self.choice(f"{where}.format", "format", entry["format"], NOTIFY_FORMATS)
             if "secret_env" in entry:
                 values["secret_env"] = self.string(f"{where}.secret_env", entry["secret_env"], pattern=_ENV_NAME_RE,
                                                    rule="the name of an environment variable of the coordinator "
@@ -678,17 +680,10 @@ class _Parser:
             return _BAD
         self.known_keys(where, raw, STOP_KEYS)
         out: dict[str, Any] = {}
-        if "metric" not in raw:
-            self.missing(where, "metric")
-            return _BAD
-        out["metric"] = self.string(f"{where}.metric", raw["metric"])
+        out["metric"] = self.string(f"{where}.metric", raw["metric"]) if "metric" in raw else self.missing(where, "metric")
         for key, choices in (("mode", stop_rules.MODES), ("rule", stop_rules.RULES)):
             if key in raw:
-                if raw[key] not in choices:
-                    self.problem(f"{where}.{key}", f"unknown {key} {_show(raw[key])}{_suggest(str(raw[key]), choices)}")
-                    out[key] = _BAD
-                else:
-                    out[key] = raw[key]
+                out[key] = self.choice(f"{where}.{key}", key, raw[key], choices)
         if "min_epochs" in raw:
             out["min_epochs"] = self.integer(f"{where}.min_epochs", raw["min_epochs"], minimum=1)
         if "reduction_factor" in raw:

@@ -78,3 +78,24 @@ def test_rungs_and_the_rule_alone():
     rule = {"metric": "val_accuracy", "mode": "max", "rule": "median"}
     assert stop_rules.verdict(rule, 3, 0.7, [0.8, 0.9]) is not None  # higher is better here
     assert stop_rules.verdict(rule, 3, 0.95, [0.8, 0.9]) is None
+
+
+def test_stop_rules_are_checked_in_the_manifest_with_every_problem_named():
+    from cis490fleet import manifest
+    from cis490fleet.errors import ManifestError
+
+    text = ('[[sweeps]]\nmodel = "mlp"\nmode = "s"\nseed = [1, 2]\n'
+            'stop = { rule = "meadian", mode = "low", min_epochs = 0 }\n'
+            '[[jobs]]\nmodel = "mlp"\nmode = "x"\nstop = { metric = "val_loss" }\n')
+    with pytest.raises(ManifestError) as err:
+        manifest.parse(text, "m.toml")
+    problems = "\n".join(err.value.problems)
+    assert "sweeps[0] (model=mlp).stop: missing required key 'metric'" in problems
+    assert "jobs[0] (model=mlp).stop: early stopping compares the jobs of one sweep" in problems
+    assert "stop.rule: unknown rule \"meadian\"; did you mean 'median'?" in problems
+    assert "stop.mode: unknown mode \"low\"; expected one of: min, max" in problems
+    assert "stop.min_epochs" in problems
+    ok = manifest.parse(text.replace('rule = "meadian", mode = "low", min_epochs = 0',
+                                     'metric = "val_acc", mode = "max", rule = "asha"').split("[[jobs]]")[0], "m.toml")
+    assert ok.jobs[0].stop == {"metric": "val_acc", "mode": "max", "rule": "asha", "min_epochs": 1,
+                               "reduction_factor": 3}
