@@ -826,12 +826,14 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
     def _measured_vram(conn) -> dict[str, float]:
         return dict(conn.execute("SELECT model, peak_vram_gib FROM model_vram").fetchall())
 
-    def _live_workers(self, conn, meta: _Meta, now: float) -> list[_Worker]:
+    def _live_workers(self, conn, meta: _Meta, now: float, *, live: bool = True) -> list[_Worker]:
+        """The workers that claimed or heartbeated lately and did not leave; ``live=False``: every known one."""
         held = dict(conn.execute(HELD_BY_HOST_SQL).fetchall())
         out = []
-        for host, cap_text in conn.execute(
-                "SELECT host, capability FROM workers WHERE last_seen >= ? AND left_at IS NULL ORDER BY host",
-                (now - meta.fleet.worker_timeout_s,)):
+        rows = (conn.execute("SELECT host, capability FROM workers WHERE last_seen >= ? AND left_at IS NULL "
+                             "ORDER BY host", (now - meta.fleet.worker_timeout_s,)) if live
+                else conn.execute("SELECT host, capability FROM workers ORDER BY host"))
+        for host, cap_text in rows:
             spec = meta.by_host.get(host)
             out.append(_Worker(host, policy.effective_capability(json.loads(cap_text), spec), spec, held.get(host, 0)))
         return out
@@ -1182,6 +1184,8 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
         if not workers:
             reasons.append("no live worker: none has claimed or heartbeated in the last "
                            f"{meta.fleet.worker_timeout_s:g}s")
+            for w in self._live_workers(conn, meta, now, live=False):
+                reasons += [f"{w.host} (not live): {r}" for r in policy.static_refusals(spec, w.host, w.cap, w.spec)]
         for w in workers:
             refused = policy.static_refusals(spec, w.host, w.cap, w.spec)
             if not refused:
