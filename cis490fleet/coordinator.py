@@ -408,6 +408,9 @@ class Coordinator:
         url = self.replicator.url_of(st["leader"])
         if url is None and st.get("lost"):
             raise errors.Unavailable(f"{st['lost']}; meanwhile send requests to another peer")
+        if url is None and st.get("config") and self.node_id not in st["voters"] + st["learners"]:
+            raise errors.Unavailable(f"this peer ({self.node_id}) is no longer a member of the group (members: "
+                                     f"{', '.join(st['voters'] + st['learners'])}); send requests to one of them")
         if url is None:
             raise errors.Unavailable("no leader elected yet (election in progress); retry in a second")
         return url

@@ -83,6 +83,8 @@ def test_a_leader_removes_itself_and_steps_down(group):
     assert old not in body["voters"]
     wait_for("a new leader among the others", lambda: g.leader() != old, timeout=10)
     assert health(g, old)["member"] is None
+    status, _, answer = http_call(g.urls[old], "GET", "/v1/jobs")
+    assert status == 503 and f"this peer ({old}) is no longer a member of the group" in answer["detail"]
     rest = [n for n in "abc" if n != old]
     claim(g.urls[rest[0]], "w1")
     wait_for("both members apply the claim", lambda: {g.coords[n].store.counts().get("claimed") for n in rest} == {1})
