@@ -170,3 +170,10 @@ def test_jobs_peers_add_replace_remove_and_the_table(group, monkeypatch):
     assert code == 2 and "'x' is not NEW=URL" in err
     code, _, err = jobs(g.urls["a"], "peers", "remove")
     assert code == 2 and "jobs peers remove takes ID" in err
+
+
+def test_join_needs_this_peers_own_address(tmp_path):
+    from cis490fleet import coordinator, errors
+
+    with pytest.raises(errors.ConfigError, match=r"--join needs this peer's own address: --node-id ID --peer ID=URL"):
+        coordinator.main(["--join", "--node-id", "d", "--data", str(tmp_path / "d"), "--bind", "127.0.0.1:0"])
