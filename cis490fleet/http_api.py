@@ -103,6 +103,8 @@ def error_response(err: errors.FleetError) -> Response:
         resp.headers["Allow"] = ", ".join(err.allowed)
     if isinstance(err, errors.NotLeader) and err.leader_url:
         resp.headers["x-leader"] = err.leader_url
+    if isinstance(err, (errors.Unavailable, errors.NotLeader)):
+        resp.headers.setdefault("Retry-After", "1")
     return resp
 
 

@@ -68,6 +68,9 @@ READ_TIMEOUT_S = 5.0
 SEND_TIMEOUT_S = 5.0
 MAX_OUTBOX = 10_000
 SNAPSHOT_EVERY = 10_000
+# Most entries the leader holds uncommitted: beyond, a proposal is refused (503) instead of piling up in memory
+# and on disk while no quorum answers.
+MAX_UNCOMMITTED = 4096
 
 
 def cluster_id(peers: dict[str, str]) -> str:
@@ -199,7 +202,7 @@ class Replicator:
     def __init__(self, data_dir: Path, node_id: str, peers: dict[str, str], store, *, on_applied=None,
                  ssl_context=None, tick_s: float = 0.1, election_ticks: tuple[int, int] = (10, 20),
                  heartbeat_ticks: int = 1, snapshot_every: int = SNAPSHOT_EVERY, artifacts=None,
-                 checkpoints=None, logs=None, join: bool = False):
+                 checkpoints=None, logs=None, join: bool = False, max_uncommitted: int = MAX_UNCOMMITTED):
         if node_id not in peers:
             raise errors.ConfigError(f"--node-id {node_id!r} is not among the --peer entries "
                                      f"({', '.join(sorted(peers))}); list this peer too: --peer {node_id}=URL")
@@ -217,6 +220,7 @@ class Replicator:
         self.ssl_context = ssl_context
         self.tick_s = tick_s
         self.snapshot_every = snapshot_every
+        self.max_uncommitted = max_uncommitted
         self.raft_store = SqliteRaftStore(self.data_dir / "raft.sqlite3")
         applied = store.applied_index()
         state = self.raft_store.load()
@@ -355,6 +359,11 @@ class Replicator:
         data = {**cmd, "rid": rid}
 
         def propose(node):
+            waiting = node.last_index() - node.commit
+            if node.role == raft.LEADER and waiting >= self.max_uncommitted:
+                fut.set_exception(errors.Unavailable(
+                    f"{waiting} commands already wait for a quorum (peers slow or unreachable); retry in a second"))
+                return
             try:
                 index = node.propose(data)
             except errors.NotLeader as err:

@@ -19,7 +19,7 @@ from conftest import OPERATOR_TOKEN, Conn, http_call, manifest_toml
 from test_e2e import jobs_cli, wait_for
 from test_replication import W1, Group, claim, group, three  # noqa: F401 - the in-process group fixture
 
-from cis490fleet import commands
+from cis490fleet import commands, errors
 from cis490fleet.coordinator import Coordinator
 
 
@@ -264,3 +264,18 @@ def test_a_peer_back_from_a_stop_keeps_fetching_a_missing_bundle_and_serves_it_f
     assert hashlib.sha256(back.artifacts.locate(sha).read_bytes()).hexdigest() == sha
     wait_for("nothing missing any more", lambda: back.health()["artifacts_missing"] == 0, timeout=10)
     bring_back(held[leader])
+
+
+def test_a_leader_refuses_proposals_beyond_its_cap_on_uncommitted_entries(group):  # noqa: F811
+    """With no follower answering, commands cannot commit: past ``max_uncommitted`` waiting entries a
+    proposal fails at once with Unavailable (503, Retry-After) instead of piling up."""
+    g = three(group, election_ticks=(60, 80), max_uncommitted=3)  # the leader keeps leading 3-4 s alone
+    leader = g.leader()
+    for name in [n for n in g.coords if n != leader]:
+        g.stop(name)
+    futures = [g.coords[leader].replicator.submit({"op": "sweep_stale", "now": time.time()}) for _ in range(5)]
+    refused = [f.exception(2) for f in futures[3:]]
+    assert all(isinstance(e, errors.Unavailable) and "wait for a quorum" in str(e) for e in refused), refused
+    assert not any(f.done() for f in futures[:3]), "the first three wait for a quorum"
+    status, headers, body = http_call(g.urls[leader], "POST", "/v1/job/claim", {"capability": {}}, headers=W1)
+    assert status == 503 and headers["retry-after"] == "1", body
