@@ -380,3 +380,30 @@ def test_another_page_cannot_frame_the_dashboard(browser, live_server):
     wait_for("the browser to refuse the frame", lambda: refused, timeout=20)
     assert frame.locator("#jobs").count() == 0
 
+
+
+@pytest.mark.browser
+def test_the_job_detail_shows_each_attempt_s_whole_log(browser, live_server, tmp_path, monkeypatch):
+    from test_worker import ONE_JOB, make_worker, trainer_manifest
+
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path))
+    server = live_server(trainer_manifest("crash.py", ONE_JOB))
+    w = make_worker(server.url, tmp_path)
+    assert w.run_once() == "failed"
+    job_id = server.call("GET", "/v1/jobs")[2]["jobs"][0]["id"]
+
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+    console = Console(page)
+    page.goto(server.url + "/")
+    row = page.locator(f'#jobs tbody tr[data-key="{job_id}"]')
+    row.wait_for(timeout=60_000)
+    row.locator("button[data-detail]").click()
+    dialog = page.locator("#detail")
+    wait_for("the job detail", lambda: "Attempts" in dialog.inner_text())
+    assert re.search(r"failed\s+job", dialog.locator("table").inner_text()), dialog.locator("table").inner_text()
+    dialog.locator("button[data-log='1']").click()
+    panel = page.locator("#attempt-log")
+    wait_for("the attempt's log", lambda: "Log of attempt 1" in panel.inner_text())
+    text = panel.locator("pre").inner_text()
+    assert "starting, about to crash" in text and "boom: simulated trainer crash" in text, text
+    assert console.errors == []
