@@ -500,30 +500,27 @@ class Client:
     def upload_checkpoint(self, job_id: str, lease, path: str | Path, *, sha256: str, epoch: int | None) -> dict:
         """Stream a checkpoint bundle (``bundle.make_bundle`` of the trainer's checkpoint folder):
         ``{"sha256", "attempt", "epoch", "size", "deduplicated"}``."""
-        _check_sha256(sha256, "sha256")
-        path = Path(path)
-        try:
-            size = path.stat().st_size
-        except OSError as err:
-            raise errors.ConfigError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
-        headers = {"x-lease": lease, "x-content-sha256": sha256, "content-length": size,
-                   "content-type": "application/octet-stream"}
-        if epoch is not None:
-            headers["x-checkpoint-epoch"] = str(epoch)
-        return self._call("PUT", f"/v1/job/{_quote(job_id)}/checkpoint", headers=headers, body_path=path,
-                          timeout=max(self.timeout, 120.0))
+        extra = {} if epoch is None else {"x-checkpoint-epoch": str(epoch)}
+        return self._put_held_file(job_id, "checkpoint", lease, path, sha256, "application/octet-stream", extra,
+                                   timeout=max(self.timeout, 120.0))
 
     def upload_log(self, job_id: str, lease, path: str | Path, *, sha256: str) -> dict:
         """Hand in the attempt's log (``attempt_log.pack``'s gzip file): ``{"sha256", "attempt", "size"}``."""
+        return self._put_held_file(job_id, "log", lease, path, sha256, "application/gzip")
+
+    def _put_held_file(self, job_id: str, what: str, lease, path: str | Path, sha256: str, content_type: str,
+                       extra: dict | None = None, timeout: float | None = None) -> dict:
+        """PUT ``path`` to ``/v1/job/{job_id}/{what}`` under the caller's lease, with its sha256 and size."""
         _check_sha256(sha256, "sha256")
         path = Path(path)
         try:
             size = path.stat().st_size
         except OSError as err:
-            raise errors.ConfigError(f"cannot read log {path}: {err.strerror or err}") from None
+            raise errors.ConfigError(f"cannot read {what} {path}: {err.strerror or err}") from None
         headers = {"x-lease": lease, "x-content-sha256": sha256, "content-length": size,
-                   "content-type": "application/gzip"}
-        return self._call("PUT", f"/v1/job/{_quote(job_id)}/log", headers=headers, body_path=path)
+                   "content-type": content_type, **(extra or {})}
+        return self._call("PUT", f"/v1/job/{_quote(job_id)}/{what}", headers=headers, body_path=path,
+                          timeout=timeout)
 
     def job_log(self, ref: str, attempt: int | None = None) -> tuple[int, str]:
         """(attempt number, its whole log as text) of the job named by ``ref``; None: its newest log."""
