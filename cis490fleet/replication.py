@@ -237,6 +237,12 @@ class Replicator:
                           "state is gone, so it will neither vote nor campaign. Bring the host back under a new id: "
                           "jobs peers replace %s NEW=URL, then start it with --node-id NEW --join",
                           self.raft_store.path, applied, node_id)
+            elif (holder := self._group_lists_me(peers)) is not None:
+                seed = []  # a whole data folder lost, restarted with its old --peer list
+                log.error("raft: %s starts with an empty data folder, but %s already leads a group with committed "
+                          "entries in which %s is a voter: this peer's raft state is gone, so it will neither vote "
+                          "nor campaign. Bring the host back under a new id: jobs peers replace %s NEW=URL, then "
+                          "start it with --node-id NEW --join", node_id, holder, node_id, node_id)
         self.node = raft.RaftNode(node_id, seed, storage_state=state, rng=random.Random(),
                                   election_ticks=election_ticks, heartbeat_ticks=heartbeat_ticks,
                                   applied=applied, seed_extra={"addresses": dict(peers), "cluster": self._seed_cluster})
@@ -269,6 +275,28 @@ class Replicator:
         self.copies = CopyFetcher(self) if artifacts is not None else None
         if len(self.node.voters) == 2:
             log.warning("a group of two peers cannot survive the loss of either: add a third (jobs peers add)")
+
+    def _group_lists_me(self, peers: dict[str, str]) -> str | None:
+        """Before seeding with an empty store: the id of a peer that leads a group that already committed entries
+        and counts this id as a voter (a peer that starts with nothing cannot have been one but by losing its
+        state), else None. Unreachable peers are skipped: a new group's peers start at about the same time."""
+        for pid, url in peers.items():
+            if pid == self.node_id:
+                continue
+            try:
+                conn = _connect(url, self.ssl_context, 2.0)
+                try:
+                    conn.request("GET", "/v1/health")
+                    resp = conn.getresponse()
+                    body = edge_json.parse(resp.read(1 << 20), what="a peer's health") if resp.status == 200 else {}
+                finally:
+                    conn.close()
+            except (OSError, http.client.HTTPException, errors.FleetError):
+                continue
+            if (isinstance(body, dict) and body.get("role") == raft.LEADER and isinstance(body.get("commit"), int)
+                    and body["commit"] > 0 and self.node_id in (body.get("voters") or ())):
+                return pid
+        return None
 
     # -- lifecycle --------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 
 import pytest
@@ -177,3 +178,22 @@ def test_join_needs_this_peers_own_address(tmp_path):
 
     with pytest.raises(errors.ConfigError, match=r"--join needs this peer's own address: --node-id ID --peer ID=URL"):
         coordinator.main(["--join", "--node-id", "d", "--data", str(tmp_path / "d"), "--bind", "127.0.0.1:0"])
+
+
+def test_a_peer_restarted_on_an_empty_data_folder_with_its_old_peer_list_does_not_seed_again(group, caplog):
+    """A disk replaced under a running unit: the peer comes back with nothing and its old --peer list. Seeding
+    again would let it vote twice in a term; it asks its peers first, finds a leader that counts it as a voter
+    with entries committed, and starts as a peer whose raft state is gone."""
+    caplog.set_level(logging.ERROR, logger="cis490fleet.replication")
+    g = three(group)
+    claim(g.urls["a"], "w1")
+    victim = g.follower()
+    g.stop(victim)
+    shutil.rmtree(g.tmp / victim)
+    g.start(victim)
+    assert f"{victim} starts with an empty data folder, but {g.leader()} already leads a group" in caplog.text
+    assert health(g, victim)["member"] is None
+    wait_for("the leader's contact makes it lost", lambda: health(g, victim)["lost"], timeout=10)
+    for _ in range(30):  # it never campaigns, whatever its election timer says
+        assert health(g, victim)["role"] == "follower"
+        time.sleep(0.05)
