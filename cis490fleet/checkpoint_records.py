@@ -41,16 +41,15 @@ class CheckpointRecords:
 
     def _op_record_checkpoint(self, conn, now: float, job_id: str, host: str, lease: str | None, sha256: str,
                               epoch: int | None, size: int, model: str, mode: str) -> dict:
-        state, _ = self._load(conn, job_id)
-        jobs.check_checkpoint(state, host, lease)
+        attempt = self._checkpoint_attempt(conn, job_id, host, lease)
         old = conn.execute("SELECT sha256 FROM checkpoints WHERE job = ? AND attempt = ?",
-                           (job_id, state.tries)).fetchone()
+                           (job_id, attempt)).fetchone()
         conn.execute("INSERT INTO checkpoints (job, attempt, sha256, epoch, size, host, model, mode, created) "
                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job, attempt) DO UPDATE SET "
                      "sha256 = excluded.sha256, epoch = excluded.epoch, size = excluded.size, "
                      "host = excluded.host, created = excluded.created",
-                     (job_id, state.tries, sha256, epoch, size, host, model, mode, now))
-        return {"ok": True, "attempt": state.tries,
+                     (job_id, attempt, sha256, epoch, size, host, model, mode, now))
+        return {"ok": True, "attempt": attempt,
                 "unreferenced_checkpoints": self._unreferenced(conn, [old[0]] if old else [])}
 
     def _prune_checkpoints(self, conn, job_id: str) -> list[str]:
@@ -84,10 +83,17 @@ class CheckpointRecords:
         """The fence of ``record_checkpoint`` as a read, so an upload is refused before its body is read:
         ``{"job_id", "model", "mode", "status"}``."""
         with self._snapshot() as conn:
-            state, _ = self._load(conn, job_id)
-            jobs.check_checkpoint(state, host, lease)
-            model, mode = conn.execute("SELECT model, mode FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return {"job_id": job_id, "model": model, "mode": mode, "status": state.status}
+            self._checkpoint_attempt(conn, job_id, host, lease)
+            model, mode, status = conn.execute("SELECT model, mode, status FROM jobs WHERE id = ?",
+                                               (job_id,)).fetchone()
+        return {"job_id": job_id, "model": model, "mode": mode, "status": status}
+
+    def _checkpoint_attempt(self, conn, job_id: str, host: str, lease: str | None) -> int:
+        """``jobs.checkpoint_attempt`` given the job and its last attempt's (host, lease)."""
+        state, _ = self._load(conn, job_id)
+        last = conn.execute("SELECT host, lease FROM attempts WHERE job = ? AND number = ?",
+                            (job_id, state.tries)).fetchone()
+        return jobs.checkpoint_attempt(state, host, lease, tuple(last) if last else None)
 
     def checkpoint_records(self) -> list[dict]:
         """Every recorded checkpoint, oldest first: a peer fetches the files it lacks."""

@@ -106,6 +106,8 @@ class CheckpointSync:
 
     def poll(self, now: float, progress: dict | None) -> None:
         """Start a background upload when the newest checkpoint changed and one is due."""
+        if self._pending is not None and not self._pending.done():
+            return  # an announcement seen now still counts once the upload in flight is done
         announced = progress.get("checkpoint") if isinstance(progress, dict) else None
         fresh = announced is not None and progress != self._announced
         if fresh:
@@ -113,8 +115,6 @@ class CheckpointSync:
         if now < self._next_upload or not (fresh or now >= self._next_scan):
             return
         self._next_scan = now + SCAN_S
-        if self._pending is not None and not self._pending.done():
-            return
         if _signature(self.dir) == self._sent:
             return
         self._next_upload = now + self.every_s
@@ -125,37 +125,54 @@ class CheckpointSync:
 
     # -- once it ended without a result -----------------------------------------------------------
 
-    def hand_over(self, progress: dict | None = None) -> None:
-        """Upload the newest checkpoint unless already sent; waits for an upload in flight first."""
+    def hand_over(self, progress: dict | None = None, keep_in: Path | None = None) -> dict:
+        """Upload the newest checkpoint unless already sent; waits for an upload in flight first.
+
+        With ``keep_in`` (the outbox's folder), a checkpoint that no coordinator answered for is kept there
+        and returned as fields of the result record (``checkpoint``, ``checkpoint_sha256``,
+        ``checkpoint_epoch``), which the outbox hands in before the result once one answers; else ``{}``."""
         if self._pending is not None:
             self._pending.result()
-        self._upload(progress if progress is not None else self.run.progress())
+        return self._upload(progress if progress is not None else self.run.progress(), keep_in)
 
-    def _upload(self, progress: dict | None) -> None:
+    def _upload(self, progress: dict | None, keep_in: Path | None = None) -> dict:
         from cis490fleet import bundle
 
         run = self.run
+        epoch = progress.get("epoch") if isinstance(progress, dict) else None
+        epoch = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 else None
         with self._lock:
             signature = _signature(self.dir)
             if not signature or signature == self._sent:
-                return
+                return {}
             staged = run.dir / "checkpoint-staged"
             try:
                 self._stage(staged, signature)
                 path, sha, size = bundle.make_bundle(staged, run.dir / "checkpoint-upload")
-                try:
-                    epoch = progress.get("epoch") if isinstance(progress, dict) else None
-                    epoch = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 else None
-                    self.client.upload_checkpoint(run.job_id, run.lease, path, sha256=sha, epoch=epoch)
-                finally:
-                    path.unlink(missing_ok=True)
             except (errors.FleetError, OSError) as err:
-                log.warning("job %s: checkpoint not uploaded: %s", run.label, err)
-                return
+                log.warning("job %s: checkpoint not bundled: %s", run.label, err)
+                return {}
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
+            try:
+                self.client.upload_checkpoint(run.job_id, run.lease, path, sha256=sha, epoch=epoch)
+            except errors.Unavailable as err:
+                if keep_in is None:
+                    log.warning("job %s: checkpoint not uploaded: %s", run.label, err)
+                    return {}
+                kept = keep_in / f"{run.job_id}.checkpoint{''.join(path.suffixes)}"
+                keep_in.mkdir(parents=True, exist_ok=True)
+                os.replace(path, kept)
+                log.info("job %s: checkpoint kept in %s until a coordinator answers", run.label, kept)
+                return {"checkpoint": str(kept), "checkpoint_sha256": sha, "checkpoint_epoch": epoch}
+            except (errors.FleetError, OSError) as err:
+                log.warning("job %s: checkpoint not uploaded: %s", run.label, err)
+                return {}
+            finally:
+                path.unlink(missing_ok=True)
             self._sent = signature
             log.info("job %s: checkpoint uploaded (epoch %s, %d bytes, sha256 %s)", run.label, epoch, size, sha[:12])
+            return {}
 
     def _stage(self, staged: Path, signature: tuple) -> None:
         """A still copy of the finished files: hard links (a copy where links fail), so a checkpoint the

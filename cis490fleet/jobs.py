@@ -128,6 +128,18 @@ def check_checkpoint(job: JobState, host: str, lease: str | None) -> None:
         raise InvalidTransition(job.id, job.status, "record a checkpoint for")
 
 
+def checkpoint_attempt(job: JobState, host: str, lease: str | None, last: tuple[str, str] | None) -> int:
+    """The attempt whose checkpoint (host, lease) hands in: the holder's (``check_checkpoint``); or, while the
+    job waits unclaimed, its last attempt's when that attempt was (host, lease) = ``last``: a worker that
+    stopped its trainer on its own (self-fenced) and reached the coordinator again only after the job went
+    back to pending still hands in what its trainer saved, for the next attempt. Never once another host
+    holds the job, and never without a lease to prove it."""
+    if job.status == PENDING and job.host is None and lease is not None and last == (host, lease):
+        return job.tries
+    check_checkpoint(job, host, lease)
+    return job.tries
+
+
 def _fmt_s(seconds: float) -> str:
     return f"{seconds:g}s"
 

@@ -58,10 +58,11 @@ class Outbox:
                   "metrics": final_metrics(run)}
         return self.deliver(self._with_log(record, run))
 
-    def report_failure(self, run: TrainerRun, error: str, failure_class: str) -> str:
-        """Report the attempt failed; ``failure_class`` (``jobs.FAILURE_CLASSES``) decides whether it is retried."""
+    def report_failure(self, run: TrainerRun, error: str, failure_class: str, extra: dict | None = None) -> str:
+        """Report the attempt failed; ``failure_class`` (``jobs.FAILURE_CLASSES``) decides whether it is retried.
+        ``extra``: a checkpoint kept for later (``CheckpointSync.hand_over``), handed in before the failure."""
         record = {"action": "fail", "job_id": run.job_id, "lease": run.lease, "attempt": run.attempt,
-                  "error": error, "class": failure_class, "label": run.label}
+                  "error": error, "class": failure_class, "label": run.label, **(extra or {})}
         return self.deliver(self._with_log(record, run))
 
     def _with_log(self, record: dict, run: TrainerRun) -> dict:
@@ -108,7 +109,8 @@ class Outbox:
         os.replace(tmp, path)
 
     def _drop_record(self, record: dict) -> None:
-        for p in (self._record_path(record["job_id"]), record.get("bundle"), record.get("log")):
+        for p in (self._record_path(record["job_id"]), record.get("bundle"), record.get("log"),
+                  record.get("checkpoint")):
             if p:
                 Path(p).unlink(missing_ok=True)
 
@@ -134,11 +136,33 @@ class Outbox:
             self._save_record(record)
         return True
 
+    def _send_checkpoint(self, record: dict) -> bool:
+        """Hand in the checkpoint kept with the record (a self-fenced attempt's), like ``_send_log``: False
+        while no coordinator answers; any other error drops it (the result must not wait for it)."""
+        if not record.get("checkpoint"):
+            return True
+        label = record.get("label") or record["job_id"][:12]
+        try:
+            answer = self.client.upload_checkpoint(record["job_id"], record.get("lease"), record["checkpoint"],
+                                                   sha256=record["checkpoint_sha256"],
+                                                   epoch=record.get("checkpoint_epoch"))
+        except errors.Unavailable:
+            return False
+        except (errors.FleetError, OSError) as err:
+            log.warning("job %s: its checkpoint was not handed in: %s", label, err)
+        else:
+            log.info("job %s: checkpoint of attempt %s handed in (epoch %s)", label, answer.get("attempt"),
+                     answer.get("epoch"))
+        Path(record.pop("checkpoint")).unlink(missing_ok=True)
+        if self._record_path(record["job_id"]).exists():
+            self._save_record(record)
+        return True
+
     def _send(self, record: dict) -> str:
         """Deliver one result. Unavailable keeps it on disk for later; a 409 drops it."""
         label = record.get("label") or record["job_id"][:12]
         job_id, lease = record["job_id"], record.get("lease")
-        if not self._send_log(record):
+        if not (self._send_checkpoint(record) and self._send_log(record)):
             log.warning("job %s: result kept in %s until the coordinator answers", label, self.pending_dir)
             return PENDING
         if record["action"] == "fail":

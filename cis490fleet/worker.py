@@ -241,11 +241,12 @@ class Worker:
                 log.warning("job %s: no heartbeat acknowledged for %.0f s; stopping the trainer before the "
                             "coordinator may give the job to another host", run.label, silent)
                 run.stop(keeper.grace_s)
-                checkpoints.hand_over()
-                # Kept on disk and sent when the coordinator answers again; if the job has gone to
-                # another host by then, the coordinator refuses it and the record is dropped.
+                kept = checkpoints.hand_over(keep_in=self.outbox.pending_dir)
+                # Kept on disk and sent when the coordinator answers again, the checkpoint first (taken
+                # while the job waits unclaimed); if the job has gone to another host by then, the
+                # coordinator refuses both and the record is dropped.
                 return self.outbox.report_failure(run, f"stopped by its worker: no heartbeat acknowledged for "
-                                                       f"{silent:.0f} s", jobs.CLASS_FENCED)
+                                                       f"{silent:.0f} s", jobs.CLASS_FENCED, kept)
             if verdict is not None:
                 run.stop(self.config.grace_s)
                 if verdict == lease_keeper.CANCELLED:  # a cancelled job's holder still hands in what it saved

@@ -128,3 +128,20 @@ def test_a_bad_checkpoint_every_s_is_named_with_its_place(where, value):
     with pytest.raises(ManifestError) as caught:
         manifest.parse(text, "m.toml")
     assert any(".checkpoint_every_s: expected a number >= 0" in p for p in caught.value.problems), caught.value
+
+
+def test_a_self_fenced_holder_back_after_the_stale_sweep_still_hands_in_its_checkpoint(store):
+    sync(store, *seeds(1), stale_after_s=60)
+    job_id = claim(store, "ws1", "L1")["job_id"]
+    record(store, job_id, A, epoch=3)
+    stale(store, T0 + 100)  # ws1 stopped its trainer on its own and was cut off: the job is pending again
+    late = record(store, job_id, B, epoch=5, now=T0 + 101)
+    assert late["attempt"] == 1 and late["unreferenced_checkpoints"] == [A]
+    with pytest.raises(StaleLease):
+        record(store, job_id, C, lease="L-other", now=T0 + 102)
+    with pytest.raises(StaleLease):
+        record(store, job_id, C, host="ws2", now=T0 + 102)
+    again = claim(store, "ws2", "L2", now=T0 + 103)
+    assert again["resume"]["sha256"] == B and again["resume"]["epoch"] == 5
+    with pytest.raises(StaleLease):  # once another host holds the job, the old lease proves nothing
+        record(store, job_id, C, now=T0 + 104)
