@@ -963,3 +963,44 @@ def test_a_completed_job_s_log_is_kept_whole_past_the_tail(live_server, tmp_path
     code, text = jobs_cli(server.url, job["id"], "--attempt", "1")
     assert code == 0 and len(text.encode()) > 4 * 4096  # more than the 4 KiB tail a heartbeat carries
     assert text == (w.work_dir / job["id"] / "attempt-1" / "train.log").read_text()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="signals are POSIX")
+def test_a_self_fenced_attempt_is_reported_as_fenced_once_the_coordinator_answers_again(live_server, tmp_path,
+                                                                                          cpu_host):
+    import threading
+
+    from cis490fleet.client import Client
+    from peer_harness import LinkProxy
+
+    stamps = tmp_path / "stamps.jsonl"
+    job = f"""
+        [[jobs]]
+        name = "fenced"
+        model = "mlp"
+        mode = "fast"
+        hyper = {{ steps = 60, sleep = 0.5, stamps = {json.dumps(str(stamps))} }}
+    """
+    server = live_server(trainer_manifest("stamped.py", job, heartbeat_s=0.5, stale_after_s=8.0))
+    proxy = LinkProxy(int(server.url.rsplit(":", 1)[1]), name="a->coordinator")
+    try:
+        w = make_worker(proxy.url, tmp_path, host="wa", grace_s=2.0)
+        w.client = w.outbox.client = Client(proxy.url, host_id="wa", timeout=2.0, retries=0)
+        outcome: list[str] = []
+        a = threading.Thread(target=lambda: outcome.append(w.run_once()), daemon=True)
+        a.start()
+        wait_for_stamp(stamps, "start", 1)
+        proxy.set_mode("blackhole")
+        cut_at = time.monotonic()
+        wait_for_stamp(stamps, "stop", 1)  # SIGTERM at stale_after_s * 0.99 - 0.25 - grace after the last answer
+        assert time.monotonic() - cut_at < 8.0 - 2.0
+        proxy.set_mode("pass")  # back before the coordinator's stale sweep
+        a.join(30)
+        assert outcome and outcome[0] in (slots.PENDING, slots.FAILED), outcome
+        w.outbox.flush_pending()
+    finally:
+        proxy.close()
+    detail = only_job(server)
+    assert [(a["host"], a["outcome"], a["class"]) for a in detail["attempts"]] == [("wa", "failed", "fenced")]
+    assert detail["status"] == "pending"  # not the job's fault: it is tried again
+    assert "no heartbeat acknowledged for" in detail["attempts"][0]["error"]
