@@ -116,7 +116,9 @@ SCHEMAS = {
                            "artifact_id": {"type": ["string", "null"]},
                            "started": {"type": ["number", "null"],
                                        "description": "when the current attempt began (seconds since the epoch); "
-                                                      "null when no attempt holds the job"}}},
+                                                      "null when no attempt holds the job"},
+                           "checkpoints": {"type": "array", "items": _ref("Checkpoint"),
+                                           "description": "job detail only: the checkpoint each attempt left"}}},
     "Claim": {"type": "object", "required": ["job"],
               "properties": {"job": {"oneOf": [{"type": "null"}, _ref("JobSpec")]}, "job_id": _HEX64,
                              "lease": {"type": ["string", "integer"]}, "attempt": {"type": "integer"},
@@ -127,6 +129,8 @@ SCHEMAS = {
                              "slot": {"type": "integer"},
                              "slots": {"type": "integer", "description": "the host's slots as the coordinator "
                                                                          "sees them"},
+                             "checkpoint_every_s": {"type": "number",
+                                                    "description": "upload a changed checkpoint at most this often"},
                              "resume": {"oneOf": [{"type": "null"}, _ref("Checkpoint")],
                                         "description": "the newest checkpoint of an earlier attempt: download it "
                                                        "from /v1/checkpoint/{sha256} and resume from it"}}},
