@@ -66,7 +66,10 @@ LOG = "log"  # the kind of a copied file that is an attempt's train.log (gzip)
 PROPOSE_TIMEOUT_S = 20.0
 READ_TIMEOUT_S = 5.0
 SEND_TIMEOUT_S = 5.0
-MAX_OUTBOX = 10_000
+# Bytes of log entries queued for one peer and not yet posted: beyond, further entries for it are not queued
+# (Raft sends them again once the peer has caught up), so a slow or unreachable peer costs bounded memory and
+# no resend storm.
+MAX_INFLIGHT_BYTES = 8 << 20
 SNAPSHOT_EVERY = 10_000
 # Most entries the leader holds uncommitted: beyond, a proposal is refused (503) instead of piling up in memory
 # and on disk while no quorum answers.
@@ -109,15 +112,34 @@ def _connect(url: str, ssl_context, timeout: float) -> http.client.HTTPConnectio
 class _Sender:
     """One peer's outbox: a thread posting batches of messages on a kept-alive connection.
 
-    Raft tolerates lost messages, so a failed post drops its batch (after a short pause)."""
+    Raft tolerates lost messages, so a failed post drops its batch (after a short pause). Flow control:
+    ``offer`` refuses a message carrying entries while ``queued_bytes`` (entries waiting here, estimated
+    from the sizes posted so far) would pass the owner's ``max_inflight_bytes``; messages without entries
+    (heartbeats, votes, answers) always go."""
 
     def __init__(self, owner: "Replicator", peer: str, url: str):
         self.owner, self.peer, self.url = owner, peer, url
         self.box: queue.SimpleQueue = queue.SimpleQueue()
+        self.queued_bytes = 0
+        self.held_back = 0  # messages with entries that flow control did not queue
+        self.entry_bytes = 256.0  # running estimate of one entry's encoded size
+        self._lock = threading.Lock()
         self.conn: http.client.HTTPConnection | None = None
         self.thread = threading.Thread(target=self._run, name=f"raft-send-{peer}", daemon=True)
         self.failing = False
         self.thread.start()
+
+    def offer(self, msg: dict) -> bool:
+        """Queue ``msg`` unless it carries entries and the peer already has its fill of them waiting."""
+        entries = len(msg.get("entries") or ())
+        cost = int(entries * self.entry_bytes)
+        with self._lock:
+            if entries and self.queued_bytes and self.queued_bytes + cost > self.owner.max_inflight_bytes:
+                self.held_back += 1
+                return False
+            self.queued_bytes += cost
+        self.box.put((msg, cost))
+        return True
 
     def _run(self) -> None:
         while True:
@@ -131,18 +153,25 @@ class _Sender:
                 except queue.Empty:
                     break
                 if item is None:
-                    self._post(batch)
+                    self._send([m for m, _ in batch], sum(c for _, c in batch))
                     return
                 batch.append(item)
-            if self.box.qsize() > MAX_OUTBOX:  # far behind: drop the backlog, Raft will resend
-                while not self.box.empty():
-                    if self.box.get_nowait() is None:
-                        return
-            self._post(batch)
+            self._send([m for m, _ in batch], sum(c for _, c in batch))
         if self.conn is not None:
             self.conn.close()
 
-    def _post(self, messages: list[dict]) -> None:
+    def _send(self, messages: list[dict], cost: int) -> None:
+        try:
+            size = self._post(messages)
+        finally:
+            with self._lock:
+                self.queued_bytes -= cost
+        entries = sum(len(m.get("entries") or ()) for m in messages)
+        if entries and size:
+            self.entry_bytes = 0.8 * self.entry_bytes + 0.2 * (size / entries)
+
+    def _post(self, messages: list[dict]) -> int:
+        """Post one batch; returns its size in bytes."""
         body = json.dumps({"cluster": self.owner.cluster or self.owner.joining_cluster, "from": self.owner.node_id,
                            "to": self.peer,
                            "url": self.owner.urls.get(self.owner.node_id), "messages": messages},
@@ -160,11 +189,11 @@ class _Sender:
                     self.conn.close()
                     self.conn = None
                     self.failing = True
-                    return
+                    return len(body)
                 if self.failing:
                     log.info("raft peer %s is reachable again", self.peer)
                 self.failing = False
-                return
+                return len(body)
             except (OSError, http.client.HTTPException) as err:
                 if self.conn is not None:
                     self.conn.close()
@@ -174,6 +203,7 @@ class _Sender:
                         log.info("raft peer %s at %s unreachable: %s", self.peer, self.url, err)
                     self.failing = True
                     time.sleep(0.05)
+        return len(body)
 
 
 class _RemoteCopy:
@@ -202,7 +232,8 @@ class Replicator:
     def __init__(self, data_dir: Path, node_id: str, peers: dict[str, str], store, *, on_applied=None,
                  ssl_context=None, tick_s: float = 0.1, election_ticks: tuple[int, int] = (10, 20),
                  heartbeat_ticks: int = 1, snapshot_every: int = SNAPSHOT_EVERY, artifacts=None,
-                 checkpoints=None, logs=None, join: bool = False, max_uncommitted: int = MAX_UNCOMMITTED):
+                 checkpoints=None, logs=None, join: bool = False, max_uncommitted: int = MAX_UNCOMMITTED,
+                 max_inflight_bytes: int = MAX_INFLIGHT_BYTES):
         if node_id not in peers:
             raise errors.ConfigError(f"--node-id {node_id!r} is not among the --peer entries "
                                      f"({', '.join(sorted(peers))}); list this peer too: --peer {node_id}=URL")
@@ -221,6 +252,7 @@ class Replicator:
         self.tick_s = tick_s
         self.snapshot_every = snapshot_every
         self.max_uncommitted = max_uncommitted
+        self.max_inflight_bytes = max_inflight_bytes
         self.raft_store = SqliteRaftStore(self.data_dir / "raft.sqlite3")
         applied = store.applied_index()
         state = self.raft_store.load()
@@ -545,7 +577,7 @@ class Replicator:
             for msg in rd.messages:
                 sender = self._sender(msg["to"])
                 if sender is not None:
-                    sender.box.put(msg)
+                    sender.offer(msg)
             if rd.snapshot is not None:
                 self._install_snapshot(rd.snapshot)
             if rd.committed_entries:

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import OPERATOR_TOKEN, Conn, http_call, manifest_toml
 from test_e2e import jobs_cli, wait_for
-from test_replication import W1, Group, claim, group, three  # noqa: F401 - the in-process group fixture
+from test_replication import W1, Group, claim, free_ports, group, three  # noqa: F401 - the in-process group fixture
 
 from cis490fleet import commands, errors
 from cis490fleet.coordinator import Coordinator
@@ -279,3 +279,35 @@ def test_a_leader_refuses_proposals_beyond_its_cap_on_uncommitted_entries(group)
     assert not any(f.done() for f in futures[:3]), "the first three wait for a quorum"
     status, headers, body = http_call(g.urls[leader], "POST", "/v1/job/claim", {"capability": {}}, headers=W1)
     assert status == 503 and headers["retry-after"] == "1", body
+
+
+def test_entries_for_a_slow_peer_are_held_back_at_its_byte_budget(group):  # noqa: F811
+    """Peer c is reached through a link that holds every chunk back 300 ms: the leader queues entries for it
+    only up to ``max_inflight_bytes`` (Raft sends the rest again once c catches up), and a and b keep
+    committing; c catches up in the end."""
+    from peer_harness import LinkProxy
+
+    g = group(max_inflight_bytes=16 * 1024)
+    (real_c,) = free_ports(1)
+    link = LinkProxy(real_c, "to-c", mode="delay", delay_ms=300)
+    g.urls["c"] = link.url
+    try:
+        for name in "ab":
+            g.start(name)
+        c = Coordinator(g.tmp / "c", node_id="c", peers=g.urls, operator_token=OPERATOR_TOKEN, raft_options=g.raft)
+        c.listen("127.0.0.1", real_c)
+        c.serve_in_thread()
+        g.coords["c"] = c
+        leader = g.leader()
+        coord = g.coords[leader]
+        coord.execute({"op": "sweep_stale"})
+        wait_for("c to follow", lambda: c.store.applied_index() == coord.store.applied_index(), timeout=30)
+        for i in range(150):
+            coord.execute({"op": "register_worker", "host": f"w{i}", "capability": {"note": "x" * 4000}})
+        sender = coord.replicator._senders["c"]
+        assert sender.held_back > 0, "nothing was held back: the budget was never reached"
+        assert sender.queued_bytes <= 16 * 1024 + 4 * 4096
+        link.set_mode("pass")
+        wait_for("c to catch up", lambda: c.store.applied_index() == coord.store.applied_index(), timeout=30)
+    finally:
+        link.close()
