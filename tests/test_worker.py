@@ -1004,3 +1004,33 @@ def test_a_self_fenced_attempt_is_reported_as_fenced_once_the_coordinator_answer
     assert [(a["host"], a["outcome"], a["class"]) for a in detail["attempts"]] == [("wa", "failed", "fenced")]
     assert detail["status"] == "pending"  # not the job's fault: it is tried again
     assert "no heartbeat acknowledged for" in detail["attempts"][0]["error"]
+
+
+def test_a_jobs_first_progress_goes_out_at_once_so_a_short_job_never_shows_starting(live_server, tmp_path,
+                                                                                     cpu_host, monkeypatch):
+    """Progress is throttled (PROGRESS_EVERY_S), but not the first report: the heartbeat at the start carried
+    none, so a job shorter than the throttle would show 'starting' until it ended."""
+    from cis490fleet import lease_keeper, ops
+
+    monkeypatch.setattr(lease_keeper, "PROGRESS_EVERY_S", 120.0)  # longer than the job: only the first may pass
+    server = live_server(trainer_manifest("slow.py", ONE_JOB.replace("steps = 40, sleep = 0.1",
+                                                                     "steps = 2, sleep = 2.0"), heartbeat_s=60,
+                                          stale_after_s=600))
+    w = make_worker(server.url, tmp_path)
+    import threading
+
+    outcome = []
+    t = threading.Thread(target=lambda: outcome.append(w.run_once()))
+    t.start()
+    shown = set()
+    try:
+        while t.is_alive():
+            out = io.StringIO()
+            ops.main(["--receiver", server.url, "status"], stdout=out)
+            shown |= {line.split()[5] + " " + line.split()[6] for line in out.getvalue().splitlines()
+                      if line.startswith("  ") and len(line.split()) > 6 and "mlp" in line}
+            time.sleep(0.2)
+    finally:
+        t.join(timeout=60)
+    assert outcome == [slots.COMPLETED]
+    assert "epoch 1/2" in shown, shown
