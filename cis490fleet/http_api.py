@@ -185,12 +185,12 @@ class Request:
         if not sent:
             if self.peer_host:
                 return self.peer_host
-            raise errors.Unauthorized("missing x-lab-host header: send x-lab-host: <host id> to say which worker "
-                                      "is asking")
+            raise errors.Unauthorized("no host identity: a worker says which host it is (work --host-id; "
+                                      "x-lab-host: <host id> over HTTP)")
         if self.peer_host is not None and sent != self.peer_host and not self._from_peer():
-            raise errors.Forbidden(f"x-lab-host {sent!r} does not match the TLS client certificate, which names "
-                                   f"{self.peer_host!r}; send x-lab-host: {self.peer_host} or use that host's "
-                                   "certificate")
+            raise errors.Forbidden(f"this worker says it is {sent!r} (work --host-id, x-lab-host over HTTP) but its "
+                                   f"TLS client certificate names {self.peer_host!r}: run it with --host-id "
+                                   f"{self.peer_host} (host_id in worker.toml), or give it {sent}'s certificate")
         if not model.HOST_ID_RE.match(sent):
             raise errors.BadRequest(f"x-lab-host {sent[:80]!r} is not a valid host id: use 1-63 letters, digits, "
                                     "'.', '_' or '-', starting with a letter or digit")

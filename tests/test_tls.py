@@ -97,6 +97,7 @@ def test_mutual_tls_refuses_an_x_lab_host_other_than_the_certificate(mtls, pems)
                                 context=client_ctx(pems, "ws1"))
     assert status == 403 and body["error"] == "forbidden"
     assert "'ws2'" in body["detail"] and "'ws1'" in body["detail"]
+    assert "--host-id ws1" in body["detail"]  # what a `work` user changes, not only the header's name
 
 
 @pytest.mark.parametrize("who", [None, "rogue"])
