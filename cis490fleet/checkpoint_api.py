@@ -54,9 +54,17 @@ def store_checkpoint(app, job_id: str, host: str, lease: str | None, body, sha25
     if app.replicator is not None:
         app.replicator.push_artifact(sha256, {"kind": KIND, "model": job["model"], "mode": job["mode"],
                                               "job_id": job_id, "host": host, "now": now})
-    answer = app.execute({"op": "record_checkpoint", "job_id": job_id, "host": host, "lease": lease,
-                          "sha256": sha256, "epoch": epoch, "size": stored["size"], "model": job["model"],
-                          "mode": job["mode"]})
+    try:
+        answer = app.execute({"op": "record_checkpoint", "job_id": job_id, "host": host, "lease": lease,
+                              "sha256": sha256, "epoch": epoch, "size": stored["size"], "model": job["model"],
+                              "mode": job["mode"]})
+    except errors.FleetError:
+        # The job changed hands while the bytes came in: a file this upload placed and nothing refers to
+        # goes again. (Identical bytes uploaded for another job at this very moment would lose their file
+        # too; that attempt's successor then starts from the beginning, which is safe.)
+        if not stored["deduplicated"] and not app._read(app.store.checkpoint_referenced, sha256):
+            app.checkpoints.remove(sha256)
+        raise
     return {"sha256": sha256, "attempt": answer["attempt"], "epoch": epoch, "size": stored["size"],
             "deduplicated": bool(stored["deduplicated"])}
 

@@ -95,6 +95,10 @@ class CheckpointRecords:
                             (job_id, state.tries)).fetchone()
         return jobs.checkpoint_attempt(state, host, lease, tuple(last) if last else None)
 
+    def checkpoint_referenced(self, sha256: str) -> bool:
+        with self._snapshot() as conn:
+            return conn.execute("SELECT 1 FROM checkpoints WHERE sha256 = ?", (sha256,)).fetchone() is not None
+
     def checkpoint_records(self) -> list[dict]:
         """Every recorded checkpoint, oldest first: a peer fetches the files it lacks."""
         with self._snapshot() as conn:

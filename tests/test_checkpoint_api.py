@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 
 import pytest
 
 from cis490fleet import bundle, errors
 from cis490fleet.client import Client
-from conftest import manifest_toml, wait_for
+from conftest import OPERATOR_TOKEN, manifest_toml, wait_for
 
 
 def client(srv, host: str) -> Client:
-    return Client(srv.url, host_id=host, operator_token="test-operator-token", retries=1, backoff_s=0.01)
+    return Client(srv.url, host_id=host, operator_token=OPERATOR_TOKEN, retries=1, backoff_s=0.01)
 
 
 def checkpoint_bundle(tmp_path, name: str, content: bytes):
@@ -90,3 +92,30 @@ def test_bad_checkpoint_headers_are_named(live_server, headers, status, words):
     base = {"x-lab-host": "ws1", "x-lease": claim["lease"], "x-content-sha256": "a" * 64}
     got, _, body = srv.call("PUT", f"/v1/job/{claim['job_id']}/checkpoint", b"x", {**base, **headers})
     assert got == status and words in body["detail"], body
+
+
+def test_a_checkpoint_whose_job_changed_hands_while_it_was_sent_is_refused_and_not_kept(live_server, tmp_path):
+    import socket
+    import urllib.parse
+
+    srv = live_server(manifest_toml(1))
+    one = client(srv, "ws1")
+    claim = one.claim({})
+    data = os.urandom(100_000)
+    sha = hashlib.sha256(data).hexdigest()
+    url = urllib.parse.urlsplit(srv.url)
+    sock = socket.create_connection((url.hostname, url.port), timeout=30)
+    try:
+        head = (f"PUT /v1/job/{claim['job_id']}/checkpoint HTTP/1.1\r\nHost: x\r\nx-lab-host: ws1\r\n"
+                f"x-lease: {claim['lease']}\r\nx-content-sha256: {sha}\r\ncontent-length: {len(data)}\r\n\r\n")
+        sock.sendall(head.encode() + data[:1000])  # the holder check passes, the body is on its way
+        time.sleep(0.5)
+        one.cancel(claim["job_id"])
+        one.requeue(claim["job_id"])
+        assert client(srv, "ws2").claim({})["job_id"] == claim["job_id"]  # another host holds it now
+        sock.sendall(data[1000:])
+        answer = sock.recv(65536).decode(errors="replace")
+    finally:
+        sock.close()
+    assert answer.startswith("HTTP/1.1 409"), answer
+    assert srv.coordinator.checkpoints.locate(sha) is None, "a checkpoint nobody refers to stayed on disk"
