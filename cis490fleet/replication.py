@@ -281,6 +281,8 @@ class Replicator:
         # A crash between saving a received snapshot and swapping in the queue: finish the install first.
         self._unfinished = state.snapshot if state.snapshot is not None and applied < state.snapshot.index else None
         self._db_applied = applied
+        self._installing: raft.Snapshot | None = None  # a snapshot whose queue is being downloaded
+        self._deferred: list[dict] = []  # committed entries that wait for that install
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiters: dict[str, tuple[int, Future]] = {}
         self._reads: dict[str, Future] = {}
@@ -527,7 +529,7 @@ class Replicator:
         next_tick = time.monotonic() + self.tick_s
         try:
             if self._unfinished is not None:
-                self._install_snapshot(self._unfinished)
+                self._begin_install(self._unfinished)
             while not self._stop.is_set():
                 try:
                     item = self._inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
@@ -554,7 +556,9 @@ class Replicator:
             raise
 
     def _handle(self, item) -> None:
-        if item[0] == "msgs":
+        if item[0] == "installed":
+            self._end_install(item[1])
+        elif item[0] == "msgs":
             _, msgs, sender, url = item
             if url and sender not in self.urls:
                 self.urls = {**self.urls, sender: url}
@@ -579,9 +583,12 @@ class Replicator:
                 if sender is not None:
                     sender.offer(msg)
             if rd.snapshot is not None:
-                self._install_snapshot(rd.snapshot)
+                self._begin_install(rd.snapshot)
             if rd.committed_entries:
-                self._apply(rd.committed_entries)
+                if self._installing is not None:
+                    self._deferred += rd.committed_entries
+                else:
+                    self._apply(rd.committed_entries)
             self._read_states += rd.read_states
             self.node.advance(rd)
             self._answer_reads()
@@ -697,7 +704,7 @@ class Replicator:
             self.copies.wake()  # a follower that missed an upload's push fetches it
 
     def _answer_reads(self) -> None:
-        applied = self.node.applied
+        applied = self._db_applied  # what the queue holds: behind the node's applied while a snapshot installs
         keep = []
         for rs in self._read_states:
             if rs.index <= applied:
@@ -721,6 +728,8 @@ class Replicator:
     # -- snapshots ---------------------------------------------------------------------------------
 
     def _maybe_compact(self) -> None:
+        if self._installing is not None:
+            return  # the queue does not stand at the node's applied index yet
         applied = self.node.applied
         snap_index = self.node.status()["snapshot_index"]
         if self.snapshot_every and applied - snap_index >= self.snapshot_every:
@@ -746,13 +755,42 @@ class Replicator:
             finally:
                 os.close(fd)
 
-    def _install_snapshot(self, snap: raft.Snapshot) -> None:
-        """Swap in a peer's queue (a consistent copy at or after ``snap.index``), the leader's first.
+    def _begin_install(self, snap: raft.Snapshot) -> None:
+        """Driver: fetch a peer's queue for ``snap`` on another thread; meanwhile the driver keeps stepping
+        messages and ticking, and holds back the entries committed after the snapshot (``_end_install``)."""
+        first = self._installing is None
+        if not first and snap.index <= self._installing.index:
+            return
+        self._installing = snap
+        if first:
+            threading.Thread(target=self._download_snapshot, name="raft-snapshot-download", daemon=True).start()
 
-        Blocks the driver until some peer has one: without it this peer has no state to apply onto."""
+    def _end_install(self, applied: int) -> None:
+        """Driver: the downloaded queue (standing at ``applied``) is in place; apply what waited for it."""
+        if self._installing is None:
+            return
+        if applied < self._installing.index:  # a newer snapshot came meanwhile: fetch again
+            threading.Thread(target=self._download_snapshot, name="raft-snapshot-download", daemon=True).start()
+            return
+        # Entries between the snapshot and the copy are already in it: _apply skips them.
+        self._db_applied = max(self._db_applied, applied)
+        self._installing = None
+        deferred, self._deferred = self._deferred, []
+        if deferred:
+            self._apply(deferred)
+        self._answer_reads()
+        if self.copies is not None:
+            self.copies.wake()  # its queue names uploads this peer never saw pushed
+
+    def _download_snapshot(self) -> None:
+        """Swap in a peer's queue (a consistent copy at or after the snapshot's index), the leader's first,
+        trying until some peer has one: without it this peer has no state to apply onto."""
         delay = 0.1
         while not self._stop.is_set():
-            order = sorted((p for p in self.peers if p != self.node_id), key=lambda p: p != self.node.leader)
+            snap = self._installing
+            if snap is None:
+                return
+            order = sorted((p for p in self.peers if p != self.node_id), key=lambda p: p != self.status()["leader"])
             for pid in order:
                 try:
                     applied = self._download_queue(pid, snap.index)
@@ -761,14 +799,10 @@ class Replicator:
                     continue
                 log.info("installed the leader's queue from %s at raft index %d (snapshot %d)", pid, applied,
                          snap.index)
-                # Entries between the snapshot and the copy are already in it: _apply skips them.
-                self._db_applied = applied
-                if self.copies is not None:
-                    self.copies.wake()  # its queue names uploads this peer never saw pushed
+                self._inbox.put(("installed", applied))
                 return
             self._stop.wait(delay)
             delay = min(delay * 2, 2.0)
-        raise errors.Unavailable("stopped while waiting for a snapshot of the queue")
 
     def _download_queue(self, pid: str, at_least: int) -> int:
         fd, tmp = tempfile.mkstemp(prefix="snapshot-", suffix=".sqlite3", dir=self.data_dir)

@@ -311,3 +311,43 @@ def test_entries_for_a_slow_peer_are_held_back_at_its_byte_budget(group):  # noq
         wait_for("c to catch up", lambda: c.store.applied_index() == coord.store.applied_index(), timeout=30)
     finally:
         link.close()
+
+
+# -- snapshots ---------------------------------------------------------------------------------------------
+
+
+def test_a_follower_keeps_stepping_raft_while_it_downloads_a_snapshot(group):  # noqa: F811
+    """A follower far behind fetches the leader's queue over a slow link: its driver keeps taking the
+    leader's entries meanwhile (its commit index moves on), holds them back until the copy is in place,
+    then applies them and ends up with the leader's queue."""
+    from peer_harness import LinkProxy
+
+    g = three(group, n_jobs=30, snapshot_every=5)
+    leader = g.leader()
+    away = next(n for n in g.coords if n != leader)
+    g.stop(away)
+    for i in range(12):
+        claim(g.urls[leader], f"w{i}")
+    links = [LinkProxy(int(url.rsplit(":", 1)[1]), f"to-{n}", mode="delay", delay_ms=1500)
+             for n, url in g.urls.items() if n != away]
+    slow_urls = {**g.urls, **{n: link.url for n, link in zip([n for n in g.urls if n != away], links)}}
+    try:
+        back = Coordinator(g.tmp / away, node_id=away, peers=slow_urls, operator_token=OPERATOR_TOKEN,
+                           raft_options=g.raft)
+        back.listen("127.0.0.1", int(g.urls[away].rsplit(":", 1)[1]))
+        back.serve_in_thread()
+        g.coords[away] = back
+        wait_for("the snapshot download to begin", lambda: back.replicator._installing is not None, timeout=20)
+        before = back.replicator.status()["commit"]
+        for i in range(12, 15):
+            claim(g.urls[leader], f"w{i}")
+        wait_for("the follower to take new entries during the download",
+                 lambda: back.replicator.status()["commit"] > before and back.replicator._installing is not None,
+                 timeout=10, every=0.02)
+        for link in links:
+            link.set_mode("pass")
+        wait_for("the follower to catch up", lambda: back.store.applied_index() == g.coords[leader].store.applied_index()
+                 and back.store.counts() == g.coords[leader].store.counts(), timeout=30)
+    finally:
+        for link in links:
+            link.close()
