@@ -126,10 +126,28 @@ def _nonneg(op, where, v):
         raise _bad(op, where, "a finite number >= 0 (or absent)", v)
 
 
+_CAPABILITIES: dict[str, dict] = {}  # repr of a capability -> its normalised form (a worker repeats its own)
+_CAPABILITIES_MAX = 1024
+
+
 def _capability(op, name, v):
-    """A worker's capability, checked key by key where policy reads it, then normalised."""
+    """A worker's capability, checked key by key where policy reads it, then normalised. Every claim of a
+    worker repeats the same capability, so a checked one is remembered by its ``repr`` (which tells 4 from
+    4.0 and True): the result depends on nothing else."""
     if not isinstance(v, dict):
         raise _bad(op, name, "an object", v)
+    key = repr(v)
+    hit = _CAPABILITIES.get(key)
+    if hit is not None:
+        return dict(hit)
+    out = _check_capability(op, name, v)
+    if len(_CAPABILITIES) >= _CAPABILITIES_MAX:
+        _CAPABILITIES.clear()
+    _CAPABILITIES[key] = out
+    return dict(out)
+
+
+def _check_capability(op, name, v):
     check_json(op, name, v, max_bytes=CAPABILITY_BYTES_MAX)
     for key in ("ram_gib", "disk_free_gib", "vram_gib", "cores", "slots"):
         _nonneg(op, f"{name}.{key}", v.get(key))
