@@ -133,7 +133,12 @@ SCHEMAS = {
                                                     "description": "upload a changed checkpoint at most this often"},
                              "resume": {"oneOf": [{"type": "null"}, _ref("Checkpoint")],
                                         "description": "the newest checkpoint of an earlier attempt: download it "
-                                                       "from /v1/checkpoint/{sha256} and resume from it"}}},
+                                                       "from /v1/checkpoint/{sha256} and resume from it"},
+                             "max_runtime_s": {"type": ["number", "null"],
+                                               "description": "stop the attempt past this (null: no limit)"},
+                             "stall_after_s": {"type": ["number", "null"],
+                                               "description": "stop the attempt after this long without a progress "
+                                                              "line (null: never)"}}},
     "Checkpoint": {"type": "object", "required": ["attempt", "sha256", "epoch", "size", "host", "created"],
                    "properties": {"attempt": {"type": "integer"}, "sha256": _HEX64,
                                   "epoch": {"type": ["integer", "null"]}, "size": {"type": "integer"},
