@@ -181,8 +181,9 @@ class _HTTPSConnection(_Counting, http.client.HTTPSConnection):
     pass
 
 
-def _connection_dropped(conn: http.client.HTTPConnection) -> bool:
-    """True when a kept-alive socket was closed by the server (readable while idle means EOF or junk)."""
+def connection_dropped(conn: http.client.HTTPConnection) -> bool:
+    """True when a kept-alive socket was closed by the server (readable while idle means EOF or junk); a
+    follower's forwards to the leader check their kept-alive connections the same way."""
     sock = conn.sock
     if sock is None:
         return False
@@ -297,7 +298,7 @@ class Client:
               body_path: Path | None, timeout: float, sink: Callable | None):
         """One request on this thread's connection to ``url``: (status, headers, body bytes or sink's result)."""
         conn = self._connection(url)
-        if _connection_dropped(conn):
+        if connection_dropped(conn):
             conn.close()
         reused = conn.sock is not None
         target = urllib.parse.urlsplit(url).path + path

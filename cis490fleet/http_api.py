@@ -24,7 +24,6 @@ import importlib
 import json
 import logging
 import re
-import select
 import socket
 import ssl
 import threading
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
 
 from cis490fleet import __version__, connection_guard, edge_json, errors, model, openapi, results, tls
+from cis490fleet.client import connection_dropped
 from cis490fleet.jobs import CLASS_JOB, FAILURE_CLASSES
 
 log = logging.getLogger(__name__)
@@ -710,19 +710,6 @@ FORWARD_TIMEOUT_S = SOCKET_TIMEOUT_S + MAX_WAIT_S
 _upstreams = threading.local()  # per handler thread: leader URL -> kept-alive connection
 
 
-def _still_open(conn: http.client.HTTPConnection) -> bool:
-    """Whether a kept-alive connection to the leader is still usable: an idle one that has anything to read
-    was closed by the leader (or holds a stray answer), so a request must not go on it."""
-    sock = conn.sock
-    if sock is None:
-        return False
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return False
-    return not readable
-
-
 def _repeatable(req: Request) -> bool:
     """A request the leader may see twice without harm: a read, or a write of a client session
     (x-client-id + x-client-serial), which the queue applies once and answers alike."""
@@ -732,7 +719,7 @@ def _repeatable(req: Request) -> bool:
 def _upstream_conn(url: str, context, reuse: bool) -> tuple[http.client.HTTPConnection, bool]:
     cache = _upstreams.__dict__.setdefault("conns", {})
     conn = cache.pop(url, None)
-    if conn is not None and reuse and _still_open(conn):
+    if conn is not None and reuse and not connection_dropped(conn):
         return conn, True
     if conn is not None:
         conn.close()
