@@ -108,8 +108,8 @@ class LeaseKeeper:
             now = time.monotonic()
             progress = run.progress()
             # The first report goes out at once, not after the throttle: a job shorter than PROGRESS_EVERY_S
-            # would otherwise show "starting" until it ended.
-            worth_showing = ((self.progress is None or now - last_try >= PROGRESS_EVERY_S)
+            # would otherwise show "starting" until it ended. While heartbeats fail, the throttle holds.
+            worth_showing = ((self.progress is None and not warned or now - last_try >= PROGRESS_EVERY_S)
                              and progress != self.progress and changed_enough(self.progress, progress))
             if now < next_beat and not worth_showing:
                 self._done.wait(TICK_S)

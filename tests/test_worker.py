@@ -1034,3 +1034,35 @@ def test_a_jobs_first_progress_goes_out_at_once_so_a_short_job_never_shows_start
         t.join(timeout=60)
     assert outcome == [slots.COMPLETED]
     assert "epoch 1/2" in shown, shown
+
+
+def test_heartbeats_that_fail_keep_their_period_however_often_progress_comes(live_server, tmp_path, cpu_host):
+    """A coordinator that refuses connections gets a heartbeat per period (and a watch retry a second), not one
+    per new progress line: the progress throttle holds while heartbeats fail."""
+    import threading
+
+    from cis490fleet.client import Client
+    from peer_harness import LinkProxy
+
+    server = live_server(trainer_manifest("slow.py", ONE_JOB.replace("steps = 40, sleep = 0.1",
+                                                                     "steps = 40, sleep = 0.05"),
+                                          heartbeat_s=20, stale_after_s=60))
+    proxy = LinkProxy(int(server.url.rsplit(":", 1)[1]), name="a->coordinator")
+    try:
+        w = make_worker(proxy.url, tmp_path, grace_s=1.0)
+        w.client = w.outbox.client = Client(proxy.url, host_id="w1", timeout=2.0, retries=0)
+        pids = trainer_pids(w)
+        a = threading.Thread(target=w.run_once, daemon=True)
+        a.start()
+        deadline = time.monotonic() + 30
+        while not pids and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proxy.set_mode("refuse")
+        before = proxy.accepted
+        time.sleep(2.0)
+        tries = proxy.accepted - before
+        w.stop()
+        a.join(30)
+    finally:
+        proxy.close()
+    assert tries <= 6, f"{tries} connections in 2 s to a coordinator that refuses them"
