@@ -446,8 +446,8 @@ def test_cancel_stops_the_trainer_and_reports_nothing(live_server, tmp_path, cpu
 
     def cancel_when_running():
         deadline = time.monotonic() + 30
-        while not w.runs and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while not any(r.proc is not None for r in list(w.runs.values())) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the run is listed before its trainer starts (inputs, the first heartbeat)
         run = next(iter(w.runs.values()))
         cancel_when_running.pid = run.proc.pid
         status, _, body = server.call("POST", f"/v1/job/{run.job_id}/cancel",
