@@ -28,6 +28,11 @@ MIGRATION = """
     CREATE INDEX checkpoints_sha ON checkpoints(sha256);
 """
 
+# The checkpoint to resume from is the newest of a job's: a walk of this index, not a sort.
+NEWEST_MIGRATION = """
+    CREATE INDEX IF NOT EXISTS checkpoints_newest ON checkpoints(job, created DESC, attempt DESC);
+"""
+
 FIELDS = ("attempt", "sha256", "epoch", "size", "host", "created")
 COLUMNS = ", ".join(FIELDS)
 

@@ -163,6 +163,7 @@ MIGRATIONS = [
     """
     ALTER TABLE jobs ADD COLUMN origin TEXT;
     """,
+    checkpoint_records.NEWEST_MIGRATION,
 ]
 
 # The claim seek: the best claimable job of one class. Its WHERE and ORDER BY
