@@ -407,3 +407,28 @@ def test_the_job_detail_shows_each_attempt_s_whole_log(browser, live_server, tmp
     text = panel.locator("pre").inner_text()
     assert "starting, about to crash" in text and "boom: simulated trainer crash" in text, text
     assert console.errors == []
+
+
+@pytest.mark.browser
+def test_the_job_detail_shows_the_checkpoint_each_attempt_left(browser, live_server, tmp_path, monkeypatch):
+    from test_worker import make_worker, trainer_manifest
+
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path))
+    job = '[[jobs]]\nname = "one"\nmodel = "mlp"\nmode = "ckpt"\nhyper = { steps = 3, sleep = 0.3 }\n'
+    server = live_server(trainer_manifest("resumable.py", job))
+    assert make_worker(server.url, tmp_path).run_once() == "completed"
+    detail = server.call("GET", "/v1/jobs")[2]["jobs"][0]
+    saved = server.call("GET", f"/v1/job/{detail['id']}")[2]["job"]["checkpoints"]
+    assert len(saved) == 1 and saved[0]["epoch"] >= 1, saved
+
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+    console = Console(page)
+    page.goto(server.url + "/")
+    row = page.locator(f'#jobs tbody tr[data-key="{detail["id"]}"]')
+    row.wait_for(timeout=60_000)
+    row.locator("button[data-detail]").click()
+    dialog = page.locator("#detail")
+    wait_for("the job detail", lambda: "Attempts" in dialog.inner_text())
+    table = dialog.locator("table").inner_text()
+    assert "CHECKPOINT" in table.upper() and f"epoch {saved[0]['epoch']}" in table, table
+    assert console.errors == []

@@ -570,15 +570,22 @@
       parts.push(el("h2", { text: "Why pending" }), el("ul", {}, ...job.why_pending.map((r) => el("li", { text: r }))));
     }
     if ((job.attempts || []).length) {
+      // The checkpoint each attempt left; the next attempt resumes from the newest.
+      const saved = new Map((job.checkpoints || []).map((c) => [c.attempt, c]));
+      const checkpoint = (a) => {
+        const c = saved.get(a.number);
+        return c ? el("span", { text: c.epoch == null ? "saved" : `epoch ${c.epoch}`,
+          title: `${c.size} bytes, ${when(c.created)}, sha256 ${c.sha256}` }) : "";
+      };
       const rows = job.attempts.map((a) => el("tr", {}, el("td", { text: String(a.number) }), el("td", { text: a.host || "-" }),
         el("td", { text: when(a.started) }), el("td", { text: a.ended ? duration(a.ended - a.started) : "…" }),
         el("td", { text: a.outcome || "-" }), el("td", { text: a.class || "" }),
         el("td", {}, a.log_size ? el("button", { type: "button", class: "link", text: "log",
           title: `the whole log this attempt handed in (${a.log_size} bytes, gzip)`,
           dataset: { log: String(a.number), job: job.id } }) : ""),
-        el("td", { class: "err", text: a.error || "" })));
+        el("td", {}, checkpoint(a)), el("td", { class: "err", text: a.error || "" })));
       parts.push(el("h2", { text: "Attempts" }), el("div", { class: "scroll" }, el("table", { class: "table" },
-        el("thead", {}, el("tr", {}, ...["#", "host", "started", "took", "outcome", "class", "log", "error"].map((h) => el("th", { text: h })))),
+        el("thead", {}, el("tr", {}, ...["#", "host", "started", "took", "outcome", "class", "log", "checkpoint", "error"].map((h) => el("th", { text: h })))),
         el("tbody", {}, ...rows))));
       parts.push(el("div", { id: "attempt-log" }));
     }
