@@ -588,6 +588,7 @@ class Coordinator:
         out = {"ok": True, "role": "leader", "leader": self.node_id, "term": 1, "node_id": self.node_id,
                "version": __version__, "url": self.url, "jobs": self._read(self.store.counts), "peers": peers}
         out["manifest"] = self._read(self.store.manifest_info)
+        out["apply_failures"] = len(self._read(self.store.apply_failures))
         if self.replicator is not None:
             out.update(self.replicator.health())
         return out

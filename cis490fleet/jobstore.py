@@ -39,6 +39,7 @@ from cis490fleet.model import (COMPLETED, FAILED, HELD_STATUSES, JOB_ID_RE, NAME
 log = logging.getLogger(__name__)
 
 PREFIX_MIN = 4
+APPLY_FAILURES_KEPT = 20
 
 
 def _machine_fault(err: Exception) -> bool:
@@ -465,7 +466,8 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
         with self._use() as conn, db.transaction(conn):
             return getattr(self, "_op_" + op)(conn, **args)
 
-    def execute_batch(self, cmds: list[dict], applied_index: int | None = None) -> list:
+    def execute_batch(self, cmds: list[dict], applied_index: int | None = None,
+                      indexes: list[int] | None = None) -> list:
         """Group commit: one transaction, each command in its own savepoint.
 
         A command that raises FleetError is undone alone and its error takes its slot in the
@@ -474,7 +476,8 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
         gets ApplyFailed, the same on every replica, which then carries on. A machine fault undoes the
         whole batch and propagates: another try, or another replica, may well succeed.
         ``applied_index`` (the Raft log index of the batch's last entry) is recorded in
-        the same transaction, so a restarted peer re-applies exactly what the queue has not seen.
+        the same transaction, so a restarted peer re-applies exactly what the queue has not seen;
+        ``indexes`` (each command's log index) go with the ApplyFailed record (``apply_failures``).
         """
         results: list = []
         with self._use() as conn, db.transaction(conn):
@@ -507,6 +510,9 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
                 if isinstance(result, FleetError):
                     conn.execute("ROLLBACK TO cmd")
                 conn.execute("RELEASE cmd")
+                if isinstance(result, ApplyFailed):
+                    index = indexes[len(results)] if indexes is not None else None
+                    self._record_apply_failure(conn, {"index": index, "op": op, "error": result.detail})
                 results.append(result)
                 if session is not None and not _empty_claim(op, result):
                     saved = ({"error": result.code, "detail": result.detail} if isinstance(result, FleetError)
@@ -515,6 +521,21 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
                                  "(client_id) DO UPDATE SET serial = excluded.serial, result = excluded.result",
                                  (session[0], session[1], _dumps(saved)))
         return results
+
+    @staticmethod
+    def _record_apply_failure(conn, failure: dict) -> None:
+        """Keep the newest APPLY_FAILURES_KEPT commands that failed to apply, in the queue itself (the same on
+        every replica): what an operator reports."""
+        row = conn.execute("SELECT value FROM meta WHERE key = 'apply_failures'").fetchone()
+        kept = (json.loads(row[0]) if row else [])[-(APPLY_FAILURES_KEPT - 1):] + [failure]
+        conn.execute("INSERT INTO meta (key, value) VALUES ('apply_failures', ?) "
+                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (_dumps(kept),))
+
+    def apply_failures(self) -> list[dict]:
+        """The newest commands that failed to apply: ``{"index" (Raft log index, None alone), "op", "error"}``."""
+        with self._use() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'apply_failures'").fetchone()
+        return json.loads(row[0]) if row else []
 
     @staticmethod
     def _session_result(conn, client_id: str, serial: int):

@@ -677,7 +677,8 @@ class Replicator:
                 cmd["lease"] = str(e["index"])  # a claim's fencing token is its log index
             cmds.append(cmd)
             rids.append((e["index"], cmd.get("rid")))
-        results = self.store.execute_batch(cmds, applied_index=entries[-1]["index"])
+        results = self.store.execute_batch(cmds, applied_index=entries[-1]["index"],
+                                           indexes=[index for index, _ in rids])
         self._db_applied = entries[-1]["index"]
         for (index, rid), result in zip(rids, results):
             if isinstance(result, errors.ApplyFailed):

@@ -104,6 +104,7 @@ def test_a_command_that_raises_while_applied_fails_alone_with_the_same_error_eac
         assert isinstance(results[0], errors.ApplyFailed)
         assert results[1]["job"] is not None
     assert str(answers[0][0]) == str(answers[1][0])
+    assert stores[0].apply_failures() == [{"index": None, "op": "sync_manifest", "error": answers[0][0].detail}]
     assert "could not be applied" in caplog.text and "Traceback" in caplog.text
     assert stores[0].counts() == {**stores[0].counts(), "claimed": 1, "pending": 2}
 
@@ -176,3 +177,7 @@ def test_an_entry_that_fails_to_apply_fails_alike_on_every_replica_and_a_restart
     assert status == 200 and body["job"] is not None
     wait_for("every peer to apply the claim", lambda: g.converged()["claimed"] == 1, timeout=20)
     assert back.writer.alive and all(c.writer.alive for c in g.coords.values())
+    recorded = [c.store.apply_failures() for c in g.coords.values()]
+    assert recorded[0] == recorded[1] == recorded[2] and len(recorded[0]) == 1, recorded
+    assert recorded[0][0]["op"] == "sync_manifest" and recorded[0][0]["index"] > 0
+    assert back.health()["apply_failures"] == 1
