@@ -328,7 +328,7 @@ def test_a_follower_keeps_stepping_raft_while_it_downloads_a_snapshot(group):  #
     g.stop(away)
     for i in range(12):
         claim(g.urls[leader], f"w{i}")
-    links = [LinkProxy(int(url.rsplit(":", 1)[1]), f"to-{n}", mode="delay", delay_ms=1500)
+    links = [LinkProxy(int(url.rsplit(":", 1)[1]), f"to-{n}", mode="delay", delay_ms=4000)
              for n, url in g.urls.items() if n != away]
     slow_urls = {**g.urls, **{n: link.url for n, link in zip([n for n in g.urls if n != away], links)}}
     try:
