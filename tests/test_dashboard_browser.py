@@ -432,3 +432,160 @@ def test_the_job_detail_shows_the_checkpoint_each_attempt_left(browser, live_ser
     table = dialog.locator("table").inner_text()
     assert "CHECKPOINT" in table.upper() and f"epoch {saved[0]['epoch']}" in table, table
     assert console.errors == []
+
+
+# -- curves and results from the coordinator ----------------------------------------------------------
+
+ANSWERS = """
+    [[sweeps]]
+    name = "lr"
+    model = "mlp"
+    mode = "sweep"
+    hyper = { lr = [1e-1, 1e-3], epochs = 3, sleep = 0.7 }
+
+    [[sweeps]]
+    name = "probe"
+    model = "cnn"
+    mode = "asha"
+    seed = [0, 1]
+    allowed_hosts = ["ws9"]
+    stop = { metric = "val_loss", rule = "asha", min_epochs = 1, reduction_factor = 2 }
+"""
+PROBE_CPU = {"cores": 4, "ram_gib": 16, "slots": 2}
+
+
+def answers_fleet(live_server, tmp_path, monkeypatch):
+    """A coordinator whose "lr" sweep a real worker trained (a metric point per epoch, final metrics), and
+    whose "probe" sweep has one job running with four reports and one its stop rule stopped early."""
+    from test_worker import make_worker, trainer_manifest
+
+    from cis490fleet import slots
+
+    server = live_server(trainer_manifest("metrics.py", ANSWERS, stale_after_s=600))
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path))
+    w = make_worker(server.url, tmp_path)
+    while w.run_once() == slots.COMPLETED:
+        pass
+    coord = server.coordinator
+    running, stopped = (coord.claim("ws9", PROBE_CPU) for _ in range(2))
+    for epoch, value in enumerate((0.5, 0.4, 0.3, 0.25), 1):
+        coord.execute({"op": "heartbeat", "job_id": running["job_id"], "host": "ws9", "lease": running["lease"],
+                       "progress": {"epoch": epoch, "epochs": 8, "loss": 2 * value, "metrics": {"val_loss": value}}})
+    answer = coord.execute({"op": "heartbeat", "job_id": stopped["job_id"], "host": "ws9", "lease": stopped["lease"],
+                            "progress": {"epoch": 1, "epochs": 8, "metrics": {"val_loss": 0.6}}})
+    assert answer["cancel"] is True  # asha keeps the best 1 of 2 at rung 1
+    by_name = {j["name"]: j for j in server.call("GET", "/v1/jobs")[2]["jobs"]}
+    assert by_name["lr-0"]["status"] == by_name["lr-1"]["status"] == "completed"
+    return server, by_name, running["job_id"], stopped["job_id"]
+
+
+def curve_points(chart) -> list[int]:
+    """How many points each curve of an SVG chart has."""
+    return [len(p.split()) for p in chart.locator("polyline.curve").evaluate_all("ls => ls.map((l) => "
+                                                                                   "l.getAttribute('points'))")]
+
+
+@pytest.mark.browser
+def test_curves_come_from_the_coordinator_survive_a_reload_and_share_a_chart(browser, live_server, tmp_path,
+                                                                              monkeypatch):
+    server, by_name, running, stopped = answers_fleet(live_server, tmp_path, monkeypatch)
+    history = {name: server.call("GET", f"/v1/job/{by_name[name]['id']}/metrics")[2]["attempts"]
+               for name in ("lr-0", "lr-1")}
+    for name, attempts in history.items():
+        assert len(attempts) == 1 and len(attempts[0]["points"]) >= 2, (name, attempts)
+
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+    console = Console(page)
+    page.goto(server.url + "/")
+    card = page.locator(f'.run[data-key="{running}"]')
+    # A running job's card shows every report the coordinator kept, before this page saw a single change.
+    wait_for("the running job's curve", lambda: "4 reports" in card.locator(".loss-caption").inner_text(), timeout=30)
+    assert curve_points(card) == [4]
+    page.reload()
+    wait_for("the curve again after a reload", lambda: curve_points(card) == [4], timeout=30)
+
+    # The stop rule's job: counted, filtered and coloured as a final status of its own.
+    chip = page.locator('#summary button[data-status="stopped"]')
+    wait_for("the stopped chip", lambda: chip.locator("b").inner_text() == "1")
+    chip.click()
+    row = page.locator(f'#jobs tbody tr[data-key="{stopped}"]')
+    wait_for("the stopped filter", lambda: page.locator("#range").inner_text() == "1–1 of 1" and row.count() == 1)
+    assert page.locator("#f-status").input_value() == "stopped"
+    colours = page.evaluate("""() => ['s-stopped', 's-failed', 's-cancelled', 's-nothing'].map((c) => {
+        const b = document.createElement('span'); b.className = 'badge ' + c; document.body.append(b);
+        const colour = getComputedStyle(b).color; b.remove(); return colour; })""")
+    assert len(set(colours)) == 4, colours
+    assert row.locator(".badge").get_attribute("class") == "badge s-stopped"
+    page.click('#summary button[data-status=""]')
+
+    # A finished job's detail draws each attempt's curve from the coordinator's history.
+    lr0 = by_name["lr-0"]["id"]
+    page.locator(f'#jobs tbody tr[data-key="{lr0}"] button[data-detail]').click()
+    chart = page.locator("#detail .chart")
+    wait_for("the finished job's curve", lambda: curve_points(chart) == [len(history["lr-0"][0]["points"])])
+    assert "attempt 1" in page.locator("#detail .legend").inner_text()
+    shot(page, "dashboard-detail-curves.png", full_page=False)
+    page.click("#detail-close")
+
+    # Two jobs picked in the table share one chart, one curve and legend entry each, for the metric chosen.
+    for name in ("lr-0", "lr-1"):
+        page.locator(f'#jobs tbody tr[data-key="{by_name[name]["id"]}"] input.pick').check()
+    compare = page.locator("#compare")
+    wait_for("two curves on one chart", lambda: len(curve_points(compare.locator(".chart"))) == 2)
+    legend = compare.locator(".legend").inner_text()
+    assert "lr-0" in legend and "lr-1" in legend
+    assert compare.locator("select.metric").input_value() == "val_loss"
+    compare.locator("select.metric").select_option("loss")
+    wait_for("the other metric", lambda: compare.locator(".chart").get_attribute("aria-label").startswith("loss"))
+    assert sorted(curve_points(compare.locator(".chart"))) == sorted(len(a[0]["points"]) for a in history.values())
+    shot(page, "dashboard-compare.png")
+    assert console.errors == []
+
+
+@pytest.mark.browser
+def test_the_results_view_ranks_completed_jobs_and_downloads_its_csv(browser, live_server, tmp_path, monkeypatch):
+    server, by_name, _, _ = answers_fleet(live_server, tmp_path, monkeypatch)
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+    console = Console(page)
+    page.goto(server.url + "/")
+    results = page.locator("#results")
+    names = lambda: results.locator("tbody td.name").all_inner_texts()  # noqa: E731
+
+    def api_names(query: str) -> list[str]:
+        status, _, body = server.call("GET", f"/v1/results?{query}")
+        assert status == 200, body
+        return [r["name"] for r in body["results"]]
+
+    # Best first by the API's rule: val_loss, lower is better; lr 1e-3 has val_loss 0, 1e-1 has 2.
+    wait_for("the ranked results", lambda: names() == ["lr-1", "lr-0"])
+    assert names() == api_names("")
+    assert results.locator("th[aria-sort]").get_attribute("data-metric") == "val_loss"
+    assert "lr" in results.locator("thead").inner_text()
+
+    results.locator('th[data-metric="val_accuracy"] button').click()
+    wait_for("ranked by accuracy, higher first", lambda: names() == api_names("sort=val_accuracy") == ["lr-1", "lr-0"])
+    results.locator('th[data-metric="val_accuracy"] button').click()
+    wait_for("the other way round", lambda: names() == api_names("sort=val_accuracy&order=min") == ["lr-0", "lr-1"])
+    assert results.locator('th[data-metric="val_accuracy"]').get_attribute("aria-sort") == "ascending"
+
+    page.fill("#r-model", "cnn")
+    wait_for("no completed cnn job", lambda: names() == [] and results.locator(".empty").is_visible())
+    page.fill("#r-model", "")
+    page.fill("#r-sweep", "lr")
+    wait_for("the sweep's jobs", lambda: names() == ["lr-0", "lr-1"])
+
+    with page.expect_download() as got:
+        page.click("#r-csv")
+    download = got.value
+    assert download.suggested_filename == "results-lr.csv"
+    text = Path(download.path()).read_text()
+    status, _, want = server.call("GET", "/v1/results?sweep=lr&sort=val_accuracy&order=min&format=csv")
+    assert status == 200 and text == (want if isinstance(want, str) else want.decode())
+    rows = text.splitlines()
+    assert rows[0] == "name,id,model,mode,seed,epochs,lr,sleep,train_loss,val_accuracy,val_loss" and [r.split(",")[0] for r in rows[1:]] == ["lr-0", "lr-1"]
+
+    # The sweep's curves on one chart, from the results.
+    page.click("#r-chart")
+    wait_for("the sweep on one chart", lambda: len(curve_points(page.locator("#compare .chart"))) == 2)
+    shot(page, "dashboard-results.png")
+    assert console.errors == []

@@ -1,14 +1,19 @@
-// The cis490fleet dashboard: polls the JSON API, keeps loss histories in memory, renders with DOM calls only
-// (no innerHTML with data, so job names and error texts cannot inject markup).
+// The cis490fleet dashboard: polls the JSON API, draws curves from the coordinator's metric history and ranks
+// results, renders with DOM calls only (no innerHTML with data, so job names and error texts cannot inject markup).
 "use strict";
 (() => {
   const POLL_MS = 1500;
-  const HISTORY_POINTS = 300;
+  const HISTORY_EVERY = 4;     // a held job's metric history is fetched again every this many polls
+  const HISTORY_FETCHES = 8;   // at most this many history requests a poll
+  const COMPARE_MAX = 12;      // curves on the shared chart
   const ARM_MS = 4000;
   const TOKEN_KEY = "cis490fleet.operatorToken";
-  const STATUSES = ["pending", "claimed", "running", "completed", "failed", "cancelled"];
+  const STATUSES = ["pending", "claimed", "running", "completed", "failed", "cancelled", "stopped"];
   const CANCELLABLE = new Set(["pending", "claimed", "running"]);
-  const REQUEUEABLE = new Set(["failed", "cancelled"]);
+  const REQUEUEABLE = new Set(["failed", "cancelled", "stopped"]);
+  // Progress keys that count epochs, steps or shares, not how well a job does (as cis490fleet/results.py has it).
+  const BOOKKEEPING = new Set(["epoch", "epochs", "epochs_done", "step", "steps", "fraction", "seed", "total", "done",
+    "tree", "trees", "peak_vram_gib", "interrupted"]);
 
   const state = {
     status: "", model: "", host: "", limit: 50, offset: 0,
@@ -17,8 +22,15 @@
     armed: null, armedUntil: 0,
     data: null,
     skew: 0,                   // server clock minus this browser's clock, in seconds
-    history: new Map(),        // job id -> [{t, loss, f}]
+    polls: 0,
+    histories: new Map(),      // job id -> {attempts, poll, held}: the coordinator's history as last fetched
+    historyLoads: new Map(),   // job id -> the request in flight
     started: new Map(),        // job id -> {attempts, started}
+    compare: new Map(),        // job id -> label: the jobs on the shared chart, in the order picked
+    compareMetric: "",
+    detailMetric: "",
+    results: { sweep: "", model: "", sort: "", order: "", sig: null, body: null, error: "" },
+    sweeps: new Set(),
     timer: 0, busy: false, failures: 0, detailId: null,
   };
 
@@ -150,33 +162,15 @@
     }
     const data = { health, workers: workers.workers || [], page, running: [...running.jobs, ...claimed.jobs],
       failures: failures.failures || [], failedTotal: failed.total ?? 0, at: serverNow() };
-    record(data.running, data.at);
-    await learnStarts(data.running);
+    state.polls += 1;
+    await Promise.all([learnStarts(data.running), loadHistories(data.running), loadResults(health)]);
     return data;
-  }
-
-  function record(running, now) {
-    const live = new Set();
-    for (const job of running) {
-      live.add(job.id);
-      const p = job.progress;
-      if (!p || typeof p !== "object") continue;
-      const points = state.history.get(job.id) || [];
-      const last = points[points.length - 1];
-      const loss = num(p.loss), f = fraction(p);
-      const sig = JSON.stringify([p.step, p.epoch, p.loss, p.fraction]);
-      if (!last || last.sig !== sig) {
-        points.push({ t: now, loss, f, sig });
-        if (points.length > HISTORY_POINTS) points.splice(0, points.length - HISTORY_POINTS);
-        state.history.set(job.id, points);
-      }
-    }
-    for (const id of Array.from(state.history.keys())) if (!live.has(id)) state.history.delete(id);
-    for (const id of Array.from(state.started.keys())) if (!live.has(id)) state.started.delete(id);
   }
 
   // When each running job's current attempt began, for its ETA: one detail request per new attempt.
   async function learnStarts(running) {
+    const live = new Set(running.map((j) => j.id));
+    for (const id of Array.from(state.started.keys())) if (!live.has(id)) state.started.delete(id);
     const wanted = running.filter((j) => {
       const known = state.started.get(j.id);
       return !known || known.attempts !== j.attempts;
@@ -238,6 +232,9 @@
     renderPeers(d.health);
     renderFailures(d.failures, d.failedTotal);
     renderJobs(d.page);
+    renderCompare();
+    renderResults();
+    renderDetailChart();
     renderOperator();
   }
 
@@ -293,43 +290,9 @@
       if (f === null) bar.removeAttribute("aria-valuenow"); else bar.setAttribute("aria-valuenow", String(Math.round(100 * f)));
       const known = state.started.get(job.id);
       setText(node.querySelector(".run-text"), describe(job.progress, known && known.started, now));
-      drawLoss(node.querySelector("svg"), node.querySelector(".loss-caption"), state.history.get(job.id) || []);
+      drawSpark(node.querySelector("svg"), node.querySelector(".loss-caption"), currentPoints(job));
       renderActions(node.querySelector(".acts"), job);
     });
-  }
-
-  function drawLoss(svg, caption, points) {
-    const pts = points.filter((p) => p.loss !== null);
-    const sig = pts.length ? `${pts.length}:${pts[pts.length - 1].sig}` : "none";
-    if (svg.dataset.sig === sig) return;
-    svg.dataset.sig = sig;
-    svg.replaceChildren();
-    const make = (tag, attrs) => {
-      const n = document.createElementNS("http://www.w3.org/2000/svg", tag);
-      for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
-      svg.append(n);
-    };
-    const W = 320, H = 70, top = 4, bottom = H - 2, left = 1, right = W - 1;
-    make("line", { class: "axis", x1: left, y1: bottom, x2: right, y2: bottom });
-    const [lhs, rhs] = caption.children;
-    if (pts.length < 2) {
-      setText(lhs, pts.length ? `loss ${formatLoss(pts[0].loss)}` : "no loss reported yet");
-      setText(rhs, pts.length ? "curve from the next report" : "");
-      svg.setAttribute("aria-label", "loss curve: not enough reports yet");
-      return;
-    }
-    const xs = pts.map((p, i) => (p.f !== null ? p.f : i));
-    const x0 = Math.min(...xs), x1 = Math.max(...xs);
-    const ys = pts.map((p) => p.loss);
-    const lo = Math.min(...ys), hi = Math.max(...ys);
-    const sx = (x) => left + (right - left) * (x1 > x0 ? (x - x0) / (x1 - x0) : 1);
-    const sy = (y) => bottom - (bottom - top) * (hi > lo ? (y - lo) / (hi - lo) : 0.5);
-    const line = pts.map((p, i) => `${sx(xs[i]).toFixed(1)},${sy(p.loss).toFixed(1)}`).join(" ");
-    make("polygon", { class: "area", points: `${sx(xs[0]).toFixed(1)},${bottom} ${line} ${sx(xs[xs.length - 1]).toFixed(1)},${bottom}` });
-    make("polyline", { class: "curve", points: line, "vector-effect": "non-scaling-stroke" });
-    setText(lhs, `loss ${formatLoss(ys[0])} → ${formatLoss(ys[ys.length - 1])}`);
-    setText(rhs, `min ${formatLoss(lo)} · ${pts.length} reports`);
-    svg.setAttribute("aria-label", `loss curve over ${pts.length} reports, from ${formatLoss(ys[0])} to ${formatLoss(ys[ys.length - 1])}`);
   }
 
   function gpuText(cap) {
@@ -434,12 +397,17 @@
     $("jobs-empty").hidden = jobs.length > 0;
     keyed($("jobs").tBodies[0], jobs, (j) => j.id,
       (j) => el("tr", {},
-        el("td", {}, el("button", { type: "button", class: "link", dataset: { detail: j.id }, text: short(j.id) })),
+        el("td", { class: "id" }, el("input", { type: "checkbox", class: "pick", dataset: { id: j.id },
+          title: "draw on the shared chart", "aria-label": `draw job ${short(j.id)} on the shared chart` }),
+        el("button", { type: "button", class: "link", dataset: { detail: j.id }, text: short(j.id) })),
         el("td", { class: "name" }), el("td"), el("td", {}, el("span", { class: "badge" })),
         el("td", { class: "opt" }), el("td", {}, el("div", { class: "mini" }, el("div", { class: "bar" }, el("span")), el("small"))),
         el("td", { class: "opt num" }), el("td", { class: "opt muted" }), el("td", {}, el("span", { class: "actions" }))),
       (tr, j) => {
         const td = tr.children;
+        const box = td[0].firstChild;
+        box.checked = state.compare.has(j.id);
+        box.dataset.label = j.name || short(j.id);
         setText(td[1], j.name || "");
         td[1].title = j.name || "";
         setText(td[2], `${j.model}/${j.mode}`);
@@ -473,6 +441,360 @@
     if (list.dataset.sig === sig) return;
     list.dataset.sig = sig;
     list.replaceChildren(...sorted.map((v) => el("option", { value: v })));
+  }
+
+  // -- metric history: the coordinator's, per attempt --------------------------------------------------
+
+  const HELD = new Set(["claimed", "running"]);
+
+  // The history of the jobs on screen (running cards, the shared chart, the open detail). A job nobody
+  // holds gets no new points, so its history is fetched once; a held one's again every HISTORY_EVERY polls,
+  // and once more when it is let go, for its last points.
+  async function loadHistories(running) {
+    const held = new Set(running.map((j) => j.id));
+    const wanted = new Set([...held, ...state.compare.keys()]);
+    if (state.detailId) wanted.add(state.detailId);
+    for (const id of Array.from(state.histories.keys())) if (!wanted.has(id)) state.histories.delete(id);
+    const due = [...wanted].filter((id) => {
+      const h = state.histories.get(id);
+      return !h || h.held !== held.has(id) || (h.held && state.polls - h.poll >= HISTORY_EVERY);
+    }).sort((a, b) => state.histories.has(a) - state.histories.has(b));
+    await Promise.all(due.slice(0, HISTORY_FETCHES).map((id) => loadHistory(id, held.has(id))));
+  }
+
+  function loadHistory(id, held) {
+    if (!state.historyLoads.has(id)) {
+      state.historyLoads.set(id, api(`/v1/job/${encodeURIComponent(id)}/metrics`)
+        .then((body) => { state.histories.set(id, { attempts: body.attempts || [], poll: state.polls, held }); })
+        .catch(() => { /* finished meanwhile or unreachable: the next poll asks again */ })
+        .finally(() => state.historyLoads.delete(id)));
+    }
+    return state.historyLoads.get(id);
+  }
+
+  const METRIC_NAME = /^[A-Za-z0-9_.\-/]{1,64}$/;
+
+  // A progress report's metrics as the coordinator keeps them: finite numbers that are not bookkeeping,
+  // those of a nested `metrics` table winning.
+  function numbersOf(p) {
+    const out = {};
+    if (!p || typeof p !== "object") return out;
+    for (const table of [p, p.metrics && typeof p.metrics === "object" ? p.metrics : {}]) {
+      for (const [k, v] of Object.entries(table)) {
+        if (!BOOKKEEPING.has(k) && METRIC_NAME.test(k) && num(v) !== null) out[k] = v;
+      }
+    }
+    return Object.fromEntries(Object.entries(out).sort());
+  }
+
+  const pointSig = (p) => JSON.stringify([p.epoch ?? null, p.step ?? null, Object.entries(p.metrics).sort()]);
+
+  // The points of a running job's current attempt: its history, and its newest report when the history
+  // (fetched every few polls) does not have it yet.
+  function currentPoints(job) {
+    const h = state.histories.get(job.id);
+    const attempt = h && h.attempts.find((a) => a.attempt === job.attempts);
+    const points = attempt ? attempt.points.slice() : [];
+    const p = job.progress;
+    const live = { t: serverNow(), epoch: num(p && p.epoch), step: num(p && p.step), metrics: numbersOf(p) };
+    const last = points[points.length - 1];
+    if (Object.keys(live.metrics).length && !(last && pointSig(last) === pointSig(live))) points.push(live);
+    return points;
+  }
+
+  function metricNames(points) {
+    const names = new Set();
+    for (const p of points) for (const k of Object.keys(p.metrics || {})) names.add(k);
+    return Array.from(names).sort();
+  }
+
+  // What to draw when nobody said, as GET /v1/results ranks: val_loss, a validation score, a loss, the first.
+  function defaultMetric(names) {
+    for (const pick of [names.filter((n) => n === "val_loss"), names.filter((n) => n.startsWith("val_")),
+      names.filter((n) => n.includes("loss")), names]) if (pick.length) return pick[0];
+    return "";
+  }
+
+  // What the curves run along: the epoch when every point has one, else the step, else seconds.
+  function axisOf(points) {
+    for (const key of ["epoch", "step"]) if (points.length && points.every((p) => num(p[key]) !== null)) return key;
+    return "seconds";
+  }
+
+  function xy(points, metric, axis) {
+    const t0 = points.length ? points[0].t : 0;
+    return points.filter((p) => num((p.metrics || {})[metric]) !== null)
+      .map((p) => ({ x: axis === "seconds" ? p.t - t0 : p[axis], y: p.metrics[metric] }));
+  }
+
+  function svgNode(tag, attrs) {
+    const n = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    for (const [k, v] of Object.entries(attrs || {})) n.setAttribute(k, v);
+    return n;
+  }
+
+  // A running card's small curve: its loss, else the metric a ranking would use.
+  function drawSpark(svg, caption, points) {
+    const names = metricNames(points);
+    const metric = names.includes("loss") ? "loss" : defaultMetric(names);
+    const pts = xy(points, metric, axisOf(points));
+    const sig = JSON.stringify([metric, pts]);
+    if (svg.dataset.sig === sig) return;
+    svg.dataset.sig = sig;
+    const W = 320, H = 70, top = 4, bottom = H - 2, left = 1, right = W - 1;
+    svg.replaceChildren(svgNode("line", { class: "axis", x1: left, y1: bottom, x2: right, y2: bottom }));
+    const [lhs, rhs] = caption.children;
+    if (pts.length < 2) {
+      setText(lhs, pts.length ? `${metric} ${formatLoss(pts[0].y)}` : "no metric reported yet");
+      setText(rhs, pts.length ? "curve from the next report" : "");
+      svg.setAttribute("aria-label", "curve: not enough reports yet");
+      return;
+    }
+    const xs = pts.map((p) => p.x), ys = pts.map((p) => p.y);
+    const x0 = Math.min(...xs), x1 = Math.max(...xs), lo = Math.min(...ys), hi = Math.max(...ys);
+    const sx = (x) => left + (right - left) * (x1 > x0 ? (x - x0) / (x1 - x0) : 1);
+    const sy = (y) => bottom - (bottom - top) * (hi > lo ? (y - lo) / (hi - lo) : 0.5);
+    const line = pts.map((p) => `${sx(p.x).toFixed(1)},${sy(p.y).toFixed(1)}`).join(" ");
+    svg.append(svgNode("polygon", { class: "area", points: `${sx(x0).toFixed(1)},${bottom} ${line} ${sx(x1).toFixed(1)},${bottom}` }),
+      svgNode("polyline", { class: "curve", points: line, "vector-effect": "non-scaling-stroke" }));
+    const first = formatLoss(ys[0]), lastY = formatLoss(ys[ys.length - 1]);
+    setText(lhs, `${metric} ${first} → ${lastY}`);
+    setText(rhs, `min ${formatLoss(lo)} · ${pts.length} reports`);
+    svg.setAttribute("aria-label", `${metric} curve over ${pts.length} reports, from ${first} to ${lastY}`);
+  }
+
+  // -- charts of one metric, several curves ------------------------------------------------------------
+
+  const CHART_W = 600, CHART_H = 200, COLOURS = 8;
+
+  function makeChart(id, onMetric) {
+    const select = el("select", { class: "metric", "aria-label": "metric to draw" });
+    select.addEventListener("change", () => onMetric(select.value));
+    return el("div", { class: "chart-block", id },
+      el("div", { class: "chart-head" }, el("label", {}, "metric ", select), el("span", { class: "chart-note muted" })),
+      el("div", { class: "plot" },
+        el("div", { class: "y-axis muted" }, el("span"), el("span")),
+        svgNode("svg", { class: "chart", viewBox: `0 0 ${CHART_W} ${CHART_H}`, preserveAspectRatio: "none", role: "img" })),
+      el("div", { class: "x-axis muted" }, el("span"), el("span"), el("span")),
+      el("ul", { class: "legend" }));
+  }
+
+  // Draws `series` ([{key, label, detail, points}]: history points) for `wanted`, else for the default
+  // metric; returns the metric drawn.
+  function drawChart(block, series, wanted) {
+    const names = metricNames(series.flatMap((s) => s.points));
+    const metric = names.includes(wanted) ? wanted : defaultMetric(names);
+    const select = block.querySelector("select.metric");
+    if (select.dataset.sig !== names.join("\n")) {
+      select.dataset.sig = names.join("\n");
+      select.replaceChildren(...names.map((n) => el("option", { value: n, text: n })));
+    }
+    select.value = metric;
+    select.disabled = names.length < 2;
+    const axis = axisOf(series.flatMap((s) => s.points));
+    const lines = series.map((s, i) => ({ ...s, cls: `c${i % COLOURS}`, pts: xy(s.points, metric, axis) }));
+    const svg = block.querySelector("svg");
+    const sig = JSON.stringify([metric, lines.map((l) => [l.key, l.label, l.pts])]);
+    if (svg.dataset.sig !== sig) {
+      svg.dataset.sig = sig;
+      plot(block, svg, lines, metric, axis);
+    }
+    return metric;
+  }
+
+  function plot(block, svg, lines, metric, axis) {
+    const all = lines.flatMap((l) => l.pts);
+    const [yHi, yLo] = block.querySelector(".y-axis").children;
+    const [xLo, xName, xHi] = block.querySelector(".x-axis").children;
+    svg.replaceChildren(...[0.25, 0.5, 0.75].map((f) => svgNode("line", { class: "grid", x1: 0, x2: CHART_W,
+      y1: CHART_H * f, y2: CHART_H * f, "vector-effect": "non-scaling-stroke" })));
+    setText(block.querySelector(".chart-note"), all.length ? `${lines.length} curve${lines.length === 1 ? "" : "s"}`
+      : "no metric reported yet");
+    svg.setAttribute("aria-label", `${metric || "no metric"} by ${axis}: ${lines.length} curves`);
+    const x0 = Math.min(...all.map((p) => p.x)), x1 = Math.max(...all.map((p) => p.x));
+    const lo = Math.min(...all.map((p) => p.y)), hi = Math.max(...all.map((p) => p.y));
+    const pad = hi > lo ? (hi - lo) * 0.06 : Math.abs(hi) * 0.1 || 1;
+    const sx = (x) => (x1 > x0 ? (x - x0) / (x1 - x0) : 0.5) * CHART_W;
+    const sy = (y) => CHART_H - ((y - lo + pad) / (hi - lo + 2 * pad)) * CHART_H;
+    for (const l of lines) {
+      const pts = l.pts.map((p) => `${sx(p.x).toFixed(1)},${sy(p.y).toFixed(1)}`);
+      if (pts.length > 1) {
+        svg.append(svgNode("polyline", { class: `curve ${l.cls}`, points: pts.join(" "), "vector-effect": "non-scaling-stroke" }));
+      } else if (pts.length === 1) {
+        const [x, y] = pts[0].split(",");
+        svg.append(svgNode("line", { class: `point ${l.cls}`, x1: x, y1: y, x2: x, y2: y, "vector-effect": "non-scaling-stroke" }));
+      }
+    }
+    setText(yHi, all.length ? formatLoss(hi) : "");
+    setText(yLo, all.length ? formatLoss(lo) : "");
+    setText(xLo, all.length ? `${axis === "seconds" ? duration(x0) : x0}` : "");
+    setText(xName, metric ? `${metric} by ${axis}` : "");
+    setText(xHi, all.length ? `${axis === "seconds" ? duration(x1) : x1}` : "");
+    keyed(block.querySelector(".legend"), lines, (l) => l.key,
+      (l) => el("li", {}, el("span", { class: "swatch" }),
+        l.detail ? el("button", { type: "button", class: "link", dataset: { detail: l.detail } }) : el("span"),
+        el("span", { class: "muted value" })),
+      (li, l) => {
+        const [swatch, label, value] = li.children;
+        swatch.className = `swatch ${l.cls}`;
+        setText(label, l.label);
+        const last = l.pts[l.pts.length - 1];
+        setText(value, last ? `${formatLoss(last.y)} at ${axis === "seconds" ? duration(last.x) : `${axis} ${last.x}`}`
+          : "no points");
+      });
+  }
+
+  // The shared chart: the jobs picked in the jobs table or from the results, each its latest attempt.
+  function renderCompare() {
+    const card = $("compare");
+    card.hidden = state.compare.size === 0;
+    if (card.hidden) return;
+    setText($("compare-count"), String(state.compare.size));
+    const series = Array.from(state.compare, ([id, label]) => {
+      const h = state.histories.get(id);
+      const attempts = h ? h.attempts.filter((a) => a.points.length) : [];
+      const last = attempts[attempts.length - 1];
+      return { key: id, detail: id, points: last ? last.points : [],
+        label: last && last.attempt > 1 ? `${label} (attempt ${last.attempt})` : label };
+    });
+    state.compareMetric = drawChart($("compare-chart"), series, state.compareMetric);
+  }
+
+  function pick(id, label, on) {
+    if (on && !state.compare.has(id) && state.compare.size >= COMPARE_MAX) {
+      toast(`the chart holds ${COMPARE_MAX} curves: unpick one first`, true);
+      return false;
+    }
+    if (on) state.compare.set(id, label); else state.compare.delete(id);
+    renderCompare();
+    if (on) loadHistory(id, false).then(renderCompare);
+    return true;
+  }
+
+  function renderDetailChart() {
+    const block = $("detail-chart");
+    const h = state.detailId && state.histories.get(state.detailId);
+    if (!block || !h) return;
+    state.detailMetric = drawChart(block, h.attempts.map((a) => ({ key: String(a.attempt), label: `attempt ${a.attempt}`,
+      points: a.points })), state.detailMetric);
+  }
+
+  // -- results: completed jobs ranked by GET /v1/results -------------------------------------------------
+
+  // The headers of a read: the token this tab keeps, as a read and as an operator token.
+  function authHeaders(accept) {
+    const headers = { accept };
+    if (state.token) { headers["x-read-token"] = state.token; headers["x-operator-token"] = state.token; }
+    return headers;
+  }
+
+  function resultsQuery(format) {
+    const r = state.results, q = new URLSearchParams();
+    for (const k of ["sweep", "model", "sort", "order"]) if (r[k]) q.set(k, r[k]);
+    if (format) q.set("format", format);
+    return `/v1/results${String(q) ? "?" : ""}${q}`;
+  }
+
+  // Fetched again only when its query or the number of completed jobs changed.
+  async function loadResults(health) {
+    const r = state.results;
+    const sig = JSON.stringify([resultsQuery(), (health.jobs || {}).completed || 0]);
+    if (r.sig === sig) return;
+    try {
+      r.body = await api(resultsQuery());
+      r.error = "";
+    } catch (err) {
+      if (err.status !== 400) throw err;
+      if (r.sort) {  // the metric picked is one no job of these filters reported: rank by the default
+        r.sort = "";
+        r.order = "";
+        return loadResults(health);
+      }
+      r.body = null;
+      r.error = err.message;
+    }
+    r.sig = sig;
+  }
+
+  function cell(v) {
+    if (typeof v === "number") return Number.isInteger(v) ? String(v) : String(Number(v.toPrecision(6)));
+    if (typeof v === "string") return v;
+    return v === undefined || v === null ? "" : JSON.stringify(v);
+  }
+
+  function renderResults() {
+    const r = state.results, body = r.body || {};
+    const rows = body.results || [];
+    for (const row of rows) if (row.sweep) state.sweeps.add(row.sweep);
+    fillDatalist($("sweeps"), state.sweeps);
+    const hypers = Array.from(new Set(rows.flatMap((row) => Object.keys(row.hyper || {}))));
+    const metrics = body.metrics || [];
+    const table = $("results-table");
+    const head = JSON.stringify([hypers, metrics, body.sort, body.order]);
+    if (table.dataset.head !== head) {
+      table.dataset.head = head;
+      const sorted = body.order === "min" ? "ascending" : "descending";
+      table.tHead.replaceChildren(el("tr", {}, ...["name", "id", "model", "seed"].map((h) => el("th", { text: h })),
+        ...hypers.map((h) => el("th", { class: "hyper", text: h, title: "hyper value" })),
+        ...metrics.map((m) => el("th", { class: "num", dataset: { metric: m }, "aria-sort": m === body.sort ? sorted : null },
+          el("button", { type: "button", text: m,
+            title: m === body.sort ? `ranked by ${m}, ${body.order === "min" ? "lower" : "higher"} first: click to turn`
+              : `rank by ${m}` })))));
+    }
+    keyed(table.tBodies[0], rows, (row) => `${row.id}\n${head}`,
+      (row) => el("tr", {}, el("td", { class: "name", text: row.name || "" }),
+        el("td", {}, el("button", { type: "button", class: "link", dataset: { detail: row.id }, text: short(row.id) })),
+        el("td", { text: `${row.model}/${row.mode}` }), el("td", { class: "num", text: cell(row.seed) }),
+        ...hypers.map((h) => el("td", { class: "mono", text: cell((row.hyper || {})[h]) })),
+        ...metrics.map((m) => el("td", { class: m === body.sort ? "num ranked" : "num",
+          text: num((row.metrics || {})[m]) === null ? "" : formatLoss(row.metrics[m]) }))),
+      () => {});
+    setText($("results-count"), rows.length ? String(rows.length) : "");
+    const empty = $("results-empty");
+    empty.hidden = rows.length > 0;
+    setText(empty, r.error || "No completed job matches these filters.");
+    $("r-csv").disabled = $("r-chart").disabled = rows.length === 0;
+  }
+
+  // Click a metric's column to rank by it (the API's order: lower first for a loss, else higher); again to turn.
+  function rankBy(metric) {
+    const r = state.results, body = r.body || {};
+    r.order = body.sort === metric ? (body.order === "min" ? "max" : "min") : "";
+    r.sort = metric;
+    refresh();
+  }
+
+  // The CSV of the rows shown. A link cannot send the token reads need, so it is fetched and offered as a file.
+  async function downloadResults() {
+    let blob;
+    try {
+      const resp = await fetch(resultsQuery("csv"), { cache: "no-store", headers: authHeaders("text/csv") });
+      if (!resp.ok) {
+        let detail = `${resp.status} ${resp.statusText}`;
+        try { detail = (await resp.json()).detail || detail; } catch (_) { /* not JSON */ }
+        throw new Error(detail);
+      }
+      blob = await resp.blob();
+    } catch (err) {
+      toast(`the CSV download failed: ${err.message}`, true);
+      return;
+    }
+    const url = URL.createObjectURL(blob);
+    const name = state.results.sweep ? `results-${state.results.sweep.replace(/[^A-Za-z0-9_.-]+/g, "_")}.csv` : "results.csv";
+    const a = el("a", { href: url, download: name, hidden: true });
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10_000);
+  }
+
+  // The rows shown, best first, on the shared chart.
+  function chartResults() {
+    const rows = (state.results.body || {}).results || [];
+    state.compare.clear();
+    for (const row of rows.slice(0, COMPARE_MAX)) pick(row.id, row.name || short(row.id), true);
+    if (rows.length > COMPARE_MAX) toast(`the chart shows the best ${COMPARE_MAX} of ${rows.length}`);
+    $("compare").scrollIntoView({ block: "nearest" });
   }
 
   // -- operator actions -------------------------------------------------------------------------------
@@ -569,6 +891,7 @@
     if ((job.why_pending || []).length) {
       parts.push(el("h2", { text: "Why pending" }), el("ul", {}, ...job.why_pending.map((r) => el("li", { text: r }))));
     }
+    parts.push(el("h2", { text: "Curves" }), makeChart("detail-chart", (m) => { state.detailMetric = m; renderDetailChart(); }));
     if ((job.attempts || []).length) {
       // The checkpoint each attempt left; the next attempt resumes from the newest.
       const saved = new Map((job.checkpoints || []).map((c) => [c.attempt, c]));
@@ -592,6 +915,9 @@
     if (job.last_error) parts.push(el("h2", { text: "Last error" }), el("pre", { class: "log err", text: job.last_error }));
     if (job.log_tail) parts.push(el("h2", { text: "Log tail" }), el("pre", { class: "log", text: job.log_tail }));
     $("detail-body").replaceChildren(...parts);
+    state.histories.delete(id);
+    await loadHistory(id, HELD.has(job.status));
+    if (state.detailId === id) renderDetailChart();
   }
 
   // One attempt's whole log, below the attempts table (the server sends it gzip-encoded; fetch unpacks it).
@@ -642,6 +968,8 @@
         return;
       }
       if (target.classList.contains("chip")) { setFilter("status", target.dataset.status || ""); return; }
+      const metricTh = target.closest("th[data-metric]");
+      if (metricTh) { rankBy(metricTh.dataset.metric); return; }
       const th = target.closest("th[data-sort]");
       if (th) {
         const key = th.dataset.sort;
@@ -682,6 +1010,29 @@
     $("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - state.limit); refresh(); });
     $("next").addEventListener("click", () => { state.offset += state.limit; refresh(); });
     $("detail-close").addEventListener("click", () => $("detail").close());
+    document.addEventListener("change", (ev) => {
+      const box = ev.target.closest("input.pick");
+      if (box && !pick(box.dataset.id, box.dataset.label, box.checked)) box.checked = false;
+    });
+    $("compare").querySelector(".chart-slot").replaceWith(makeChart("compare-chart", (m) => { state.compareMetric = m; renderCompare(); }));
+    $("compare-clear").addEventListener("click", () => {
+      state.compare.clear();
+      for (const box of document.querySelectorAll("input.pick")) box.checked = false;
+      renderCompare();
+    });
+    let resultsDebounce = 0;
+    const onResultsFilter = () => {
+      clearTimeout(resultsDebounce);
+      resultsDebounce = setTimeout(() => {
+        state.results.sweep = $("r-sweep").value.trim();
+        state.results.model = $("r-model").value.trim();
+        refresh();
+      }, 250);
+    };
+    for (const id of ["r-sweep", "r-model"]) $(id).addEventListener("input", onResultsFilter);
+    $("r-filters").addEventListener("submit", (ev) => ev.preventDefault());
+    $("r-csv").addEventListener("click", downloadResults);
+    $("r-chart").addEventListener("click", chartResults);
     $("detail").addEventListener("close", () => { state.detailId = null; });
     document.addEventListener("visibilitychange", () => {
       if (document.hidden) { clearTimeout(state.timer); setConn("paused", "paused (tab hidden)"); } else refresh();
