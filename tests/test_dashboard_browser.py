@@ -479,6 +479,12 @@ def answers_fleet(live_server, tmp_path, monkeypatch):
     return server, by_name, running["job_id"], stopped["job_id"]
 
 
+def enter_token(page) -> None:
+    """Give the page the token it sends with every read, the CSV download's included."""
+    page.fill("#token", OPERATOR_TOKEN)
+    page.click("#unlock button[type=submit]")
+
+
 def curve_points(chart) -> list[int]:
     """How many points each curve of an SVG chart has."""
     return [len(p.split()) for p in chart.locator("polyline.curve").evaluate_all("ls => ls.map((l) => "
@@ -497,6 +503,7 @@ def test_curves_come_from_the_coordinator_survive_a_reload_and_share_a_chart(bro
     page = browser.new_page(viewport={"width": 1360, "height": 900})
     console = Console(page)
     page.goto(server.url + "/")
+    enter_token(page)
     card = page.locator(f'.run[data-key="{running}"]')
     # A running job's card shows every report the coordinator kept, before this page saw a single change.
     wait_for("the running job's curve", lambda: "4 reports" in card.locator(".loss-caption").inner_text(), timeout=30)
@@ -548,6 +555,7 @@ def test_the_results_view_ranks_completed_jobs_and_downloads_its_csv(browser, li
     page = browser.new_page(viewport={"width": 1360, "height": 900})
     console = Console(page)
     page.goto(server.url + "/")
+    enter_token(page)
     results = page.locator("#results")
     names = lambda: results.locator("tbody td.name").all_inner_texts()  # noqa: E731
 
