@@ -35,12 +35,13 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Callable
 
-from cis490fleet import errors
+from cis490fleet import errors, signing
 
 log = logging.getLogger(__name__)
 
 ENV_RECEIVER = "CIS490_RECEIVER"
 ENV_TOKEN = "CIS490_OPERATOR_TOKEN"
+ENV_READ_TOKEN = "CIS490_READ_TOKEN"
 CHUNK = 1 << 20
 MAX_ERROR_BODY = 1 << 20
 RETRY_STATUSES = frozenset({502, 503})
@@ -199,10 +200,18 @@ class Client:
 
     def __init__(self, urls: str | list[str] | None = None, *, host_id: str | None = None,
                  operator_token: str | None = None, ca=None, cert=None, key=None,
-                 timeout: float = 30.0, retries: int = 5, backoff_s: float = 0.25, backoff_max_s: float = 5.0):
+                 timeout: float = 30.0, retries: int = 5, backoff_s: float = 0.25, backoff_max_s: float = 5.0,
+                 host_key: bytes | str | None = None, read_token: str | None = None):
         self.urls = parse_urls(urls)
         self.host_id = host_id
         self.operator_token = operator_token if operator_token is not None else (os.environ.get(ENV_TOKEN) or None)
+        self.read_token = read_token if read_token is not None else (os.environ.get(ENV_READ_TOKEN) or None)
+        if isinstance(host_key, str):
+            host_key = signing.parse_key(host_key, "the host key")
+        if host_key is not None and not host_id:
+            raise errors.ConfigError("a host key signs as a host: give the host id too (host_id / --host-id)")
+        self.host_key = host_key
+        self.clock_offset = 0.0  # the coordinator's clock minus ours, from its Date headers
         self.timeout = float(timeout)
         self.retries = max(0, int(retries))
         self.backoff_s = float(backoff_s)
@@ -290,9 +299,22 @@ class Client:
             headers["x-lab-host"] = self.host_id
         if self.operator_token:
             headers["x-operator-token"] = self.operator_token
+        if self.read_token:
+            headers["x-read-token"] = self.read_token
         if extra:
             headers.update({k: str(v) for k, v in extra.items() if v is not None})
         return headers
+
+    def _signed(self, headers: dict, method: str, target: str, body: bytes | None) -> dict:
+        """``headers`` plus a fresh signature (new nonce, current time): each send of a request is signed anew,
+        so a retry is not refused as a replay, while its session serial stays the same."""
+        if self.host_key is None:
+            return headers
+        body_sha = headers.get("x-content-sha256") if body is None and "x-content-sha256" in headers else \
+            signing.body_sha256(body or b"")
+        return {**headers, **signing.signature_headers(self.host_key, f"host/{self.host_id}", method, target,
+                                                       body_sha, time.time() + self.clock_offset,
+                                                       secrets.token_hex(16), headers)}
 
     def _once(self, url: str, method: str, path: str, headers: dict, body: bytes | None,
               body_path: Path | None, timeout: float, sink: Callable | None):
@@ -302,6 +324,7 @@ class Client:
             conn.close()
         reused = conn.sock is not None
         target = urllib.parse.urlsplit(url).path + path
+        headers = self._signed(headers, method, target, body)
         resp = None
         try:
             if conn.sock is None:
@@ -320,6 +343,9 @@ class Client:
         try:
             if resp is None:
                 resp = conn.getresponse()
+            if self.host_key is not None:
+                self.clock_offset = signing.corrected_offset(self.clock_offset,
+                                                             signing.clock_offset(resp.getheader("date"), time.time()))
             if 200 <= resp.status < 300 and sink is not None:
                 result = sink(resp)
             elif resp.status >= 300:
@@ -408,8 +434,13 @@ class Client:
                 i = (start + k) % n
                 url = self.urls[i]
                 try:
+                    offset = self.clock_offset
                     status, resp_headers, data = self._once_reconnecting(
                         url, method, path, all_headers, body, body_path, timeout, sink)
+                    if status == 401 and self.clock_offset != offset:
+                        # Refused for our clock, which the answer's Date corrected: sign again with the offset.
+                        status, resp_headers, data = self._once_reconnecting(
+                            url, method, path, all_headers, body, body_path, timeout, sink)
                 except _NotSent as err:
                     last_problem = f"{where(url)}{err}"
                     log.debug("%s %s not sent to %s: %s", method, path, url, err)
@@ -623,6 +654,19 @@ class Client:
 
     def replace_peer(self, old: str, peer_id: str, url: str) -> dict:
         return self._call("POST", "/v1/peers/replace", payload={"old": old, "id": peer_id, "url": url})
+    def hosts(self) -> dict:
+        """``{"hosts": [...]}``: every host with a key or a [[hosts]] entry (operator; keys are never listed)."""
+        return self._call("GET", "/v1/hosts")
+
+    def hosts_add(self, host: str) -> dict:
+        """``{"host", "key", "enroll"?}``: a new key for ``host``, answered this once."""
+        return self._call("POST", "/v1/hosts", payload={"host": host})
+
+    def hosts_rotate(self, host: str) -> dict:
+        return self._call("POST", f"/v1/hosts/{_quote(host)}/rotate")
+
+    def hosts_revoke(self, host: str) -> dict:
+        return self._call("POST", f"/v1/hosts/{_quote(host)}/revoke")
 
     def metrics(self) -> str:
         status, _, data = self._exchange("GET", "/metrics", headers={"accept": "text/plain"})

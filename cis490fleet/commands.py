@@ -21,7 +21,7 @@ import math
 
 from cis490fleet.errors import BadRequest
 from cis490fleet.jobs import CLASS_JOB, FAILURE_CLASSES
-from cis490fleet.model import HOST_ID_RE, JOB_ID_RE, SHA256_RE, normalize_capability
+from cis490fleet.model import HOST_ID_RE, JOB_ID_RE, OPERATOR_NAME_RE, SHA256_RE, normalize_capability
 from cis490fleet.results import final_metrics
 
 LOG_TAIL_MAX = 64 * 1024
@@ -266,6 +266,22 @@ def _opt_job_ids(op, name, v):
     if not isinstance(v, list) or len(v) > 1_000_000:
         raise _bad(op, name, "a list of job ids", v)
     return [_job_id(op, f"{name}[{i}]", j) for i, j in enumerate(v)]
+def _key(op, name, v):
+    if not isinstance(v, str) or not SHA256_RE.match(v):
+        raise _bad(op, name, "a key of 64 lowercase hex digits, drawn by the coordinator that took the request", v)
+    return v
+
+
+def _operator(op, name, v):
+    if not isinstance(v, str) or not OPERATOR_NAME_RE.fullmatch(v):
+        raise _bad(op, name, "an operator name (1-64 letters, digits, '.', '_', '-', '@')", v)
+    return v
+
+
+def _flag(op, name, v):
+    if not isinstance(v, bool):
+        raise _bad(op, name, "true or false", v)
+    return v
 
 
 def _failure_class(op, name, v):
@@ -319,8 +335,11 @@ OPS: dict[str, dict[str, tuple]] = {
     "fail": {"job_id": (_job_id, REQUIRED), "host": (_host, REQUIRED), "lease": (_opt_lease, None),
              "error": (_text(ERROR_MAX), REQUIRED), "failure_class": (_failure_class, CLASS_JOB)},
     "release": {"job_id": (_job_id, REQUIRED), "host": (_host, REQUIRED), "lease": (_opt_lease, None)},
-    "cancel": {"job_id": (_job_id, REQUIRED)},
-    "requeue": {"job_id": (_job_id, REQUIRED)},
+    "cancel": {"job_id": (_job_id, REQUIRED), "by": (_operator, None)},
+    "requeue": {"job_id": (_job_id, REQUIRED), "by": (_operator, None)},
+    "host_key_set": {"host": (_host, REQUIRED), "key": (_key, REQUIRED), "by": (_operator, REQUIRED),
+                     "rotate": (_flag, False)},
+    "host_key_revoke": {"host": (_host, REQUIRED), "by": (_operator, REQUIRED)},
     "sweep_stale": {"hold": (_opt_job_ids, None)},
     "record_checkpoint": {"job_id": (_job_id, REQUIRED), "host": (_host, REQUIRED), "lease": (_opt_lease, None),
                           "sha256": (_sha, REQUIRED), "epoch": (_opt_epoch, None), "size": (_size, REQUIRED),

@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from cis490fleet import __version__, commands, errors, manifest_source, model
+from cis490fleet import __version__, auth, commands, errors, manifest_source, model
 from cis490fleet.lease_clock import LeaseClock
 from cis490fleet.manifest_source import ManifestTexts
 from cis490fleet.metrics import Histogram
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 ENV_DATA = "CIS490_DATA"
 ENV_TOKEN = "CIS490_OPERATOR_TOKEN"
+ENV_READ_TOKEN = "CIS490_READ_TOKEN"
 DEFAULT_BIND = "127.0.0.1:8445"
 MAX_BATCH = 1024
 STOP_GRACE_S = 30.0
@@ -50,6 +51,9 @@ LOCAL_ROUTES = frozenset({"/", "/metrics", "/v1/health", "/v1/openapi.json", "/v
 # A reload without a manifest text reads the receiving peer's file before it goes to the leader (http_api.h_reload).
 RELOAD_ROUTE = "/v1/manifest/reload"
 WAKE_OPS = frozenset({"sync_manifest", "complete", "fail", "cancel", "requeue", "release", "sweep_stale"})
+KEY_OPS = frozenset({"host_key_set", "host_key_revoke", "sync_manifest"})
+KNOWN_HOSTS_TTL_S = 1.0
+KEY_CATCH_UP_S = 2.0
 LATENCY_BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 60000)
 
 
@@ -296,7 +300,8 @@ class Coordinator:
     def __init__(self, data_dir: str | os.PathLike, *, manifest_path: str | os.PathLike | None = None,
                  operator_token: str | None = None, synchronous: str = "FULL", node_id: str | None = None,
                  sweep_interval: float | None = None, max_batch: int = MAX_BATCH,
-                 peers: dict[str, str] | None = None, raft_options: dict | None = None, peer_ssl_context=None):
+                 peers: dict[str, str] | None = None, raft_options: dict | None = None, peer_ssl_context=None,
+                 trust: auth.Trust | None = None):
         from cis490fleet.artifacts import ArtifactStore
         from cis490fleet.jobstore import JobStore
 
@@ -304,6 +309,10 @@ class Coordinator:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.manifest_path = Path(manifest_path) if manifest_path else None
         self.operator_token = operator_token or None
+        self.trust = trust or auth.Trust(operator_tokens={auth.DEFAULT_OPERATOR: operator_token} if operator_token
+                                         else {})
+        self._known: tuple[float, dict[str, bytes], frozenset] | None = None  # (read at, host keys, manifest hosts)
+        self._known_generation = 0  # raised by every key command, so a read that raced one is not cached
         self.node_id = node_id or socket.gethostname() or "coordinator"
         self.counters = Counters()
         self.lease_clock = LeaseClock()
@@ -345,7 +354,8 @@ class Coordinator:
                 self.replicator = Replicator(self.data_dir, self.node_id, peers, self.store,
                                              on_applied=self._after_commit, ssl_context=peer_ssl_context,
                                              artifacts=self.artifacts, checkpoints=self.checkpoints,
-                                             logs=self.logs, **(raft_options or {}))
+                                             logs=self.logs, cluster_key=self.trust.cluster_key,
+                                             **(raft_options or {}))
             except BaseException:
                 self.store.close()
                 self._data_lock.release()
@@ -461,6 +471,8 @@ class Coordinator:
                 c.add("stale_failures", int(result.get("failed", 0) or 0))
             if op in WAKE_OPS:
                 wake = True
+            if op in KEY_OPS:
+                self.forget_known_hosts()
         if wake:
             self.wake_waiters()
         self.notifier.observe(cmds, results)
@@ -517,6 +529,62 @@ class Coordinator:
                     self._wake.wait(left)
                 if self._stopping.is_set() or time.monotonic() >= deadline:
                     return {"cancel": False}
+    # -- hosts and their keys ------------------------------------------------------------------------
+
+    def _known_hosts(self) -> tuple[dict[str, bytes], frozenset]:
+        """Host keys and manifest host ids, re-read when a key command applies and at least every
+        ``KNOWN_HOSTS_TTL_S`` (a snapshot installed on a follower changes them without a command)."""
+        known = self._known
+        if known is None or time.monotonic() - known[0] > KNOWN_HOSTS_TTL_S:
+            generation = self._known_generation
+            keys = self._read(self.store.host_keys)
+            declared = frozenset(h.id for h in self._read(self.store.hosts))
+            known = (time.monotonic(), keys, declared)
+            if generation == self._known_generation:
+                self._known = known
+        return known[1], known[2]
+
+    def forget_known_hosts(self) -> None:
+        self._known_generation += 1
+        self._known = None
+
+    def host_key(self, host: str) -> bytes | None:
+        """``host``'s key. A follower that does not know it yet waits a little for its queue to apply what the
+        leader committed (a host added a moment ago through another peer), then answers."""
+        key = self._known_hosts()[0].get(host)
+        if key is None and self.replicator is not None and not self.replicator.is_leader():
+            deadline = time.monotonic() + KEY_CATCH_UP_S
+            while key is None and time.monotonic() < deadline and not self._stopping.is_set():
+                time.sleep(0.05)
+                self.forget_known_hosts()
+                key = self._known_hosts()[0].get(host)
+        return key
+
+    def check_known_host(self, host: str) -> None:
+        """Forbidden unless the fleet knows ``host``: a key from `jobs hosts add`, or a [[hosts]] entry."""
+        keys, declared = self._known_hosts()
+        if host not in keys and host not in declared:
+            raise errors.Forbidden(f"host {host!r} is not part of this fleet: declare it in the manifest's "
+                                   f"[[hosts]], or {auth.ADD_HOST_HINT.format(host=host)}")
+
+    def hosts_list(self) -> list[dict]:
+        """Hosts with keys (never the keys) and manifest hosts without one."""
+        rows = self._read(self.store.host_key_list)
+        declared = {h.id for h in self._read(self.store.hosts)}
+        for row in rows:
+            row["in_manifest"] = row["host"] in declared
+        seen = {row["host"] for row in rows}
+        rows += [{"host": h, "created": None, "created_by": None, "revoked": None, "revoked_by": None,
+                  "in_manifest": True} for h in sorted(declared - seen)]
+        return sorted(rows, key=lambda r: r["host"])
+
+    def enroll_commands(self, host: str, key: str, receiver: str) -> dict | None:
+        """The ready-to-paste enroll commands for a new host key, pinned to this zipapp's sha256."""
+        try:
+            from cis490fleet import bootstrap
+        except ImportError:
+            return None
+        return bootstrap.enroll_commands(receiver, host, key, self.zipapp()[1])
 
     # -- reads ---------------------------------------------------------------------------------------
 
@@ -586,7 +654,8 @@ class Coordinator:
     def health(self) -> dict:
         peers = [{"id": pid, "url": url} for pid, url in self.fleet().peers]
         out = {"ok": True, "role": "leader", "leader": self.node_id, "term": 1, "node_id": self.node_id,
-               "version": __version__, "url": self.url, "jobs": self._read(self.store.counts), "peers": peers}
+               "version": __version__, "url": self.url, "jobs": self._read(self.store.counts), "peers": peers,
+               "security": self.trust.summary()}
         out["manifest"] = self._read(self.store.manifest_info)
         out["apply_failures"] = len(self._read(self.store.apply_failures))
         if self.replicator is not None:
@@ -871,6 +940,15 @@ def read_token(path: str | None, env: dict) -> str | None:
     return token or None
 
 
+def _operator_tokens(path: str | None, env: dict) -> dict[str, str]:
+    """Named operator tokens from --operator-token-file (name:token lines, or one bare token), else the
+    environment's one token, named 'operator'."""
+    if path:
+        return auth.read_named_tokens(path, "--operator-token-file", auth.DEFAULT_OPERATOR)
+    token = read_token(None, env)
+    return {auth.DEFAULT_OPERATOR: token} if token else {}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cis490fleet serve", description="Run a coordinator: manifest, queue, "
                                 "artifact store, HTTP API.")
@@ -879,7 +957,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", default=DEFAULT_BIND, help=f"HOST:PORT to listen on (default {DEFAULT_BIND}; port 0 "
                    "picks a free one)")
     p.add_argument("--port-file", help="also write the URL this coordinator listens on to this file")
-    p.add_argument("--operator-token-file", help=f"file holding the operator token (else ${ENV_TOKEN})")
+    p.add_argument("--operator-token-file", help=f"operator tokens, one name:token per line (a bare token is named "
+                   f"'{auth.DEFAULT_OPERATOR}'); else ${ENV_TOKEN}")
+    p.add_argument("--read-token-file", help=f"read tokens (name:token lines) for jobs, logs, artifacts, metrics; "
+                   f"also ${ENV_READ_TOKEN}")
+    p.add_argument("--public-read", action="store_true", help="let anyone read jobs, workers, logs, artifacts and "
+                   "metrics without a token")
+    p.add_argument("--trust-host-header", action="store_true",
+                   help="legacy mode for a closed lab network: x-lab-host names the worker unproved, leases are "
+                   "optional, reads are open (anyone who reaches the port can claim as any host)")
+    p.add_argument("--cluster-key-file", help="the key the peers share to prove they are peers (created, mode "
+                   "0600, if missing: copy it to every other peer)"),
     p.add_argument("--cert", help="TLS certificate (PEM)")
     p.add_argument("--key", help="TLS private key (PEM)")
     p.add_argument("--client-ca", help="CA (PEM) that signs worker certificates: turns on mutual TLS")
@@ -978,15 +1066,29 @@ def main(argv: list[str] | None = None) -> int:
         raise errors.ConfigError("--key and --client-ca need --cert: give the server's certificate too")
     if not args.cert and not is_loopback(host) and not args.insecure:
         raise errors.ConfigError(
-            f"refusing to listen on {host}:{port} without TLS: anyone on that network could claim jobs and "
-            "upload models; give --cert and --key (and --client-ca for mutual TLS), bind 127.0.0.1, or pass "
+            f"refusing to listen on {host}:{port} without TLS: anyone on that network could read the traffic; "
+            "give --cert and --key (and --client-ca for mutual TLS), bind 127.0.0.1, or pass "
             "--insecure if the network is trusted")
+    if args.trust_host_header and not is_loopback(host) and not args.client_ca and not args.insecure:
+        raise errors.ConfigError(
+            f"refusing to listen on {host}:{port} with --trust-host-header: any client there could claim jobs and "
+            "upload models as any host; drop --trust-host-header (workers then sign with keys from "
+            "`jobs hosts add`), bind 127.0.0.1, or pass --insecure as well for a closed lab network")
     ssl_context = None
     if args.cert:
         from cis490fleet import tls
 
         ssl_context = tls.server_context(args.cert, args.key, args.client_ca)
-    token = read_token(args.operator_token_file, env)
+    operator_tokens = _operator_tokens(args.operator_token_file, env)
+    token = next(iter(operator_tokens.values()), None)
+    read_tokens = auth.read_named_tokens(args.read_token_file, "--read-token-file", "reader") \
+        if args.read_token_file else {}
+    if (env.get(ENV_READ_TOKEN) or "").strip():
+        read_tokens.setdefault("reader", env[ENV_READ_TOKEN].strip())
+    cluster_key = auth.load_or_create_key(args.cluster_key_file, "--cluster-key-file") \
+        if args.cluster_key_file else None
+    trust = auth.Trust(operator_tokens=operator_tokens, read_tokens=read_tokens, cluster_key=cluster_key,
+                       legacy=args.trust_host_header, public_read=args.public_read)
     data_dir = Path(args.data).expanduser() if args.data else default_data_dir(env)
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -996,7 +1098,7 @@ def main(argv: list[str] | None = None) -> int:
     peers, raft_options, peer_ssl = _peer_settings(args)
     coord = Coordinator(data_dir, manifest_path=args.manifest, operator_token=token, synchronous=args.synchronous,
                         node_id=args.node_id, sweep_interval=args.sweep_interval, max_batch=args.max_batch,
-                        peers=peers, raft_options=raft_options, peer_ssl_context=peer_ssl)
+                        peers=peers, raft_options=raft_options, peer_ssl_context=peer_ssl, trust=trust)
     try:
         if coord.replicator is None:
             coord.load_manifest(at_start=True)  # a replicated group syncs when a leader is elected
@@ -1019,8 +1121,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     if not token:
-        log.warning("no operator token: cancel, requeue and reload are refused; set %s or --operator-token-file",
-                    ENV_TOKEN)
+        log.warning("no operator token: cancel, requeue, reload and hosts are refused; set %s or "
+                    "--operator-token-file", ENV_TOKEN)
+    if args.trust_host_header:
+        log.warning("LEGACY MODE (--trust-host-header): workers are not authenticated; x-lab-host names a worker "
+                    "unproved, leases are optional and reads are open. Use it only on a closed lab network.")
     coord.serve_in_thread()
     coord.start_background()
     (data_dir / "serve.url").unlink(missing_ok=True)

@@ -32,7 +32,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
 
-from cis490fleet import __version__, connection_guard, edge_json, errors, model, openapi, results, tls
+from cis490fleet import __version__, auth, connection_guard, edge_json, errors, model, openapi, results, signing, tls
 from cis490fleet.client import connection_dropped
 from cis490fleet.jobs import CLASS_JOB, FAILURE_CLASSES
 
@@ -124,6 +124,9 @@ class Request:
         self.peer_host = handler.peer_host
         self._length = handler.body_length
         self.remaining = self._length or 0
+        self._body: bytes | None = None
+        self._identity: auth.Identity | None = None
+        self.signed_body_limit = RAFT_MAX_BYTES if path.startswith(RAFT_PREFIX) else MAX_JSON_BYTES
 
     def header(self, name: str) -> str | None:
         value = self.headers.get(name)
@@ -160,11 +163,15 @@ class Request:
         return n
 
     def body_bytes(self, limit: int = MAX_JSON_BYTES) -> bytes:
+        """The whole body, read once (the signature check and the handler share it)."""
+        if self._body is not None:
+            return self._body
         if self._length is not None and self._length > limit:
             raise errors.TooLarge(f"request body of {self._length} bytes is over the limit of {limit} bytes")
         data = self.read()
         if self._length is not None and len(data) < self._length:
             raise errors.BadRequest(f"request body ended after {len(data)} of {self._length} bytes")
+        self._body = data
         return data
 
     def json(self) -> Any:
@@ -179,39 +186,25 @@ class Request:
             raise errors.BadRequest(f"request body must be a JSON object, got {_json_type(body)}")
         return body
 
-    def host_id(self) -> str:
-        """The worker's identity: ``x-lab-host``, checked against the TLS client certificate when there is one."""
-        sent = self.header("x-lab-host")
-        if not sent:
-            if self.peer_host:
-                return self.peer_host
-            raise errors.Unauthorized("no host identity: a worker says which host it is (work --host-id; "
-                                      "x-lab-host: <host id> over HTTP)")
-        if self.peer_host is not None and sent != self.peer_host and not self._from_peer():
-            raise errors.Forbidden(f"this worker says it is {sent!r} (work --host-id, x-lab-host over HTTP) but its "
-                                   f"TLS client certificate names {self.peer_host!r}: run it with --host-id "
-                                   f"{self.peer_host} (host_id in worker.toml), or give it {sent}'s certificate")
-        if not model.HOST_ID_RE.match(sent):
-            raise errors.BadRequest(f"x-lab-host {sent[:80]!r} is not a valid host id: use 1-63 letters, digits, "
-                                    "'.', '_' or '-', starting with a letter or digit")
-        return sent
+    def identity(self) -> "auth.Identity":
+        """What this request proved about its sender (``auth.identify``), checked once."""
+        if self._identity is None:
+            self._identity = auth.identify(self)
+        return self._identity
 
-    def _from_peer(self) -> bool:
-        """A request a coordinator peer forwarded: its TLS identity is a member's, and the member checked
-        the worker's identity before forwarding."""
-        if not self.header("x-forwarded-by"):
-            return False
-        replicator = getattr(self.app, "replicator", None)
-        if replicator is None:
-            return False
-        names = set(replicator.peers) | {urllib.parse.urlsplit(u).hostname for u in replicator.peers.values()}
-        return self.peer_host in names
+    def host_id(self) -> str:
+        """The worker this request acts for: proved by a signature or certificate (``auth.host``)."""
+        return auth.host(self)
 
     def lease(self) -> str | None:
-        """The ``x-lease`` header; None means 'fence by host identity' (the original client sends none)."""
+        """The ``x-lease`` header. Only in legacy mode may it be missing (None: 'fence by host identity', as the
+        original client sends none); otherwise every worker write carries the lease of its claim."""
         value = self.header("x-lease")
         if value is None or value == "":
-            return None
+            if self.app.trust.legacy:
+                return None
+            raise errors.BadRequest("missing x-lease header: send the lease the claim answered with (only serve "
+                                    "--trust-host-header fences by host name alone)")
         if len(value) > MAX_LEASE_CHARS or not value.isprintable() or not value.isascii():
             raise errors.BadRequest(f"x-lease is not a valid lease: expected the lease token from the claim "
                                     f"(at most {MAX_LEASE_CHARS} printable characters)")
@@ -235,18 +228,12 @@ class Request:
                                     f"request's serial, 1 to {MAX_SERIAL}")
         return {"client_id": client_id, "serial": int(serial)}
 
-    def require_operator(self) -> None:
-        token = getattr(self.app, "operator_token", None)
-        if not token:
-            raise errors.Forbidden("operator actions are disabled: this coordinator has no operator token; start "
-                                   "serve with CIS490_OPERATOR_TOKEN set or with --operator-token-file FILE")
-        sent = self.headers.get("x-operator-token")
-        if sent is None or sent == "":
-            raise errors.Unauthorized("this needs the operator token: set CIS490_OPERATOR_TOKEN to the token the "
-                                      "coordinator was started with (HTTP clients send it as x-operator-token)")
-        if not hmac.compare_digest(sent.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")):
-            raise errors.Forbidden("wrong operator token: use the one the coordinator was started with (the jobs "
-                                   "command reads it from CIS490_OPERATOR_TOKEN)")
+    def require_operator(self) -> str:
+        """The name of the operator whose token came with the request."""
+        return auth.operator(self)
+
+    def require_reader(self) -> None:
+        auth.reader(self)
 
     def query_one(self, name: str) -> str | None:
         values = self.query.get(name)
@@ -404,7 +391,7 @@ def _as_response(result: Any) -> Response:
 
 
 def h_health(req: Request):
-    return req.app.health()
+    return {**req.app.health(), "access": auth.access(req)}
 
 
 def h_openapi(req: Request):
@@ -413,6 +400,8 @@ def h_openapi(req: Request):
 
 def h_claim(req: Request):
     host = req.host_id()
+    if not req.app.trust.legacy:
+        req.app.check_known_host(host)
     body = req.json_object()
     capability = field_object(body, "capability") or {}
     wait = field_number(body, "wait", 0, MAX_WAIT_S) or 0.0
@@ -494,16 +483,16 @@ def h_release(req: Request):
 
 
 def h_cancel(req: Request):
-    req.require_operator()
+    by = req.require_operator()
     job_id = req.app.resolve_job_id(job_ref_param(req.params["id"]))
-    req.app.execute({"op": "cancel", "job_id": job_id, **req.session()})
+    req.app.execute({"op": "cancel", "job_id": job_id, "by": by, **req.session()})
     return {"ok": True}
 
 
 def h_requeue(req: Request):
-    req.require_operator()
+    by = req.require_operator()
     job_id = req.app.resolve_job_id(job_ref_param(req.params["id"]))
-    req.app.execute({"op": "requeue", "job_id": job_id, **req.session()})
+    req.app.execute({"op": "requeue", "job_id": job_id, "by": by, **req.session()})
     return {"ok": True}
 
 
@@ -523,11 +512,66 @@ def h_reload(req: Request):
     return forward(req, leader, body=json.dumps({"text": text, "name": name}).encode())
 
 
+def _host_param(value: str) -> str:
+    if not model.HOST_ID_RE.match(value):
+        raise errors.BadRequest(f"host {value[:80]!r} is not a valid host id: use 1-63 letters, digits, '.', '_' "
+                                "or '-', starting with a letter or digit")
+    return value
+
+
+def _with_key(req: Request, host: str, rotate: bool, by: str):
+    """Draw a host key here, at the edge (applying a command draws nothing), store it, answer it once."""
+    import secrets
+
+    key = secrets.token_hex(32)
+    req.app.execute({"op": "host_key_set", "host": host, "key": key, "by": by, "rotate": rotate})
+    answer = {"host": host, "key": key}
+    enroll = req.app.enroll_commands(host, key, _receiver(req))
+    if enroll is not None:
+        answer["enroll"] = enroll
+    return json_response(answer, 200 if rotate else 201, headers={"cache-control": "no-store"})
+
+
+def _receiver(req: Request) -> str:
+    """The coordinator's URL as this client reached it (for the enroll commands), else the one it listens on."""
+    host = req.header("host") or ""
+    scheme = "https" if isinstance(req.handler.connection, ssl.SSLSocket) else "http"
+    if host and re.fullmatch(r"[A-Za-z0-9.\-\[\]:]{1,255}", host):
+        return f"{scheme}://{host}"
+    return req.app.url or ""
+
+
+def h_hosts(req: Request):
+    req.require_operator()
+    return {"hosts": req.app.hosts_list()}
+
+
+def h_hosts_add(req: Request):
+    by = req.require_operator()
+    host = field_string(req.json_object(), "host", required=True)
+    return _with_key(req, _host_param(host), rotate=False, by=by)
+
+
+def h_hosts_rotate(req: Request):
+    by = req.require_operator()
+    req.json()
+    return _with_key(req, _host_param(req.params["host"]), rotate=True, by=by)
+
+
+def h_hosts_revoke(req: Request):
+    by = req.require_operator()
+    req.json()
+    req.app.execute({"op": "host_key_revoke", "host": _host_param(req.params["host"]), "by": by})
+    return {"ok": True}
+
+
 def h_job(req: Request):
+    req.require_reader()
     return {"job": req.app.job_detail(job_ref_param(req.params["id"]))}
 
 
 def h_jobs(req: Request):
+    req.require_reader()
     status = req.query_one("status") or None
     if status is not None and status not in model.STATUSES:
         raise errors.BadRequest(f"status {status[:40]!r} is not a job status: use one of {', '.join(model.STATUSES)}")
@@ -544,10 +588,12 @@ def h_jobs(req: Request):
 
 
 def h_workers(req: Request):
+    req.require_reader()
     return {"workers": req.app.workers()}
 
 
 def h_failures(req: Request):
+    req.require_reader()
     return {"failures": req.app.failures(req.query_int("limit", 20, 1, 1000))}
 
 
@@ -636,6 +682,7 @@ def h_upload(req: Request):
 
 
 def h_artifact(req: Request):
+    req.require_reader()
     sha = sha_param(req.params["sha256"])
     if req.header("x-forwarded-by"):  # a peer fetching a copy: this store only, never a further hop
         f, size = req.app.open_artifact(sha, from_peers=False)
@@ -666,6 +713,7 @@ def h_index(req: Request):
 
 
 def h_metrics(req: Request):
+    req.require_reader()
     snapshot = req.app.counters.snapshot()
     lines = []
     for name, value in sorted(snapshot["counters"].items()):
@@ -679,17 +727,20 @@ RAFT_PREFIX = "/v1/raft/"
 
 
 def h_raft_messages(req: Request):
+    auth.peer(req)
     body = edge_json.parse(req.body_bytes(limit=RAFT_MAX_BYTES), what="raft messages")
     req.app.raft_receive(body)
     return {"ok": True}
 
 
 def h_raft_snapshot(req: Request):
+    auth.peer(req)
     f, size = req.app.raft_snapshot(req.header("x-raft-cluster"))
     return Response(status=200, content_type="application/octet-stream", stream=f, length=size)
 
 
 def h_raft_artifact(req: Request):
+    auth.peer(req)
     sha = sha_param(req.params["sha256"])
     if req.content_length is None:
         raise LengthRequired("missing content-length header: send the bundle's size in bytes")
@@ -749,6 +800,23 @@ class _Upstream:
             self._conn.close()
 
 
+_REPLACED_WHEN_FORWARDED = frozenset({"x-forwarded-by", "x-lab-host", *auth.IDENTITY_HEADERS})
+
+
+def _forward_identity(req: Request, node: str, body: bytes | None) -> dict[str, str]:
+    """The identity headers a forwarded request carries: the host this peer verified (never what the client
+    said), signed with the cluster key over ``body`` (the one sent, when the caller replaced the request's);
+    in legacy mode ``x-lab-host``, checked against a client certificate."""
+    if req.app.trust.legacy:
+        sent = req.header("x-lab-host")
+        if req.peer_host is not None:
+            return {"x-lab-host": auth.host(req)}
+        return {"x-lab-host": sent} if sent else {}
+    ident = req.identity()
+    return auth.forward_headers(req, ident if ident.kind == "host" else auth.ANONYMOUS, node,
+                                None if body is None else signing.body_sha256(body))
+
+
 def forward(req: Request, leader_url: str, body: bytes | None = None) -> Response:
     """Proxy ``req`` whole (method, target, headers, body) to the leader; stream its answer back.
 
@@ -763,8 +831,9 @@ def forward(req: Request, leader_url: str, body: bytes | None = None) -> Respons
     if req.header("x-forwarded-by"):
         raise errors.Unavailable(f"forwarded by {req.header('x-forwarded-by')[:40]} but {node} is not the leader "
                                  "either (leadership is changing); retry in a second")
+    added = _forward_identity(req, node, body)
     length = req.content_length if body is None else len(body)
-    if body is None and (req.content_length or 0) <= SMALL_STREAM:
+    if body is None and (req._body is not None or (req.content_length or 0) <= SMALL_STREAM):
         body = req.body_bytes(limit=SMALL_STREAM)
     context = getattr(req.app, "peer_ssl_context", None)
     for attempt in (1, 2):
@@ -772,10 +841,10 @@ def forward(req: Request, leader_url: str, body: bytes | None = None) -> Respons
         try:
             conn.putrequest(req.method, req.handler.path, skip_accept_encoding=True)
             for name, value in req.headers.items():
-                if name.lower() not in _HOP_HEADERS and name.lower() != "x-forwarded-by":
+                if name.lower() not in _HOP_HEADERS and name.lower() not in _REPLACED_WHEN_FORWARDED:
                     conn.putheader(name, value)
-            if req.peer_host and not req.header("x-lab-host"):
-                conn.putheader("x-lab-host", req.peer_host)
+            for name, value in added.items():
+                conn.putheader(name, value)
             conn.putheader("x-forwarded-by", node)
             if length is not None:
                 conn.putheader("content-length", str(length))
@@ -833,6 +902,10 @@ def make_router() -> Router:
         ("GET", "/v1/artifact/{sha256}", h_artifact),
         ("GET", "/v1/zipapp", h_zipapp),
         ("POST", "/v1/manifest/reload", h_reload),
+        ("GET", "/v1/hosts", h_hosts),
+        ("POST", "/v1/hosts", h_hosts_add),
+        ("POST", "/v1/hosts/{host}/rotate", h_hosts_rotate),
+        ("POST", "/v1/hosts/{host}/revoke", h_hosts_revoke),
         ("POST", "/v1/raft/messages", h_raft_messages),
         ("GET", "/v1/raft/snapshot", h_raft_snapshot),
         ("PUT", "/v1/raft/artifact/{sha256}", h_raft_artifact),

@@ -165,6 +165,14 @@ MIGRATIONS = [
     ALTER TABLE jobs ADD COLUMN origin TEXT;
     """,
     checkpoint_records.NEWEST_MIGRATION,
+    # Host keys (``jobs hosts add``): replicated so every peer verifies a host's signature; a revoked row stays,
+    # so the history says who revoked it. ``operator_actions``: who cancelled or requeued a job, and when.
+    """
+    CREATE TABLE host_keys (host TEXT PRIMARY KEY, key TEXT NOT NULL, created REAL NOT NULL, created_by TEXT NOT NULL,
+                            revoked REAL, revoked_by TEXT);
+    CREATE TABLE operator_actions (job TEXT NOT NULL, at REAL NOT NULL, action TEXT NOT NULL, by TEXT NOT NULL);
+    CREATE INDEX operator_actions_job ON operator_actions(job, at);
+    """,
 ]
 
 # The claim seek: the best claimable job of one class. Its WHERE and ORDER BY
@@ -1057,11 +1065,43 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
     def _op_release(self, conn, now: float, job_id: str, host: str, lease: str | None) -> dict:
         return self._apply_rule(conn, job_id, jobs.release, host=host, lease=lease, now=now)
 
-    def _op_cancel(self, conn, now: float, job_id: str) -> dict:
-        return self._apply_rule(conn, job_id, jobs.cancel, now=now)
+    def _op_cancel(self, conn, now: float, job_id: str, by: str | None) -> dict:
+        result = self._apply_rule(conn, job_id, jobs.cancel, now=now)
+        self._record_action(conn, job_id, now, "cancel", by)
+        return result
 
-    def _op_requeue(self, conn, now: float, job_id: str) -> dict:
-        return self._apply_rule(conn, job_id, jobs.requeue, now=now)
+    def _op_requeue(self, conn, now: float, job_id: str, by: str | None) -> dict:
+        result = self._apply_rule(conn, job_id, jobs.requeue, now=now)
+        self._record_action(conn, job_id, now, "requeue", by)
+        return result
+
+    @staticmethod
+    def _record_action(conn, job_id: str, now: float, action: str, by: str | None) -> None:
+        if by is not None:
+            conn.execute("INSERT INTO operator_actions (job, at, action, by) VALUES (?, ?, ?, ?)",
+                         (job_id, now, action, by))
+
+    def _op_host_key_set(self, conn, now: float, host: str, key: str, by: str, rotate: bool) -> dict:
+        """``jobs hosts add`` (a host without a live key) or ``rotate`` (a host with one); the key was drawn
+        at the edge, so every replica stores the same one."""
+        row = conn.execute("SELECT revoked FROM host_keys WHERE host = ?", (host,)).fetchone()
+        live = row is not None and row[0] is None
+        if rotate and not live:
+            raise NotFound(f"host {host!r} has no key to rotate; add it with: jobs hosts add {host}")
+        if not rotate and live:
+            raise BadRequest(f"host {host!r} already has a key; replace it with: jobs hosts rotate {host} "
+                           "(the old key stops working at once)")
+        conn.execute("INSERT INTO host_keys (host, key, created, created_by) VALUES (?, ?, ?, ?) ON CONFLICT (host) "
+                     "DO UPDATE SET key = excluded.key, created = excluded.created, created_by = excluded.created_by, "
+                     "revoked = NULL, revoked_by = NULL", (host, key, now, by))
+        return {"ok": True, "host": host}
+
+    def _op_host_key_revoke(self, conn, now: float, host: str, by: str) -> dict:
+        cur = conn.execute("UPDATE host_keys SET revoked = ?, revoked_by = ? WHERE host = ? AND revoked IS NULL",
+                           (now, by, host))
+        if cur.rowcount == 0:
+            raise NotFound(f"host {host!r} has no key to revoke; `jobs hosts list` shows the hosts with keys")
+        return {"ok": True, "host": host}
 
     def _apply_rule(self, conn, job_id: str, rule, **kw) -> dict:
         """Load the job, apply a ``jobs`` rule to it and save the step unless it changed nothing."""
@@ -1182,6 +1222,10 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
                 "log_tail": tail[0] if tail else None, "not_before": row[17], "peak_vram_gib": row[21],
                 "why_pending": self._why_pending(conn, meta, job_id, spec, row[4], row[17], now, bool(row[11])),
                 "checkpoints": self._checkpoints_of(conn, job_id),
+                "log_tail": tail[0] if tail else None, "not_before": row[16],
+                "why_pending": self._why_pending(conn, meta, spec, row[4], row[16], now),
+                "operator_actions": [{"at": a[0], "action": a[1], "by": a[2]} for a in conn.execute(
+                    "SELECT at, action, by FROM operator_actions WHERE job = ? ORDER BY at", (job_id,))],
             })
         return out
 
@@ -1371,6 +1415,19 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
     def hosts(self) -> list[HostSpec]:
         with self._use() as conn:
             return list(self._meta(conn).hosts)
+
+    def host_keys(self) -> dict[str, bytes]:
+        """host -> key of every host whose key is not revoked (what a signature is checked against)."""
+        with self._use() as conn:
+            return {host: bytes.fromhex(key) for host, key in
+                    conn.execute("SELECT host, key FROM host_keys WHERE revoked IS NULL")}
+
+    def host_key_list(self) -> list[dict]:
+        """Every host that was given a key, without the key: when, by whom, and whether it was revoked."""
+        with self._use() as conn:
+            rows = conn.execute("SELECT host, created, created_by, revoked, revoked_by FROM host_keys "
+                                "ORDER BY host").fetchall()
+        return [dict(zip(("host", "created", "created_by", "revoked", "revoked_by"), r)) for r in rows]
 
     def total_artifact_bytes(self) -> int:
         with self._use() as conn:

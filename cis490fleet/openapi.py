@@ -41,11 +41,12 @@ _ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "s
              "description": "a job id (64 hex digits); operator endpoints and GET also take a unique prefix of 4+ hex "
                             "digits or the job's manifest name (an ambiguous one is a 400 listing its jobs)"}
 _JOB_ID_PARAM = {"name": "job_id", "in": "path", "required": True, "schema": _HEX64}
+_HOST_PARAM = {"name": "host", "in": "path", "required": True, "schema": {"type": "string"}}
 _SHA_PARAM = {"name": "sha256", "in": "path", "required": True, "schema": _HEX64}
 _HOST_HEADER = {"name": "x-lab-host", "in": "header", "required": False, "schema": {"type": "string"},
                 "description": "the worker's host id; required unless a TLS client certificate names it"}
 _LEASE_HEADER = {"name": "x-lease", "in": "header", "required": False, "schema": {"type": "string"},
-                 "description": "the lease from the claim; without it the job is fenced by host identity"}
+                 "description": "the lease from the claim; required unless serve --trust-host-header"}
 _SESSION = [{"$ref": "#/components/parameters/clientId"}, {"$ref": "#/components/parameters/clientSerial"}]
 PARAMETERS = {
     "clientId": {"name": "x-client-id", "in": "header", "required": False,
@@ -57,7 +58,7 @@ PARAMETERS = {
                      "description": "the write's number in the client's session, increasing; a retry sends the "
                                     "same one, an older one is refused (400)"},
 }
-_WORKER = [{"labHost": []}, {"mutualTLS": []}]
+_WORKER = [{"hostSignature": []}, {"mutualTLS": []}, {"labHost": []}]
 _OPERATOR = [{"operatorToken": []}]
 
 
@@ -92,6 +93,10 @@ _MEMBERSHIP = {"type": "object", "required": ["ok", "index", "voters", "learners
                               "learners": {"type": "array", "items": {"type": "string"}}}}
 
 SCHEMAS = {
+    "HostKey": {"type": "object", "required": ["host", "key"],
+                "properties": {"host": {"type": "string"}, "key": _HEX64,
+                               "enroll": {"type": "object", "properties": {"linux": {"type": "string"},
+                                                                           "windows": {"type": "string"}}}}},
     "Error": {"type": "object", "required": ["error", "detail"],
               "properties": {"error": {"type": "string", "description": "short code, e.g. stale_lease"},
                              "detail": {"type": "string", "description": "a sentence a person can act on"}}},
@@ -395,6 +400,26 @@ PATHS = {
                                               [_PEER_ID_PARAM])},
     "/v1/peers/{id}/remove": {"post": _operator_op("remove a peer from the replicated group (as DELETE)",
                                                    _MEMBERSHIP, [_PEER_ID_PARAM])},
+    "/v1/hosts": {
+        "get": {"summary": "hosts with a key (never the key: when, by whom, revoked) and [[hosts]] without one",
+                "security": _OPERATOR,
+                "responses": {"200": _json({"type": "object", "required": ["hosts"],
+                                            "properties": {"hosts": {"type": "array", "items": {"type": "object"}}}}),
+                              **_errors(401, 403)}},
+        "post": {"summary": "give a host a key: answered this once, with the enroll commands for Linux and Windows",
+                 "security": _OPERATOR,
+                 "requestBody": _body({"type": "object", "required": ["host"],
+                                       "properties": {"host": {"type": "string"}}}),
+                 "responses": {"201": _json(_ref("HostKey"), "the key (64 hex digits); store it, it is not "
+                                                             "shown again"), **_errors(400, 401, 403)}}},
+    "/v1/hosts/{host}/rotate": {"post": {
+        "summary": "replace a host's key (the old one stops working at once); answered this once",
+        "security": _OPERATOR, "parameters": [_HOST_PARAM],
+        "responses": {"200": _json(_ref("HostKey")), **_errors(400, 401, 403, 404)}}},
+    "/v1/hosts/{host}/revoke": {"post": {
+        "summary": "revoke a host's key: its signed requests are refused from now on",
+        "security": _OPERATOR, "parameters": [_HOST_PARAM],
+        "responses": {"200": _json(_OK), **_errors(400, 401, 403, 404)}}},
     "/v1/raft/messages": {"post": {
         "summary": "peer to peer: a batch of Raft messages (replicated groups only)",
         "requestBody": _body({"type": "object", "required": ["cluster", "from", "to", "messages"],
@@ -434,7 +459,13 @@ def document() -> dict:
             "schemas": copy.deepcopy(SCHEMAS),
             "parameters": copy.deepcopy(PARAMETERS),
             "securitySchemes": {
-                "labHost": {"type": "apiKey", "in": "header", "name": "x-lab-host"},
+                "labHost": {"type": "apiKey", "in": "header", "name": "x-lab-host",
+                            "description": "legacy mode only (serve --trust-host-header)"},
+                "hostSignature": {"type": "apiKey", "in": "header", "name": "x-fleet-signature",
+                                  "description": "HMAC-SHA256 with the host key over method, target, x-fleet-time, "
+                                                 "x-fleet-nonce, the body's sha256 and the fencing headers; "
+                                                 "x-fleet-signer names host/<host id>"},
+                "readToken": {"type": "apiKey", "in": "header", "name": "x-read-token"},
                 "operatorToken": {"type": "apiKey", "in": "header", "name": "x-operator-token"},
                 "mutualTLS": {"type": "mutualTLS"},
             },

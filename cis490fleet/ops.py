@@ -429,6 +429,10 @@ class Ops:
             self.out.line(f"  {job['id'][:12]}  {job.get('name') or '-'}  {job['model']}/{job['mode']}  "
                           f"{json.dumps(job.get('hyper') or {}, sort_keys=True)}")
         return EXIT_OK
+    def cmd_hosts(self) -> int:
+        from cis490fleet import hosts_cmd
+
+        return hosts_cmd.run(self)
 
     def cmd_reload(self) -> int:
         """Send FILE's text from here; without FILE the receiving peer reloads its own --manifest."""
@@ -797,6 +801,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("reload", "put a training manifest in force: FILE from here, else the coordinator's own --manifest")
     p.add_argument("file", nargs="?", metavar="FILE", help="manifest (TOML) to send; default: the file the "
                    "receiving coordinator was started with")
+    add("reload", "reload the coordinator's training manifest")
+    from cis490fleet import hosts_cmd
+
+    hosts_cmd.add_parser(add)
     add("workers", "workers, when they were last seen, what they run")
     p = add("logs", "a job's log: the live tail while it runs, the whole log an attempt handed in once it ended")
     p.add_argument("id", help=JOB_REF_HELP)

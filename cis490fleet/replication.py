@@ -51,7 +51,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
-from cis490fleet import commands, edge_json, errors, raft
+from cis490fleet import commands, edge_json, errors, raft, signing
 from cis490fleet.copy_fetcher import CopyFetcher
 from cis490fleet.raftstore import SqliteRaftStore
 
@@ -180,8 +180,9 @@ class _Sender:
             try:
                 if self.conn is None:
                     self.conn = _connect(self.url, self.owner.ssl_context, SEND_TIMEOUT_S)
-                self.conn.request("POST", MESSAGES_PATH, body, {"content-type": "application/json",
-                                                                "x-forwarded-by": self.owner.node_id})
+                self.conn.request("POST", MESSAGES_PATH, body, self.owner.peer_headers(
+                    "POST", MESSAGES_PATH, signing.body_sha256(body),
+                    {"content-type": "application/json", "x-forwarded-by": self.owner.node_id}))
                 resp = self.conn.getresponse()
                 data = resp.read()
                 if resp.status != 200:
@@ -233,7 +234,7 @@ class Replicator:
                  ssl_context=None, tick_s: float = 0.1, election_ticks: tuple[int, int] = (10, 20),
                  heartbeat_ticks: int = 1, snapshot_every: int = SNAPSHOT_EVERY, artifacts=None,
                  checkpoints=None, logs=None, join: bool = False, max_uncommitted: int = MAX_UNCOMMITTED,
-                 max_inflight_bytes: int = MAX_INFLIGHT_BYTES):
+                 max_inflight_bytes: int = MAX_INFLIGHT_BYTES, cluster_key: bytes | None = None):
         if node_id not in peers:
             raise errors.ConfigError(f"--node-id {node_id!r} is not among the --peer entries "
                                      f"({', '.join(sorted(peers))}); list this peer too: --peer {node_id}=URL")
@@ -249,6 +250,7 @@ class Replicator:
         self.logs = logs  # a third: attempts' logs, kind=log
         self.on_applied = on_applied
         self.ssl_context = ssl_context
+        self.cluster_key = cluster_key
         self.tick_s = tick_s
         self.snapshot_every = snapshot_every
         self.max_uncommitted = max_uncommitted
@@ -463,6 +465,14 @@ class Replicator:
         except FutureTimeout:
             self._reads.pop(ctx, None)
             raise errors.Unavailable("could not confirm leadership with a quorum for a read; retry") from None
+
+    def peer_headers(self, method: str, target: str, body_sha: str, headers: dict) -> dict:
+        """``headers`` signed with the cluster key as this peer (unsigned without one: peers then prove
+        themselves by their TLS certificates)."""
+        if self.cluster_key is None:
+            return headers
+        return {**headers, **signing.signature_headers(self.cluster_key, f"peer/{self.node_id}", method, target,
+                                                       body_sha, time.time(), secrets.token_hex(16), headers)}
 
     def receive(self, body: object) -> None:
         """A batch from ``POST /v1/raft/messages``: checked here, stepped by the driver."""
@@ -811,7 +821,8 @@ class Replicator:
             with os.fdopen(fd, "wb") as out:
                 conn = _connect(self.peers[pid], self.ssl_context, 60.0)
                 try:
-                    conn.request("GET", SNAPSHOT_PATH, headers={"x-raft-cluster": self.cluster})
+                    conn.request("GET", SNAPSHOT_PATH, headers=self.peer_headers(
+                        "GET", SNAPSHOT_PATH, signing.EMPTY_SHA256, {"x-raft-cluster": self.cluster}))
                     resp = conn.getresponse()
                     if resp.status != 200:
                         raise errors.Unavailable(f"answered {resp.status}: {resp.read()[:200]!r}")
@@ -873,7 +884,8 @@ class Replicator:
             try:
                 conn = _connect(url, self.ssl_context, 60.0)
                 try:
-                    conn.request("GET", source, headers={"x-forwarded-by": self.node_id})
+                    conn.request("GET", source, headers=self.peer_headers("GET", source, signing.EMPTY_SHA256,
+                                                                          {"x-forwarded-by": self.node_id}))
                     resp = conn.getresponse()
                     if resp.status != 200:
                         resp.read()
@@ -926,9 +938,10 @@ class Replicator:
             try:
                 conn = _connect(url, self.ssl_context, timeout)
                 with open(path, "rb") as f:
-                    conn.request("PUT", ARTIFACT_PATH + sha, body=f, headers={
-                        "content-length": str(size), "x-raft-cluster": self.cluster,
-                        "x-artifact": json.dumps(meta, separators=(",", ":"))})
+                    conn.request("PUT", ARTIFACT_PATH + sha, body=f, headers=self.peer_headers(
+                        "PUT", ARTIFACT_PATH + sha, sha, {
+                            "content-length": str(size), "x-raft-cluster": self.cluster, "x-content-sha256": sha,
+                            "x-artifact": json.dumps(meta, separators=(",", ":"))}))
                     resp = conn.getresponse()
                     resp.read()
                 conn.close()

@@ -63,7 +63,7 @@ class Worker:
         from cis490fleet.client import Client
 
         c = self.config
-        return Client(list(c.receivers), host_id=c.host_id, ca=c.ca, cert=c.cert, key=c.key)
+        return Client(list(c.receivers), host_id=c.host_id, ca=c.ca, cert=c.cert, key=c.key, host_key=c.host_key)
 
     # -- start-up ---------------------------------------------------------------------------
 

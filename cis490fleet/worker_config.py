@@ -19,7 +19,9 @@ from cis490fleet.model import HOST_ID_RE
 
 DEFAULT_CONFIG = (Path(os.environ.get("ProgramData", r"C:\ProgramData")) / "cis490fleet" / "worker.toml"
                   if os.name == "nt" else Path("/etc/cis490fleet/worker.toml"))
-CONFIG_KEYS = ("receiver", "host_id", "work_dir", "slots", "grace_s", "wait_s", "ca", "cert", "key", "capability")
+CONFIG_KEYS = ("receiver", "host_id", "work_dir", "slots", "grace_s", "wait_s", "ca", "cert", "key", "capability",
+               "host_key_file")
+ENV_HOST_KEY_FILE = "CIS490_HOST_KEY_FILE"
 
 
 def default_work_dir() -> Path:
@@ -43,6 +45,7 @@ class WorkerConfig:
     capability: dict = field(default_factory=dict, hash=False)  # overrides of detected values
     once: bool = False
     exit_when_idle_s: float | None = None
+    host_key: bytes | None = field(default=None, repr=False)  # signs every request; never sent, never logged
 
 
 def _bad(where: str, what: str) -> errors.ConfigError:
@@ -145,7 +148,26 @@ def build_config(args: argparse.Namespace, env: dict[str, str]) -> WorkerConfig:
     return WorkerConfig(receivers=receivers, host_id=host_id, work_dir=Path(work_dir).expanduser().resolve(),
                         slots=slots, grace_s=float(grace), wait_s=float(wait),
                         capability=dict(file.get("capability", {})),
-                        once=args.once, exit_when_idle_s=args.exit_when_idle, **tls)
+                        once=args.once, exit_when_idle_s=args.exit_when_idle,
+                        host_key=_host_key(getattr(args, "host_key_file", None), env, file, src), **tls)
+
+
+def _host_key(flag: str | None, env: dict[str, str], file: dict, src: str) -> bytes | None:
+    """The host key from --host-key-file, else CIS490_HOST_KEY_FILE, else host_key_file in worker.toml."""
+    from cis490fleet import signing
+
+    for where, path in (("--host-key-file", flag), (ENV_HOST_KEY_FILE, env.get(ENV_HOST_KEY_FILE)),
+                        (f"{src}: host_key_file", file.get("host_key_file"))):
+        if path:
+            if not isinstance(path, str):
+                raise errors.ConfigError(f"{where}: expected a file path, got {path!r}")
+            try:
+                text = Path(path).read_text(encoding="ascii")
+            except (OSError, UnicodeDecodeError) as err:
+                raise errors.ConfigError(f"{where} {path}: cannot read the host key ({err}); `jobs hosts add HOST` "
+                                         "prints the key to put there") from None
+            return signing.parse_key(text, f"{where} {path}")
+    return None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -159,6 +181,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ca", help="CA bundle that signed the coordinator's certificate")
     p.add_argument("--cert", help="this host's client certificate (mutual TLS)")
     p.add_argument("--key", help="the client certificate's private key")
+    p.add_argument("--host-key-file", metavar="FILE",
+                   help=f"this host's key from `jobs hosts add` (else ${ENV_HOST_KEY_FILE}); every request is signed "
+                   "with it")
     p.add_argument("--grace", type=float, help="seconds between SIGTERM and SIGKILL for a trainer (default 30)")
     p.add_argument("--wait", type=float, help="claim long-poll seconds (default 20)")
     p.add_argument("--once", action="store_true", help="exit when the queue has nothing for this host")
