@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -43,11 +44,18 @@ class Fleet:
         self.pyz = pyz
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.url = ""
+        self.token_file = secret_file(run_dir / "operator.token", secrets.token_hex(16))
+        self.token = self.token_file.read_text().strip()
+        os.environ["CIS490_OPERATOR_TOKEN"] = self.token  # the demo's own reads, and every process it starts
+
+    def env(self) -> dict:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", CIS490_OPERATOR_TOKEN=self.token)
+        env.pop("CIS490_RECEIVER", None)
+        return env
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         logf = open(self.run_dir / f"{name}.log", "ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.pop("CIS490_RECEIVER", None)
+        env = self.env()
         kwargs = {"start_new_session": True} if os.name != "nt" else {
             "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
         proc = subprocess.Popen([sys.executable, str(self.pyz), *args], cwd=ROOT, stdin=subprocess.DEVNULL,
@@ -59,7 +67,8 @@ class Fleet:
     def serve(self, manifest: Path, timeout: float = 60.0) -> str:
         port_file = self.run_dir / "serve.port"
         proc = self.start("serve", "serve", "--data", str(self.run_dir / "data"), "--manifest", str(manifest),
-                          "--bind", "127.0.0.1:0", "--port-file", str(port_file))
+                          "--bind", "127.0.0.1:0", "--port-file", str(port_file),
+                          "--operator-token-file", str(self.token_file))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -85,7 +94,14 @@ class Fleet:
 
     def jobs_cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(self.pyz), "jobs", "--receiver", self.url, *args], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, env=self.env())
+
+    def host_key_file(self, host: str) -> Path:
+        """`jobs hosts add HOST`: the host's key, kept in a file only this user can read."""
+        proc = self.jobs_cli("hosts", "add", host, "--json")
+        if proc.returncode != 0:
+            raise SystemExit(f"demo: jobs hosts add {host} failed ({proc.returncode}): {proc.stderr.strip()}")
+        return secret_file(self.run_dir / f"{host}.key", json.loads(proc.stdout)["key"])
 
     def stop(self, grace: float = 15.0) -> None:
         for _, proc in self.procs:
@@ -123,10 +139,20 @@ def tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+def secret_file(path: Path, text: str) -> Path:
+    """``text`` in a new file created readable by this user alone (mode 0600 from the start)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    return path
+
+
 def fetch_json(url: str) -> dict:
+    """A read of the coordinator, with the demo's operator token (reads need a token)."""
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=10) as resp:
+    request = urllib.request.Request(url, headers={"x-operator-token": os.environ.get("CIS490_OPERATOR_TOKEN", "")})
+    with urllib.request.urlopen(request, timeout=10) as resp:
         return json.load(resp)
 
 
@@ -273,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"demo: coordinator at {url} (data in {run_dir / 'data'}, log {run_dir / 'serve.log'})")
         for host in ("demo-a", "demo-b"):
             fleet.start(f"worker-{host}", "work", "--receiver", url, "--host-id", host,
-                        "--work-dir", str(run_dir / f"work-{host}"), "--once", "--wait", "5", "--grace", "10")
+                        "--host-key-file", str(fleet.host_key_file(host)), "--work-dir", str(run_dir / f"work-{host}"), "--once", "--wait", "5", "--grace", "10")
         say(f"demo: workers demo-a and demo-b started (logs {run_dir}/worker-*.log)")
         crash = Crash(fleet, run_dir)
         code = watch(fleet, run_dir, opts.timeout, crash) or crash.report()
@@ -390,10 +416,12 @@ def advise(fleet: Fleet, run_dir: Path, manifest: Path, keep: bool) -> None:
     say(f"Models: {rel(run_dir / 'models')}/   (the coordinator's store: {rel(run_dir / 'data' / 'models')}/)")
     if not keep:
         say("To look around, start the coordinator again on the demo's data:")
-        say(f"  {pyz} serve --data {rel(run_dir / 'data')} --manifest {rel(manifest)} --bind 127.0.0.1:8445 &")
+        say(f"  {pyz} serve --data {rel(run_dir / 'data')} --manifest {rel(manifest)} --bind 127.0.0.1:8445 "
+            f"--operator-token-file {rel(fleet.token_file)} &")
         say("  export CIS490_RECEIVER=http://127.0.0.1:8445")
     else:
         say(f"  export CIS490_RECEIVER={fleet.url}")
+    say(f"  export CIS490_OPERATOR_TOKEN=$(cat {rel(fleet.token_file)})")
     say(f"  {pyz} jobs status          # counts, workers, running jobs")
     say(f"  {pyz} jobs list            # every job with its host and artifact")
     say(f"  {pyz} jobs show ID         # one job: spec, attempts, log tail (an id prefix will do)")

@@ -10,7 +10,12 @@
   ``(status, headers, json-or-bytes)``; no project code in the way.
 - ``manifest_toml(n_jobs, ...)`` — manifest text with ``n_jobs`` jobs (a seed sweep).
 
-Both servers get the operator token ``OPERATOR_TOKEN`` unless told otherwise.
+Both servers get the operator token ``OPERATOR_TOKEN`` unless told otherwise, and
+the read token ``READ_TOKEN`` (this process has it in CIS490_READ_TOKEN, so a
+``Client`` reads). They run with the real key path, not the legacy mode: a
+server's ``call`` signs a request that names a host in ``x-lab-host`` with that
+host's key, giving the host a key first (``host_key``); ``client(host)`` is a
+signing ``Client``; ``host_key_for(url, host)`` gives a worker its key.
 """
 
 from __future__ import annotations
@@ -33,17 +38,45 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 OPERATOR_TOKEN = "test-operator-token-0123456789"
+READ_TOKEN = "test-read-token-0123456789"
+_SERVERS: dict[str, Any] = {}  # URL -> LiveServer or ServeProcess, for host_key_for
+_SERVE_KEYS: dict[tuple[str, str], bytes] = {}  # (data folder, host) -> the key a serve subprocess drew
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _zipapp_bytecode_cache_in_a_temp_folder(tmp_path_factory):
     """A pyz run by a test keeps its compiled modules here, not in the user's ~/.cache."""
     os.environ.setdefault("CIS490_CACHE_DIR", str(tmp_path_factory.mktemp("bytecode-cache")))
+    os.environ["CIS490_READ_TOKEN"] = READ_TOKEN
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _clients_of_fixture_servers_sign():
+    """A ``client.Client`` made in this process with a host id but no key, for a fixture server, gets that
+    host's key there: tests (and in-process workers) use the real signed path without handling keys."""
+    from cis490fleet import client
+
+    original = client.Client.__init__
+
+    def init(self, urls=None, *args, host_id=None, host_key=None, **kw):
+        if host_id and host_key is None:
+            for url in client.parse_urls(urls):
+                server = _SERVERS.get(url)
+                if server is not None and not server.legacy:
+                    host_key = server.host_key(host_id)
+                    break
+        original(self, urls, *args, host_id=host_id, host_key=host_key, **kw)
+
+    client.Client.__init__ = init
+    yield
+    client.Client.__init__ = original
 
 
 def clean_env() -> dict:
-    """This process's environment without cis490fleet's settings, except where a pyz keeps its bytecode."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("CIS490_") or k == "CIS490_CACHE_DIR"}
+    """This process's environment without cis490fleet's settings, except where a pyz keeps its bytecode and the
+    fixture servers' read token (a `jobs` subprocess reads with it, as an operator's shell would)."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("CIS490_") or k in ("CIS490_CACHE_DIR", "CIS490_READ_TOKEN")}
 
 
 def manifest_toml(n_jobs: int = 3, *, model: str = "mlp", mode: str = "train", heartbeat_s: float = 30,
@@ -67,17 +100,116 @@ def decode(headers, data: bytes) -> Any:
     return data
 
 
+def test_host_key(host: str) -> bytes:
+    """The key the in-process fixtures give ``host`` (the same on every server, so a restart keeps it)."""
+    import hashlib
+
+    return hashlib.sha256(f"test host key/{host}".encode()).digest()
+
+
+test_host_key.__test__ = False
+
+
+def signed(key: bytes, host: str, method: str, path: str, body: Any, headers: dict | None,
+           kind: str = "host") -> tuple[Any, dict]:
+    """(body bytes, headers with the host's signature) for a raw request, as ``client.Client`` signs it;
+    ``kind="peer"``: as peer ``host`` signs with the cluster key."""
+    import secrets
+
+    from cis490fleet import signing
+
+    headers = dict(headers or {})
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+        headers.setdefault("content-type", "application/json")
+    sha = headers.get("x-content-sha256") if method == "PUT" and headers.get("x-content-sha256") else \
+        signing.body_sha256(body or b"")
+    headers.update(signing.signature_headers(key, f"{kind}/{host}", method, path, sha, time.time(),
+                                             secrets.token_hex(16), headers))
+    return body, headers
+
+
+def _with_credentials(server, method: str, path: str, body: Any, headers: dict | None) -> tuple[Any, dict]:
+    """A fixture server's ``call``: the read token, and a signature when the request names a host."""
+    headers = dict(headers or {})
+    headers.setdefault("x-read-token", READ_TOKEN)
+    host = headers.get("x-lab-host")
+    if host and "x-fleet-signature" not in headers and not server.legacy:
+        key = server.host_key(host)
+        if key is not None:
+            return signed(key, host, method, path, body, headers)
+    return body, headers
+
+
+CLUSTER_KEY = bytes(range(32))
+
+
+def cluster_key_file(folder: Path) -> Path:
+    """A --cluster-key-file holding ``CLUSTER_KEY`` (the same for every peer a test starts), mode 0600."""
+    path = Path(folder) / "cluster.key"
+    if not path.exists():
+        path.write_text(CLUSTER_KEY.hex() + "\n")
+        path.chmod(0o600)
+    return path
+
+
+class GroupKeys:
+    """Host keys of a coordinator group reached by its URLs (``POST /v1/hosts`` with the operator token, through
+    any peer): ``register()`` makes the fixture helpers sign requests to every URL with them."""
+
+    legacy = False
+
+    def __init__(self, urls, token: str = OPERATOR_TOKEN, context=None):
+        self.urls = [u.rstrip("/") for u in urls]
+        self.token, self.context = token, context
+        self.keys: dict[str, bytes] = {}
+        self.port = None
+
+    def register(self) -> "GroupKeys":
+        for url in self.urls:
+            _SERVERS[url] = self
+        return self
+
+    def host_key(self, host: str) -> bytes | None:
+        from cis490fleet import model
+        from cis490fleet.client import Client
+
+        if not model.HOST_ID_RE.match(host):
+            return None
+        if host not in self.keys:
+            with Client(self.urls, operator_token=self.token, retries=20, backoff_s=0.1, backoff_max_s=0.5) as c:
+                self.keys[host] = bytes.fromhex(c.hosts_add(host)["key"])
+        return self.keys[host]
+
+
+def alias(url: str, server) -> None:
+    """Requests to ``url`` (a proxy or a second listener in front of ``server``, or of the fixture server on
+    that port) are signed for ``server``."""
+    if isinstance(server, int):
+        server = next(s for s in _SERVERS.values() if s.port == server)
+    _SERVERS[url.rstrip("/")] = server
+
+
+def host_key_for(url: str, host: str) -> bytes:
+    """The key of ``host`` on the fixture server at ``url`` (given to it first if needed)."""
+    return _SERVERS[url.rstrip("/")].host_key(host)
+
+
 def http_call(url: str, method: str, path: str, body: Any = None, headers: dict | None = None,
-              timeout: float = 30, context=None) -> tuple[int, Any, Any]:
-    """One request on a fresh connection; a dict/list body is sent as JSON."""
-    with Conn(url, timeout=timeout, context=context) as conn:
+              timeout: float = 30, context=None, credentials: bool = True) -> tuple[int, Any, Any]:
+    """One request on a fresh connection; a dict/list body is sent as JSON. ``credentials``: see ``Conn``."""
+    with Conn(url, timeout=timeout, context=context, credentials=credentials) as conn:
         return conn.call(method, path, body, headers)
 
 
 class Conn:
-    """One kept-alive ``http.client`` connection to ``url``."""
+    """One kept-alive ``http.client`` connection to ``url``.
 
-    def __init__(self, url: str, timeout: float = 30, context=None):
+    To a fixture server, a request goes with the read token and, when it names a host in ``x-lab-host``,
+    signed with that host's key; ``credentials=False`` sends exactly what the test gives."""
+
+    def __init__(self, url: str, timeout: float = 30, context=None, credentials: bool = True):
+        self.server = _SERVERS.get(url.rstrip("/")) if credentials else None
         parts = urllib.parse.urlsplit(url)
         if parts.scheme == "https":
             self.conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=context)
@@ -85,6 +217,8 @@ class Conn:
             self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
 
     def call(self, method: str, path: str, body: Any = None, headers: dict | None = None) -> tuple[int, Any, Any]:
+        if self.server is not None:
+            body, headers = _with_credentials(self.server, method, path, body, headers)
         headers = dict(headers or {})
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode()
@@ -131,6 +265,7 @@ class ServeProcess:
     argv: list[str]
     env: dict
     ssl_context: Any = None
+    legacy: bool = False
 
     @property
     def port(self) -> int:
@@ -138,6 +273,31 @@ class ServeProcess:
 
     def call(self, method: str, path: str, body: Any = None, headers: dict | None = None, timeout: float = 30):
         return http_call(self.url, method, path, body, headers, timeout, context=self.ssl_context)
+
+    def host_key(self, host: str) -> bytes | None:
+        """``host``'s key, added through ``POST /v1/hosts`` with the operator token the first time."""
+        from cis490fleet import model
+
+        slot = (str(self.data_dir), host)
+        if not model.HOST_ID_RE.match(host):
+            return None
+        if slot not in _SERVE_KEYS:
+            token = self.env.get("CIS490_OPERATOR_TOKEN")
+            if not token:
+                return None
+            status, _, body = http_call(self.url, "POST", "/v1/hosts", {"host": host},
+                                        {"x-operator-token": token}, context=self.ssl_context, credentials=False)
+            if status != 201:
+                raise AssertionError(f"could not give {host} a key: {status} {body}")
+            _SERVE_KEYS[slot] = bytes.fromhex(body["key"])
+        return _SERVE_KEYS[slot]
+
+    def client(self, host: str | None = None, **kw):
+        """A ``client.Client`` for this server; with ``host``, one that signs as that host."""
+        from cis490fleet.client import Client
+
+        key = self.host_key(host) if host else None
+        return Client(self.url, host_id=host, host_key=key, **kw)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -166,6 +326,7 @@ def serve_env(extra: dict | None = None, token: str | None = OPERATOR_TOKEN) -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CIS490_", "NOTIFY_SOCKET", "WATCHDOG_"))}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
+    env["CIS490_READ_TOKEN"] = READ_TOKEN
     if token:
         env["CIS490_OPERATOR_TOKEN"] = token
     env.update(extra or {})
@@ -201,7 +362,8 @@ def serve_process(tmp_path_factory):
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen(argv, cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
-        sp = ServeProcess(proc, "", data_dir, log_path, argv, full_env, ssl_context)
+        sp = ServeProcess(proc, "", data_dir, log_path, argv, full_env, ssl_context,
+                          legacy="--trust-host-header" in args)
         started.append(sp)
         if not wait:
             return sp
@@ -215,6 +377,7 @@ def serve_process(tmp_path_factory):
             time.sleep(0.05)
         sp.url = url_file.read_text().strip()
         wait_health(sp.url, timeout=max(1.0, deadline - time.monotonic()), proc=proc, context=ssl_context)
+        _SERVERS[sp.url] = sp
         return sp
 
     yield start
@@ -240,8 +403,35 @@ class LiveServer:
     def port(self) -> int:
         return self.server.port
 
+    @property
+    def legacy(self) -> bool:
+        return self.coordinator.trust.legacy
+
     def call(self, method: str, path: str, body: Any = None, headers: dict | None = None, timeout: float = 30):
         return http_call(self.url, method, path, body, headers, timeout, context=self.ssl_context)
+
+    def host_key(self, host: str) -> bytes | None:
+        """``host``'s key (``test_host_key``), stored through the queue command `jobs hosts add` applies;
+        None for a host id no key can be given to."""
+        from cis490fleet import errors, model
+
+        if not model.HOST_ID_RE.match(host):
+            return None
+        key = test_host_key(host)
+        if self.coordinator.host_key(host) != key:
+            try:
+                self.coordinator.execute({"op": "host_key_set", "host": host, "key": key.hex(), "by": "test"})
+            except errors.BadRequest:  # it has another key: a test rotated it
+                self.coordinator.execute({"op": "host_key_set", "host": host, "key": key.hex(), "by": "test",
+                                          "rotate": True})
+        return key
+
+    def client(self, host: str | None = None, **kw):
+        """A ``client.Client`` for this server; with ``host``, one that signs as that host."""
+        from cis490fleet.client import Client
+
+        return Client(self.url, host_id=host, host_key=self.host_key(host) if host else None,
+                      ca=kw.pop("ca", None), **kw)
 
     def close(self) -> None:
         if not self.closed:
@@ -263,15 +453,19 @@ def live_server(tmp_path_factory):
 
     def start(manifest: str | Path | None = None, token: str | None = OPERATOR_TOKEN, server_context=None,
               client_context=None, synchronous: str = "NORMAL", data_dir: Path | None = None,
-              sweep_interval: float | None = None) -> LiveServer:
+              sweep_interval: float | None = None, legacy: bool = False, public_read: bool = False) -> LiveServer:
         base = tmp_path_factory.mktemp("live")
         manifest_path = None
         if manifest is not None:
             manifest_path = Path(manifest) if isinstance(manifest, Path) else base / "manifest.toml"
             if not isinstance(manifest, Path):
                 manifest_path.write_text(manifest, encoding="utf-8")
+        from cis490fleet import auth
+
+        trust = auth.Trust(operator_tokens={auth.DEFAULT_OPERATOR: token} if token else {},
+                           read_tokens={"test": READ_TOKEN}, legacy=legacy, public_read=public_read)
         coord = Coordinator(data_dir or base / "data", manifest_path=manifest_path, operator_token=token,
-                            synchronous=synchronous, node_id="test-node", sweep_interval=sweep_interval)
+                            synchronous=synchronous, node_id="test-node", sweep_interval=sweep_interval, trust=trust)
         try:
             coord.load_manifest(at_start=True)
             server = coord.listen("127.0.0.1", 0, server_context)
@@ -282,6 +476,7 @@ def live_server(tmp_path_factory):
         coord.start_background()
         live = LiveServer(coord, server, coord.url, thread, manifest_path, client_context)
         servers.append(live)
+        _SERVERS[live.url] = live
         return live
 
     yield start

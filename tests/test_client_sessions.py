@@ -14,7 +14,7 @@ import pytest
 
 from cis490fleet import errors
 from cis490fleet.client import Client
-from conftest import OPERATOR_TOKEN, manifest_toml
+from conftest import OPERATOR_TOKEN, alias, manifest_toml
 
 OP = {"x-operator-token": OPERATOR_TOKEN}
 CAP = {"capability": {"slots": 8}}
@@ -122,7 +122,7 @@ def test_bad_session_headers_are_400_naming_the_header(srv, headers, named):
     for method, path, body, extra in (
             ("POST", "/v1/job/claim", CAP, {"x-lab-host": "ws1"}),
             ("POST", "/v1/worker/register", CAP, {"x-lab-host": "ws1"}),
-            ("POST", f"/v1/job/{'a' * 64}/heartbeat", {}, {"x-lab-host": "ws1"}),
+            ("POST", f"/v1/job/{'a' * 64}/heartbeat", {}, {"x-lab-host": "ws1", "x-lease": "1"}),
             ("POST", "/v1/manifest/reload", None, OP)):
         status, _, answer = srv.call(method, path, body, {**extra, **headers})
         assert status == 400 and answer["error"] == "bad_request", (path, answer)
@@ -190,6 +190,7 @@ def proxy():
 
     def start(port: int, on_drop=None) -> DropFirstAnswer:
         made.append(DropFirstAnswer(port, on_drop))
+        alias(made[-1].url, port)
         return made[-1]
 
     yield start

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OPERATOR_TOKEN, clean_env, manifest_toml, wait_for
+from conftest import OPERATOR_TOKEN, READ_TOKEN, clean_env, host_key_for, manifest_toml, wait_for
 
 from cis490fleet import dashboard, errors
 
@@ -184,8 +184,11 @@ def worker(tmp_path):
         env = clean_env()
         env.update(PATH=fake_nvidia_smi(tmp_path), PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
         with open(log_path, "wb") as log:
+            key_file = tmp_path / f"{host}.key"
+            key_file.write_text(host_key_for(url, host).hex())
             proc = subprocess.Popen([sys.executable, "-m", "cis490fleet", "work", "--receiver", url, "--host-id", host,
-                                     "--work-dir", str(work_dir), "--wait", "1", "--grace", "3"],
+                                     "--host-key-file", str(key_file), "--work-dir", str(work_dir), "--wait", "1",
+                                     "--grace", "3"],
                                     cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         started.append((proc, work_dir))
         return proc, work_dir, log_path
@@ -219,6 +222,11 @@ def test_live_fleet_in_the_browser_then_an_operator_cancel(browser, serve_proces
     page = browser.new_page(viewport={"width": 1360, "height": 900})
     console = Console(page)
     page.goto(sp.url + "/")
+    # The page asks for a token before it reads the fleet; operator actions exist only once it is entered.
+    wait_for("the token prompt", lambda: "enter a read token" in page.locator("#conn").inner_text())
+    assert page.locator("button[data-action]").count() == 0
+    page.fill("#token", OPERATOR_TOKEN)
+    page.click("#unlock button[type=submit]")
     card = page.locator(f'.run[data-key="{watched}"]')
     card.wait_for(timeout=60_000)
 
@@ -240,10 +248,6 @@ def test_live_fleet_in_the_browser_then_an_operator_cancel(browser, serve_proces
     assert page.locator("#peers li.leader").count() == 1 and "★" in page.locator("#peers").inner_text()
     assert "1–31 of 31" in page.locator("#range").inner_text()
 
-    # Operator actions exist only once the token is entered.
-    assert page.locator("button[data-action]").count() == 0
-    page.fill("#token", OPERATOR_TOKEN)
-    page.click("#unlock button[type=submit]")
     cancel = card.locator("button[data-action=cancel]")
     cancel.wait_for()
     assert page.locator("#admin button[data-action=reload]").count() == 1
@@ -312,8 +316,12 @@ def test_five_thousand_jobs_page_filter_sort_and_pause(browser, live_server):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     console = Console(page)
     page.goto(srv.url + "/")
+    wait_for("the token prompt", lambda: "enter a read token" in page.locator("#conn").inner_text())
+    page.fill("#token", READ_TOKEN)
+    page.click("#unlock button[type=submit]")
     rows = page.locator("#jobs tbody tr")
     wait_for("the first page", lambda: rows.count() == 50)
+    assert page.locator("button[data-action]").count() == 0  # a reader gets no operator actions
     assert page.locator("#range").inner_text() == "1–50 of 5,003"
     page.click("#next")
     wait_for("the second page", lambda: page.locator("#range").inner_text() == "51–100 of 5,003")
@@ -357,16 +365,14 @@ def test_five_thousand_jobs_page_filter_sort_and_pause(browser, live_server):
     assert console.errors == []
 
     # A wrong token is refused by the coordinator; the page says so and forgets it.
+    page.click("#lock")
     page.fill("#token", "not-the-token")
     page.click("#unlock button[type=submit]")
-    claimed = body["job_id"]
-    card = page.locator(f'.run[data-key="{claimed}"]')
-    card.locator("button[data-action=cancel]").click()
-    card.locator("button.armed[data-action=cancel]").click()
-    wait_for("the refusal", lambda: "wrong operator token" in page.locator("#toast").inner_text())
+    wait_for("the refusal", lambda: "refused the token" in page.locator("#toast").inner_text())
     assert page.locator("button[data-action]").count() == 0 and page.locator("#token").is_visible()
-    assert srv.call("GET", f"/v1/job/{claimed}")[2]["job"]["status"] == "claimed"
-    assert [e for e in console.errors if "status of 403" not in e] == []
+    assert page.evaluate("sessionStorage.length") == 0
+    assert srv.call("GET", f"/v1/job/{body['job_id']}")[2]["job"]["status"] == "claimed"
+    assert [e for e in console.errors if "status of 401" not in e] == []
 
 
 @pytest.mark.browser

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OPERATOR_TOKEN, clean_env, wait_for
+from conftest import OPERATOR_TOKEN, clean_env, host_key_for, wait_for
 from test_worker import fake_nvidia_smi, pid_alive, trainer_manifest
 
 from cis490fleet.client import Client
@@ -50,8 +50,10 @@ class WorkerProcess:
         self.host = host
         self.work_dir = tmp_path / f"work-{host}"
         self.log_path = tmp_path / f"worker-{host}.log"
+        key_file = tmp_path / f"{host}.key"
+        key_file.write_text(host_key_for(url, host).hex() + "\n")
         argv = [sys.executable, "-m", "cis490fleet", "work", "--receiver", url, "--host-id", host,
-                "--work-dir", str(self.work_dir), *args]
+                "--host-key-file", str(key_file), "--work-dir", str(self.work_dir), *args]
         env = clean_env()
         env.update(PATH=path_env, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
         with open(self.log_path, "wb") as log:

@@ -24,7 +24,7 @@ from cis490fleet import coordinator, http_api, manifest
 from cis490fleet.client import Client
 from cis490fleet.jobstore import JobStore
 from cis490fleet.model import JobSpec
-from conftest import OPERATOR_TOKEN, Conn, manifest_toml, wait_for
+from conftest import OPERATOR_TOKEN, Conn, alias, manifest_toml, wait_for
 
 T0 = 1_700_000_000.0
 CPU = {"os": "linux", "cores": 4, "ram_gib": 16.0, "cuda": False, "gpus": [], "slots": 4}
@@ -139,6 +139,7 @@ def test_each_response_leaves_in_one_send(live_server):
     threading.Thread(target=counting.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{counting.port}"
+        alias(url, srv)
         ws = {"x-lab-host": "ws1"}
         _CountingSocket.sends = 0
         with Conn(url) as conn:
@@ -199,6 +200,8 @@ class _Gate:
 def test_claims_over_http_that_arrive_together_share_one_commit(live_server):
     srv = live_server(manifest_toml(40))
     coord = srv.coordinator
+    for i in range(16):
+        srv.host_key(f"ws{i}")  # keys first: giving one is a command, and the gate counts commands
     gate = _Gate(coord.writer.store)
     coord.writer.store = gate
     before = coord.counters.snapshot()["counters"]

@@ -20,7 +20,7 @@ import zipfile
 import pytest
 
 from cis490fleet import errors, http_api, model, openapi
-from conftest import OPERATOR_TOKEN, Conn, http_call, manifest_toml
+from conftest import OPERATOR_TOKEN, Conn, http_call, manifest_toml, signed
 
 OP = {"x-operator-token": OPERATOR_TOKEN}
 
@@ -101,10 +101,12 @@ def test_claim_hands_out_a_job_with_its_lease_and_timing(srv):
 
 
 def test_claim_without_identity_is_401(srv):
-    assert_error(srv.call("POST", "/v1/job/claim", {"capability": {}}), 401, "unauthorized", "x-lab-host")
+    assert_error(srv.call("POST", "/v1/job/claim", {"capability": {}}), 401, "unauthorized", "signed",
+                 "--host-key-file")
 
 
-def test_claim_with_a_bad_host_id_is_400(srv):
+def test_claim_with_a_bad_host_id_is_400_in_legacy_mode(live_server):
+    srv = live_server(manifest_toml(), legacy=True)
     assert_error(srv.call("POST", "/v1/job/claim", {}, worker("bad host!")), 400, "bad_request", "x-lab-host")
 
 
@@ -242,25 +244,35 @@ def test_heartbeat_accepts_object_list_and_empty_bodies(srv):
 def test_heartbeat_validates_its_fields(srv):
     c = claim(srv)
     path = f"/v1/job/{c['job_id']}/heartbeat"
-    assert_error(srv.call("POST", path, {"progress": 3}, worker("ws1")), 400, "bad_request", "progress")
-    assert_error(srv.call("POST", path, {"log_tail": {}}, worker("ws1")), 400, "bad_request", "log_tail")
-    assert_error(srv.call("POST", path, [1, 2], worker("ws1")), 400, "bad_request")
+    ws1 = worker("ws1", c["lease"])
+    assert_error(srv.call("POST", path, {"progress": 3}, ws1), 400, "bad_request", "progress")
+    assert_error(srv.call("POST", path, {"log_tail": {}}, ws1), 400, "bad_request", "log_tail")
+    assert_error(srv.call("POST", path, [1, 2], ws1), 400, "bad_request")
     assert_error(srv.call("POST", path, {}, worker("ws1", "x" * 200)), 400, "bad_request", "x-lease")
 
 
 def test_heartbeat_from_a_non_holder_is_409(srv):
     c = claim(srv)
     path = f"/v1/job/{c['job_id']}/heartbeat"
-    assert_error(srv.call("POST", path, {}, worker("ws2")), 409, "stale_lease", "ws1")
+    assert_error(srv.call("POST", path, {}, worker("ws2", c["lease"])), 409, "stale_lease", "ws1")
     assert_error(srv.call("POST", path, {}, worker("ws1", "0" * 32)), 409, "stale_lease")
-    # Without x-lease the job is fenced by host identity (the original client sends no lease).
+    # Every worker write carries its lease: the holder's name alone fences nothing.
+    assert_error(srv.call("POST", path, {}, worker("ws1")), 400, "bad_request", "x-lease", "--trust-host-header")
+
+
+def test_in_legacy_mode_a_heartbeat_without_a_lease_is_fenced_by_host(live_server):
+    srv = live_server(manifest_toml(), legacy=True)
+    c = claim(srv)
+    path = f"/v1/job/{c['job_id']}/heartbeat"
+    assert_error(srv.call("POST", path, {}, worker("ws2")), 409, "stale_lease", "ws1")
     assert srv.call("POST", path, {}, worker("ws1"))[0] == 200
 
 
 def test_ids_are_validated_before_lookup(srv):
-    assert_error(srv.call("POST", "/v1/job/xyz/heartbeat", {}, worker("ws1")), 400, "bad_request", "64")
-    assert_error(srv.call("POST", f"/v1/job/{'A' * 64}/heartbeat", {}, worker("ws1")), 400, "bad_request")
-    assert_error(srv.call("POST", f"/v1/job/{'0' * 64}/heartbeat", {}, worker("ws1")), 404, "not_found")
+    ws1 = worker("ws1", "1")
+    assert_error(srv.call("POST", "/v1/job/xyz/heartbeat", {}, ws1), 400, "bad_request", "64")
+    assert_error(srv.call("POST", f"/v1/job/{'A' * 64}/heartbeat", {}, ws1), 400, "bad_request")
+    assert_error(srv.call("POST", f"/v1/job/{'0' * 64}/heartbeat", {}, ws1), 404, "not_found")
     assert_error(srv.call("GET", "/v1/job/..%2f..%2fetc"), 400, "bad_request")
     assert_error(srv.call("GET", "/v1/job/abc"), 404, "not_found", "no job is named", "prefix")  # a name, or too short a prefix
     assert_error(srv.call("GET", "/v1/artifact/nothex"), 400, "bad_request")
@@ -284,7 +296,7 @@ def test_complete_needs_the_uploaded_artifact_and_the_holder(srv):
     assert_error(srv.call("POST", path, {"artifact_id": "abc"}, worker("ws1", lease)), 400, "bad_request")
     assert upload(srv, jid, "ws1", lease, data)[0] == 201
     assert srv.call("GET", f"/v1/artifact/{sha}")[2] == data  # a small one goes out with its headers
-    assert_error(srv.call("POST", path, {"artifact_id": sha}, worker("ws2")), 409, "stale_lease")
+    assert_error(srv.call("POST", path, {"artifact_id": sha}, worker("ws2", lease)), 409, "stale_lease")
     assert srv.call("POST", path, {"artifact_id": sha}, worker("ws1", lease))[2] == {"ok": True}
     _, _, detail = srv.call("GET", f"/v1/job/{jid}")
     assert detail["job"]["status"] == "completed" and detail["job"]["artifact_id"] == sha
@@ -294,7 +306,7 @@ def test_fail_keeps_the_error_and_reports_the_status(srv):
     c = claim(srv)
     path = f"/v1/job/{c['job_id']}/fail"
     assert_error(srv.call("POST", path, {"error": 3}, worker("ws1", c["lease"])), 400, "bad_request", "error")
-    assert_error(srv.call("POST", path, {"error": "x"}, worker("ws2")), 409, "stale_lease")
+    assert_error(srv.call("POST", path, {"error": "x"}, worker("ws2", c["lease"])), 409, "stale_lease")
     assert_error(srv.call("POST", path, {"error": "x", "class": "gremlins"}, worker("ws1", c["lease"])), 400,
                  "bad_request", "field 'class' must be one of fenced, infra, job, signal, stalled, time_limit, usage")
     status, _, body = srv.call("POST", path, {"error": "CUDA out of memory", "class": "signal"},
@@ -324,7 +336,7 @@ def test_a_very_long_error_is_kept_by_its_end(srv):
 def test_release_gives_the_job_back(srv):
     c = claim(srv)
     path = f"/v1/job/{c['job_id']}/release"
-    assert_error(srv.call("POST", path, None, worker("ws2")), 409, "stale_lease")
+    assert_error(srv.call("POST", path, None, worker("ws2", c["lease"])), 409, "stale_lease")
     assert srv.call("POST", path, None, worker("ws1", c["lease"]))[2] == {"ok": True}
     _, _, detail = srv.call("GET", f"/v1/job/{c['job_id']}")
     assert detail["job"]["status"] == "pending"
@@ -371,8 +383,12 @@ def raw_exchange(port: int, head: bytes, body: bytes = b"", shut: bool = False, 
         return resp.status, (json.loads(data) if data else None), resp.headers
 
 
-def upload_head(job_id: str, host: str, length: int | None, sha: str, extra: str = "") -> bytes:
-    lines = [f"PUT /v1/model/{job_id} HTTP/1.1", "Host: x", f"x-lab-host: {host}", f"x-content-sha256: {sha}"]
+def upload_head(srv, job_id: str, host: str, lease: str, length: int | None, sha: str, extra: str = "") -> bytes:
+    """The head of an upload, signed with ``host``'s key as the client signs it."""
+    path = f"/v1/model/{job_id}"
+    _, headers = signed(srv.host_key(host), host, "PUT", path, None,
+                        {"x-lab-host": host, "x-content-sha256": sha, "x-lease": lease})
+    lines = [f"PUT {path} HTTP/1.1", "Host: x", *(f"{k}: {v}" for k, v in headers.items())]
     if length is not None:
         lines.append(f"Content-Length: {length}")
     return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode()
@@ -381,7 +397,7 @@ def upload_head(job_id: str, host: str, length: int | None, sha: str, extra: str
 def test_upload_from_a_non_holder_is_refused_before_the_body_is_read(srv):
     c = claim(srv)
     # 1 GiB declared, not one byte sent: the answer must come from the headers alone.
-    status, body, headers = raw_exchange(srv.port, upload_head(c["job_id"], "ws2", 1 << 30, "0" * 64,
+    status, body, headers = raw_exchange(srv.port, upload_head(srv, c["job_id"], "ws2", c["lease"], 1 << 30, "0" * 64,
                                                                "Expect: 100-continue\r\n"))
     assert status == 409 and body["error"] == "stale_lease"
     assert headers["connection"] == "close"
@@ -394,13 +410,12 @@ def test_upload_with_a_wrong_lease_sharing_the_shown_prefix_is_409_before_a_byte
     wrong = shown + "0" * (len(c["lease"]) - len(shown))
     assert wrong != c["lease"] and wrong.startswith(shown) and len(shown) == 8
     # 1 GiB declared, not one byte sent: the answer must come from the headers alone.
-    status, body, _ = raw_exchange(srv.port, upload_head(c["job_id"], "ws1", 1 << 30, "0" * 64,
-                                                         f"x-lease: {wrong}\r\nExpect: 100-continue\r\n"))
+    status, body, _ = raw_exchange(srv.port, upload_head(srv, c["job_id"], "ws1", wrong, 1 << 30, "0" * 64,
+                                                         "Expect: 100-continue\r\n"))
     assert status == 409 and body["error"] == "stale_lease"
     data = b"not the holder's model" * 100
-    status, body, _ = raw_exchange(srv.port, upload_head(c["job_id"], "ws1", len(data),
-                                                         hashlib.sha256(data).hexdigest(), f"x-lease: {wrong}\r\n"),
-                                   data)
+    status, body, _ = raw_exchange(srv.port, upload_head(srv, c["job_id"], "ws1", wrong, len(data),
+                                                         hashlib.sha256(data).hexdigest()), data)
     assert status == 409 and body["error"] == "stale_lease"
     assert srv.coordinator.artifacts.locate(hashlib.sha256(data).hexdigest()) is None
     assert not list((srv.coordinator.data_dir / "tmp").iterdir())
@@ -410,21 +425,21 @@ def test_upload_with_a_wrong_lease_sharing_the_shown_prefix_is_409_before_a_byte
 def test_upload_over_the_fleet_limit_is_413_before_the_body(live_server):
     srv = live_server(manifest_toml(1, max_artifact_bytes=1000))
     c = claim(srv)
-    status, body, _ = raw_exchange(srv.port, upload_head(c["job_id"], "ws1", 1001, "0" * 64))
+    status, body, _ = raw_exchange(srv.port, upload_head(srv, c["job_id"], "ws1", c["lease"], 1001, "0" * 64))
     assert status == 413 and body["error"] == "too_large" and "max_artifact_bytes" in body["detail"]
 
 
 def test_upload_without_content_length_is_411(srv):
     c = claim(srv)
-    status, body, _ = raw_exchange(srv.port, upload_head(c["job_id"], "ws1", None, "0" * 64))
+    status, body, _ = raw_exchange(srv.port, upload_head(srv, c["job_id"], "ws1", c["lease"], None, "0" * 64))
     assert status == 411 and "content-length" in body["detail"]
 
 
 def test_short_upload_is_400_and_leaves_nothing(srv):
     c = claim(srv)
     data = b"x" * 5000
-    status, body, _ = raw_exchange(srv.port, upload_head(c["job_id"], "ws1", 10_000, hashlib.sha256(data).hexdigest()),
-                                   data, shut=True)
+    status, body, _ = raw_exchange(srv.port, upload_head(srv, c["job_id"], "ws1", c["lease"], 10_000,
+                                                         hashlib.sha256(data).hexdigest()), data, shut=True)
     assert status == 400 and body["error"] == "integrity"
     assert not list((srv.coordinator.data_dir / "tmp").iterdir())
     assert srv.coordinator.artifacts.locate(hashlib.sha256(data).hexdigest()) is None
@@ -677,7 +692,7 @@ def test_our_client_drives_a_job_end_to_end(srv, tmp_path):
 
     bundle = tmp_path / "bundle.tar"
     bundle.write_bytes(os.urandom(300_000))
-    with Client(srv.url, host_id="ws1", operator_token=OPERATOR_TOKEN) as client:
+    with srv.client("ws1", operator_token=OPERATOR_TOKEN) as client:
         c = client.claim({"cores": 4}, wait=1)
         assert client.heartbeat(c["job_id"], c["lease"], progress={"epoch": 1}, log_tail="ok") == \
             {"ok": True, "cancel": False}

@@ -558,8 +558,8 @@ def test_a_failing_command_inside_a_batch_leaves_no_partial_writes(store):
 
 
 class _BuggyStore(JobStore):
-    def _op_cancel(self, conn, now, job_id):
-        super()._op_cancel(conn, now, job_id)
+    def _op_cancel(self, conn, now, job_id, by=None):
+        super()._op_cancel(conn, now, job_id, by)
         raise RuntimeError("a bug, not a refusal")
 
 

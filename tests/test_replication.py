@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OPERATOR_TOKEN, Conn, http_call, manifest_toml, serve_command, serve_env, wait_health
+from conftest import (CLUSTER_KEY, OPERATOR_TOKEN, READ_TOKEN, Conn, GroupKeys, cluster_key_file, http_call,
+                      manifest_toml, serve_command, serve_env, signed, wait_health)
 from test_e2e import manifest as e2e_manifest
 import test_e2e
 from test_e2e import jobs_cli, slow_job, wait_for
 
-from cis490fleet import errors
+from cis490fleet import auth, errors
 from cis490fleet.coordinator import Coordinator
 from cis490fleet.replication import cluster_id, parse_peer
 
@@ -62,11 +63,14 @@ class Group:
         self.manifest.write_text(manifest_toml(n_jobs))
         self.raft = {**FAST, **raft}
         self.coords: dict[str, Coordinator] = {}
+        self.keys = GroupKeys(self.urls.values(), context=None).register()
 
     def start(self, name: str) -> Coordinator:
         server_ctx, peer_ctx = self.tls[name] if self.tls else (None, None)
+        trust = auth.Trust(operator_tokens={auth.DEFAULT_OPERATOR: OPERATOR_TOKEN}, read_tokens={"test": READ_TOKEN},
+                           cluster_key=None if self.tls else CLUSTER_KEY)
         c = Coordinator(self.tmp / name, manifest_path=self.manifest, node_id=name, peers=self.urls,
-                        operator_token=OPERATOR_TOKEN, raft_options=self.raft, peer_ssl_context=peer_ctx)
+                        operator_token=OPERATOR_TOKEN, raft_options=self.raft, peer_ssl_context=peer_ctx, trust=trust)
         c.listen("127.0.0.1", int(self.urls[name].rsplit(":", 1)[1]), server_ctx)
         c.serve_in_thread()
         c.start_background()
@@ -212,13 +216,18 @@ def test_messages_from_another_cluster_are_refused(group):
     g = three(group)
     f = g.follower()
     batch = {"cluster": "not-this-one", "from": "a", "to": f, "messages": []}
-    status, _, body = http_call(g.urls[f], "POST", "/v1/raft/messages", batch)
+
+    def as_peer(body):
+        body, headers = signed(CLUSTER_KEY, "a", "POST", "/v1/raft/messages", body, {}, kind="peer")
+        return http_call(g.urls[f], "POST", "/v1/raft/messages", body, headers)
+
+    status, _, body = as_peer(batch)
     assert status == 403 and body["error"] == "forbidden"
     assert "cluster" in body["detail"]
     good = {**batch, "cluster": cluster_id(g.urls), "from": "zz"}
-    assert http_call(g.urls[f], "POST", "/v1/raft/messages", good)[0] == 403
+    assert as_peer(good)[0] == 403
     bad = {**batch, "cluster": cluster_id(g.urls), "from": g.leader(), "messages": [{"type": "Nonsense"}]}
-    status, _, body = http_call(g.urls[f], "POST", "/v1/raft/messages", bad)
+    status, _, body = as_peer(bad)
     assert status == 400 and "unknown type" in body["detail"]
 
 
@@ -251,9 +260,11 @@ def test_serve_refuses_a_node_id_missing_from_its_peers(tmp_path):
 def start_peer(tmp: Path, name: str, urls: dict, manifest: Path, extra=()) -> subprocess.Popen:
     port = urls[name].rsplit(":", 1)[1]
     argv = serve_command("--data", str(tmp / name), "--bind", f"127.0.0.1:{port}", "--manifest", str(manifest),
-                         "--node-id", name, "--raft-tick-ms", "50", *extra)
+                         "--node-id", name, "--raft-tick-ms", "50", "--cluster-key-file",
+                         str(cluster_key_file(tmp)), *extra)
     for pid, url in urls.items():
         argv += ["--peer", f"{pid}={url}"]
+    GroupKeys(urls.values()).register()
     log = open(tmp / f"{name}.log", "ab")
     return subprocess.Popen(argv, cwd=ROOT, env=serve_env(), stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
@@ -369,19 +380,23 @@ def test_peers_over_mutual_tls_forward_a_worker_s_certificate_identity_and_nobod
     ca.issue_cert("ws1").private_key_and_cert_chain_pem.write_to_path(tmp_path / "ws1.pem")
     worker = tls.client_context(ca_path, tmp_path / "ws1.pem")
     g = three(group, tls=contexts)
+    # `jobs hosts add ws1`: only hosts the fleet knows hold jobs
+    g.coords[g.leader()].execute({"op": "host_key_set", "host": "ws1", "key": "ab" * 32, "by": "test"})
     f = g.follower()
     status, headers, body = http_call(g.urls[f], "POST", "/v1/job/claim", {"capability": {}}, context=worker)
     assert status == 200 and headers["x-forwarded-by"] == f, body
     assert g.coords[g.leader()].store.job(body["job_id"], time.time())["host"] == "ws1"
     # A worker cannot pass itself off as a forwarding peer to speak for another host.
     status, _, body = http_call(g.urls[g.leader()], "POST", "/v1/job/claim", {"capability": {}}, context=worker,
-                                headers={"x-forwarded-by": f, "x-lab-host": "ws2"})
+                                headers={"x-forwarded-by": f, "x-lab-host": "ws2"}, credentials=False)
     assert status == 403 and "certificate" in body["detail"]
 
 
 def test_a_follower_keeps_one_connection_to_the_leader_per_client_connection(group):
     g = three(group)
     leader = g.coords[g.leader()]
+    for i in range(5):
+        g.keys.host_key(f"w{i}")
     accepted = []
     leader.server.accept_hook = accepted.append
     with Conn(g.urls[g.follower()]) as conn:

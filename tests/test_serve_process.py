@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cis490fleet import coordinator, errors
-from conftest import OPERATOR_TOKEN, Conn, http_call, manifest_toml, serve_command, serve_env
+from conftest import OPERATOR_TOKEN, Conn, http_call, manifest_toml, serve_command, serve_env, signed
 
 ROOT = Path(__file__).resolve().parent.parent
 W1 = {"x-lab-host": "ws1"}
@@ -261,8 +261,11 @@ def test_kill_9_during_an_upload_leaves_no_half_artifact(serve_process):
     _, _, c = sp.call("POST", "/v1/job/claim", {}, W1)
     data = os.urandom(4 << 20)
     sha = hashlib.sha256(data).hexdigest()
-    head = (f"PUT /v1/model/{c['job_id']} HTTP/1.1\r\nHost: x\r\nx-lab-host: ws1\r\nx-lease: {c['lease']}\r\n"
-            f"x-content-sha256: {sha}\r\nContent-Length: {len(data)}\r\n\r\n").encode()
+    path = f"/v1/model/{c['job_id']}"
+    _, headers = signed(sp.host_key("ws1"), "ws1", "PUT", path, None,
+                        {**W1, "x-lease": c["lease"], "x-content-sha256": sha, "Content-Length": str(len(data))})
+    head = (f"PUT {path} HTTP/1.1\r\nHost: x\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            + "\r\n").encode()
     with socket.create_connection(("127.0.0.1", sp.port), timeout=30) as sock:
         sock.sendall(head + data[: 1 << 20])
         deadline = time.monotonic() + 30

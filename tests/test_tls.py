@@ -31,6 +31,9 @@ def pems(ca, tmp_path_factory):
     return d
 
 
+KNOWN_HOSTS = '[[hosts]]\nid = "ws1"\n\n[[hosts]]\nid = "ws2"\n'  # only hosts the fleet knows hold jobs
+
+
 def server_ctx(pems, mutual: bool) -> ssl.SSLContext:
     return tls.server_context(pems / "server.pem", pems / "server.key", pems / "ca.pem" if mutual else None)
 
@@ -78,7 +81,7 @@ def test_https_without_client_certificates(live_server, pems):
 
 @pytest.fixture
 def mtls(live_server, pems):
-    return live_server(manifest_toml(2), server_context=server_ctx(pems, mutual=True))
+    return live_server(manifest_toml(2, extra=KNOWN_HOSTS), server_context=server_ctx(pems, mutual=True))
 
 
 def test_mutual_tls_takes_the_identity_from_the_certificate(mtls, pems):
@@ -109,7 +112,7 @@ def test_mutual_tls_refuses_clients_without_a_certificate_from_our_ca(mtls, pems
 
 
 def test_serve_process_with_mutual_tls(serve_process, pems):
-    sp = serve_process(manifest=manifest_toml(1),
+    sp = serve_process(manifest=manifest_toml(1, extra=KNOWN_HOSTS),
                        args=["--cert", str(pems / "server.pem"), "--key", str(pems / "server.key"),
                              "--client-ca", str(pems / "ca.pem")],
                        ssl_context=client_ctx(pems, "ws1"))

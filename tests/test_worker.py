@@ -20,7 +20,7 @@ from cis490fleet import errors, slots, trainer_process, worker, worker_config, w
 from cis490fleet.slots import Slot
 from cis490fleet.trainer_process import TrainerRun
 from cis490fleet.worker_config import WorkerConfig
-from conftest import clean_env
+from conftest import clean_env, host_key_for
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB_ID = "ab" * 32
@@ -524,8 +524,11 @@ def test_on_a_terminal_each_running_job_gets_a_live_progress_line(live_server, t
     master, slave = pty.openpty()
     env = clean_env()
     env.update(PATH=fake_nvidia_smi(tmp_path, []), PYTHONPATH=str(ROOT))
+    key_file = tmp_path / "tty.key"
+    key_file.write_text(host_key_for(server.url, "tty").hex())
     proc = subprocess.Popen([sys.executable, "-m", "cis490fleet", "work", "--receiver", server.url, "--host-id",
-                             "tty", "--work-dir", str(tmp_path / "work"), "--once", "--wait", "0"],
+                             "tty", "--host-key-file", str(key_file), "--work-dir", str(tmp_path / "work"), "--once",
+                             "--wait", "0"],
                             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
     os.close(slave)
     chunks: list[bytes] = []

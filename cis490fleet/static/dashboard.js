@@ -20,6 +20,8 @@
     sort: { key: null, dir: 1 },
     token: sessionStorage.getItem(TOKEN_KEY) || "",
     armed: null, armedUntil: 0,
+    locked: false,             // the coordinator wants a token for reads and this tab has none
+    operator: false,           // the coordinator says this tab's token is an operator's
     data: null,
     skew: 0,                   // server clock minus this browser's clock, in seconds
     polls: 0,
@@ -131,7 +133,9 @@
   // -- talking to the coordinator ---------------------------------------------------------------------
 
   async function api(path, init) {
-    const resp = await fetch(path, Object.assign({ cache: "no-store", headers: { accept: "application/json" } }, init));
+    const headers = { accept: "application/json" };
+    if (state.token) { headers["x-read-token"] = state.token; headers["x-operator-token"] = state.token; }
+    const resp = await fetch(path, Object.assign({ cache: "no-store", headers }, init));
     const date = Date.parse(resp.headers.get("date") || "");
     if (!Number.isNaN(date)) state.skew = 0.8 * state.skew + 0.2 * ((date + 500) / 1000 - Date.now() / 1000);
     let body = null;
@@ -151,8 +155,16 @@
   }
 
   async function poll() {
-    const [health, workers, page, running, claimed, failures, failed] = await Promise.all([
-      api("/v1/health"), api("/v1/workers"), api(jobsQuery()),
+    const health = await api("/v1/health");
+    // Reads need a token unless the coordinator says they are open: ask for one before asking for data.
+    state.locked = !!(health.security && health.security.reads === "token") && !state.token;
+    state.operator = health.access === "operator";
+    if (state.locked) {
+      return { health, workers: [], page: { jobs: [], total: 0 }, running: [], failures: [], failedTotal: 0,
+        at: serverNow() };
+    }
+    const [workers, page, running, claimed, failures, failed] = await Promise.all([
+      api("/v1/workers"), api(jobsQuery()),
       api("/v1/jobs?status=running&limit=200"), api("/v1/jobs?status=claimed&limit=200"),
       api("/v1/failures?limit=8"), api("/v1/jobs?status=failed&limit=1"),
     ]);
@@ -194,8 +206,13 @@
       state.data = await poll();
       state.failures = 0;
       render();
-      setConn("ok", `live · updated ${new Date().toLocaleTimeString()}`);
+      if (state.locked) setConn("paused", "enter a read token or the operator token to see the fleet");
+      else setConn("ok", `live · updated ${new Date().toLocaleTimeString()}`);
     } catch (err) {
+      if (err.status === 401 && state.token) {
+        forgetToken();
+        toast(`the coordinator refused the token: ${err.message}`, true);
+      }
       state.failures += 1;
       setConn("error", `cannot reach the coordinator: ${err.message}`);
     } finally {
@@ -804,7 +821,7 @@
 
   function renderActions(box, job) {
     const wanted = [];
-    if (state.token) {
+    if (state.operator) {
       if (CANCELLABLE.has(job.status)) wanted.push("cancel");
       if (REQUEUEABLE.has(job.status)) wanted.push("requeue");
     }
@@ -825,10 +842,10 @@
     $("locked-actions").hidden = !on;
     const admin = $("admin");
     const armed = isArmed("reload:manifest");
-    const sig = on ? `reload${armed ? "!" : ""}` : "";
+    const sig = state.operator ? `reload${armed ? "!" : ""}` : "";
     if (admin.dataset.sig !== sig) {
       admin.dataset.sig = sig;
-      admin.replaceChildren(...(on ? [el("button", { type: "button", class: `act reload${armed ? " armed" : ""}`,
+      admin.replaceChildren(...(state.operator ? [el("button", { type: "button", class: `act reload${armed ? " armed" : ""}`,
         dataset: { action: "reload", id: "manifest" }, title: "re-read the manifest file and sync the queue",
         text: armed ? "confirm reload" : "reload manifest" })] : []));
     }
@@ -841,7 +858,7 @@
       if (action === "reload") toast(`manifest reloaded: ${body.added} added, ${body.kept} kept, ${body.removed} removed`);
       else toast(`${action === "cancel" ? "cancelled" : "requeued"} job ${short(id)}`);
     } catch (err) {
-      if (err.status === 401 || err.status === 403) forgetToken();
+      if (err.status === 401) forgetToken();
       toast(`${action} failed: ${err.message}`, true);
     }
     refresh();
@@ -849,6 +866,7 @@
 
   function forgetToken() {
     state.token = "";
+    state.operator = false;
     sessionStorage.removeItem(TOKEN_KEY);
     render();
   }
@@ -981,12 +999,13 @@
     $("unlock").addEventListener("submit", (ev) => {
       ev.preventDefault();
       const value = $("token").value.trim();
-      if (!value) { toast("enter the operator token the coordinator was started with", true); return; }
+      if (!value) { toast("enter a read token or the operator token the coordinator was started with", true); return; }
       state.token = value;
       sessionStorage.setItem(TOKEN_KEY, value);
       $("token").value = "";
       render();
       renderOperator();
+      refresh();
     });
     $("lock").addEventListener("click", forgetToken);
 
