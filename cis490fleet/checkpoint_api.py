@@ -70,6 +70,7 @@ def store_checkpoint(app, job_id: str, host: str, lease: str | None, body, sha25
 
 
 def h_checkpoint(req: Request):
+    req.require_reader()
     sha = sha_param(req.params["sha256"], "checkpoint id")
     try:
         f, size = req.app.checkpoints.open_artifact(sha)

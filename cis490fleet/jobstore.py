@@ -1090,7 +1090,7 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
             raise NotFound(f"host {host!r} has no key to rotate; add it with: jobs hosts add {host}")
         if not rotate and live:
             raise BadRequest(f"host {host!r} already has a key; replace it with: jobs hosts rotate {host} "
-                           "(the old key stops working at once)")
+                             "(the old key stops working at once)")
         conn.execute("INSERT INTO host_keys (host, key, created, created_by) VALUES (?, ?, ?, ?) ON CONFLICT (host) "
                      "DO UPDATE SET key = excluded.key, created = excluded.created, created_by = excluded.created_by, "
                      "revoked = NULL, revoked_by = NULL", (host, key, now, by))
@@ -1222,8 +1222,6 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
                 "log_tail": tail[0] if tail else None, "not_before": row[17], "peak_vram_gib": row[21],
                 "why_pending": self._why_pending(conn, meta, job_id, spec, row[4], row[17], now, bool(row[11])),
                 "checkpoints": self._checkpoints_of(conn, job_id),
-                "log_tail": tail[0] if tail else None, "not_before": row[16],
-                "why_pending": self._why_pending(conn, meta, spec, row[4], row[16], now),
                 "operator_actions": [{"at": a[0], "action": a[1], "by": a[2]} for a in conn.execute(
                     "SELECT at, action, by FROM operator_actions WHERE job = ? ORDER BY at", (job_id,))],
             })

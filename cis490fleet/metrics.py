@@ -253,6 +253,7 @@ def register(router) -> None:
             route.handler = timed_claims(route.handler, claims)  # in place: the route keeps its position
 
     def metrics_page(req):
+        req.require_reader()
         return 200, CONTENT_TYPE, scrape(req.app, claims).encode()
 
     router.add("GET", "/metrics", metrics_page)
