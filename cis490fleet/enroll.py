@@ -1074,7 +1074,7 @@ def install_worker(args, inst: Installer) -> int:
     elif inst.dry_run:
         out(f"would register host {host_id} with {', '.join(receivers)}")
     else:
-        register(receivers, host_id, tls_files, cap, out)
+        register(receivers, host_id, tls_files, cap, out, host_key)
     out(("dry run: nothing was written or run" if inst.dry_run else
          f"worker enrolled as {host_id}" + ("" if start else " (not started: --no-start)")))
     return 0
@@ -1084,11 +1084,14 @@ def _windows_python() -> str:
     return _base_python() if os.name == "nt" else "python.exe"
 
 
-def register(receivers, host_id: str, tls_files: dict, cap: dict, out) -> None:
+def register(receivers, host_id: str, tls_files: dict, cap: dict, out, host_key: bytes | None = None) -> None:
+    """Register the host, its request signed with ``host_key`` (the key file's bytes) when given."""
     from cis490fleet.client import Client
 
+    key = host_key.decode().strip() if host_key is not None else None
     try:
-        with Client(list(receivers), host_id=host_id, timeout=10.0, retries=1, **tls_files) as client:
+        with Client(list(receivers), host_id=host_id, timeout=10.0, retries=1, host_key=key,
+                    **tls_files) as client:
             client.register(cap)
     except errors.FleetError as err:
         # Same class (so the same exit code), with what was already done in front.

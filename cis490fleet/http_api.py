@@ -611,12 +611,14 @@ def h_submit(req: Request):
 
 def h_job_metrics(req: Request):
     """Every progress report's numbers, per attempt: the curves of a running or finished job."""
+    req.require_reader()
     ref = job_ref_param(req.params["id"])
     return {"job_id": req.app.resolve_job_id(ref), "attempts": req.app.metric_history(ref)}
 
 
 def h_results(req: Request):
     """Completed jobs with their hyper values and final metrics, best first; ``format=csv`` for a spreadsheet."""
+    req.require_reader()
     sweep, model_name = req.query_one("sweep") or None, req.query_one("model") or None
     if sweep is not None and (len(sweep) > 200 or not sweep.isprintable()):
         raise errors.BadRequest(f"sweep {sweep[:80]!r} is not a sweep name: use a [[sweeps]] entry's name")

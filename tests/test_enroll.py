@@ -661,8 +661,11 @@ def test_round_trip_fetched_pyz_enrolls_and_the_installed_worker_completes_a_job
     root = tmp_path / "root"
     work = root / "var/lib/cis490fleet/work"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CIS490_", "PYTHONPATH"))}
+    key_file = tmp_path / "rt1.key"  # what `jobs hosts add rt1` printed
+    key_file.write_text(sp.host_key("rt1").hex() + "\n")
     enrolled = subprocess.run([sys.executable, str(fetched), "enroll", "worker", "--root", str(root), "--no-start",
-                               "--receiver", sp.url, "--host-id", "rt1", "--work-dir", str(work)],
+                               "--receiver", sp.url, "--host-id", "rt1", "--work-dir", str(work),
+                               "--host-key-file", str(key_file)],
                               capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
     assert f"coordinator {sp.url}: ok" in enrolled.stdout
@@ -671,7 +674,8 @@ def test_round_trip_fetched_pyz_enrolls_and_the_installed_worker_completes_a_job
     assert installed.read_bytes() == fetched.read_bytes()
 
     worked = subprocess.run([sys.executable, str(installed), "work", "--config",
-                             str(root / "etc/cis490fleet/worker.toml"), "--once", "--wait", "0"],
+                             str(root / "etc/cis490fleet/worker.toml"), "--host-key-file",
+                             str(root / "etc/cis490fleet/host-signing.key"), "--once", "--wait", "0"],
                             capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
     assert worked.returncode == 0, worked.stderr[-3000:]
     status, _, body = sp.call("GET", "/v1/jobs")

@@ -564,8 +564,8 @@ class _BuggyStore(JobStore):
 
 
 class _FullDiskStore(JobStore):
-    def _op_cancel(self, conn, now, job_id):
-        super()._op_cancel(conn, now, job_id)
+    def _op_cancel(self, conn, now, job_id, by=None):
+        super()._op_cancel(conn, now, job_id, by)
         raise sqlite3.OperationalError("database or disk is full")
 
 

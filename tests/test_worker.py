@@ -20,7 +20,7 @@ from cis490fleet import errors, slots, trainer_process, worker, worker_config, w
 from cis490fleet.slots import Slot
 from cis490fleet.trainer_process import TrainerRun
 from cis490fleet.worker_config import WorkerConfig
-from conftest import clean_env, host_key_for
+from conftest import alias, clean_env, host_key_for
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB_ID = "ab" * 32
@@ -645,8 +645,10 @@ def test_a_worker_stopped_with_sigterm_tells_the_coordinator_it_is_leaving(live_
     server = live_server(trainer_manifest("slow.py", ONE_JOB.replace("steps = 40", "steps = 600")))
     env = clean_env()
     env.update(PATH=fake_nvidia_smi(tmp_path, []), PYTHONPATH=str(ROOT))
+    key_file = tmp_path / "leaver.key"
+    key_file.write_text(host_key_for(server.url, "leaver").hex())
     argv = [sys.executable, "-m", "cis490fleet", "work", "--receiver", server.url, "--host-id", "leaver",
-            "--work-dir", str(tmp_path / "work"), "--wait", "1", "--grace", "5"]
+            "--host-key-file", str(key_file), "--work-dir", str(tmp_path / "work"), "--wait", "1", "--grace", "5"]
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -859,6 +861,7 @@ def test_a_worker_cut_off_by_a_proxy_stops_its_trainer_before_the_job_runs_elsew
     server = live_server(trainer_manifest("stamped.py", job, heartbeat_s=0.5, stale_after_s=3.0), sweep_interval=0.2)
     port = int(server.url.rsplit(":", 1)[1])
     proxy = LinkProxy(port, name="a->coordinator")
+    alias(proxy.url, server)
     try:
         cut_off = make_worker(proxy.url, tmp_path, host="wa", grace_s=2.0)
         cut_off.client = cut_off.outbox.client = Client(proxy.url, host_id="wa", timeout=2.0, retries=0)
