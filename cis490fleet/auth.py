@@ -106,18 +106,13 @@ def _verify_signature(req, trust: Trust, key_of) -> Identity | None:
     key = key_of(signed)
     if key is None:
         if signed.kind == "peer":
-            raise errors.Unauthorized(f"{signed.signer} is not a peer of this group that holds the cluster key; "
-                                      "start every peer with the same --cluster-key-file and --peer list")
+            raise errors.Unauthorized(f"{signed.signer} signs as a peer, but this coordinator has no cluster key; "
+                                      "start every peer with the same --cluster-key-file")
         raise errors.Forbidden(f"host {signed.name!r} has no key on this fleet (never added, or revoked); "
                                + ADD_HOST_HINT.format(host=signed.name))
     signing.verify(key, signed, req.method, req.handler.path, signed_body_sha(req), now, _signed_headers(req))
     trust.remember(signed.signer, signed.nonce, signed.timestamp, now)
     return Identity(signed.kind, signed.name)
-
-
-def _peer_names(app) -> set[str]:
-    replicator = getattr(app, "replicator", None)
-    return set(replicator.peers) if replicator is not None else set()
 
 
 def _peer_cert_names(app) -> set[str]:
@@ -133,11 +128,10 @@ def identify(req) -> Identity:
     """The identity a request proved (cached on the request); Unauthorized/Forbidden when a proof is wrong."""
     app = req.app
     trust: Trust = app.trust
-    peers = _peer_names(app)
 
     def key_of(signed: signing.Signed) -> bytes | None:
-        if signed.kind == "peer":
-            return trust.cluster_key if signed.name in peers else None
+        if signed.kind == "peer":  # the cluster key makes a peer, member or not yet (a peer waiting to join)
+            return trust.cluster_key
         return app.host_key(signed.name)
 
     signer = _verify_signature(req, trust, key_of)

@@ -46,6 +46,7 @@ def h_upload_log(req: Request):
 
 
 def h_log(req: Request):
+    req.require_reader()
     app = req.app
     job_id = app.resolve_job_id(job_ref_param(req.params["id"]))
     attempt = req.query_int("attempt", 0, 0, 1 << 31) or None
@@ -55,6 +56,7 @@ def h_log(req: Request):
 
 
 def h_log_copy(req: Request):
+    req.require_reader()
     sha = sha_param(req.params["sha256"], "log id")
     f, size = _open(req.app, sha)
     return Response(status=200, content_type="application/gzip", stream=f, length=size,

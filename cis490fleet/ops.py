@@ -801,7 +801,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("reload", "put a training manifest in force: FILE from here, else the coordinator's own --manifest")
     p.add_argument("file", nargs="?", metavar="FILE", help="manifest (TOML) to send; default: the file the "
                    "receiving coordinator was started with")
-    add("reload", "reload the coordinator's training manifest")
     from cis490fleet import hosts_cmd
 
     hosts_cmd.add_parser(add)

@@ -26,8 +26,10 @@ OP = {"x-operator-token": OPERATOR_TOKEN}
 def join(g, name: str) -> Coordinator:
     """Start a new peer that waits to be added (serve --node-id NAME --join --peer NAME=URL)."""
     g.urls[name] = f"http://127.0.0.1:{free_ports(1)[0]}"
+    g.keys.urls.append(g.urls[name])
+    g.keys.register()
     c = Coordinator(g.tmp / name, manifest_path=g.manifest, node_id=name, peers={name: g.urls[name]},
-                    operator_token=OPERATOR_TOKEN, raft_options={**g.raft, "join": True})
+                    operator_token=OPERATOR_TOKEN, raft_options={**g.raft, "join": True}, trust=g.trust())
     c.listen("127.0.0.1", int(g.urls[name].rsplit(":", 1)[1]))
     c.serve_in_thread()
     c.start_background()

@@ -67,15 +67,19 @@ class Group:
 
     def start(self, name: str) -> Coordinator:
         server_ctx, peer_ctx = self.tls[name] if self.tls else (None, None)
-        trust = auth.Trust(operator_tokens={auth.DEFAULT_OPERATOR: OPERATOR_TOKEN}, read_tokens={"test": READ_TOKEN},
-                           cluster_key=None if self.tls else CLUSTER_KEY)
         c = Coordinator(self.tmp / name, manifest_path=self.manifest, node_id=name, peers=self.urls,
-                        operator_token=OPERATOR_TOKEN, raft_options=self.raft, peer_ssl_context=peer_ctx, trust=trust)
+                        operator_token=OPERATOR_TOKEN, raft_options=self.raft, peer_ssl_context=peer_ctx,
+                        trust=self.trust())
         c.listen("127.0.0.1", int(self.urls[name].rsplit(":", 1)[1]), server_ctx)
         c.serve_in_thread()
         c.start_background()
         self.coords[name] = c
         return c
+
+    def trust(self) -> auth.Trust:
+        """A peer's trust settings: the tokens of the fixtures, and the cluster key unless the peers use TLS."""
+        return auth.Trust(operator_tokens={auth.DEFAULT_OPERATOR: OPERATOR_TOKEN}, read_tokens={"test": READ_TOKEN},
+                          cluster_key=None if self.tls else CLUSTER_KEY)
 
     def stop(self, name: str) -> None:
         self.coords.pop(name).close(grace=5)
