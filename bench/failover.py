@@ -50,7 +50,9 @@ def _run_module():
 
 def seeded_group(work: Path, template: Path, **kw) -> PeerGroup:
     """Three direct (unproxied) peers, each on its own copy of ``template``."""
-    group = PeerGroup(work, n=3, proxies=False, env=GROUP_ENV, extra_args=("--synchronous", "FULL"), **kw)
+    # The load sends unsigned x-lab-host requests, as bench/run.py's unsigned claims: the legacy mode.
+    group = PeerGroup(work, n=3, proxies=False, env=GROUP_ENV,
+                      extra_args=("--synchronous", "FULL", "--trust-host-header"), **kw)
     for peer in group.peers.values():
         peer.data_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(template, peer.data_dir / "queue.sqlite3")

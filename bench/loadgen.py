@@ -151,16 +151,38 @@ def drive(port: int, scripts: list[Script], stats: Stats, hard_deadline: float) 
 # -- scripts -------------------------------------------------------------------------------------
 
 
+def bench_host_key(host: str) -> bytes:
+    """The key bench/run.py gives each claiming host of the signed claim bench."""
+    return hashlib.sha256(f"bench host key/{host}".encode()).digest()
+
+
 def claim_script(stats: Stats, index: int, *, max_ops: int, hosts: int = 1024, slots: int = 1_000_000,
-                 path: str = "/v1/job/claim") -> Script:
-    """Claim again and again, rotating over ``hosts`` host ids so no host holds thousands of jobs."""
+                 path: str = "/v1/job/claim", signed: bool = False) -> Script:
+    """Claim again and again, rotating over ``hosts`` host ids so no host holds thousands of jobs.
+
+    ``signed``: each request is signed with its host's key (a fresh nonce and time each), as our client signs."""
     cap = dict(CPU, slots=slots)
     body = json.dumps({"capability": cap}, separators=(",", ":")).encode()
-    reqs = [request("POST", path, body, {"x-lab-host": f"c{index}-{h}"}) for h in range(hosts)]
+    names = [f"c{index}-{h}" for h in range(hosts)]
+    reqs = [request("POST", path, body, {"x-lab-host": name}) for name in names]
+    if signed:
+        import secrets
+
+        from cis490fleet import signing
+
+        keys = [bench_host_key(name) for name in names]
+        body_sha = signing.body_sha256(body)
+
+        def sign(n: int) -> bytes:
+            h = n % hosts
+            headers = {"x-lab-host": names[h]}
+            headers.update(signing.signature_headers(keys[h], f"host/{names[h]}", "POST", path, body_sha,
+                                                     time.time(), secrets.token_hex(16), headers))
+            return request("POST", path, body, headers)
     for n in range(max_ops):
         if time.monotonic() >= stats.deadline:
             return
-        status, reply = yield reqs[n % hosts]
+        status, reply = yield (sign(n) if signed else reqs[n % hosts])
         if status == 200 and b'"job_id"' in reply:
             stats.done()
         elif status != 200:

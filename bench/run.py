@@ -173,10 +173,13 @@ def server_env() -> dict:
     return env
 
 
-def serve(workdir: Path, *args: str, manifest: Path | None = None, context=None) -> Server:
+def serve(workdir: Path, *args: str, manifest: Path | None = None, context=None, signed: bool = False) -> Server:
+    """A coordinator for a benchmark. The load generators send unsigned requests (``x-lab-host`` only), so it runs
+    in the legacy mode unless ``signed`` (the signed claim bench, whose hosts have keys in its queue)."""
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "cis490fleet", "serve", "--data", str(workdir / "data"), "--bind", "127.0.0.1:0",
-            "--port-file", str(workdir / "url"), "--synchronous", "FULL", *args]
+            "--port-file", str(workdir / "url"), "--synchronous", "FULL", *([] if signed else ["--trust-host-header"]),
+            *args]
     if manifest is not None:
         argv += ["--manifest", str(manifest)]
     return Server(argv, workdir, server_env(), context)
@@ -227,6 +230,18 @@ def build_queue(path: Path, jobs: list[dict], fleet: dict | None = None, hosts: 
         store.execute({"op": "sync_manifest", "now": time.time(),
                        "manifest": {"fleet": fleet or {}, "trainer": {}, "hosts": hosts or [], "jobs": jobs}})
     return path
+
+
+def add_claim_host_keys(path: Path, connections: int = 16, hosts: int = 1024) -> None:
+    """Keys for every host the claim load signs as (``loadgen.bench_host_key``), as `jobs hosts add` stores them."""
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.executemany("INSERT INTO host_keys (host, key, created, created_by) VALUES (?, ?, ?, 'bench')",
+                         ((f"c{i}-{h}", loadgen.bench_host_key(f"c{i}-{h}").hex(), time.time())
+                          for i in range(connections) for h in range(hosts)))
+    conn.close()
 
 
 # Constraint classes a CPU host named c<i>-<j> can never take; they outrank the eligible class.
@@ -305,7 +320,9 @@ class Bench:
 
     def claim_template(self) -> Path:
         if "claim" not in self._templates:
-            self._templates["claim"] = build_queue(self.work / "templates" / "claim.sqlite3", jobs_json(100_000))
+            path = build_queue(self.work / "templates" / "claim.sqlite3", jobs_json(100_000))
+            add_claim_host_keys(path)
+            self._templates["claim"] = path
         return self._templates["claim"]
 
     # -- durable claim throughput -----------------------------------------------------------------
@@ -313,18 +330,18 @@ class Bench:
     def claim(self) -> None:
         template = self.claim_template()
         duration, rounds = (3.0, 1) if self.quick else (8.0, 3)
-        rates: dict[str, list[float]] = {"ours": [], "batch1": [], "starlette": []}
+        rates: dict[str, list[float]] = {"ours": [], "batch1": [], "starlette": [], "signed": []}
         order = list(rates)
         for r in range(rounds):
-            for name in order[r % 3:] + order[:r % 3]:
+            for name in order[r % 4:] + order[:r % 4]:
                 work = fresh_data(self.dir(f"claim-{name}"), template)
                 if name == "starlette":
                     server = starlette(work, work / "data" / "queue.sqlite3")
                 else:
-                    server = serve(work, *(["--max-batch", "1"] if name == "batch1" else []))
+                    server = serve(work, *(["--max-batch", "1"] if name == "batch1" else []), signed=name == "signed")
                 with server:
                     res = loadgen.run(server.port, "claim", connections=16, processes=2, duration=duration,
-                                      warmup=1.0)
+                                      warmup=1.0, kwargs={"signed": name == "signed"})
                 rates[name].append(res["rate"])
         fsync_s = fsync_latency(self.work)
         print(f"fsync_floor: {fsync_s * 1000:.2f} ms per 4 KiB append+fsync here; at one commit per batch, 16 "
@@ -337,6 +354,11 @@ class Bench:
                     f"one fsync per request (--max-batch 1: {fmt(statistics.median(rates['batch1']))} claims/s)",
                     ">= 3000 claims/s and ratio >= 2", ours >= 3000 and vs_batch1 >= 2, samples=rates,
                     fsync_ms=fsync_s * 1000)
+        signed = statistics.median(rates["signed"])
+        vs_unsigned = statistics.median(s / o for s, o in zip(rates["signed"], rates["ours"]))
+        self.report("claim_signed", signed, "claims/s", vs_unsigned,
+                    f"the same claims unsigned (--trust-host-header: {fmt(ours)} claims/s), side by side",
+                    "ratio >= 0.9", vs_unsigned >= 0.9, samples=rates)
         self.report("claim_vs_starlette", ours, "claims/s", vs_starlette,
                     f"uvicorn[standard]+Starlette, one fsync per request "
                     f"({fmt(statistics.median(rates['starlette']))} claims/s)", "ratio >= 1.0", vs_starlette >= 1.0,

@@ -136,8 +136,7 @@ def identify(req) -> Identity:
 
     signer = _verify_signature(req, trust, key_of)
     from_peer = (signer is not None and signer.kind == "peer") or (
-        signer is None and req.peer_host is not None and req.peer_host in _peer_cert_names(app)
-        and req.header("x-forwarded-by") is not None)
+        signer is None and req.peer_host is not None and req.peer_host in _peer_cert_names(app))
     if from_peer:
         asserted = req.header(H_IDENTITY)
         if asserted:

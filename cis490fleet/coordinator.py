@@ -1096,6 +1096,12 @@ def main(argv: list[str] | None = None) -> int:
         raise errors.ConfigError(f"cannot create data folder {data_dir}: {err.strerror or err}; pass --data DIR") from None
 
     peers, raft_options, peer_ssl = _peer_settings(args)
+    if peers and (len(peers) > 1 or getattr(args, "join", False)) and cluster_key is None \
+            and not (args.client_ca or args.peer_ca):
+        raise errors.ConfigError(
+            "peers must prove to each other that they are peers: give every peer the same --cluster-key-file "
+            "(the first peer creates it, mode 0600, when it does not exist; copy it to the others), or run them "
+            "under mutual TLS with --client-ca/--peer-ca")
     coord = Coordinator(data_dir, manifest_path=args.manifest, operator_token=token, synchronous=args.synchronous,
                         node_id=args.node_id, sweep_interval=args.sweep_interval, max_batch=args.max_batch,
                         peers=peers, raft_options=raft_options, peer_ssl_context=peer_ssl, trust=trust)

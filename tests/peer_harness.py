@@ -11,12 +11,14 @@
   (SIGSTOP), ``resume`` (SIGCONT), ``restart``, ``partition(groups)``, ``heal()``.
   ``wait_leader()`` finds the leader a majority names; ``converged_states()`` reads every
   peer's ``queue.sqlite3`` read-only until all agree.
-- ``Workload`` — worker threads that claim, upload a small bundle and complete, half as the
-  original fleet client does (raw http.client, ``x-lab-host``, no lease), half through our
-  ``Client``; every acknowledged claim and complete goes into a ``History``.
+- ``Workload`` — worker threads that claim, upload a small bundle and complete, half over raw
+  http.client (signed by hand with the host's key, the claim's lease on every write), half through
+  our ``Client``; every acknowledged claim and complete goes into a ``History``. The peers share
+  ``conftest.CLUSTER_KEY``; each host gets its key through ``jobs hosts add`` (``conftest.GroupKeys``).
 - ``check_history(history, state)`` — exactly-once and single-lease problems, as sentences.
 
-Only ``ClientWorker`` imports the project; the rest talks HTTP and SQLite like an outsider.
+Only ``ClientWorker`` and the signing of ``RawWorker`` import the project; the rest talks HTTP and SQLite like
+an outsider.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from conftest import GroupKeys, cluster_key_file, signed
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -339,7 +343,8 @@ class PeerGroup:
     def argv(self, nid: str) -> list[str]:
         peer = self.peers[nid]
         argv = [sys.executable, "-m", "cis490fleet", "serve", "--data", str(peer.data_dir),
-                "--bind", f"{HOST}:{peer.port}", "--node-id", nid]
+                "--bind", f"{HOST}:{peer.port}", "--node-id", nid, "--cluster-key-file",
+                str(cluster_key_file(self.base))]
         for other in self.node_ids:
             link = self.links.get((nid, other))
             url = link.url if link is not None else self.peers[other].url
@@ -765,20 +770,25 @@ class Retry(Exception):
 
 
 class RawWorker(_Worker):
-    """The original fleet client: raw HTTP, ``x-lab-host`` only, URLs tried in turn."""
+    """A worker on raw HTTP: each request signed by hand with the host's key, URLs tried in turn."""
 
     kind = "raw"
 
     def __init__(self, workload: "Workload", host: str):
         super().__init__(workload, host)
         self.url_index = 0
+        self.key = None
 
     def call(self, method: str, path: str, body=None, headers=None, retry_sent: bool = True):
         urls = self.workload.urls
+        if self.key is None:
+            self.key = self.workload.keys.host_key(self.host)
         for _ in range(len(urls)):
             url = urls[self.url_index % len(urls)]
+            sent, signed_headers = signed(self.key, self.host, method, path, body,
+                                          {"x-lab-host": self.host, **(headers or {})})
             try:
-                status, data = http_json(url, method, path, body, {"x-lab-host": self.host, **(headers or {})},
+                status, data = http_json(url, method, path, sent, signed_headers,
                                          timeout=self.workload.request_timeout_s)
             except OSError as err:
                 self.url_index += 1
@@ -805,11 +815,13 @@ class RawWorker(_Worker):
     def upload(self, claim: dict) -> str:
         body, sha = bundle_bytes(claim["job_id"], self.host, claim["attempt"])
         status, data = self.call("PUT", f"/v1/model/{claim['job_id']}", body,
-                                 {"x-content-sha256": sha, "content-type": "application/octet-stream"})
+                                 {"x-content-sha256": sha, "content-type": "application/octet-stream",
+                                  "x-lease": claim["lease"]})
         return self.answer(status, data, 201)["artifact_id"]
 
     def complete(self, claim: dict, artifact_id: str) -> bool:
-        status, data = self.call("POST", f"/v1/job/{claim['job_id']}/complete", {"artifact_id": artifact_id})
+        status, data = self.call("POST", f"/v1/job/{claim['job_id']}/complete", {"artifact_id": artifact_id},
+                                 {"x-lease": claim["lease"]})
         self.answer(status, data, 200)
         return True
 
@@ -916,6 +928,7 @@ class Workload:
         self.late_s = late_s
         self.urls = list(urls)
         self.folder = Path(folder)
+        self.keys = GroupKeys(self.urls).register()
         self.history = History()
         self.stop = threading.Event()
         self.work_s = work_s

@@ -438,11 +438,14 @@ def test_soak_random_faults(tmp_path, seed):
 
 
 def claim_many(url: str, n: int, host: str) -> int:
-    """``n`` claims on one kept-alive connection (raw, as the original client): how many got a job."""
+    """``n`` claims on one kept-alive connection (raw, each signed with the host's key): how many got a job."""
     import http.client
     import json
 
+    from conftest import GroupKeys, signed
     from peer_harness import CAPABILITY
+
+    key = GroupKeys([url]).host_key(host)
 
     port = int(url.rsplit(":", 1)[1])
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -450,8 +453,9 @@ def claim_many(url: str, n: int, host: str) -> int:
     got = 0
     try:
         for _ in range(n):
-            conn.request("POST", "/v1/job/claim", body=body,
-                         headers={"x-lab-host": host, "content-type": "application/json"})
+            sent, headers = signed(key, host, "POST", "/v1/job/claim", body.encode(),
+                                   {"x-lab-host": host, "content-type": "application/json"})
+            conn.request("POST", "/v1/job/claim", body=sent, headers=headers)
             resp = conn.getresponse()
             got += resp.status == 200 and b'"job_id"' in resp.read()
     finally:
