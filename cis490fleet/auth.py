@@ -140,7 +140,8 @@ def identify(req) -> Identity:
     if from_peer:
         asserted = req.header(H_IDENTITY)
         if asserted:
-            return _forwarded_identity(trust, asserted, req.header(H_CLIENT_NONCE))
+            session = bool(req.header("x-client-id") and req.header("x-client-serial"))
+            return _forwarded_identity(trust, asserted, None if session else req.header(H_CLIENT_NONCE))
         return signer or Identity("peer", req.peer_host)
     if signer is not None:
         if req.peer_host is not None and req.peer_host != signer.name:
@@ -162,7 +163,8 @@ def identify(req) -> Identity:
 
 def _forwarded_identity(trust: Trust, asserted: str, client_nonce: str | None) -> Identity:
     """The identity a peer verified and forwarded; a host's nonce is remembered here too, so a request
-    replayed through another peer is refused."""
+    replayed through another peer is refused (a session write is not: the queue applies each serial once and
+    answers a repeat as the first time, and a follower may repeat one after a dropped connection)."""
     kind, _, name = asserted.partition(":")
     if kind == "anonymous" and not name:
         return ANONYMOUS

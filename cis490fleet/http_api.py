@@ -833,13 +833,14 @@ def forward(req: Request, leader_url: str, body: bytes | None = None) -> Respons
     if req.header("x-forwarded-by"):
         raise errors.Unavailable(f"forwarded by {req.header('x-forwarded-by')[:40]} but {node} is not the leader "
                                  "either (leadership is changing); retry in a second")
-    added = _forward_identity(req, node, body)
+    replaced = body
     length = req.content_length if body is None else len(body)
     if body is None and (req._body is not None or (req.content_length or 0) <= SMALL_STREAM):
         body = req.body_bytes(limit=SMALL_STREAM)
     context = getattr(req.app, "peer_ssl_context", None)
     for attempt in (1, 2):
         conn, reused = _upstream_conn(leader_url, context, reuse=body is not None and attempt == 1)
+        added = _forward_identity(req, node, replaced)  # signed anew for each send: a repeat is no replay
         try:
             conn.putrequest(req.method, req.handler.path, skip_accept_encoding=True)
             for name, value in req.headers.items():

@@ -735,11 +735,12 @@ class _Worker(threading.Thread):
 
     def poison(self) -> None:
         """A claim whose capability no replica could store: must be a 400, and change nothing."""
+        body, headers = signed(self.workload.keys.host_key(self.host), self.host, "POST", "/v1/job/claim",
+                               b'{"capability": {"gpus": [{"vram_gib": "x"}]}}',
+                               {"x-lab-host": self.host, "content-type": "application/json"})
         try:
             status, _ = http_json(self.workload.urls[self.claims % len(self.workload.urls)], "POST",
-                                  "/v1/job/claim", b'{"capability": {"gpus": [{"vram_gib": "x"}]}}',
-                                  {"x-lab-host": self.host, "content-type": "application/json"},
-                                  timeout=self.workload.request_timeout_s)
+                                  "/v1/job/claim", body, headers, timeout=self.workload.request_timeout_s)
         except OSError:
             return
         self.history.add("poisoned", host=self.host, status=status)
@@ -826,16 +827,18 @@ class RawWorker(_Worker):
         return True
 
     def heartbeat(self, claim: dict) -> None:
-        status, data = self.call("POST", f"/v1/job/{claim['job_id']}/heartbeat", [{"progress": {"epoch": 1}}])
+        status, data = self.call("POST", f"/v1/job/{claim['job_id']}/heartbeat", [{"progress": {"epoch": 1}}],
+                                 {"x-lease": claim["lease"]})
         self.answer(status, data, 200)
 
     def release(self, claim: dict) -> bool:
-        status, data = self.call("POST", f"/v1/job/{claim['job_id']}/release")
+        status, data = self.call("POST", f"/v1/job/{claim['job_id']}/release", None, {"x-lease": claim["lease"]})
         self.answer(status, data, 200)
         return True
 
     def fail(self, claim: dict) -> bool:
-        status, data = self.call("POST", f"/v1/job/{claim['job_id']}/fail", {"error": "chaos: a failed try"})
+        status, data = self.call("POST", f"/v1/job/{claim['job_id']}/fail", {"error": "chaos: a failed try"},
+                                 {"x-lease": claim["lease"]})
         self.answer(status, data, 200)
         return True
 
