@@ -17,7 +17,6 @@ and the Prometheus page (GET /metrics) replace the placeholders here.
 
 from __future__ import annotations
 
-import hmac
 import http.client
 import http.server
 import importlib

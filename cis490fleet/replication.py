@@ -909,7 +909,8 @@ class Replicator:
         for pid in sorted((p for p in self.peers if p != self.node_id), key=lambda p: p != leader):
             try:
                 conn = _connect(self.peers[pid], self.ssl_context, 60.0)
-                conn.request("GET", path, headers={"x-forwarded-by": self.node_id})
+                conn.request("GET", path, headers=self.peer_headers("GET", path, signing.EMPTY_SHA256,
+                                                                    {"x-forwarded-by": self.node_id}))
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as err:
                 log.info("could not ask %s for %s: %s", pid, path, err)

@@ -55,7 +55,7 @@ class FilesGroup(Group):
         path = self.tmp / f"manifest-{name}.toml"
         path.write_text(FILES[name])
         c = Coordinator(self.tmp / name, manifest_path=path, node_id=name, peers=self.urls,
-                        operator_token=OPERATOR_TOKEN, raft_options=self.raft)
+                        operator_token=OPERATOR_TOKEN, raft_options=self.raft, trust=self.trust())
         c.listen("127.0.0.1", int(self.urls[name].rsplit(":", 1)[1]))
         c.serve_in_thread()
         c.start_background()
@@ -271,6 +271,7 @@ def test_a_leader_refuses_proposals_beyond_its_cap_on_uncommitted_entries(group)
     proposal fails at once with Unavailable (503, Retry-After) instead of piling up."""
     g = three(group, election_ticks=(60, 80), max_uncommitted=3)  # the leader keeps leading 3-4 s alone
     leader = g.leader()
+    g.keys.host_key("w1")  # the worker's key first: adding it is a command, which needs a quorum too
     for name in [n for n in g.coords if n != leader]:
         g.stop(name)
     futures = [g.coords[leader].replicator.submit({"op": "sweep_stale", "now": time.time()}) for _ in range(5)]
@@ -294,7 +295,8 @@ def test_entries_for_a_slow_peer_are_held_back_at_its_byte_budget(group):  # noq
     try:
         for name in "ab":
             g.start(name)
-        c = Coordinator(g.tmp / "c", node_id="c", peers=g.urls, operator_token=OPERATOR_TOKEN, raft_options=g.raft)
+        c = Coordinator(g.tmp / "c", node_id="c", peers=g.urls, operator_token=OPERATOR_TOKEN, raft_options=g.raft,
+                        trust=g.trust())
         c.listen("127.0.0.1", real_c)
         c.serve_in_thread()
         g.coords["c"] = c
