@@ -401,6 +401,8 @@ def test_the_job_detail_shows_each_attempt_s_whole_log(browser, live_server, tmp
     page = browser.new_page(viewport={"width": 1360, "height": 900})
     console = Console(page)
     page.goto(server.url + "/")
+    page.fill("#token", READ_TOKEN)
+    page.click("#unlock button[type=submit]")
     row = page.locator(f'#jobs tbody tr[data-key="{job_id}"]')
     row.wait_for(timeout=60_000)
     row.locator("button[data-detail]").click()

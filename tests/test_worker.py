@@ -989,6 +989,7 @@ def test_a_self_fenced_attempt_is_reported_as_fenced_once_the_coordinator_answer
     """
     server = live_server(trainer_manifest("stamped.py", job, heartbeat_s=0.5, stale_after_s=8.0))
     proxy = LinkProxy(int(server.url.rsplit(":", 1)[1]), name="a->coordinator")
+    alias(proxy.url, server)
     try:
         w = make_worker(proxy.url, tmp_path, host="wa", grace_s=2.0)
         w.client = w.outbox.client = Client(proxy.url, host_id="wa", timeout=2.0, retries=0)

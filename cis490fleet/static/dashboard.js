@@ -132,9 +132,13 @@
 
   // -- talking to the coordinator ---------------------------------------------------------------------
 
-  async function api(path, init) {
-    const headers = { accept: "application/json" };
+  function tokenHeaders(headers) {
     if (state.token) { headers["x-read-token"] = state.token; headers["x-operator-token"] = state.token; }
+    return headers;
+  }
+
+  async function api(path, init) {
+    const headers = tokenHeaders({ accept: "application/json" });
     const resp = await fetch(path, Object.assign({ cache: "no-store", headers }, init));
     const date = Date.parse(resp.headers.get("date") || "");
     if (!Number.isNaN(date)) state.skew = 0.8 * state.skew + 0.2 * ((date + 500) / 1000 - Date.now() / 1000);
@@ -946,7 +950,7 @@
     let text;
     try {
       const resp = await fetch(`/v1/job/${encodeURIComponent(id)}/log?attempt=${encodeURIComponent(attempt)}`,
-        { cache: "no-store" });
+        { cache: "no-store", headers: tokenHeaders({}) });
       text = await resp.text();
       if (!resp.ok) {
         let detail = text;
