@@ -326,6 +326,8 @@ def test_a_follower_keeps_stepping_raft_while_it_downloads_a_snapshot(group):  #
 
     g = three(group, n_jobs=30, snapshot_every=5)
     leader = g.leader()
+    for i in range(15):
+        g.keys.host_key(f"w{i}")  # the workers' keys first: adding one later is a command of its own
     away = next(n for n in g.coords if n != leader)
     g.stop(away)
     for i in range(12):
@@ -335,7 +337,7 @@ def test_a_follower_keeps_stepping_raft_while_it_downloads_a_snapshot(group):  #
     slow_urls = {**g.urls, **{n: link.url for n, link in zip([n for n in g.urls if n != away], links)}}
     try:
         back = Coordinator(g.tmp / away, node_id=away, peers=slow_urls, operator_token=OPERATOR_TOKEN,
-                           raft_options=g.raft)
+                           raft_options=g.raft, trust=g.trust())
         back.listen("127.0.0.1", int(g.urls[away].rsplit(":", 1)[1]))
         back.serve_in_thread()
         g.coords[away] = back
