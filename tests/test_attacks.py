@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import OPERATOR_TOKEN, http_call, manifest_toml, signed
-from test_replication import group, three  # noqa: F401 (group is a fixture)
+from test_replication import group, peer_pki, three  # noqa: F401 (group is a fixture)
 
 from cis490fleet import signing
 
@@ -211,22 +211,9 @@ def test_through_each_follower_a_host_is_only_itself(group):
 
 
 def test_mutual_tls_through_a_follower_a_certificate_is_only_itself(group, tmp_path):
-    import trustme
-
     from cis490fleet import tls
 
-    ca = trustme.CA()
-    ca_path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(ca_path)
-    contexts = {}
-    for name in "abc":
-        leaf = ca.issue_cert("127.0.0.1", "localhost", common_name=name)
-        cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
-        leaf.cert_chain_pems[0].write_to_path(cert)
-        leaf.private_key_pem.write_to_path(key)
-        contexts[name] = (tls.server_context(cert, key, ca_path), tls.client_context(ca_path, cert, key))
-    for host in ("ws1", "ghost"):
-        ca.issue_cert(host).private_key_and_cert_chain_pem.write_to_path(tmp_path / f"{host}.pem")
+    ca_path, contexts = peer_pki(tmp_path, ("ws1", "ghost"))
     g = three(group, tls=contexts)
     leader = g.leader()
     g.coords[leader].execute({"op": "host_key_set", "host": "ws1", "key": "ab" * 32, "by": "test"})

@@ -366,7 +366,9 @@ def test_jobs_peers_shows_every_member_from_one_url(group):
             assert int(applied) <= int(commit) and int(lag) >= 0
 
 
-def test_peers_over_mutual_tls_forward_a_worker_s_certificate_identity_and_nobody_else_s(group, tmp_path):
+def peer_pki(tmp_path: Path, hosts: tuple[str, ...]) -> tuple[Path, dict]:
+    """A CA, certificates for peers a, b, c (server and peer-client contexts) and for ``hosts``
+    (``<host>.pem`` next to ``ca.pem``): (the CA's path, {peer: (server context, client context)})."""
     import trustme
 
     from cis490fleet import tls
@@ -381,7 +383,15 @@ def test_peers_over_mutual_tls_forward_a_worker_s_certificate_identity_and_nobod
         leaf.cert_chain_pems[0].write_to_path(cert)
         leaf.private_key_pem.write_to_path(key)
         contexts[name] = (tls.server_context(cert, key, ca_path), tls.client_context(ca_path, cert, key))
-    ca.issue_cert("ws1").private_key_and_cert_chain_pem.write_to_path(tmp_path / "ws1.pem")
+    for host in hosts:
+        ca.issue_cert(host).private_key_and_cert_chain_pem.write_to_path(tmp_path / f"{host}.pem")
+    return ca_path, contexts
+
+
+def test_peers_over_mutual_tls_forward_a_worker_s_certificate_identity_and_nobody_else_s(group, tmp_path):
+    from cis490fleet import tls
+
+    ca_path, contexts = peer_pki(tmp_path, ("ws1",))
     worker = tls.client_context(ca_path, tmp_path / "ws1.pem")
     g = three(group, tls=contexts)
     # `jobs hosts add ws1`: only hosts the fleet knows hold jobs
