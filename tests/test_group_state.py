@@ -326,8 +326,6 @@ def test_a_follower_keeps_stepping_raft_while_it_downloads_a_snapshot(group):  #
 
     g = three(group, n_jobs=30, snapshot_every=5)
     leader = g.leader()
-    for i in range(15):
-        g.keys.host_key(f"w{i}")  # the workers' keys first: adding one later is a command of its own
     away = next(n for n in g.coords if n != leader)
     g.stop(away)
     for i in range(12):
