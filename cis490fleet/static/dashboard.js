@@ -702,13 +702,6 @@
 
   // -- results: completed jobs ranked by GET /v1/results -------------------------------------------------
 
-  // The headers of a read: the token this tab keeps, as a read and as an operator token.
-  function authHeaders(accept) {
-    const headers = { accept };
-    if (state.token) { headers["x-read-token"] = state.token; headers["x-operator-token"] = state.token; }
-    return headers;
-  }
-
   function resultsQuery(format) {
     const r = state.results, q = new URLSearchParams();
     for (const k of ["sweep", "model", "sort", "order"]) if (r[k]) q.set(k, r[k]);
@@ -789,7 +782,7 @@
   async function downloadResults() {
     let blob;
     try {
-      const resp = await fetch(resultsQuery("csv"), { cache: "no-store", headers: authHeaders("text/csv") });
+      const resp = await fetch(resultsQuery("csv"), { cache: "no-store", headers: tokenHeaders({ accept: "text/csv" }) });
       if (!resp.ok) {
         let detail = `${resp.status} ${resp.statusText}`;
         try { detail = (await resp.json()).detail || detail; } catch (_) { /* not JSON */ }
