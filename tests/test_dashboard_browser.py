@@ -432,6 +432,7 @@ def test_the_job_detail_shows_the_checkpoint_each_attempt_left(browser, live_ser
     page = browser.new_page(viewport={"width": 1360, "height": 900})
     console = Console(page)
     page.goto(server.url + "/")
+    enter_token(page)
     row = page.locator(f'#jobs tbody tr[data-key="{detail["id"]}"]')
     row.wait_for(timeout=60_000)
     row.locator("button[data-detail]").click()
