@@ -504,8 +504,10 @@ class Client:
         return self._call("POST", f"/v1/job/{_quote(job_id)}/heartbeat", payload=payload,
                           headers={"x-lease": lease}, session=True)
 
-    def complete(self, job_id: str, lease, artifact_id: str, metrics: dict | None = None) -> dict:
-        payload = {"artifact_id": artifact_id, **({"metrics": metrics} if metrics else {})}
+    def complete(self, job_id: str, lease, artifact_id: str, metrics: dict | None = None,
+                 progress: dict | None = None) -> dict:
+        payload = {"artifact_id": artifact_id, **({"metrics": metrics} if metrics else {}),
+                   **({"progress": progress} if progress else {})}
         return self._call("POST", f"/v1/job/{_quote(job_id)}/complete", payload=payload,
                           headers={"x-lease": lease}, session=True)
 

@@ -443,9 +443,9 @@ def h_complete(req: Request):
     body = req.json_object()
     artifact_id = field_string(body, "artifact_id", required=True)
     sha_param(artifact_id)
-    metrics = field_object(body, "metrics")
+    extra = {k: v for k in ("metrics", "progress") if (v := field_object(body, k)) is not None}
     req.app.execute({"op": "complete", "job_id": job_id, "host": host, "lease": lease, "artifact_id": artifact_id,
-                     **({"metrics": metrics} if metrics is not None else {}), **req.session()})
+                     **extra, **req.session()})
     return {"ok": True}
 
 

@@ -1027,7 +1027,9 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
         return {"ok": True}
 
     def _op_complete(self, conn, now: float, job_id: str, host: str, lease: str | None, artifact_id: str,
-                     metrics: dict | None = None) -> dict:
+                     metrics: dict | None = None, progress: dict | None = None) -> dict:
+        """``progress``: the trainer's last progress line, which a heartbeat may not have carried yet: it
+        becomes the job's progress and the last point of its curve."""
         state, row = self._load(conn, job_id)
         jobs.check_holder(state, host, lease)
         if conn.execute("SELECT 1 FROM artifacts WHERE artifact_id = ?", (artifact_id,)).fetchone() is None:
@@ -1037,8 +1039,12 @@ class JobStore(checkpoint_records.CheckpointRecords, metric_history.MetricHistor
         if step.job is not state:
             self._record_run(conn, job_id, state.tries, host, now)
             self._save(conn, step)
-            progress = conn.execute("SELECT progress FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
-            final = final_metrics(metrics, _loads(progress))
+            if progress is not None:
+                conn.execute("UPDATE jobs SET progress = ? WHERE id = ?", (_dumps(progress), job_id))
+                self._record_point(conn, job_id, state.tries, progress, now)
+            else:
+                progress = _loads(conn.execute("SELECT progress FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
+            final = final_metrics(metrics, progress)
             conn.execute("UPDATE jobs SET metrics = ? WHERE id = ?", (json.dumps(final) if final else None, job_id))
             self._touch_worker(conn, host, now)
             if row[-1] is not None:

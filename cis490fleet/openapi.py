@@ -206,7 +206,9 @@ PATHS = {
             "artifact_id": _HEX64,
             "metrics": {"type": "object", "description": "the final metrics (the trainer's metrics.json); its finite "
                         "numbers are kept, else those of the last progress report",
-                        "additionalProperties": {"type": "number"}}}}), _OK)},
+                        "additionalProperties": {"type": "number"}},
+            "progress": {"type": "object", "description": "the trainer's last progress line: the job's progress "
+                         "and the last point of its curve"}}}), _OK)},
     "/v1/job/{id}/fail": {"post": _worker_op(
         "report that this attempt failed; whether the job is retried depends on the failure's class",
         _body({"type": "object", "required": ["error"], "properties": {

@@ -55,7 +55,7 @@ class Outbox:
         log.info("job %s: trainer done; bundle %s (%d bytes)", run.label, Path(path).name, size)
         record = {"action": "complete", "job_id": run.job_id, "lease": run.lease, "attempt": run.attempt,
                   "bundle": str(path), "sha256": sha256, "size": size, "label": run.label,
-                  "metrics": final_metrics(run)}
+                  "metrics": final_metrics(run), "progress": run.progress()}
         return self.deliver(self._with_log(record, run))
 
     def report_failure(self, run: TrainerRun, error: str, failure_class: str, extra: dict | None = None) -> str:
@@ -192,7 +192,8 @@ class Outbox:
                     answer = self.client.upload(job_id, lease, record["bundle"], sha256=record.get("sha256"))
                     record["artifact_id"] = answer["artifact_id"]
                     self._save_record(record)
-                self.client.complete(job_id, lease, record["artifact_id"], record.get("metrics"))
+                self.client.complete(job_id, lease, record["artifact_id"], record.get("metrics"),
+                                     record.get("progress"))
             except errors.Unavailable as err:
                 log.warning("job %s: result kept in %s until the coordinator answers (%s)",
                             label, self.pending_dir, err)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from cis490fleet import metric_history
 from cis490fleet.model import HostSpec
 from test_jobstore import CPU, T0, claim, finish, seeds, store, sync  # noqa: F401 (store is a fixture)
+from test_worker import cpu_host  # noqa: F401 (a fixture)
 
 
 def beat(store, job_id, progress, now, lease="L1"):
@@ -66,3 +67,19 @@ def test_the_history_is_served_by_name_over_http(live_server):
     assert [p["metrics"]["val_loss"] for p in body["attempts"][0]["points"]] == [1.0, 0.5]
     status, _, body = server.call("GET", "/v1/job/ffffffff/metrics")
     assert status == 404 and body["error"] == "not_found"
+
+
+def test_a_finished_jobs_curve_ends_at_its_last_report(live_server, tmp_path, cpu_host):  # noqa: F811
+    """The trainer's last progress line goes with complete: a fast job's curve has every epoch."""
+    from cis490fleet import slots
+    from test_worker import make_worker, only_job, trainer_manifest
+
+    job_toml = '[[jobs]]\nmodel = "mlp"\nmode = "fast"\nhyper = { lr = 1e-2, epochs = 3, sleep = 0.4 }\n'
+    server = live_server(trainer_manifest("metrics.py", job_toml, heartbeat_s=5, stale_after_s=60))
+    w = make_worker(server.url, tmp_path)
+    assert w.run_once() == slots.COMPLETED
+    job = only_job(server)
+    assert job["progress"]["epoch"] == 3 and job["progress"]["fraction"] == 1.0
+    status, _, body = server.call("GET", f"/v1/job/{job['id']}/metrics")
+    points = body["attempts"][-1]["points"]
+    assert [p["epoch"] for p in points][-1] == 3 and points[-1]["metrics"]["val_loss"] == 1.0

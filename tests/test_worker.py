@@ -1055,6 +1055,7 @@ def test_heartbeats_that_fail_keep_their_period_however_often_progress_comes(liv
                                                                      "steps = 40, sleep = 0.05"),
                                           heartbeat_s=20, stale_after_s=60))
     proxy = LinkProxy(int(server.url.rsplit(":", 1)[1]), name="a->coordinator")
+    alias(proxy.url, server)
     try:
         w = make_worker(proxy.url, tmp_path, grace_s=1.0)
         w.client = w.outbox.client = Client(proxy.url, host_id="w1", timeout=2.0, retries=0)
