@@ -186,7 +186,9 @@ def alias(url: str, server) -> None:
     """Requests to ``url`` (a proxy or a second listener in front of ``server``, or of the fixture server on
     that port) are signed for ``server``."""
     if isinstance(server, int):
-        server = next(s for s in _SERVERS.values() if s.port == server)
+        server = next((s for s in reversed(list(_SERVERS.values())) if s.port == server), None)
+        if server is None:
+            return
     _SERVERS[url.rstrip("/")] = server
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conftest import GroupKeys, cluster_key_file, signed
+from conftest import GroupKeys, alias, cluster_key_file, signed
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -83,6 +83,7 @@ class LinkProxy:
         self._listener.listen(128)
         self.port = self._listener.getsockname()[1]
         self.url = f"http://{HOST}:{self.port}"
+        alias(self.url, target_port)  # requests to a fixture server through this proxy are signed for it
         self.set_mode(mode, delay_ms)
         self._thread = threading.Thread(target=self._accept_loop, name=f"proxy-{name}", daemon=True)
         self._thread.start()
