@@ -313,6 +313,7 @@ class Coordinator:
                                          else {})
         self._known: tuple[float, dict[str, bytes], frozenset] | None = None  # (read at, host keys, manifest hosts)
         self._known_generation = 0  # raised by every key command, so a read that raced one is not cached
+        self._known_lock = threading.Lock()
         self.node_id = node_id or socket.gethostname() or "coordinator"
         self.counters = Counters()
         self.lease_clock = LeaseClock()
@@ -532,16 +533,25 @@ class Coordinator:
     # -- hosts and their keys ------------------------------------------------------------------------
 
     def _known_hosts(self) -> tuple[dict[str, bytes], frozenset]:
-        """Host keys and manifest host ids, re-read when a key command applies and at least every
-        ``KNOWN_HOSTS_TTL_S`` (a snapshot installed on a follower changes them without a command)."""
+        """Host keys and manifest host ids, re-read when a key command applies and, in a replicated group, at
+        least every ``KNOWN_HOSTS_TTL_S`` (a snapshot installed on a follower changes them without a command)."""
         known = self._known
-        if known is None or time.monotonic() - known[0] > KNOWN_HOSTS_TTL_S:
+        if known is not None and (self.replicator is None or time.monotonic() - known[0] <= KNOWN_HOSTS_TTL_S):
+            return known[1], known[2]  # alone, every change is a command here, which drops the cache
+        # One thread re-reads; the others keep using the last read meanwhile (every claim would re-read at once).
+        if known is not None and not self._known_lock.acquire(blocking=False):
+            return known[1], known[2]
+        if known is None:
+            self._known_lock.acquire()
+        try:
             generation = self._known_generation
             keys = self._read(self.store.host_keys)
             declared = frozenset(h.id for h in self._read(self.store.hosts))
             known = (time.monotonic(), keys, declared)
             if generation == self._known_generation:
                 self._known = known
+        finally:
+            self._known_lock.release()
         return known[1], known[2]
 
     def forget_known_hosts(self) -> None:
