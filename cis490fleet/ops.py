@@ -316,6 +316,12 @@ class Ops:
                      byte_size(c.get("size")), ago(c.get("created"), now), c.get("host"), short(c.get("sha256"))]
                     for c in checkpoints if isinstance(c, dict)]
             out.table(["ATTEMPT", "EPOCH", "SIZE", "AGE", "HOST", "SHA256"], rows, indent="  ")
+        actions = job.get("operator_actions")
+        if isinstance(actions, list) and actions:
+            out.line()
+            out.line("operator actions")
+            out.table(["WHEN", "ACTION", "BY"], [[when(a.get("at"), now), a.get("action"), a.get("by")]
+                                                 for a in actions if isinstance(a, dict)], indent="  ")
         if job.get("last_error"):
             out.line()
             out.line("last error")

@@ -39,3 +39,13 @@ def test_hosts_need_the_operator_token(live_server, monkeypatch):
     monkeypatch.delenv("CIS490_OPERATOR_TOKEN", raising=False)
     code, _, err = jobs(srv.url, "hosts", "add", "ws5")
     assert code == 4 and "CIS490_OPERATOR_TOKEN" in err and srv.coordinator.host_key("ws5") is None
+
+
+def test_jobs_show_says_which_operator_cancelled_and_requeued(live_server, monkeypatch):
+    srv = live_server(manifest_toml(1))
+    monkeypatch.setenv("CIS490_OPERATOR_TOKEN", OPERATOR_TOKEN)
+    job_id = srv.call("GET", "/v1/jobs")[2]["jobs"][0]["id"]
+    assert jobs(srv.url, "cancel", job_id)[0] == 0 and jobs(srv.url, "requeue", job_id)[0] == 0
+    code, out, _ = jobs(srv.url, "show", job_id)
+    section = out.split("operator actions", 1)[1]
+    assert code == 0 and "cancel" in section and "requeue" in section and section.count("operator") >= 2
