@@ -215,6 +215,10 @@ class Ops:
         out.line(f"coordinator  {self.client.urls[self.client._preferred]}  {out.paint(role, role)}"
                  f"  term {health.get('term', '?')}  leader {health.get('leader') or '?'}"
                  f"  version {health.get('version', '?')}")
+        workers_proof = str((health.get("security") or {}).get("workers") or "")
+        if workers_proof.startswith("legacy"):
+            out.line(f"WARNING      legacy mode (serve --trust-host-header): {workers_proof.split(': ', 1)[-1]}; any "
+                     "client on the network can claim and complete jobs as any host")
         counts = health.get("jobs") or {}
         shown = [s for s in STATUS_ORDER if s in counts] + sorted(s for s in counts if s not in STATUS_ORDER)
         total = sum(v for v in counts.values() if isinstance(v, int))

@@ -49,3 +49,10 @@ def test_jobs_show_says_which_operator_cancelled_and_requeued(live_server, monke
     code, out, _ = jobs(srv.url, "show", job_id)
     section = out.split("operator actions", 1)[1]
     assert code == 0 and "cancel" in section and "requeue" in section and section.count("operator") >= 2
+
+
+def test_jobs_status_warns_about_the_legacy_mode(live_server):
+    legacy = live_server(manifest_toml(1), legacy=True)
+    code, out, _ = jobs(legacy.url, "status")
+    assert code == 0 and "legacy mode (serve --trust-host-header)" in out
+    assert "legacy" not in jobs(live_server(manifest_toml(1)).url, "status")[1]
