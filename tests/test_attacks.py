@@ -238,3 +238,27 @@ def test_mutual_tls_through_a_follower_a_certificate_is_only_itself(group, tmp_p
         g.converged()
         assert not any(row for row in dump(queue)["attempts"] if "'ws2'" in row or "'ghost'" in row)
         assert dump(queue)["host_keys"] == before["host_keys"]
+
+
+# -- secure by default ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("legacy, named", [(True, "--trust-host-header"), (False, "--cluster-key-file")])
+def test_serve_refuses_to_run_where_workers_or_peers_need_not_prove_who_they_are(tmp_path, legacy, named):
+    """Legacy mode off loopback under TLS without a client CA (nobody proves who they are), and peers that
+    share neither a cluster key nor a CA: both refused at start, naming the flag that fixes it."""
+    import trustme
+
+    from test_serve_process import run_serve
+
+    if legacy:
+        leaf = trustme.CA().issue_cert("127.0.0.1")
+        leaf.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+        leaf.private_key_pem.write_to_path(tmp_path / "key.pem")
+        args = ["--bind", "0.0.0.0:0", "--trust-host-header", "--cert", str(tmp_path / "cert.pem"), "--key",
+                str(tmp_path / "key.pem")]
+    else:
+        args = ["--bind", "127.0.0.1:0", "--node-id", "a", "--peer", "a=http://127.0.0.1:1", "--peer",
+                "b=http://127.0.0.1:2"]
+    result = run_serve("--data", str(tmp_path / "data"), *args, timeout=60)
+    assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr, result.stderr
