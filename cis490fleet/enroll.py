@@ -97,6 +97,11 @@ class Layout:
         return self.etc / "host-signing.key"
 
     @property
+    def cluster_key_file(self) -> PurePath:
+        """The key the coordinator peers share, read by `serve --cluster-key-file`."""
+        return self.etc / "cluster.key"
+
+    @property
     def coordinator_env(self) -> PurePath:
         return self.etc / "coordinator.env"
 
@@ -965,8 +970,9 @@ def install_tls_files(inst: Installer, kind: str, sources: dict[str, Path | None
     return targets
 
 
-def read_host_key(raw: str | None) -> bytes | None:
-    """The host key from ``raw`` (a file, or ``-`` for standard input), checked, as the file's bytes."""
+def read_key(raw: str | None, flag: str) -> bytes | None:
+    """The key that ``flag`` names (a file, or ``-`` for standard input), checked as serve and work read it,
+    as the bytes to install."""
     if raw is None:
         return None
     from cis490fleet import signing
@@ -975,11 +981,11 @@ def read_host_key(raw: str | None) -> bytes | None:
         text = sys.stdin.read(4096)
     else:
         try:
-            text = _source_file(raw, "--host-key-file").read_text(encoding="utf-8")[:4096]
+            text = _source_file(raw, flag).read_text(encoding="utf-8")[:4096]
         except (OSError, UnicodeDecodeError) as err:
-            raise errors.ConfigError(f"--host-key-file {raw}: cannot read it ({err})") from None
+            raise errors.ConfigError(f"{flag} {raw}: cannot read it ({err})") from None
     key = text.strip()
-    signing.parse_key(key, f"--host-key-file {'(standard input)' if raw == '-' else raw}")
+    signing.parse_key(key, f"{flag} {'(standard input)' if raw == '-' else raw}")
     return (key + "\n").encode()
 
 
@@ -1006,7 +1012,7 @@ def install_worker(args, inst: Installer) -> int:
     python = args.python or (LINUX_PYTHON if layout.system == "linux" else _windows_python())
     data, origin = pyz_bytes(args.pyz, sha256=check_sha256(args.zipapp_sha256), insecure=args.insecure,
                              ca=tls_src["ca"])
-    host_key = read_host_key(args.host_key_file)
+    host_key = read_key(args.host_key_file, "--host-key-file")
 
     tls_targets = {name: layout.etc / TLS_TARGETS["worker"][name] for name, src in tls_src.items() if src}
     settings = WorkerSettings(receivers=receivers, host_id=host_id, work_dir=work_dir,
@@ -1126,6 +1132,7 @@ def install_coordinator(args, inst: Installer) -> int:
 
         manifest.load(manifest_src)  # ManifestError lists every problem
     token_src = _source_file(args.operator_token_file, "--operator-token-file")
+    cluster_key = read_key(args.cluster_key_file, "--cluster-key-file")
     data_dir = _target_path(layout, args.data, "--data") if args.data else layout.data_dir
     python = args.python or LINUX_PYTHON
     data, origin = pyz_bytes(args.pyz, sha256=check_sha256(args.zipapp_sha256), insecure=args.insecure)
@@ -1149,6 +1156,8 @@ def install_coordinator(args, inst: Installer) -> int:
         import secrets
 
         inst.put(token_target, (secrets.token_urlsafe(32) + "\n").encode(), mode=0o640, group=user, secret=True)
+    if cluster_key is not None:
+        inst.put(layout.cluster_key_file, cluster_key, mode=0o640, group=user, secret=True)
     serve_args = ["--bind", args.bind, "--operator-token-file", str(token_target)]
     if manifest_src is not None or inst.read(manifest_target) is not None:
         serve_args += ["--manifest", str(manifest_target)]
@@ -1157,8 +1166,15 @@ def install_coordinator(args, inst: Installer) -> int:
             serve_args += [flag, str(tls_targets[name])]
     if args.insecure:
         serve_args.append("--insecure")
-    inst.put(layout.coordinator_env, render_coordinator_env(serve_args).encode(), keep=True,
-             note="; edit it, then restart the coordinator service")
+    cluster_arg = f"--cluster-key-file {layout.cluster_key_file}"
+    if cluster_key is not None or inst.read(layout.cluster_key_file) is not None:
+        serve_args += ["--cluster-key-file", str(layout.cluster_key_file)]
+    env_state = inst.put(layout.coordinator_env, render_coordinator_env(serve_args).encode(), keep=True,
+                         note="; edit it, then restart the coordinator service")
+    if (cluster_key is not None and env_state == "kept"
+            and cluster_arg.encode() not in (inst.read(layout.coordinator_env) or b"")):
+        out(f"warning: serve does not read the cluster key yet: add {cluster_arg} to CIS490FLEET_SERVE_ARGS in "
+            f"{layout.coordinator_env}, then systemctl restart cis490fleet-coordinator")
     created_dirs = [str(data_dir)] if inst.mkdir(data_dir, owner=user) else []
 
     unit = render_coordinator_unit(python=python, pyz=layout.pyz, env_file=layout.coordinator_env, user=user,
@@ -1197,7 +1213,8 @@ def default_files(layout: Layout, kind: str) -> list[PurePath]:
         files = [layout.worker_config, layout.host_key_file] + [layout.etc / n for n in TLS_TARGETS["worker"].values()]
         files.append(layout.unit("worker") if layout.system == "linux" else layout.task_xml)
         return files
-    return [layout.coordinator_env, layout.etc / "operator.token", layout.unit("coordinator")] + [
+    return [layout.coordinator_env, layout.etc / "operator.token", layout.cluster_key_file,
+            layout.unit("coordinator")] + [
         layout.etc / n for n in TLS_TARGETS["coordinator"].values()]
 
 
@@ -1307,6 +1324,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     c.add_argument("--key", help="server private key (PEM)")
     c.add_argument("--client-ca", help="CA of the workers' client certificates (mutual TLS)")
     c.add_argument("--operator-token-file", help="operator token to install (default: a new random one)")
+    c.add_argument("--cluster-key-file", metavar="FILE|-",
+                   help="the key the peers share, from the first peer's `serve --cluster-key-file` (- reads it "
+                        "from standard input); installed readable by the service account only, and given to serve")
     c.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --bind without TLS, and an http:// --pyz download")
     c.add_argument("--data", help="data folder (default /var/lib/cis490fleet/data)")

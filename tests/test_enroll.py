@@ -766,7 +766,7 @@ def test_secret_files_are_created_with_their_final_mode(tmp_path, pyz, pem_files
     env["PYTHONPATH"] = str(ROOT)
     for argv in (worker_args(root, pyz, "--host-key-file", key_file, "--ca", pem_files["ca"],
                              "--cert", pem_files["cert"], "--key", pem_files["key"]),
-                 ["coordinator", "--root", root, "--pyz", pyz]):
+                 ["coordinator", "--root", root, "--pyz", pyz, "--cluster-key-file", key_file]):
         proc = subprocess.run(["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=openat,chmod,fchmod",
                                sys.executable, "-m", "cis490fleet", "enroll", *map(str, argv)],
                               env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
@@ -778,8 +778,9 @@ def test_secret_files_are_created_with_their_final_mode(tmp_path, pyz, pem_files
             if found and "O_CREAT" in found.group(2) and str(root) in found.group(1):
                 created[Path(found.group(1)).name] = int(found.group(3), 8) & ~0o022
         secrets = {name: mode for name, mode in created.items()
-                   if any(s in name for s in ("host-signing.key", "host.key", "operator.token"))}
+                   if any(s in name for s in ("host-signing.key", "host.key", "operator.token", "cluster.key"))}
         assert secrets, created
+        assert argv[0] == "worker" or any("cluster.key" in name for name in secrets), created
         assert all(mode & 0o037 == 0 for mode in secrets.values()), secrets
 
 
@@ -813,3 +814,101 @@ def test_install_script_pins_the_zipapp_and_restricts_the_key_before_writing_it(
     secret = secret[:secret.index("\n}\n")]
     assert secret.index("Set-SecretAcl") < secret.index("WriteAllText($part, $Text")  # the ACL first, then the key
     assert "/inheritance:r" in text and "*S-1-5-18:(F)" in text and "*S-1-5-32-544:(F)" in text
+
+
+# -- the cluster key a new peer needs -----------------------------------------------------------
+
+CLUSTER_ENV = "/etc/cis490fleet/coordinator.env"
+CLUSTER_KEY = "/etc/cis490fleet/cluster.key"
+
+
+def serve_args_of(files: dict) -> str:
+    env = files[CLUSTER_ENV][2].decode()
+    return next(line for line in env.splitlines() if line.startswith("CIS490FLEET_SERVE_ARGS="))
+
+
+def test_the_cluster_key_comes_on_stdin_lands_for_the_service_only_and_serve_is_given_it(tmp_path, pyz):
+    root = tmp_path / "root"
+    env = clean_env()
+    env["PYTHONPATH"] = str(ROOT)
+    argv = [sys.executable, "-m", "cis490fleet", "enroll", "coordinator", "--root", str(root), "--pyz", str(pyz)]
+    proc = subprocess.run(argv + ["--cluster-key-file", "-"], input=KEY + "\n", env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert KEY not in proc.stdout + proc.stderr
+    files = snapshot(root)
+    assert files[CLUSTER_KEY][1:] == (0o640, (KEY + "\n").encode())
+    assert serve_args_of(files).endswith(f" --cluster-key-file {CLUSTER_KEY}")
+    assert files["/etc/systemd/system/cis490fleet-coordinator.service"][2].decode() == \
+        enroll.render_coordinator_unit()
+    # A later run without the flag keeps the key and the serve options as they are.
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    again = snapshot(root)
+    assert again[CLUSTER_KEY] == files[CLUSTER_KEY] and again[CLUSTER_ENV] == files[CLUSTER_ENV]
+
+
+def test_the_key_the_first_peer_created_is_the_one_the_new_peer_serves_with(tmp_path, pyz, capsys):
+    from cis490fleet import auth
+
+    first = tmp_path / "first-peer-cluster.key"
+    created = auth.load_or_create_key(str(first), "--cluster-key-file")
+    root = tmp_path / "root"
+    rc, out = enroll_main(capsys, "coordinator", "--root", root, "--pyz", pyz, "--cluster-key-file", first)
+    assert rc == 0, out
+    assert f"created {CLUSTER_KEY} (mode 0640, group {enroll.SERVICE_USER})" in out
+    assert auth.load_or_create_key(str(root / CLUSTER_KEY.lstrip("/")), "--cluster-key-file") == created
+    rc, out = enroll_main(capsys, "coordinator", "--root", root, "--pyz", pyz, "--cluster-key-file", first)
+    assert rc == 0 and f"unchanged {CLUSTER_KEY}" in out
+
+
+@pytest.mark.parametrize("given", ["", "short", "g" * 64, KEY + KEY])
+def test_a_bad_cluster_key_is_refused_and_nothing_is_written(tmp_path, pyz, given):
+    key_file = tmp_path / "cluster.key"
+    key_file.write_text(given)
+    root = tmp_path / "root"
+    with pytest.raises(errors.ConfigError, match=r"--cluster-key-file .*cluster\.key does not hold a key: "
+                                                 r"expected 64 hex digits"):
+        enroll.main(["coordinator", "--root", str(root), "--pyz", str(pyz), "--cluster-key-file", str(key_file)])
+    assert not root.exists()
+
+
+def test_a_missing_cluster_key_file_names_the_flag(tmp_path, pyz):
+    proc = run_cli("enroll", "coordinator", "--root", tmp_path / "root", "--pyz", pyz,
+                   "--cluster-key-file", tmp_path / "absent.key")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--cluster-key-file" in proc.stderr and "absent.key" in proc.stderr
+    assert not (tmp_path / "root").exists()
+
+
+def test_dry_run_shows_the_cluster_key_it_would_install_and_writes_nothing(tmp_path, pyz, capsys):
+    key_file = tmp_path / "cluster.key"
+    key_file.write_text(KEY + "\n")
+    root = tmp_path / "root"
+    rc, out = enroll_main(capsys, "coordinator", "--root", root, "--pyz", pyz, "--dry-run",
+                          "--cluster-key-file", key_file)
+    assert rc == 0, out
+    assert f"would write {CLUSTER_KEY} (65 bytes, mode 0640, group {enroll.SERVICE_USER})" in out
+    assert KEY not in out
+    assert not root.exists() or snapshot(root) == {}
+
+
+def test_a_key_given_to_an_existing_coordinator_says_how_to_pass_it_to_serve(tmp_path, pyz, capsys):
+    root = tmp_path / "root"
+    assert enroll_main(capsys, "coordinator", "--root", root, "--pyz", pyz)[0] == 0
+    key_file = tmp_path / "cluster.key"
+    key_file.write_text(KEY + "\n")
+    rc, out = enroll_main(capsys, "coordinator", "--root", root, "--pyz", pyz, "--cluster-key-file", key_file)
+    assert rc == 0, out
+    assert snapshot(root)[CLUSTER_KEY][2] == (KEY + "\n").encode()
+    assert (f"add --cluster-key-file {CLUSTER_KEY} to CIS490FLEET_SERVE_ARGS in {CLUSTER_ENV}, then "
+            "systemctl restart cis490fleet-coordinator") in out
+
+
+def test_uninstall_removes_the_cluster_key(tmp_path, pyz, capsys):
+    key_file = tmp_path / "cluster.key"
+    key_file.write_text(KEY + "\n")
+    root = tmp_path / "root"
+    assert enroll_main(capsys, "coordinator", "--root", root, "--pyz", pyz, "--cluster-key-file", key_file)[0] == 0
+    assert enroll_main(capsys, "uninstall", "--root", root)[0] == 0
+    assert CLUSTER_KEY not in snapshot(root)
