@@ -10,7 +10,7 @@ import pytest
 
 from cis490fleet import bundle, errors
 from cis490fleet.client import Client
-from conftest import OPERATOR_TOKEN, manifest_toml, wait_for
+from conftest import OPERATOR_TOKEN, manifest_toml, signed, wait_for
 
 
 def client(srv, host: str) -> Client:
@@ -108,8 +108,11 @@ def test_a_checkpoint_whose_job_changed_hands_while_it_was_sent_is_refused_and_n
     url = urllib.parse.urlsplit(srv.url)
     sock = socket.create_connection((url.hostname, url.port), timeout=30)
     try:
-        head = (f"PUT /v1/job/{claim['job_id']}/checkpoint HTTP/1.1\r\nHost: x\r\nx-lab-host: ws1\r\n"
-                f"x-lease: {claim['lease']}\r\nx-content-sha256: {sha}\r\ncontent-length: {len(data)}\r\n\r\n")
+        path = f"/v1/job/{claim['job_id']}/checkpoint"
+        _, headers = signed(srv.host_key("ws1"), "ws1", "PUT", path, None,
+                            {"x-lab-host": "ws1", "x-lease": claim["lease"], "x-content-sha256": sha})
+        head = (f"PUT {path} HTTP/1.1\r\nHost: x\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                + f"content-length: {len(data)}\r\n\r\n")
         sock.sendall(head.encode() + data[:1000])  # the holder check passes, the body is on its way
         time.sleep(0.5)
         one.cancel(claim["job_id"])
