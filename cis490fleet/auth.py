@@ -331,10 +331,14 @@ def read_named_tokens(path: str, what: str, default_name: str) -> dict[str, str]
 
 
 def warn_if_shared(path: Path, what: str) -> None:
+    """Warn when anyone but the owner and its group may read the key, or the group may change it. Group
+    read is how ``enroll`` gives the service account a root-owned key (0640 root:cis490fleet)."""
     import logging
 
-    if os.name != "nt" and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        logging.getLogger(__name__).warning("%s %s is readable by others; chmod 600 it", what, path)
+    mode = path.stat().st_mode
+    if os.name != "nt" and mode & (stat.S_IRWXO | stat.S_IWGRP | stat.S_IXGRP):
+        logging.getLogger(__name__).warning("%s %s has mode %03o: others may read or change it; chmod 600 it "
+                                            "(or 640 with the service's group)", what, path, mode & 0o777)
 
 
 def load_or_create_key(path: str, what: str) -> bytes:
