@@ -543,6 +543,10 @@ class Coordinator:
             return known[1], known[2]
         if known is None:
             self._known_lock.acquire()
+            known = self._known
+            if known is not None:  # the read this thread waited for; a key command since would have dropped it
+                self._known_lock.release()
+                return known[1], known[2]
         try:
             generation = self._known_generation
             keys = self._read(self.store.host_keys)

@@ -78,10 +78,10 @@ def parse_key(text: str, source: str) -> bytes:
 def canonical(method: str, target: str, timestamp: int, nonce: str, body_sha: str, signer: str,
               headers: dict[str, str] | None = None) -> bytes:
     """The bytes that are signed: one field per line, so no field can run into the next."""
-    headers = {k.lower(): v for k, v in (headers or {}).items()}
-    lines = [VERSION, signer, method.upper(), target, str(int(timestamp)), nonce, body_sha]
-    lines += [f"{name}:{str(headers.get(name) or '').strip()}" for name in SIGNED_HEADERS]
-    return "\n".join(lines).encode("utf-8", "surrogateescape")
+    get = {k.lower(): v for k, v in headers.items()}.get if headers else {}.get
+    signed = "\n".join([f"{name}:{str(get(name) or '').strip()}" for name in SIGNED_HEADERS])
+    return (f"{VERSION}\n{signer}\n{method.upper()}\n{target}\n{int(timestamp)}\n{nonce}\n{body_sha}\n"
+            f"{signed}").encode("utf-8", "surrogateescape")
 
 
 def sign(key: bytes, message: bytes) -> str:

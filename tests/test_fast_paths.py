@@ -434,3 +434,34 @@ def test_cached_refusal_verdicts_keep_allowed_hosts_apart(tmp_path):
 
         assert [model_claimed_by("ws2", "L1"), model_claimed_by("ws1", "L2"),
                 model_claimed_by("ws2", "L3"), model_claimed_by("ws1", "L4")] == ["plain", "pinned", "plain", "pinned"]
+
+
+def test_requests_that_find_the_host_keys_unread_read_them_once_between_them(tmp_path, monkeypatch):
+    """After a start or a key change, the first signed requests of many connections arrive together: one
+    reads the keys and the others wait for that read, instead of each reading the whole table in turn."""
+    coord = coordinator.Coordinator(tmp_path / "data", node_id="n")
+    try:
+        for n in range(3):
+            coord.execute({"op": "host_key_set", "host": f"h{n}", "key": f"{n:064x}", "by": "op", "rotate": False})
+        reads: list[int] = []
+        real = coord.store.host_keys
+
+        def slow_read():
+            reads.append(1)
+            time.sleep(0.3)  # long enough for every thread below to find the cache empty meanwhile
+            return real()
+
+        monkeypatch.setattr(coord.store, "host_keys", slow_read)
+        coord.forget_known_hosts()
+        got: list[bytes | None] = []
+        threads = [threading.Thread(target=lambda: got.append(coord.host_key("h2"))) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert got == [bytes.fromhex(f"{2:064x}")] * 8
+        assert len(reads) == 1, f"{len(reads)} threads read the host keys"
+        coord.execute({"op": "host_key_revoke", "host": "h2", "by": "op"})
+        assert coord.host_key("h2") is None and len(reads) == 2  # a key command still drops what was read
+    finally:
+        coord.close(grace=5)
