@@ -400,12 +400,7 @@ class _Parser:
                 continue
             self.known_keys(where, entry, PEER_KEYS)
             pid = self.host_id(f"{where}.id", entry["id"]) if "id" in entry else self.missing(where, "id")
-            url = entry.get("url", _BAD)
-            if "url" not in entry:
-                self.missing(where, "url")
-            elif not isinstance(url, str) or not _URL_RE.match(url):
-                self.problem(f"{where}.url", f"expected an http:// or https:// URL, got {_show(url)}")
-                url = _BAD
+            url = self.url(where, entry)
             if pid is not _BAD and pid in seen:
                 self.problem(f"{where}.id", f"duplicate peer id {pid!r} (also {seen[pid]}); each peer appears once")
             elif pid is not _BAD:
@@ -413,6 +408,16 @@ class _Parser:
             if pid is not _BAD and url is not _BAD:
                 peers.append((pid, url.rstrip("/")))
         return tuple(peers)
+
+    def url(self, where: str, entry: dict) -> Any:
+        """The entry's ``url``: an http:// or https:// URL, else a problem and _BAD."""
+        if "url" not in entry:
+            return self.missing(where, "url")
+        url = entry["url"]
+        if not isinstance(url, str) or not _URL_RE.match(url):
+            self.problem(f"{where}.url", f"expected an http:// or https:// URL, got {_show(url)}")
+            return _BAD
+        return url
 
     def choice(self, where: str, what: str, value: Any, choices: tuple[str, ...]) -> Any:
         if value in choices:
@@ -427,12 +432,7 @@ class _Parser:
             if entry is None:
                 continue
             self.known_keys(where, entry, NOTIFY_KEYS)
-            url = entry.get("url", _BAD)
-            if "url" not in entry:
-                self.missing(where, "url")
-            elif not isinstance(url, str) or not _URL_RE.match(url):
-                self.problem(f"{where}.url", f"expected an http:// or https:// URL, got {_show(url)}")
-                url = _BAD
+            url = self.url(where, entry)
             values: dict[str, Any] = {}
             if "on" in entry:
                 on = self.strings(f"{where}.on", entry["on"])
