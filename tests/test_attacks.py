@@ -262,3 +262,28 @@ def test_serve_refuses_to_run_where_workers_or_peers_need_not_prove_who_they_are
                 "b=http://127.0.0.1:2"]
     result = run_serve("--data", str(tmp_path / "data"), *args, timeout=60)
     assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+ADDED_ROUTES = [  # (method, path template, body): routes added beside the original wire, each refused to outsiders
+    ("POST", "/v1/jobs", {"toml": '[[jobs]]\nmodel = "mlp"\nmode = "x"\n'}),
+    ("GET", "/v1/results", None),
+    ("GET", "/v1/job/{id}/metrics", None),
+    ("POST", "/v1/job/{id}/watch", {"wait": 0}),
+    ("POST", "/v1/worker/leave", {}),
+    ("POST", "/v1/hosts", {"host": "ws7"}),
+    ("POST", "/v1/peers", {"id": "d", "url": "http://127.0.0.1:1"}),
+]
+
+
+@pytest.mark.parametrize("method, template, body", ADDED_ROUTES, ids=lambda v: v if isinstance(v, str) else "")
+def test_the_added_routes_refuse_a_stranger_a_forged_host_and_a_replay(fleet, method, template, body):
+    path = template.replace("{id}", fleet.held["job_id"])
+    status, _, answer = fleet.unchanged(lambda: raw(fleet.url, method, path, body))
+    assert status in (401, 403), (path, status, answer)
+    b, h = as_host(secrets.token_bytes(32), "ws1", method, path, body)  # ws1's name, not its key
+    status, _, answer = fleet.unchanged(lambda: raw(fleet.url, method, path, b, h))
+    assert status in (401, 403), (path, status, answer)
+    b, h = as_host(fleet.keys["ws2"], "ws2", method, path, body)
+    raw(fleet.url, method, path, b, h)  # another enrolled host: a reader, neither operator nor holder
+    status, _, answer = fleet.unchanged(lambda: raw(fleet.url, method, path, b, h))  # the same bytes again
+    assert status in (401, 403, 409), (path, status, answer)
