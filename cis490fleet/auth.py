@@ -22,7 +22,7 @@ import os
 import stat
 import threading
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 from cis490fleet import errors, model, signing
@@ -37,8 +37,7 @@ DEFAULT_OPERATOR = "operator"
 ADD_HOST_HINT = "an operator adds it with `jobs hosts add {host}`, which prints the key and the enroll commands"
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(NamedTuple):
     """What a request proved: ``kind`` is host, peer or anonymous; ``name`` the host id or node id."""
 
     kind: str
@@ -99,7 +98,7 @@ def _signed_headers(req) -> dict[str, str]:
 
 def _verify_signature(req, trust: Trust, key_of) -> Identity | None:
     """The signer of a signed request (host or peer), checked: signature, time window, then nonce."""
-    signed = signing.parse(req.header)
+    signed = signing.parse_values(req.headers.stripped(signing.SIGNATURE_HEADERS))
     if signed is None:
         return None
     now = time.time()
@@ -110,7 +109,8 @@ def _verify_signature(req, trust: Trust, key_of) -> Identity | None:
                                       "start every peer with the same --cluster-key-file")
         raise errors.Forbidden(f"host {signed.name!r} has no key on this fleet (never added, or revoked); "
                                + ADD_HOST_HINT.format(host=signed.name))
-    signing.verify(key, signed, req.method, req.handler.path, signed_body_sha(req), now, _signed_headers(req))
+    signing.verify(key, signed, req.method, req.handler.path, signed_body_sha(req), now,
+                   values=req.headers.stripped(signing.SIGNED_HEADERS))
     trust.remember(signed.signer, signed.nonce, signed.timestamp, now)
     return Identity(signed.kind, signed.name)
 

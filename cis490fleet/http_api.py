@@ -948,6 +948,11 @@ class Headers:
         values = self._map.get(name.lower())
         return values[0] if values else default
 
+    def stripped(self, names: tuple[str, ...]) -> list[str]:
+        """The first value of each of ``names`` (lowercase), stripped; "" for an absent one."""
+        got = self._map.get
+        return [values[0].strip() if (values := got(name)) else "" for name in names]
+
     def get_all(self, name: str, failobj=None):
         values = self._map.get(name.lower())
         return list(values) if values else failobj
@@ -1061,21 +1066,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.command, self.path = command, path
         if self.path.startswith("//"):
             self.path = "/" + self.path.lstrip("/")
+        lines = self._header_lines()
+        if lines is None:
+            return False
+        if len(lines) > MAX_HEADERS:
+            self.send_error(431, "Too many headers")
+            return False
         items: list[tuple[str, str]] = []
-        while True:
-            line = self.rfile.readline(MAX_HEADER_LINE + 1)
-            if len(line) > MAX_HEADER_LINE:
-                self.send_error(431, "Line too long")
-                return False
-            if not line:  # the connection ended (or its head deadline passed) before the head did
-                self.close_connection = True
-                return False
-            if line in (b"\r\n", b"\n"):
-                break
-            if len(items) >= MAX_HEADERS:
-                self.send_error(431, "Too many headers")
-                return False
-            text = line.decode("iso-8859-1").rstrip("\r\n")
+        for text in lines:
             if text[:1] in (" ", "\t"):
                 if not items:
                     self.send_error(400, "Bad header continuation line")
@@ -1099,6 +1097,31 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if not self.handle_expect_100():
                 return False
         return True
+
+    def _header_lines(self) -> list[str] | None:
+        """The head's header lines, decoded, without their line ends (at most ``MAX_HEADERS`` + 1); None once
+        answered with an error or when the connection ended first. A head that is already in the read buffer
+        in CRLF lines (what clients send) is split at once; any other is read line by line."""
+        buffered = self.rfile.peek(1)
+        if buffered[:2] == b"\r\n":
+            self.rfile.read(2)
+            return []
+        end = buffered.find(b"\r\n\r\n")
+        if end >= 0 and buffered.count(b"\n", 0, end) == buffered.count(b"\r\n", 0, end):
+            return self.rfile.read(end + 4)[:end].decode("iso-8859-1").split("\r\n")
+        lines: list[str] = []
+        while len(lines) <= MAX_HEADERS:
+            line = self.rfile.readline(MAX_HEADER_LINE + 1)
+            if len(line) > MAX_HEADER_LINE:
+                self.send_error(431, "Line too long")
+                return None
+            if not line:  # the connection ended (or its head deadline passed) before the head did
+                self.close_connection = True
+                return None
+            if line in (b"\r\n", b"\n"):
+                break
+            lines.append(line.decode("iso-8859-1").rstrip("\r\n"))
+        return lines
 
     def __getattr__(self, name: str):
         # Any method reaches the route table, so unknown ones get a JSON 405/404 instead of an HTML 501.

@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from cis490fleet import errors
 
@@ -44,22 +44,15 @@ _SIGNER_RE = re.compile(r"(host|peer)/[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
 
 
-@dataclass(frozen=True)
-class Signed:
+class Signed(NamedTuple):
     """A request's signature headers, parsed: who signed, when, with which nonce."""
 
     signer: str  # "host/<host id>" or "peer/<node id>"
     timestamp: int
     nonce: str
     signature: str
-
-    @property
-    def kind(self) -> str:
-        return self.signer.partition("/")[0]
-
-    @property
-    def name(self) -> str:
-        return self.signer.partition("/")[2]
+    kind: str  # the signer's two parts: "host" or "peer",
+    name: str  # and the host id or node id
 
 
 def body_sha256(body: bytes) -> str:
@@ -79,13 +72,21 @@ def canonical(method: str, target: str, timestamp: int, nonce: str, body_sha: st
               headers: dict[str, str] | None = None) -> bytes:
     """The bytes that are signed: one field per line, so no field can run into the next."""
     get = {k.lower(): v for k, v in headers.items()}.get if headers else {}.get
-    signed = "\n".join([f"{name}:{str(get(name) or '').strip()}" for name in SIGNED_HEADERS])
+    return canonical_of_values(method, target, timestamp, nonce, body_sha, signer,
+                               [str(get(name) or "").strip() for name in SIGNED_HEADERS])
+
+
+def canonical_of_values(method: str, target: str, timestamp: int, nonce: str, body_sha: str, signer: str,
+                        values: list[str]) -> bytes:
+    """``canonical`` from the ``SIGNED_HEADERS`` values in order, already stripped (absent ones empty): what
+    a receiver has at hand, without building a dict per request."""
+    signed = "\n".join(map("{}:{}".format, SIGNED_HEADERS, values))
     return (f"{VERSION}\n{signer}\n{method.upper()}\n{target}\n{int(timestamp)}\n{nonce}\n{body_sha}\n"
             f"{signed}").encode("utf-8", "surrogateescape")
 
 
 def sign(key: bytes, message: bytes) -> str:
-    return hmac.new(key, message, hashlib.sha256).hexdigest()
+    return hmac.digest(key, message, "sha256").hex()
 
 
 def signature_headers(key: bytes, signer: str, method: str, target: str, body_sha: str, now: float, nonce: str,
@@ -98,12 +99,16 @@ def signature_headers(key: bytes, signer: str, method: str, target: str, body_sh
 
 def parse(get) -> Signed | None:
     """The signature headers via ``get(name)``; None when the request carries none; Unauthorized when malformed."""
-    values = [get(name) for name in SIGNATURE_HEADERS]
-    if all(v is None or v == "" for v in values):
+    return parse_values([(get(name) or "").strip() for name in SIGNATURE_HEADERS])
+
+
+def parse_values(values: list[str]) -> Signed | None:
+    """``parse`` from the ``SIGNATURE_HEADERS`` values in order, stripped, "" for an absent one."""
+    signer, timestamp, nonce, signature = values
+    if not (signer or timestamp or nonce or signature):
         return None
-    signer, timestamp, nonce, signature = ((v or "").strip() for v in values)
-    missing = [n for n, v in zip(SIGNATURE_HEADERS, (signer, timestamp, nonce, signature)) if not v]
-    if missing:
+    if not (signer and timestamp and nonce and signature):
+        missing = [n for n, v in zip(SIGNATURE_HEADERS, (signer, timestamp, nonce, signature)) if not v]
         raise errors.Unauthorized(f"signed request without {', '.join(missing)}: send all of "
                                   f"{', '.join(SIGNATURE_HEADERS)} (the cis490fleet client does)")
     if not _SIGNER_RE.fullmatch(signer):
@@ -114,7 +119,8 @@ def parse(get) -> Signed | None:
         raise errors.Unauthorized(f"{H_NONCE} must be 32 lowercase hex digits, drawn at random for each request")
     if not _SIG_RE.fullmatch(signature):
         raise errors.Unauthorized(f"{H_SIGNATURE} must be 64 lowercase hex digits (HMAC-SHA256)")
-    return Signed(signer, int(timestamp), nonce, signature)
+    kind, _, name = signer.partition("/")
+    return Signed(signer, int(timestamp), nonce, signature, kind, name)
 
 
 def check_time(timestamp: int, now: float, window: float = WINDOW_S) -> None:
@@ -126,13 +132,18 @@ def check_time(timestamp: int, now: float, window: float = WINDOW_S) -> None:
 
 
 def verify(key: bytes, signed: Signed, method: str, target: str, body_sha: str, now: float,
-           headers: dict[str, str] | None = None, window: float = WINDOW_S) -> None:
+           headers: dict[str, str] | None = None, window: float = WINDOW_S, *, values: list[str] | None = None) -> None:
     """Unauthorized unless ``signed`` is ``key``'s signature of this request and its time is within the window.
+    The signed headers come as ``headers`` (any case) or as ``values`` (``canonical_of_values``).
 
     The nonce is checked separately (``NonceMemory.check_and_add``), after the signature, so an unsigned
     stranger cannot fill the memory."""
     check_time(signed.timestamp, now, window)
-    expected = sign(key, canonical(method, target, signed.timestamp, signed.nonce, body_sha, signed.signer, headers))
+    if values is None:
+        message = canonical(method, target, signed.timestamp, signed.nonce, body_sha, signed.signer, headers)
+    else:
+        message = canonical_of_values(method, target, signed.timestamp, signed.nonce, body_sha, signed.signer, values)
+    expected = sign(key, message)
     if not hmac.compare_digest(expected, signed.signature):
         raise errors.Unauthorized(f"the signature does not match the request (signer {signed.signer}): the body, "
                                   "target or a signed header changed on the way, or the key is not the one the fleet "
@@ -150,12 +161,14 @@ class NonceMemory:
         self.window = window
         self.floor = float("-inf")
         self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._expires = float("inf")  # when the front pair leaves the window: no look before then
 
     def __len__(self) -> int:
         return len(self._seen)
 
     def check_and_add(self, signer: str, nonce: str, timestamp: int, now: float) -> None:
-        self._expire(now)
+        if now > self._expires:
+            self._expire(now)
         key = (signer, nonce)
         if key in self._seen or timestamp <= self.floor:
             raise errors.Unauthorized(f"this request (signer {signer}, nonce {nonce[:8]}...) was already received: "
@@ -164,16 +177,21 @@ class NonceMemory:
             _, oldest = self._seen.popitem(last=False)
             self.floor = max(self.floor, oldest)
         self._seen[key] = timestamp
+        if len(self._seen) == 1:
+            self._expires = timestamp + self.window
 
     def _expire(self, now: float) -> None:
         """Forget pairs whose timestamps the window refuses anyway. Entries arrive roughly in time order,
         so this looks only at the front."""
         limit = now - self.window
-        while self._seen:
-            key, ts = next(iter(self._seen.items()))
+        seen = self._seen
+        while seen:
+            key, ts = next(iter(seen.items()))
             if ts >= limit:
-                break
-            del self._seen[key]
+                self._expires = ts + self.window
+                return
+            del seen[key]
+        self._expires = float("inf")
 
 
 def clock_offset(date_header: str | None, now: float) -> float | None:

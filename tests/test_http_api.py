@@ -672,7 +672,29 @@ def test_the_header_reader_refuses_what_http_server_refuses(srv, head, status):
     assert got == status and body["error"] and headers["connection"] == "close"
 
 
-def test_the_header_reader_keeps_folded_and_repeated_headers(srv):
+FOLDED_HEAD = (b"GET /echo HTTP/1.1\r\nx-lab-host: ws1\r\n\tcontinued\r\nx-tag: a\r\nX-Tag: b\r\n"
+               b"Connection: close\r\n\r\n")
+
+
+def send_in_pieces(port: int, data: bytes, piece: int) -> tuple[int, http.client.HTTPMessage]:
+    """``data`` sent ``piece`` bytes at a time, each alone on the wire (the reader sees partial heads)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(0, len(data), piece):
+            sock.sendall(data[i:i + piece])
+            time.sleep(0.002)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        resp.read()
+        return resp.status, resp.headers
+
+
+@pytest.mark.parametrize("head, piece", [
+    (FOLDED_HEAD, len(FOLDED_HEAD)),  # the whole head in the read buffer at once
+    (FOLDED_HEAD, 7),  # trickling in: read line by line
+    (FOLDED_HEAD.replace(b"\r\n", b"\n"), len(FOLDED_HEAD)),  # bare LF line ends
+])
+def test_the_header_reader_keeps_folded_and_repeated_headers(srv, head, piece):
     seen = {}
 
     def echo(req):
@@ -681,10 +703,26 @@ def test_the_header_reader_keeps_folded_and_repeated_headers(srv):
         return {"ok": True}
 
     srv.server.router.add("GET", "/echo", echo)
-    status, _, headers = raw_status(srv.port, b"GET /echo HTTP/1.1\r\nx-lab-host: ws1\r\n\tcontinued\r\n"
-                                              b"x-tag: a\r\nX-Tag: b\r\nConnection: close\r\n\r\n")
+    status, headers = send_in_pieces(srv.port, head, piece)
     assert status == 200 and headers["connection"] == "close"
     assert seen == {"host": "ws1 continued", "all": ["a", "b"]}
+
+
+def test_a_head_and_its_body_in_one_packet_are_told_apart(srv):
+    """The head is split off the read buffer at its blank line; a body holding a blank line of its own, and
+    a second request in the same packet, stay for what follows."""
+    got = []
+    srv.server.router.add("POST", "/echo-body", lambda req: got.append(req.body_bytes()) or {"ok": True})
+    body = b"a\r\n\r\nb"
+    one = b"POST /echo-body HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(one + one)
+        for _ in range(2):
+            resp = http.client.HTTPResponse(sock)
+            resp.begin()
+            assert resp.status == 200, resp.read()
+            resp.read()
+    assert got == [body, body]
 
 
 def test_our_client_drives_a_job_end_to_end(srv, tmp_path):
