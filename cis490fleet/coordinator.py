@@ -431,8 +431,11 @@ class Coordinator:
             raise errors.NotFound("this coordinator is not part of a replicated group (serve without --peer)")
         return self.replicator
 
-    def raft_receive(self, body) -> None:
-        self._replicator().receive(body)
+    def raft_receive(self, body, *, answer: bool = False, request_nonce: str | None = None):
+        """None, or with ``answer`` the (body, headers) of a response that carries this peer's answers."""
+        replicator = self._replicator()
+        messages = replicator.receive(body, answer)
+        return None if messages is None else replicator.answer(messages, request_nonce)
 
     def raft_snapshot(self, cluster: str | None):
         return self._replicator().snapshot_copy(cluster)

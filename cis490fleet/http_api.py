@@ -728,10 +728,16 @@ RAFT_PREFIX = "/v1/raft/"
 
 
 def h_raft_messages(req: Request):
+    """Peers only. A sender that asks (``x-raft-answer: inline``) gets this peer's answers in the response,
+    signed for that request (``Replicator.answer``); else they follow on this peer's own connection."""
     auth.peer(req)
     body = edge_json.parse(req.body_bytes(limit=RAFT_MAX_BYTES), what="raft messages")
-    req.app.raft_receive(body)
-    return {"ok": True}
+    answer = req.app.raft_receive(body, answer=req.header("x-raft-answer") == "inline",
+                                  request_nonce=req.header(signing.H_NONCE))
+    if answer is None:
+        return {"ok": True}
+    body, headers = answer
+    return Response(body=body, headers=headers)
 
 
 def h_raft_snapshot(req: Request):

@@ -74,6 +74,18 @@ SNAPSHOT_EVERY = 10_000
 # Most entries the leader holds uncommitted: beyond, a proposal is refused (503) instead of piling up in memory
 # and on disk while no quorum answers.
 MAX_UNCOMMITTED = 4096
+# A sender asks with this header for the receiver's answers (the messages it produces for the sender while
+# stepping the batch) in the POST's response; without it they travel on the receiver's own connection.
+ANSWER_HEADER = "x-raft-answer"
+# The replies that may travel in a response. A leader's own messages (appends, heartbeats, snapshots) always
+# leave through its sender, within the peer's byte budget (``_Sender.offer``).
+ANSWER_TYPES = frozenset({"AppendEntriesResp", "HeartbeatResp", "RequestVoteResp", "InstallSnapshotResp",
+                          "ReadIndexResp"})
+# What an answer is signed as (with the cluster key): never an HTTP method, so no signed answer passes for a
+# request; its target names the request's nonce, so it answers that request only.
+ANSWER_METHOD = "ANSWER"
+# How long a receiver holds a POST for its answers; beyond, they leave on its own connection.
+ANSWER_WAIT_S = 1.0
 
 
 def cluster_id(peers: dict[str, str]) -> str:
@@ -100,6 +112,21 @@ def _announced_url(value: object) -> str | None:
         return None
     parts = urllib.parse.urlsplit(value)
     return value if parts.scheme in ("http", "https") and parts.hostname else None
+
+
+def answer_target(request_nonce: str | None) -> str:
+    return f"{MESSAGES_PATH}?answers={request_nonce or ''}"
+
+
+class _Answer:
+    """The replies (``ANSWER_TYPES``) a receiver produces for the sender of one POST, handed to the waiting handler once the
+    Ready that produced them is persisted; or to the receiver's own sender when the handler stopped waiting."""
+
+    def __init__(self):
+        self.messages: list[dict] = []
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.abandoned = False
 
 
 def _connect(url: str, ssl_context, timeout: float) -> http.client.HTTPConnection:
@@ -171,7 +198,8 @@ class _Sender:
             self.entry_bytes = 0.8 * self.entry_bytes + 0.2 * (size / entries)
 
     def _post(self, messages: list[dict]) -> int:
-        """Post one batch; returns its size in bytes."""
+        """Post one batch and step the answers that come back in the response; returns the batch's size in
+        bytes."""
         body = json.dumps({"cluster": self.owner.cluster or self.owner.joining_cluster, "from": self.owner.node_id,
                            "to": self.peer,
                            "url": self.owner.urls.get(self.owner.node_id), "messages": messages},
@@ -180,9 +208,10 @@ class _Sender:
             try:
                 if self.conn is None:
                     self.conn = _connect(self.url, self.owner.ssl_context, SEND_TIMEOUT_S)
-                self.conn.request("POST", MESSAGES_PATH, body, self.owner.peer_headers(
-                    "POST", MESSAGES_PATH, signing.body_sha256(body),
-                    {"content-type": "application/json", "x-forwarded-by": self.owner.node_id}))
+                headers = self.owner.peer_headers("POST", MESSAGES_PATH, signing.body_sha256(body), {
+                    "content-type": "application/json", "x-forwarded-by": self.owner.node_id,
+                    ANSWER_HEADER: "inline"})
+                self.conn.request("POST", MESSAGES_PATH, body, headers)
                 resp = self.conn.getresponse()
                 data = resp.read()
                 if resp.status != 200:
@@ -194,6 +223,7 @@ class _Sender:
                 if self.failing:
                     log.info("raft peer %s is reachable again", self.peer)
                 self.failing = False
+                self._take_answers(resp, data, headers.get(signing.H_NONCE))
                 return len(body)
             except (OSError, http.client.HTTPException) as err:
                 if self.conn is not None:
@@ -205,6 +235,32 @@ class _Sender:
                     self.failing = True
                     time.sleep(0.05)
         return len(body)
+
+    def _take_answers(self, resp: http.client.HTTPResponse, data: bytes, nonce: str | None) -> None:
+        """Step the peer's answers from the response: signed with the cluster key for this request when the
+        group has one (under TLS the connection itself is the peer's, verified against the peer CA).
+        A refused answer is dropped and logged: Raft resends what is not acknowledged."""
+        owner = self.owner
+        try:
+            if owner.cluster_key is not None:
+                signed = signing.parse(resp.getheader)
+                if signed is None or signed.signer != f"peer/{self.peer}":
+                    raise errors.Unauthorized(f"the answer is not signed by peer/{self.peer}")
+                signing.verify(owner.cluster_key, signed, ANSWER_METHOD, answer_target(nonce),
+                               signing.body_sha256(data), time.time())
+            body = edge_json.parse(data, what="a raft answer")
+            msgs = body.get("messages") if isinstance(body, dict) else None
+            if not msgs:
+                return
+            if not isinstance(msgs, list):
+                raise errors.BadRequest("'messages' must be a list")
+            checked = [raft.check_message(m) for m in msgs]
+            if any(m["from"] != self.peer or m["to"] != owner.node_id for m in checked):
+                raise errors.Forbidden("a message's from/to does not match the peer asked")
+        except errors.FleetError as err:
+            log.warning("raft peer %s: answer refused: %s", self.peer, err.detail)
+            return
+        owner._inbox.put(("msgs", checked, self.peer, None, None))
 
 
 class _RemoteCopy:
@@ -286,6 +342,8 @@ class Replicator:
         self._installing: raft.Snapshot | None = None  # a snapshot whose queue is being downloaded
         self._deferred: list[dict] = []  # committed entries that wait for that install
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._answers: dict[str, _Answer] = {}  # peer -> the answer its messages go into during this loop
+        self._answering: list[_Answer] = []
         self._waiters: dict[str, tuple[int, Future]] = {}
         self._reads: dict[str, Future] = {}
         self._read_states: list[raft.ReadState] = []
@@ -474,8 +532,11 @@ class Replicator:
         return {**headers, **signing.signature_headers(self.cluster_key, f"peer/{self.node_id}", method, target,
                                                        body_sha, time.time(), secrets.token_hex(16), headers)}
 
-    def receive(self, body: object) -> None:
-        """A batch from ``POST /v1/raft/messages``: checked here, stepped by the driver."""
+    def receive(self, body: object, answer: bool = False) -> list[dict] | None:
+        """A batch from ``POST /v1/raft/messages``: checked here, stepped by the driver. With ``answer``, waits
+        for the messages the driver produces for the sender meanwhile (persisted first, as any message that
+        leaves) and returns them (``[]`` when the driver took longer than ``ANSWER_WAIT_S``: they then leave
+        on this peer's own connection); else None."""
         if not isinstance(body, dict):
             raise errors.BadRequest("raft messages: expected a JSON object with cluster, from, to, messages")
         cluster = self.cluster  # None while this peer waits to be added: it learns the group's from the leader
@@ -497,7 +558,27 @@ class Replicator:
             raise errors.Unavailable(f"raft peer {self.node_id} is shutting down")
         if cluster is None:
             self.joining_cluster = body.get("cluster")  # answered with until the configuration arrives
-        self._inbox.put(("msgs", checked, sender, url))
+        if not answer:
+            self._inbox.put(("msgs", checked, sender, url, None))
+            return None
+        ans = _Answer()
+        self._inbox.put(("msgs", checked, sender, url, ans))
+        if not ans.done.wait(ANSWER_WAIT_S):
+            with ans.lock:
+                if not ans.done.is_set():
+                    ans.abandoned = True
+                    return []
+        return ans.messages
+
+    def answer(self, messages: list[dict], request_nonce: str | None) -> tuple[bytes, dict]:
+        """The response body and headers that carry ``messages`` back to the sender of the request signed with
+        ``request_nonce``: signed with the cluster key when the group has one."""
+        body = json.dumps({"ok": True, "messages": messages}, separators=(",", ":")).encode()
+        if self.cluster_key is None:
+            return body, {}
+        return body, signing.signature_headers(self.cluster_key, f"peer/{self.node_id}", ANSWER_METHOD,
+                                               answer_target(request_nonce), signing.body_sha256(body),
+                                               time.time(), secrets.token_hex(16))
 
     def health(self) -> dict:
         """Role, term, leader, commit, applied, the configuration and its members as this peer sees them
@@ -561,17 +642,23 @@ class Replicator:
                     self.node.tick()
                     next_tick = max(next_tick + self.tick_s, now)
                 self._drain()
+                self._hand_answers()
         except BaseException:
             log.exception("the raft driver stopped")
             raise
+        finally:
+            self._hand_answers()
 
     def _handle(self, item) -> None:
         if item[0] == "installed":
             self._end_install(item[1])
         elif item[0] == "msgs":
-            _, msgs, sender, url = item
+            _, msgs, sender, url, ans = item
             if url and sender not in self.urls:
                 self.urls = {**self.urls, sender: url}
+            if ans is not None:
+                self._answers[sender] = ans
+                self._answering.append(ans)
             for msg in msgs:
                 self.node.step(msg)
         else:
@@ -589,6 +676,10 @@ class Replicator:
             self.raft_store.save(rd.hard_state, rd.entries, rd.snapshot)
             self._sync_members()
             for msg in rd.messages:
+                ans = self._answers.get(msg["to"]) if msg["type"] in ANSWER_TYPES else None
+                if ans is not None:
+                    ans.messages.append(msg)
+                    continue
                 sender = self._sender(msg["to"])
                 if sender is not None:
                     sender.offer(msg)
@@ -621,6 +712,22 @@ class Replicator:
             if st["role"] == raft.LEADER:
                 for fn in self._leader_watchers:
                     threading.Thread(target=fn, name="raft-on-leader", daemon=True).start()
+
+    def _hand_answers(self) -> None:
+        """Driver, after ``_drain`` (everything in them is persisted): wake the handlers waiting for answers; an
+        answer whose handler stopped waiting leaves on the peer's own connection."""
+        if not self._answering:
+            return
+        answering, self._answering, self._answers = self._answering, [], {}
+        for ans in answering:
+            with ans.lock:
+                if not ans.abandoned:
+                    ans.done.set()
+                    continue
+            for msg in ans.messages:
+                sender = self._sender(msg["to"])
+                if sender is not None:
+                    sender.offer(msg)
 
     def _sync_members(self) -> None:
         """Driver thread: follow the configuration in effect (its URLs, ``peers``, ``cluster``), stop the senders

@@ -295,12 +295,15 @@ def test_entries_for_a_slow_peer_are_held_back_at_its_byte_budget(group):  # noq
     try:
         for name in "ab":
             g.start(name)
-        c = Coordinator(g.tmp / "c", node_id="c", peers=g.urls, operator_token=OPERATOR_TOKEN, raft_options=g.raft,
-                        trust=g.trust())
+        # c's own posts (and the answers to them) go direct, so c could win an election and have no slow link
+        # to itself: a or b leads, c waits far longer before it campaigns.
+        c = Coordinator(g.tmp / "c", node_id="c", peers=g.urls, operator_token=OPERATOR_TOKEN,
+                        raft_options={**g.raft, "election_ticks": (400, 500)}, trust=g.trust())
         c.listen("127.0.0.1", real_c)
         c.serve_in_thread()
         g.coords["c"] = c
         leader = g.leader()
+        assert leader != "c"
         coord = g.coords[leader]
         coord.execute({"op": "sweep_stale"})
         wait_for("c to follow", lambda: c.store.applied_index() == coord.store.applied_index(), timeout=30)

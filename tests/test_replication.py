@@ -235,6 +235,121 @@ def test_messages_from_another_cluster_are_refused(group):
     assert status == 400 and "unknown type" in body["detail"]
 
 
+def test_a_follower_answers_in_the_response_signed_for_that_request_only_when_asked(group):
+    import http.client
+    import json
+    import secrets
+
+    from cis490fleet import signing
+    from cis490fleet.replication import ANSWER_METHOD, answer_target
+
+    g = three(group)
+    leader, f = g.leader(), g.follower()
+    term = g.coords[leader].replicator.status()["term"]
+    batch = {"cluster": cluster_id(g.urls), "from": leader, "to": f, "url": g.urls[leader],
+             "messages": [{"type": "Heartbeat", "term": term, "from": leader, "to": f, "commit": 0, "ctx": "probe"}]}
+    port = int(g.urls[f].rsplit(":", 1)[1])
+
+    def post(extra: dict, key: bytes | None = CLUSTER_KEY) -> tuple[int, http.client.HTTPMessage, bytes, str]:
+        body = json.dumps(batch).encode()
+        nonce = secrets.token_hex(16)
+        headers = {"content-type": "application/json", **extra}
+        if key is not None:
+            headers.update(signing.signature_headers(key, f"peer/{leader}", "POST", "/v1/raft/messages",
+                                                     signing.body_sha256(body), time.time(), nonce))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("POST", "/v1/raft/messages", body, headers)
+            resp = conn.getresponse()
+            return resp.status, resp.headers, resp.read(), nonce
+        finally:
+            conn.close()
+
+    status, headers, data, nonce = post({"x-raft-answer": "inline"})
+    assert status == 200, data
+    answer = json.loads(data)
+    assert [(m["type"], m["from"], m["to"], m.get("ctx")) for m in answer["messages"]] == \
+        [("HeartbeatResp", f, leader, "probe")]
+    signed = signing.parse(headers.get)
+    assert signed is not None and signed.signer == f"peer/{f}"
+    signing.verify(CLUSTER_KEY, signed, ANSWER_METHOD, answer_target(nonce), signing.body_sha256(data), time.time())
+    with pytest.raises(errors.Unauthorized):  # bound to its request: useless as the answer to another
+        signing.verify(CLUSTER_KEY, signed, ANSWER_METHOD, answer_target(secrets.token_hex(16)),
+                       signing.body_sha256(data), time.time())
+    # Not asked: the answer travels on the follower's own connection, as before.
+    status, headers, data, _ = post({})
+    assert status == 200 and json.loads(data) == {"ok": True}
+    assert signing.parse(headers.get) is None
+    # Asking changes nothing about who may post: only a peer, signed with the cluster key.
+    assert post({"x-raft-answer": "inline"}, key=None)[0] in (401, 403)
+    assert post({"x-raft-answer": "inline"}, key=bytes(32))[0] == 401
+
+
+def test_the_leader_steps_only_answers_signed_by_the_peer_it_asked_for_that_request():
+    """A sender posts, then steps the messages in the response: only when signed with the cluster key by the
+    peer it posted to, for this very request, and only messages from that peer to itself."""
+    import functools
+    import http.server
+    import json
+    import queue
+    import secrets
+    import threading
+    from types import SimpleNamespace
+
+    from cis490fleet import signing
+    from cis490fleet.replication import ANSWER_METHOD, Replicator, _Sender, answer_target
+
+    resp_msg = {"type": "AppendEntriesResp", "term": 1, "from": "b", "to": "a", "reject": False, "index": 7}
+    answer = {"how": "good"}
+
+    class Peer(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            how = answer["how"]
+            msg = {**resp_msg, "from": "c"} if how == "from another peer" else resp_msg
+            body = json.dumps({"ok": True, "messages": [msg]}).encode()
+            nonce = secrets.token_hex(16) if how == "for another request" else self.headers.get(signing.H_NONCE)
+            key = bytes(32) if how == "another key" else CLUSTER_KEY
+            signer = "peer/c" if how == "signed by another peer" else "peer/b"
+            headers = {} if how == "unsigned" else signing.signature_headers(
+                key, signer, ANSWER_METHOD, answer_target(nonce), signing.body_sha256(body), time.time(),
+                secrets.token_hex(16))
+            self.send_response(200)
+            for name, value in {**headers, "content-length": str(len(body))}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Peer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    owner = SimpleNamespace(cluster="c1", joining_cluster=None, node_id="a", urls={"a": "http://127.0.0.1:1"},
+                            ssl_context=None, cluster_key=CLUSTER_KEY, max_inflight_bytes=1 << 20,
+                            _inbox=queue.SimpleQueue())
+    owner.peer_headers = functools.partial(Replicator.peer_headers, owner)
+    sender = _Sender(owner, "b", f"http://127.0.0.1:{server.server_address[1]}")
+    append = {"type": "AppendEntries", "term": 1, "from": "a", "to": "b", "prev_log_index": 0, "prev_log_term": 0,
+              "commit": 0, "entries": []}
+    try:
+        for how in ("unsigned", "another key", "for another request", "signed by another peer",
+                    "from another peer"):
+            answer["how"] = how
+            sender._post([append])
+            assert owner._inbox.empty(), how
+        answer["how"] = "good"
+        sender._post([append])
+        kind, msgs, peer, _, _ = owner._inbox.get_nowait()
+        assert (kind, peer, [m["index"] for m in msgs]) == ("msgs", "b", [7])
+    finally:
+        sender.box.put(None)
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_single_coordinator_has_no_peer_endpoint(live_server):
     server = live_server(manifest=manifest_toml(1))
     status, _, body = server.call("POST", "/v1/raft/messages", {"cluster": "x", "from": "a", "to": "b",
