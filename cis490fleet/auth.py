@@ -74,6 +74,9 @@ class Trust:
         self.public_read = public_read or legacy
         self._nonces = signing.NonceMemory()
         self._lock = threading.Lock()
+        self.not_before: float = float("-inf")
+        """Where a replay could act, host signatures made before this are refused (``StaleSignature``); see
+        ``forget_before``."""
 
     def summary(self) -> dict:
         """What ``/v1/health`` says about trust (nothing secret): how workers prove who they are, who may read."""
@@ -83,6 +86,17 @@ class Trust:
     def remember(self, signer: str, nonce: str, timestamp: int, now: float) -> None:
         with self._lock:
             self._nonces.check_and_add(signer, nonce, timestamp, now)
+
+    def forget_before(self, since: float) -> None:
+        """This process's nonce memory begins at ``since``, but requests were accepted before it (a data folder
+        in use before this start): refuse host signatures made before then, where a replay could act."""
+        self.not_before = signing.not_before(since)
+
+    def host_not_before(self, replicator) -> float:
+        """The earliest host signature time this peer can tell from a replay: not before its start, nor, on a
+        leader, before it became the leader (a write an earlier leader accepted was never seen here)."""
+        since = getattr(replicator, "leader_since", None) if replicator is not None else None
+        return self.not_before if since is None else max(self.not_before, signing.not_before(since))
 
 
 def signed_body_sha(req) -> str:
@@ -109,10 +123,26 @@ def _verify_signature(req, trust: Trust, key_of) -> Identity | None:
                                       "start every peer with the same --cluster-key-file")
         raise errors.Forbidden(f"host {signed.name!r} has no key on this fleet (never added, or revoked); "
                                + ADD_HOST_HINT.format(host=signed.name))
+    host = signed.kind == "host"
     signing.verify(key, signed, req.method, req.handler.path, signed_body_sha(req), now,
-                   values=req.headers.stripped(signing.SIGNED_HEADERS))
+                   values=req.headers.stripped(signing.SIGNED_HEADERS), ahead=signing.HOST_AHEAD_S if host else None)
+    if host and _replay_would_act(req):
+        signing.check_not_before(signed.signer, signed.timestamp, trust.host_not_before(getattr(req.app, "replicator", None)))
     trust.remember(signed.signer, signed.nonce, signed.timestamp, now)
     return Identity(signed.kind, signed.name)
+
+
+def _has_session(req) -> bool:
+    return bool(req.header("x-client-id") and req.header("x-client-serial"))
+
+
+def _replay_would_act(req) -> bool:
+    """Whether a replay of this request, if accepted, could change anything: a POST without a client session.
+    A read changes nothing, an upload stores the same bytes under their sha256 again, and the queue applies a
+    session's serial once and answers a repeat as the first time, in a record that survives restarts and
+    leader changes; so only these need the time floor (``Trust.host_not_before``) once the in-memory nonces
+    are gone."""
+    return req.method == "POST" and not _has_session(req)
 
 
 def _peer_cert_names(app) -> set[str]:
@@ -140,8 +170,8 @@ def identify(req) -> Identity:
     if from_peer:
         asserted = req.header(H_IDENTITY)
         if asserted:
-            session = bool(req.header("x-client-id") and req.header("x-client-serial"))
-            return _forwarded_identity(trust, asserted, None if session else req.header(H_CLIENT_NONCE))
+            return _forwarded_identity(trust, asserted, req.header(H_CLIENT_NONCE), _has_session(req),
+                                       _replay_would_act(req) and trust.host_not_before(getattr(app, "replicator", None)))
         return signer or Identity("peer", req.peer_host)
     if signer is not None:
         if req.peer_host is not None and req.peer_host != signer.name:
@@ -161,10 +191,13 @@ def identify(req) -> Identity:
     return ANONYMOUS
 
 
-def _forwarded_identity(trust: Trust, asserted: str, client_nonce: str | None) -> Identity:
-    """The identity a peer verified and forwarded; a host's nonce is remembered here too, so a request
-    replayed through another peer is refused (a session write is not: the queue applies each serial once and
-    answers a repeat as the first time, and a follower may repeat one after a dropped connection)."""
+def _forwarded_identity(trust: Trust, asserted: str, client_nonce: str | None, session: bool,
+                        not_before: int | bool) -> Identity:
+    """The identity a peer verified and forwarded, with the host's nonce and signature time
+    (``<nonce> <time>``): for a write without a session the time must not predate this peer's memory
+    (``not_before``, False for other requests), and the nonce is remembered here too, so a request replayed
+    through another peer is refused. A session write's nonce is not remembered: the queue applies each serial
+    once and answers a repeat as the first time, and a follower may repeat one after a dropped connection."""
     kind, _, name = asserted.partition(":")
     if kind == "anonymous" and not name:
         return ANONYMOUS
@@ -172,7 +205,13 @@ def _forwarded_identity(trust: Trust, asserted: str, client_nonce: str | None) -
         raise errors.BadRequest(f"{H_IDENTITY} {asserted[:80]!r} is not host:<host id> or anonymous")
     if client_nonce:
         now = time.time()
-        trust.remember(f"host/{name}", client_nonce, int(now), now)
+        nonce, _, signed_at = client_nonce.partition(" ")
+        timestamp = int(signed_at) if signed_at.isascii() and signed_at.isdigit() and len(signed_at) <= 12 \
+            else int(now)  # a peer of an earlier version forwards the nonce alone
+        if not_before is not False:
+            signing.check_not_before(f"host/{name}", timestamp, not_before)
+        if not session:
+            trust.remember(f"host/{name}", nonce, timestamp, now)
     return Identity("host", name)
 
 
@@ -184,7 +223,7 @@ def forward_headers(req, identity: Identity, node_id: str, body_sha: str | None 
     out[H_IDENTITY] = str(identity)
     signed = signing.parse(req.header) if identity.kind == "host" else None
     if signed is not None:
-        out[H_CLIENT_NONCE] = signed.nonce
+        out[H_CLIENT_NONCE] = f"{signed.nonce} {signed.timestamp}"
     key = req.app.trust.cluster_key
     if key is not None:
         import secrets

@@ -45,6 +45,9 @@ ENV_READ_TOKEN = "CIS490_READ_TOKEN"
 CHUNK = 1 << 20
 MAX_ERROR_BODY = 1 << 20
 RETRY_STATUSES = frozenset({502, 503})
+STALE_SIGNATURE_WAIT_MAX_S = 2 * signing.HOST_AHEAD_S + 5
+"""The longest wait for a coordinator that refused a signature as older than its memory (``signing.not_before``
+puts that at most HOST_AHEAD_S past its start, give or take the clocks' offset)."""
 _HEX64 = frozenset("0123456789abcdef")
 
 
@@ -400,6 +403,19 @@ class Client:
                 f"{headers['content-length']} declared); upload it again once nothing writes to it")
         return None
 
+    def _wait_to_sign_again(self, resp_headers) -> bool:
+        """After a refusal for a signature older than the coordinator's memory (it restarted or became the
+        leader a moment ago): wait until its ``x-fleet-not-before`` on the coordinator's clock; True to send
+        again, freshly signed. False when the answer is another refusal."""
+        floor = resp_headers.get("x-fleet-not-before") if self.host_key is not None else None
+        if not floor or not floor.isascii() or not floor.isdigit():
+            return False
+        wait = int(floor) - (time.time() + self.clock_offset)
+        if wait > STALE_SIGNATURE_WAIT_MAX_S:
+            return False
+        time.sleep(max(0.0, wait) + 0.05)
+        return True
+
     def _backoff(self, round_: int) -> None:
         delay = min(self.backoff_max_s, self.backoff_s * (2 ** round_))
         time.sleep(delay * (0.5 + self._rng.random() / 2))
@@ -439,6 +455,9 @@ class Client:
                         url, method, path, all_headers, body, body_path, timeout, sink)
                     if status == 401 and self.clock_offset != offset:
                         # Refused for our clock, which the answer's Date corrected: sign again with the offset.
+                        status, resp_headers, data = self._once_reconnecting(
+                            url, method, path, all_headers, body, body_path, timeout, sink)
+                    if status == 401 and self._wait_to_sign_again(resp_headers):
                         status, resp_headers, data = self._once_reconnecting(
                             url, method, path, all_headers, body, body_path, timeout, sink)
                 except _NotSent as err:

@@ -334,6 +334,8 @@ class Coordinator:
         self._peer_ips: frozenset[str] = frozenset()
         self._closed = False
         self._data_lock = DataDirLock(self.data_dir)
+        if (self.data_dir / "queue.sqlite3").exists():
+            self.trust.forget_before(time.time())  # a restart: what the last run accepted is not remembered
         try:
             # Under Raft the log (synchronous=FULL) is the durable record and the queue is re-applied from it
             # after a crash, so the queue skips its own fsync per commit (replication.py's docstring).

@@ -85,6 +85,18 @@ class Unauthorized(FleetError):
     code = "unauthorized"
 
 
+class StaleSignature(Unauthorized):
+    """A host's signature was made before this coordinator's memory of received requests begins (it started,
+    or became the leader, since): it cannot tell the request from a replay, so the sender signs again at or
+    after ``not_before`` (sent as ``x-fleet-not-before``; the cis490fleet client waits and does)."""
+
+    code = "stale_signature"
+
+    def __init__(self, detail: str, not_before: int = 0):
+        self.not_before = not_before
+        super().__init__(detail)
+
+
 class Forbidden(FleetError):
     """The token is wrong, operator actions are disabled, or the TLS identity does not match."""
 
@@ -158,6 +170,7 @@ HTTP_STATUS: dict[type[FleetError], int] = {
     ManifestError: 400,
     BadRequest: 400,
     IntegrityError: 400,
+    StaleSignature: 401,
     Unauthorized: 401,
     Forbidden: 403,
     NotFound: 404,

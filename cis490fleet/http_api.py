@@ -97,13 +97,16 @@ def json_response(obj: Any, status: int = 200, headers: dict | None = None) -> R
 
 
 def error_response(err: errors.FleetError) -> Response:
-    resp = json_response({"error": err.code, "detail": err.detail}, status_of(err))
+    extra = {"not_before": err.not_before} if isinstance(err, errors.StaleSignature) else {}
+    resp = json_response({"error": err.code, "detail": err.detail, **extra}, status_of(err))
     if isinstance(err, MethodNotAllowed):
         resp.headers["Allow"] = ", ".join(err.allowed)
     if isinstance(err, errors.NotLeader) and err.leader_url:
         resp.headers["x-leader"] = err.leader_url
     if isinstance(err, (errors.Unavailable, errors.NotLeader)):
         resp.headers.setdefault("Retry-After", "1")
+    if isinstance(err, errors.StaleSignature):
+        resp.headers["x-fleet-not-before"] = str(err.not_before)
     return resp
 
 
@@ -761,7 +764,7 @@ def h_raft_artifact(req: Request):
 _HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                           "transfer-encoding", "upgrade", "host", "expect", "content-length"})
 _ANSWER_HEADERS = ("x-leader", "x-content-sha256", "content-disposition", "allow", "retry-after", "content-encoding",
-                   "x-attempt")
+                   "x-attempt", "x-fleet-not-before")
 FORWARD_TIMEOUT_S = SOCKET_TIMEOUT_S + MAX_WAIT_S
 
 

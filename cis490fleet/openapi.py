@@ -466,7 +466,11 @@ def document() -> dict:
                 "hostSignature": {"type": "apiKey", "in": "header", "name": "x-fleet-signature",
                                   "description": "HMAC-SHA256 with the host key over method, target, x-fleet-time, "
                                                  "x-fleet-nonce, the body's sha256 and the fencing headers; "
-                                                 "x-fleet-signer names host/<host id>"},
+                                                 "x-fleet-signer names host/<host id>; x-fleet-time at most 300 s "
+                                                 "behind and 5 s ahead of the coordinator's Date. A POST without "
+                                                 "x-client-id/x-client-serial signed before a restart or a change of "
+                                                 "leader is 401 stale_signature with x-fleet-not-before (also "
+                                                 "not_before in the body): sign it again from then on"},
                 "readToken": {"type": "apiKey", "in": "header", "name": "x-read-token"},
                 "operatorToken": {"type": "apiKey", "in": "header", "name": "x-operator-token"},
                 "mutualTLS": {"type": "mutualTLS"},

@@ -350,6 +350,9 @@ class Replicator:
         self._status = self.node.status()
         self._status_lock = threading.Lock()
         self._role = self.node.role
+        self.leader_since: float | None = None
+        """When this peer last became the leader (wall clock), set before it answers as one: host signatures
+        older than that are refused here (``auth.Trust.host_not_before``), as an earlier leader may have taken them."""
         self._leader_watchers: list = []
         self._closed = False
         self._stop = threading.Event()
@@ -478,29 +481,23 @@ class Replicator:
             fut.set_exception(err)
             return fut
         rid = secrets.token_hex(8)
-        self._inbox.put(("propose", {**cmd, "rid": rid}, fut))
-        return fut
+        data = {**cmd, "rid": rid}
 
-    def _propose(self, proposals: list[tuple[dict, Future]]) -> None:
-        """Driver: propose the commands submitted since the last loop together (one AppendEntries per follower
-        for all of them), each refused once ``max_uncommitted`` entries wait for a quorum."""
-        node = self.node
-        waiting = node.last_index() - node.commit
-        room = max(0, self.max_uncommitted - waiting) if node.role == raft.LEADER else len(proposals)
-        for _, fut in proposals[room:]:
-            fut.set_exception(errors.Unavailable(
-                f"{waiting} commands already wait for a quorum (peers slow or unreachable); retry in a second"))
-        proposals = proposals[:room]
-        if not proposals:
-            return
-        try:
-            indexes = node.propose_many([data for data, _ in proposals])
-        except errors.NotLeader as err:
-            for _, fut in proposals:
+        def propose(node):
+            waiting = node.last_index() - node.commit
+            if node.role == raft.LEADER and waiting >= self.max_uncommitted:
+                fut.set_exception(errors.Unavailable(
+                    f"{waiting} commands already wait for a quorum (peers slow or unreachable); retry in a second"))
+                return
+            try:
+                index = node.propose(data)
+            except errors.NotLeader as err:
                 fut.set_exception(errors.NotLeader(self.url_of(err.leader_url)))
-            return
-        for (data, fut), index in zip(proposals, indexes):
-            self._waiters[data["rid"]] = (index, fut)
+                return
+            self._waiters[rid] = (index, fut)
+
+        self._call(propose)
+        return fut
 
     def execute(self, cmd: dict) -> dict:
         fut = self.submit(cmd)
@@ -638,20 +635,11 @@ class Replicator:
                         items.append(self._inbox.get_nowait())
                     except queue.Empty:
                         break
-                proposals: list[tuple[dict, Future]] = []
                 for item in items:
-                    if item and item[0] == "propose":
-                        proposals.append(item[1:])
-                        continue
-                    if proposals:  # in order with the calls around them
-                        self._propose(proposals)
-                        proposals = []
                     if item is None:
                         return
                     if item:
                         self._handle(item)
-                if proposals:
-                    self._propose(proposals)
                 now = time.monotonic()
                 if now >= next_tick:
                     self.node.tick()
@@ -711,6 +699,9 @@ class Replicator:
             self._maybe_compact()
         self._sync_members()
         st = self.node.status()
+        if st["role"] == raft.LEADER and self._status["role"] != raft.LEADER and \
+                (st["last_index"] > 1 or st["snapshot_index"] > 0):  # else no leader came before: nothing to refuse
+            self.leader_since = time.time()
         with self._status_lock:
             self._status = st
         if st["lost"] and not self._lost_logged:

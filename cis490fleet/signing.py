@@ -16,6 +16,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import hmac
+import math
 import re
 from collections import OrderedDict
 from typing import NamedTuple
@@ -24,7 +25,12 @@ from cis490fleet import errors
 
 VERSION = "cis490fleet-v1"
 WINDOW_S = 300
-"""A signature's timestamp may differ from the receiver's clock by this much, either way."""
+"""A signature's timestamp may differ from the receiver's clock by this much, either way (a host's: behind)."""
+HOST_AHEAD_S = 5
+"""A host's signature may be at most this far ahead of the receiver's clock. The client corrects its clock
+offset from every answer's Date, so only the first request of a host whose clock is off is refused (and
+signed again at once); the bound is what lets a restarted coordinator, or a new leader, refuse every request
+the previous one may have accepted (``NonceMemory.not_before``) while making hosts wait only seconds."""
 MAX_NONCES = 1_000_000
 KEY_BYTES = 32
 
@@ -123,22 +129,41 @@ def parse_values(values: list[str]) -> Signed | None:
     return Signed(signer, int(timestamp), nonce, signature, kind, name)
 
 
-def check_time(timestamp: int, now: float, window: float = WINDOW_S) -> None:
+def check_time(timestamp: int, now: float, window: float = WINDOW_S, ahead: float | None = None) -> None:
+    """Unauthorized unless ``timestamp`` is at most ``window`` behind ``now`` and ``ahead`` (default: the
+    window) ahead of it."""
     skew = timestamp - now
-    if abs(skew) > window:
+    allowed = window if skew < 0 or ahead is None else ahead
+    if abs(skew) > allowed:
         raise errors.Unauthorized(f"the request's {H_TIME} is {abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} "
-                                  f"this coordinator's clock (at most {window:.0f} s allowed); set the host's clock "
+                                  f"this coordinator's clock (at most {allowed:.0f} s allowed); set the host's clock "
                                   "right (NTP), the client corrects small offsets from the Date header itself")
 
 
+def not_before(since: float) -> int:
+    """The first signature time a memory of received requests that began at ``since`` can vouch for: a host
+    request accepted before then was signed at most ``HOST_AHEAD_S`` ahead of the clock, so before this."""
+    return math.ceil(since + HOST_AHEAD_S)
+
+
+def check_not_before(signer: str, timestamp: int, floor: float) -> None:
+    if timestamp < floor:
+        floor = int(floor)
+        raise errors.StaleSignature(f"this request (signer {signer}) was signed {floor - timestamp} s before this "
+                                    "coordinator's memory of requests begins (it restarted, or became the leader, "
+                                    f"since), so it cannot be told from a replay; sign it again at or after {floor} "
+                                    "(x-fleet-not-before; the cis490fleet client waits and does)", floor)
+
+
 def verify(key: bytes, signed: Signed, method: str, target: str, body_sha: str, now: float,
-           headers: dict[str, str] | None = None, window: float = WINDOW_S, *, values: list[str] | None = None) -> None:
+           headers: dict[str, str] | None = None, window: float = WINDOW_S, *, values: list[str] | None = None,
+           ahead: float | None = None) -> None:
     """Unauthorized unless ``signed`` is ``key``'s signature of this request and its time is within the window.
     The signed headers come as ``headers`` (any case) or as ``values`` (``canonical_of_values``).
 
     The nonce is checked separately (``NonceMemory.check_and_add``), after the signature, so an unsigned
     stranger cannot fill the memory."""
-    check_time(signed.timestamp, now, window)
+    check_time(signed.timestamp, now, window, ahead)
     if values is None:
         message = canonical(method, target, signed.timestamp, signed.nonce, body_sha, signed.signer, headers)
     else:

@@ -800,6 +800,10 @@ class RawWorker(_Worker):
             if status in (502, 503):
                 self.url_index += 1
                 continue
+            if status == 401 and isinstance(data, dict) and data.get("error") == "stale_signature":
+                # A new leader (or a restarted peer) cannot tell this from a replay: sign again once it can.
+                time.sleep(max(0.0, data["not_before"] - time.time()) + 0.05)
+                return self.call(method, path, body, headers, retry_sent)
             return status, data
         raise Retry(f"{method} {path}: no URL answered")
 

@@ -22,6 +22,7 @@ from cis490fleet import signing
 
 OP = {"x-operator-token": OPERATOR_TOKEN}
 CAP = {"capability": {}}
+SLOTS3 = {"capability": {"slots": 3}}
 
 
 def dump(queue: Path) -> dict:
@@ -112,6 +113,58 @@ def test_a_replayed_request_is_refused(fleet):
     assert raw(fleet.url, "POST", path, b, h)[0] == 200
     status, _, body = fleet.unchanged(lambda: raw(fleet.url, "POST", path, b, h))
     assert status == 401 and "replay" in body["detail"]
+
+
+def test_a_request_replayed_after_a_restart_is_refused(live_server):
+    """The restarted coordinator's nonce memory is empty, so a write without a session signed before it started
+    is refused as possibly seen; the host's own requests go on: our client's writes carry sessions (which the
+    queue applies once, restarts or not), and a fresh signature once the time named has come passes."""
+    srv = live_server(manifest_toml(3))
+    key = srv.host_key("ws1")
+    b, h = as_host(key, "ws1", "POST", "/v1/job/claim", SLOTS3)
+    status, _, first = raw(srv.url, "POST", "/v1/job/claim", b, h)
+    assert status == 200 and first["job"] is not None
+    data = srv.coordinator.data_dir
+    srv.close()
+    again = live_server(data_dir=data)
+    before = dump(data / "queue.sqlite3")
+    status, headers, body = raw(again.url, "POST", "/v1/job/claim", b, h)
+    assert status == 401 and body["error"] == "stale_signature" and "restarted" in body["detail"], body
+    not_before = int(headers["x-fleet-not-before"])
+    assert body["not_before"] == not_before
+    assert int(h[signing.H_TIME]) < not_before <= time.time() + signing.HOST_AHEAD_S + 1
+    assert dump(data / "queue.sqlite3") == before
+    with again.client("ws1") as client:
+        claim = client.claim(SLOTS3["capability"], wait=0)
+        assert claim["job"] is not None
+        assert client.watch(claim["job_id"], claim["lease"], wait=0) == {"cancel": False}  # no session: it waits
+    time.sleep(max(0.0, not_before - time.time()))
+    b, h = as_host(key, "ws1", "POST", "/v1/job/claim", SLOTS3)
+    status, _, third = raw(again.url, "POST", "/v1/job/claim", b, h)
+    assert status == 200 and third["job"] is not None
+
+
+def test_a_request_replayed_after_a_change_of_leader_is_refused(group):
+    """The new leader never saw the nonce the old one took: it refuses writes signed before it led, directly
+    and through the other peer (which forwards the host's signature time with its nonce)."""
+    g = three(group)
+    leader = g.leader()
+    key = g.keys.host_key("ws1")
+    b, h = signed(key, "ws1", "POST", "/v1/job/claim", CAP, {"x-lab-host": "ws1"})
+    status, _, first = raw(g.urls[leader], "POST", "/v1/job/claim", b, h)
+    assert status == 200 and first["job"] is not None
+    g.converged()
+    g.stop(leader)
+    new = g.leader()
+    g.converged()
+    queue = g.tmp / new / "queue.sqlite3"
+    before = dump(queue)
+    for peer in g.coords:
+        status, headers, body = raw(g.urls[peer], "POST", "/v1/job/claim", b, h)
+        assert status == 401 and body["error"] == "stale_signature", (peer, body)
+        assert int(headers["x-fleet-not-before"]) > int(h[signing.H_TIME])
+    g.converged()
+    assert dump(queue) == before
 
 
 def test_a_tampered_body_or_target_is_refused(fleet):

@@ -67,6 +67,27 @@ def test_a_timestamp_inside_the_window_is_accepted(skew):
     verify(signed_request(now=NOW + skew))
 
 
+def test_a_host_may_sign_only_seconds_ahead_of_the_receiver_and_minutes_behind():
+    ahead = signing.HOST_AHEAD_S
+    for skew in (-signing.WINDOW_S, 0, ahead):
+        signing.verify(KEY, signed_request(now=NOW + skew), "POST", "/v1/job/claim", signing.body_sha256(BODY), NOW,
+                       ahead=ahead)
+    with pytest.raises(errors.Unauthorized, match=f"ahead of.*at most {ahead} s"):
+        signing.verify(KEY, signed_request(now=NOW + ahead + 1), "POST", "/v1/job/claim", signing.body_sha256(BODY),
+                       NOW, ahead=ahead)
+
+
+def test_a_memory_that_began_now_vouches_only_for_later_signatures():
+    """Whatever was accepted before ``since`` was signed at most HOST_AHEAD_S ahead: all of it is refused."""
+    floor = signing.not_before(NOW + 0.5)
+    assert floor == int(NOW) + 1 + signing.HOST_AHEAD_S
+    accepted_last = int(NOW + 0.49 + signing.HOST_AHEAD_S)  # the newest time accepted just before
+    with pytest.raises(errors.StaleSignature, match="sign it again at or after") as refused:
+        signing.check_not_before("host/ws1", accepted_last, floor)
+    assert refused.value.not_before == floor and errors.http_status(refused.value) == 401
+    signing.check_not_before("host/ws1", floor, floor)
+
+
 def test_no_signature_headers_is_none_and_partial_ones_are_refused():
     assert signing.parse({}.get) is None
     hdrs = signing.signature_headers(KEY, "host/ws1", "GET", "/v1/jobs", signing.EMPTY_SHA256, NOW, NONCE)
