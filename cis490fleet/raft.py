@@ -559,17 +559,22 @@ class RaftNode:
         data (a deposed leader's entry may be replaced by another): tag commands with a
         request id to recognise them.
         """
+        return self.propose_many([data])[0]
+
+    def propose_many(self, datas: list[dict]) -> list[int]:
+        """``propose`` for several commands at once: appended together, sent in one AppendEntries per
+        follower (up to ``max_batch`` entries) instead of one per command. Returns their indexes."""
         if self.role != LEADER:
             raise NotLeader(self.leader, f"raft node {self.id} is not the leader; "
                             f"the leader is {self.leader or 'unknown (election in progress)'}")
         if self._transferee is not None:
             raise NotLeader(self._transferee, f"raft node {self.id} is handing leadership to "
                             f"{self._transferee}; retry there")
-        index = self.last_index() + 1
-        self._append([{"index": index, "term": self.term, "data": data}])
+        first = self.last_index() + 1
+        self._append([{"index": first + i, "term": self.term, "data": data} for i, data in enumerate(datas)])
         self._maybe_commit()
         self._broadcast_append()
-        return index
+        return list(range(first, first + len(datas)))
 
     def read_index(self, ctx: object) -> None:
         """Ask for a linearizable read (§8, thesis §6.4); a ReadState with ``ctx`` comes out of a later Ready.

@@ -481,23 +481,29 @@ class Replicator:
             fut.set_exception(err)
             return fut
         rid = secrets.token_hex(8)
-        data = {**cmd, "rid": rid}
-
-        def propose(node):
-            waiting = node.last_index() - node.commit
-            if node.role == raft.LEADER and waiting >= self.max_uncommitted:
-                fut.set_exception(errors.Unavailable(
-                    f"{waiting} commands already wait for a quorum (peers slow or unreachable); retry in a second"))
-                return
-            try:
-                index = node.propose(data)
-            except errors.NotLeader as err:
-                fut.set_exception(errors.NotLeader(self.url_of(err.leader_url)))
-                return
-            self._waiters[rid] = (index, fut)
-
-        self._call(propose)
+        self._inbox.put(("propose", {**cmd, "rid": rid}, fut))
         return fut
+
+    def _propose(self, proposals: list[tuple[dict, Future]]) -> None:
+        """Driver: propose the commands submitted since the last loop together (one AppendEntries per follower
+        for all of them), each refused once ``max_uncommitted`` entries wait for a quorum."""
+        node = self.node
+        waiting = node.last_index() - node.commit
+        room = max(0, self.max_uncommitted - waiting) if node.role == raft.LEADER else len(proposals)
+        for _, fut in proposals[room:]:
+            fut.set_exception(errors.Unavailable(
+                f"{waiting} commands already wait for a quorum (peers slow or unreachable); retry in a second"))
+        proposals = proposals[:room]
+        if not proposals:
+            return
+        try:
+            indexes = node.propose_many([data for data, _ in proposals])
+        except errors.NotLeader as err:
+            for _, fut in proposals:
+                fut.set_exception(errors.NotLeader(self.url_of(err.leader_url)))
+            return
+        for (data, fut), index in zip(proposals, indexes):
+            self._waiters[data["rid"]] = (index, fut)
 
     def execute(self, cmd: dict) -> dict:
         fut = self.submit(cmd)
@@ -635,11 +641,20 @@ class Replicator:
                         items.append(self._inbox.get_nowait())
                     except queue.Empty:
                         break
+                proposals: list[tuple[dict, Future]] = []
                 for item in items:
+                    if item and item[0] == "propose":
+                        proposals.append(item[1:])
+                        continue
+                    if proposals:  # in order with the calls around them
+                        self._propose(proposals)
+                        proposals = []
                     if item is None:
                         return
                     if item:
                         self._handle(item)
+                if proposals:
+                    self._propose(proposals)
                 now = time.monotonic()
                 if now >= next_tick:
                     self.node.tick()

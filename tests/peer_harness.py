@@ -740,11 +740,12 @@ class _Worker(threading.Thread):
                                b'{"capability": {"gpus": [{"vram_gib": "x"}]}}',
                                {"x-lab-host": self.host, "content-type": "application/json"})
         try:
-            status, _ = http_json(self.workload.urls[self.claims % len(self.workload.urls)], "POST",
-                                  "/v1/job/claim", body, headers, timeout=self.workload.request_timeout_s)
+            status, data = http_json(self.workload.urls[self.claims % len(self.workload.urls)], "POST",
+                                     "/v1/job/claim", body, headers, timeout=self.workload.request_timeout_s)
         except OSError:
             return
-        self.history.add("poisoned", host=self.host, status=status)
+        self.history.add("poisoned", host=self.host, status=status,
+                         error=data.get("error") if isinstance(data, dict) else None)
 
     def retry(self, op, claim: dict, what: str):
         """Repeat ``op`` (harmless to repeat) until it answers; None/False when refused or out of time."""

@@ -19,6 +19,7 @@ otherwise), so every step is also checked against the safety invariants:
     partition 1 | 2 3 / heal      cut / restore links (messages across a cut are lost)
     crash 1 / restart 1           restart from what node 1 persisted
     propose 1 TEXT [-> not_leader L|none]
+    propose_many 1 TEXT TEXT ...  leader 1 proposes several commands at once (``RaftNode.propose_many``)
     read 1 CTX / transfer 1 3 / compact 1
     expect role 1 leader [term 2] [leader 1]
     expect leader 1 term 2        (short for: expect role 1 leader term 2)
@@ -210,6 +211,11 @@ class Transcript:
             return
         if outcome is not None:
             raise TranscriptError(f"propose was accepted at index {index}, expected {outcome}")
+        self.sim.settle(m)
+
+    def do_propose_many(self, name: str, *values: str) -> None:
+        m = self.member(name)
+        self.node(name).propose_many([{"op": "put", "value": v} for v in values])
         self.sim.settle(m)
 
     def _change(self, name: str, change, words: tuple[str, ...]) -> None:
@@ -411,6 +417,28 @@ def test_log_replication():
     expect commit 2 2
     expect data 2 a
     expect data 3 a
+    """)
+
+
+def test_commands_proposed_together_travel_in_one_append_per_follower():
+    """``propose_many``: the entries are appended together and reach each follower in one AppendEntries,
+    then commit and apply in order like single proposals."""
+    run("""
+    nodes 3
+    campaign 1
+    stabilize
+    propose_many 1 a b c
+    expect log 1 1/1 2/1 3/1 4/1
+    expect inflight AppendEntries 2
+    stabilize
+    elapse 1
+    expect commit 2 4
+    expect data 1 a b c
+    expect data 2 a b c
+    expect data 3 a b c
+    propose 1 d
+    propose 1 e
+    expect inflight AppendEntries 4
     """)
 
 
