@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
 """The Quickstart demo: a coordinator and two workers on loopback train etc/demo_manifest.toml.
 
-    python3 make.py demo [--keep] [--timeout S] [--manifest FILE]
+    python3 make.py demo [--peers N] [--keep] [--timeout S] [--manifest FILE]
 
-Builds dist/cis490fleet.pyz, starts `serve` from it with its data under demo-run/,
-starts two workers (`work --once`, distinct host ids), shows each job's progress
+Builds dist/cis490fleet.pyz, starts `serve` from it with its data under demo-run/
+(`--peers 3`: three peers of one replicated group, as README's "Several coordinators"
+and "Security" sections start them: a cluster key file that the first peer creates, its own
+data folder and `--node-id` each, the same `--peer` list everywhere), enrolls two hosts
+with `jobs hosts add` (each key saved, mode 0600, to a file), starts two workers
+(`work --once --host-key-file`, distinct host ids, every peer's URL a receiver), shows each job's progress
 until every job is final (on the way it kills, with SIGKILL, the worker training the
 job named "mlp-resume" once that job's checkpoint is on the coordinator, and checks that
 the other worker finishes it from that checkpoint), fetches every model into demo-run/models/ with
-`jobs fetch`, and stops everything it started (also on Ctrl-C or an error).
+`jobs fetch` (with peers: waits until every peer has applied the same log, and shows `jobs peers`),
+prints the results table, and stops everything it started (also on Ctrl-C or an error).
 Exit 0 only when every job completed. `--keep` leaves the coordinator running
 (until Ctrl-C) so the printed `jobs` commands can be tried.
 """
@@ -44,6 +49,9 @@ class Fleet:
         self.pyz = pyz
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.url = ""
+        self.urls: list[str] = []  # every coordinator's URL: one, or each peer's
+        self.cluster_key_file = run_dir / "cluster.key"
+        self.peer_argv: list[tuple[str, ...]] = []  # each peer's serve arguments, to show how to start it again
         self.token_file = secret_file(run_dir / "operator.token", secrets.token_hex(16))
         self.token = self.token_file.read_text().strip()
         os.environ["CIS490_OPERATOR_TOKEN"] = self.token  # the demo's own reads, and every process it starts
@@ -64,6 +72,72 @@ class Fleet:
         self.procs.append((name, proc))
         return proc
 
+    def serve_peers(self, manifest: Path, n: int, timeout: float = 60.0) -> list[str]:
+        """``n`` peers of one group on loopback, started as README says: peer a first, which creates the
+        cluster key file (mode 0600); then the others with that same file. Returns once a majority names a
+        leader."""
+        ids = "abcdefghi"[:n]
+        urls = {nid: f"http://127.0.0.1:{port}" for nid, port in zip(ids, free_ports(n))}
+        peer_args = [arg for nid in ids for arg in ("--peer", f"{nid}={urls[nid]}")]
+        for nid in ids:
+            args = ("serve", "--node-id", nid, "--data", str(self.run_dir / f"data-{nid}"),
+                    "--bind", urls[nid].split("//")[1], *peer_args, "--cluster-key-file", str(self.cluster_key_file),
+                    "--manifest", str(manifest), "--operator-token-file", str(self.token_file))
+            self.peer_argv.append(args)
+            self.start(f"serve-{nid}", *args)
+            if nid == ids[0]:
+                self._wait(f"serve-{nid}", lambda: self.cluster_key_file.is_file()
+                           and len(self.cluster_key_file.read_text().strip()) == 64, timeout, "create the cluster key")
+        self.urls = [urls[nid] for nid in ids]
+        self.url = self.urls[0]
+        self._wait("serve-a", lambda: self.leader() is not None, timeout, "elect a leader")
+        return self.urls
+
+    def _wait(self, name: str, ready, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            for pname, proc in self.procs:
+                if pname.startswith("serve") and proc.poll() is not None:
+                    log = self.run_dir / f"{pname}.log"
+                    raise SystemExit(f"demo: {pname} exited with code {proc.returncode}; see {log}:\n{tail(log)}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"demo: the coordinators did not {what} within {timeout:.0f}s; "
+                                 f"see {self.run_dir}/serve-*.log")
+            time.sleep(0.1)
+
+    def healths(self) -> dict[str, dict]:
+        import urllib.request
+
+        found = {}
+        for url in self.urls:
+            try:
+                with urllib.request.urlopen(url + "/v1/health", timeout=2) as resp:
+                    found[url] = json.load(resp)
+            except (OSError, ValueError):
+                pass
+        return found
+
+    def leader(self) -> str | None:
+        """The URL of the peer that leads, once a majority of the group names it."""
+        hs = self.healths()
+        for url, h in hs.items():
+            if h.get("role") == "leader":
+                votes = sum(1 for o in hs.values() if o.get("leader") == h.get("node_id") and o.get("term") == h.get("term"))
+                if votes * 2 > len(self.urls):
+                    return url
+        return None
+
+    def converged(self, timeout: float = 30.0) -> int:
+        """The applied index every peer has reached, once all report the same one; 0 if they do not in time."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            hs = self.healths()
+            applied = {h.get("applied") for h in hs.values()}
+            if len(hs) == len(self.urls) and len(applied) == 1 and None not in applied:
+                return applied.pop()
+            time.sleep(0.2)
+        return 0
+
     def serve(self, manifest: Path, timeout: float = 60.0) -> str:
         port_file = self.run_dir / "serve.port"
         proc = self.start("serve", "serve", "--data", str(self.run_dir / "data"), "--manifest", str(manifest),
@@ -77,6 +151,7 @@ class Fleet:
             text = port_file.read_text().strip() if port_file.exists() else ""
             if text:
                 self.url = text if "://" in text else f"http://127.0.0.1:{text}"
+                self.urls = [self.url]
                 if self.healthy():
                     return self.url
             time.sleep(0.1)
@@ -92,8 +167,11 @@ class Fleet:
         except (OSError, ValueError):
             return False
 
+    def receivers(self) -> list[str]:
+        return [arg for url in self.urls for arg in ("--receiver", url)]
+
     def jobs_cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(self.pyz), "jobs", "--receiver", self.url, *args], cwd=ROOT,
+        return subprocess.run([sys.executable, str(self.pyz), "jobs", *self.receivers(), *args], cwd=ROOT,
                               capture_output=True, text=True, timeout=120, env=self.env())
 
     def host_key_file(self, host: str) -> Path:
@@ -145,6 +223,20 @@ def secret_file(path: Path, text: str) -> Path:
     with os.fdopen(fd, "w") as f:
         f.write(text + "\n")
     return path
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on loopback now (the peers' URLs must be known before any of them starts)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def fetch_json(url: str) -> dict:
@@ -277,7 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     ap.add_argument("--keep", action="store_true", help="leave the coordinator running after the demo")
     ap.add_argument("--pyz", default=str(ROOT / "dist" / "cis490fleet.pyz"), help="where to build the zipapp")
+    ap.add_argument("--peers", type=int, default=1, metavar="N",
+                    help="coordinators: 1 (default) runs one; 3 runs three peers of a replicated group")
     opts = ap.parse_args(argv)
+    if opts.peers < 1 or opts.peers > 9:
+        say(f"demo: --peers {opts.peers} is out of range; give 1 (one coordinator) or 3 (a group of three peers)")
+        return 2
 
     run_dir = Path(opts.run_dir).resolve()
     manifest = Path(opts.manifest).resolve()
@@ -295,17 +392,25 @@ def main(argv: list[str] | None = None) -> int:
     if os.name != "nt":
         signal.signal(signal.SIGTERM, _interrupt)
     try:
-        url = fleet.serve(manifest)
-        say(f"demo: coordinator at {url} (data in {run_dir / 'data'}, log {run_dir / 'serve.log'})")
+        if opts.peers == 1:
+            url = fleet.serve(manifest)
+            say(f"demo: coordinator at {url} (data in {run_dir / 'data'}, log {run_dir / 'serve.log'})")
+        else:
+            fleet.serve_peers(manifest, opts.peers)
+            say(f"demo: {opts.peers} coordinator peers at {', '.join(fleet.urls)} (cluster key "
+                f"{fleet.cluster_key_file}, data in {run_dir}/data-*, logs {run_dir}/serve-*.log); "
+                f"leader {fleet.leader()}")
         for host in ("demo-a", "demo-b"):
-            fleet.start(f"worker-{host}", "work", "--receiver", url, "--host-id", host,
-                        "--host-key-file", str(fleet.host_key_file(host)), "--work-dir", str(run_dir / f"work-{host}"), "--once", "--wait", "5", "--grace", "10")
+            key_file = fleet.host_key_file(host)
+            say(f"demo: jobs hosts add {host}: its key is in {key_file} (mode 0600)")
+            fleet.start(f"worker-{host}", "work", *fleet.receivers(), "--host-id", host,
+                        "--host-key-file", str(key_file), "--work-dir", str(run_dir / f"work-{host}"), "--once", "--wait", "5", "--grace", "10")
         say(f"demo: workers demo-a and demo-b started (logs {run_dir}/worker-*.log)")
         crash = Crash(fleet, run_dir)
         code = watch(fleet, run_dir, opts.timeout, crash) or crash.report()
         if code != 0:
             return code
-        code = fetch_models(fleet, run_dir) or show_results(fleet)
+        code = fetch_models(fleet, run_dir) or show_peers(fleet) or show_results(fleet)
         if code != 0:
             return code
         advise(fleet, run_dir, manifest, opts.keep)
@@ -379,6 +484,22 @@ def fetch_models(fleet: Fleet, run_dir: Path) -> int:
     return 0
 
 
+def show_peers(fleet: Fleet) -> int:
+    """With peers: every one has applied the same log (`jobs peers` shows it); a single coordinator has nothing to show."""
+    if len(fleet.urls) < 2:
+        return 0
+    applied = fleet.converged()
+    if not applied:
+        say(f"demo: the peers did not reach the same applied index within 30s: {fleet.healths()}")
+        return 1
+    proc = fleet.jobs_cli("peers")
+    say("")
+    say(f"demo: every peer has applied the log up to index {applied} (jobs peers):")
+    for line in (proc.stdout + proc.stderr).rstrip().splitlines():
+        say(f"  {line}")
+    return 0 if proc.returncode == 0 else 1
+
+
 def show_results(fleet: Fleet) -> int:
     """The answer: `jobs results`, every completed job with its hyper values and final metrics, best first."""
     proc = fleet.jobs_cli("results")
@@ -413,21 +534,27 @@ def rel(path: Path) -> str:
 def advise(fleet: Fleet, run_dir: Path, manifest: Path, keep: bool) -> None:
     pyz = f"python3 {rel(fleet.pyz)}"
     say("")
-    say(f"Models: {rel(run_dir / 'models')}/   (the coordinator's store: {rel(run_dir / 'data' / 'models')}/)")
-    if not keep:
+    store = rel(run_dir / ("data-*" if fleet.peer_argv else "data") / "models")
+    say(f"Models: {rel(run_dir / 'models')}/   (the coordinator's store: {store}/)")
+    if fleet.peer_argv and not keep:
+        say("To look around, start the peers again on the demo's data (the same ports: the group's log names them):")
+        for args in fleet.peer_argv:
+            say(f"  {pyz} " + " ".join(rel(Path(a)) if a.startswith(str(ROOT)) else a for a in args) + " &")
+        say(f"  export CIS490_RECEIVER={','.join(fleet.urls)}")
+    elif not keep:
         say("To look around, start the coordinator again on the demo's data:")
         say(f"  {pyz} serve --data {rel(run_dir / 'data')} --manifest {rel(manifest)} --bind 127.0.0.1:8445 "
             f"--operator-token-file {rel(fleet.token_file)} &")
         say("  export CIS490_RECEIVER=http://127.0.0.1:8445")
     else:
-        say(f"  export CIS490_RECEIVER={fleet.url}")
+        say(f"  export CIS490_RECEIVER={','.join(fleet.urls)}")
     say(f"  export CIS490_OPERATOR_TOKEN=$(cat {rel(fleet.token_file)})")
     say(f"  {pyz} jobs status          # counts, workers, running jobs")
     say(f"  {pyz} jobs list            # every job with its host and artifact")
     say(f"  {pyz} jobs show ID         # one job: spec, attempts, log tail (an id prefix will do)")
     say(f"  {pyz} jobs fetch ID -o DIR # download and verify a job's model")
     say(f"  {pyz} jobs results --csv   # the results table for a spreadsheet")
-    say(f"  or open the dashboard at {'http://127.0.0.1:8445' if not keep else fleet.url}/")
+    say(f"  or open the dashboard at {fleet.url if keep or fleet.peer_argv else 'http://127.0.0.1:8445'}/")
 
 
 if __name__ == "__main__":
