@@ -415,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
             return code
         advise(fleet, run_dir, manifest, opts.keep)
         if opts.keep:
-            say("demo: the coordinator keeps running; Ctrl-C stops it")
+            say(f"demo: the {'coordinator peers keep' if fleet.peer_argv else 'coordinator keeps'} running; "
+                "Ctrl-C stops it")
             while True:
                 time.sleep(3600)
         return 0
