@@ -593,6 +593,7 @@ class Replicator:
         """Role, term, leader, commit, applied, the configuration and its members as this peer sees them
         (``match``/``lag`` on the leader: how far each member's log has caught up)."""
         st = self.status()
+        installing = self._installing
         progress = st.get("progress") or {}
         peers = []
         for pid, url in sorted(self.peers.items()):
@@ -610,7 +611,9 @@ class Replicator:
         member = "voter" if self.node_id in st["voters"] else "learner" if self.node_id in st["learners"] else None
         return {"role": role, "term": st["term"], "leader": st["leader"], "leader_url": self.url_of(st["leader"]),
                 "node_id": self.node_id, "commit": st["commit"], "commit_index": st["commit"],
-                "applied": st["applied"], "last_index": st["last_index"], "cluster": self.cluster, "peers": peers,
+                "applied": st["applied"], "last_index": st["last_index"], "snapshot_index": st["snapshot_index"],
+                "installing": installing.index if installing is not None else None,
+                "cluster": self.cluster, "peers": peers,
                 "voters": st["voters"], "learners": st["learners"], "member": member, "lost": st["lost"],
                 "artifacts_missing": self.copies.missing() if self.copies is not None else 0}
 
@@ -717,6 +720,9 @@ class Replicator:
         if st["role"] == raft.LEADER and self._status["role"] != raft.LEADER and \
                 (st["last_index"] > 1 or st["snapshot_index"] > 0):  # else no leader came before: nothing to refuse
             self.leader_since = time.time()
+        # The node counts a snapshot and the entries after it as applied once handed out; the queue holds them
+        # only once its copy is in place (_end_install). Health reports what the queue holds.
+        st["applied"] = min(st["applied"], self._db_applied)
         with self._status_lock:
             self._status = st
         if st["lost"] and not self._lost_logged:
@@ -900,6 +906,11 @@ class Replicator:
         first = self._installing is None
         if not first and snap.index <= self._installing.index:
             return
+        if first and snap.index <= self._db_applied:
+            # The queue already holds it (a copy taken after an earlier snapshot can stand ahead of the node's
+            # commit index). A copy must never take it back: the driver goes on from _db_applied, so the
+            # entries between that copy and _db_applied would never be applied here.
+            return
         self._installing = snap
         if first:
             threading.Thread(target=self._download_snapshot, name="raft-snapshot-download", daemon=True).start()
@@ -911,8 +922,9 @@ class Replicator:
         if applied < self._installing.index:  # a newer snapshot came meanwhile: fetch again
             threading.Thread(target=self._download_snapshot, name="raft-snapshot-download", daemon=True).start()
             return
-        # Entries between the snapshot and the copy are already in it: _apply skips them.
-        self._db_applied = max(self._db_applied, applied)
+        # Entries between the snapshot and the copy are already in it: _apply skips them. The copy stands after
+        # the snapshot, which stands after what the queue held before (_begin_install).
+        self._db_applied = applied
         self._installing = None
         deferred, self._deferred = self._deferred, []
         if deferred:

@@ -358,3 +358,73 @@ def test_a_follower_keeps_stepping_raft_while_it_downloads_a_snapshot(group):  #
     finally:
         for link in links:
             link.close()
+
+
+def test_health_counts_as_applied_only_what_the_queue_holds_while_a_snapshot_downloads(group):  # noqa: F811
+    """A follower far behind takes the leader's snapshot, and its node counts everything up to it as applied,
+    but its queue stands where it was until the copy is in place. Health's ``applied`` must say where the
+    queue stands (and ``installing`` which snapshot it awaits), else "every peer applied everything" is seen
+    while one queue still lacks acknowledged claims. The follower reaches the others through links that hold
+    every chunk back 1.5 s, then refuse it once the download has begun: the copy cannot arrive while the
+    test looks."""
+    from peer_harness import LinkProxy
+
+    g = three(group, n_jobs=30, snapshot_every=5)
+    leader = g.leader()
+    away = next(n for n in g.coords if n != leader)
+    g.stop(away)
+    for i in range(12):
+        claim(g.urls[leader], f"w{i}")
+    others = [n for n in g.urls if n != away]
+    links = [LinkProxy(int(g.urls[n].rsplit(":", 1)[1]), f"to-{n}", mode="delay", delay_ms=1500) for n in others]
+    try:
+        back = Coordinator(g.tmp / away, node_id=away, peers={**g.urls, **{n: link.url for n, link in
+                                                                           zip(others, links)}},
+                           operator_token=OPERATOR_TOKEN, raft_options=g.raft, trust=g.trust())
+        back.listen("127.0.0.1", int(g.urls[away].rsplit(":", 1)[1]))
+        back.serve_in_thread()
+        g.coords[away] = back
+        wait_for("the snapshot download to begin", lambda: back.health()["installing"] is not None, timeout=20,
+                 every=0.01)
+        for link in links:
+            link.set_mode("refuse")
+        h = back.health()
+        assert h["installing"] is not None, "the copy arrived before the links were cut"
+        assert h["applied"] <= back.store.applied_index() < h["installing"] <= h["snapshot_index"] <= h["commit"]
+        assert h["applied"] < g.coords[leader].health()["applied"]
+        for link in links:
+            link.set_mode("pass")
+        wait_for("the follower to catch up", lambda: back.health()["installing"] is None
+                 and back.health()["applied"] == g.coords[leader].health()["applied"], timeout=30)
+        assert back.store.applied_index() >= back.health()["applied"]
+        assert back.store.counts() == g.coords[leader].store.counts()
+    finally:
+        for link in links:
+            link.close()
+
+
+def test_a_snapshot_the_queue_already_holds_is_not_fetched_again(group):  # noqa: F811
+    """A follower's queue can stand ahead of its node's commit index (it installed a copy taken later than the
+    snapshot). A snapshot at or below where the queue stands must not be downloaded: a copy from a peer that
+    lags would take the queue back while the driver went on from where it stood, and the entries in between
+    would never be applied on this peer. The driver is handed such a snapshot directly."""
+    from cis490fleet import raft
+
+    g = three(group, n_jobs=6, snapshot_every=3)
+    leader = g.leader()
+    for i in range(6):
+        claim(g.urls[leader], f"w{i}")
+    g.converged()
+    f = g.follower()
+    rep, store = g.coords[f].replicator, g.coords[f].store
+    queue = g.tmp / f / "queue.sqlite3"
+    inode, applied = queue.stat().st_ino, store.applied_index()
+
+    def hand_snapshot(node):
+        index = applied - 1
+        rep._begin_install(raft.Snapshot(index, node.term_at(index) or node.term, {"index": index}, node.config))
+        return rep.health()["installing"]
+
+    assert rep._call(hand_snapshot).result(5) is None, "the follower set out to fetch a queue it already holds"
+    wait_for("no download in progress", lambda: rep.health()["installing"] is None, timeout=30)
+    assert queue.stat().st_ino == inode and store.applied_index() == applied
