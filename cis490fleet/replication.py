@@ -593,7 +593,6 @@ class Replicator:
         """Role, term, leader, commit, applied, the configuration and its members as this peer sees them
         (``match``/``lag`` on the leader: how far each member's log has caught up)."""
         st = self.status()
-        installing = self._installing
         progress = st.get("progress") or {}
         peers = []
         for pid, url in sorted(self.peers.items()):
@@ -612,7 +611,7 @@ class Replicator:
         return {"role": role, "term": st["term"], "leader": st["leader"], "leader_url": self.url_of(st["leader"]),
                 "node_id": self.node_id, "commit": st["commit"], "commit_index": st["commit"],
                 "applied": st["applied"], "last_index": st["last_index"], "snapshot_index": st["snapshot_index"],
-                "installing": installing.index if installing is not None else None,
+                "installing": st.get("installing"),
                 "cluster": self.cluster, "peers": peers,
                 "voters": st["voters"], "learners": st["learners"], "member": member, "lost": st["lost"],
                 "artifacts_missing": self.copies.missing() if self.copies is not None else 0}
@@ -723,6 +722,7 @@ class Replicator:
         # The node counts a snapshot and the entries after it as applied once handed out; the queue holds them
         # only once its copy is in place (_end_install). Health reports what the queue holds.
         st["applied"] = min(st["applied"], self._db_applied)
+        st["installing"] = self._installing.index if self._installing is not None else None
         with self._status_lock:
             self._status = st
         if st["lost"] and not self._lost_logged:
