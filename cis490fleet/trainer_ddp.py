@@ -22,14 +22,30 @@ import sys
 from cis490fleet import trainer
 
 
+def _rendezvous_port() -> int:
+    """A free loopback port below the kernel's ephemeral range (32768 and up by default): a port the kernel
+    picked for us is free only until rank 0 binds it, and on a busy host an outgoing connection may be given
+    it meanwhile (rank 0 then aborts)."""
+    import random
+
+    for port in random.sample(range(20000, 32768), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(job: "trainer.Job", world: int) -> int:
     """Train ``job`` on ``world`` processes; the exit code of rank 0 (143 after a SIGTERM)."""
     import torch
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _rendezvous_port()
     cuda = job.device_requested and torch.cuda.is_available()
     if cuda and torch.cuda.device_count() < world:
         print(f"cis490fleet train: the job was given {world} GPUs but CUDA sees {torch.cuda.device_count()}; "
