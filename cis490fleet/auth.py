@@ -170,8 +170,8 @@ def identify(req) -> Identity:
     if from_peer:
         asserted = req.header(H_IDENTITY)
         if asserted:
-            return _forwarded_identity(trust, asserted, req.header(H_CLIENT_NONCE), _has_session(req),
-                                       _replay_would_act(req) and trust.host_not_before(getattr(app, "replicator", None)))
+            floor = trust.host_not_before(getattr(app, "replicator", None)) if _replay_would_act(req) else None
+            return _forwarded_identity(trust, asserted, req.header(H_CLIENT_NONCE), _has_session(req), floor)
         return signer or Identity("peer", req.peer_host)
     if signer is not None:
         if req.peer_host is not None and req.peer_host != signer.name:
@@ -192,10 +192,10 @@ def identify(req) -> Identity:
 
 
 def _forwarded_identity(trust: Trust, asserted: str, client_nonce: str | None, session: bool,
-                        not_before: int | bool) -> Identity:
+                        not_before: float | None) -> Identity:
     """The identity a peer verified and forwarded, with the host's nonce and signature time
     (``<nonce> <time>``): for a write without a session the time must not predate this peer's memory
-    (``not_before``, False for other requests), and the nonce is remembered here too, so a request replayed
+    (``not_before``, None for other requests), and the nonce is remembered here too, so a request replayed
     through another peer is refused. A session write's nonce is not remembered: the queue applies each serial
     once and answers a repeat as the first time, and a follower may repeat one after a dropped connection."""
     kind, _, name = asserted.partition(":")
@@ -208,7 +208,7 @@ def _forwarded_identity(trust: Trust, asserted: str, client_nonce: str | None, s
         nonce, _, signed_at = client_nonce.partition(" ")
         timestamp = int(signed_at) if signed_at.isascii() and signed_at.isdigit() and len(signed_at) <= 12 \
             else int(now)  # a peer of an earlier version forwards the nonce alone
-        if not_before is not False:
+        if not_before is not None:
             signing.check_not_before(f"host/{name}", timestamp, not_before)
         if not session:
             trust.remember(f"host/{name}", nonce, timestamp, now)
