@@ -25,7 +25,7 @@ import time
 from typing import NamedTuple
 from pathlib import Path
 
-from cis490fleet import errors, model, signing
+from cis490fleet import errors, model, signing, tokens
 
 H_IDENTITY = "x-fleet-identity"
 H_CLIENT_NONCE = "x-fleet-client-nonce"
@@ -226,12 +226,10 @@ def forward_headers(req, identity: Identity, node_id: str, body_sha: str | None 
         out[H_CLIENT_NONCE] = f"{signed.nonce} {signed.timestamp}"
     key = req.app.trust.cluster_key
     if key is not None:
-        import secrets
-
         headers = {**_signed_headers(req), "x-lab-host": "", **out}
         body_sha = body_sha or signed_body_sha(req)
         out.update(signing.signature_headers(key, f"peer/{node_id}", req.method, req.handler.path, body_sha,
-                                             time.time(), secrets.token_hex(16), headers))
+                                             time.time(), tokens.token_hex(16), headers))
     return out
 
 

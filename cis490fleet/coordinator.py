@@ -16,7 +16,6 @@ import ipaddress
 import logging
 import os
 import queue
-import secrets
 import signal
 import socket
 import stat
@@ -28,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from cis490fleet import __version__, auth, commands, errors, manifest_source, model
+from cis490fleet import __version__, auth, commands, errors, manifest_source, model, tokens
 from cis490fleet.lease_clock import LeaseClock
 from cis490fleet.manifest_source import ManifestTexts
 from cis490fleet.metrics import Histogram
@@ -502,7 +501,7 @@ class Coordinator:
             if self.replicator is not None:
                 lease = {"lease": None, "lease_from_index": True}  # the fencing token is the claim's log index
             else:
-                lease = {"lease": secrets.token_hex(16)}
+                lease = {"lease": tokens.token_hex(16)}
             result = self.execute({"op": "claim", "host": host, "capability": capability, **lease,
                                    **({} if slot is None else {"slot": slot}), **(session or {})})
             self.counters.observe_claim((time.perf_counter() - t0) * 1000)

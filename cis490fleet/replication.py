@@ -41,7 +41,6 @@ import logging
 import os
 import queue
 import random
-import secrets
 import sqlite3
 import tempfile
 import threading
@@ -51,7 +50,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
-from cis490fleet import commands, edge_json, errors, raft, signing
+from cis490fleet import commands, edge_json, errors, raft, signing, tokens
 from cis490fleet.copy_fetcher import CopyFetcher
 from cis490fleet.raftstore import SqliteRaftStore
 
@@ -480,7 +479,7 @@ class Replicator:
         except errors.BadRequest as err:
             fut.set_exception(err)
             return fut
-        rid = secrets.token_hex(8)
+        rid = tokens.token_hex(8)
         self._inbox.put(("propose", {**cmd, "rid": rid}, fut))
         return fut
 
@@ -515,7 +514,7 @@ class Replicator:
 
     def read_barrier(self, timeout: float = READ_TIMEOUT_S) -> None:
         """Return once this peer has applied everything committed before the call (Raft ReadIndex)."""
-        ctx = secrets.token_hex(8)
+        ctx = tokens.token_hex(8)
         fut: Future = Future()
 
         def ask(node):
@@ -539,7 +538,7 @@ class Replicator:
         if self.cluster_key is None:
             return headers
         return {**headers, **signing.signature_headers(self.cluster_key, f"peer/{self.node_id}", method, target,
-                                                       body_sha, time.time(), secrets.token_hex(16), headers)}
+                                                       body_sha, time.time(), tokens.token_hex(16), headers)}
 
     def receive(self, body: object, answer: bool = False) -> list[dict] | None:
         """A batch from ``POST /v1/raft/messages``: checked here, stepped by the driver. With ``answer``, waits
@@ -587,7 +586,7 @@ class Replicator:
             return body, {}
         return body, signing.signature_headers(self.cluster_key, f"peer/{self.node_id}", ANSWER_METHOD,
                                                answer_target(request_nonce), signing.body_sha256(body),
-                                               time.time(), secrets.token_hex(16))
+                                               time.time(), tokens.token_hex(16))
 
     def health(self) -> dict:
         """Role, term, leader, commit, applied, the configuration and its members as this peer sees them

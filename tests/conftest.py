@@ -515,3 +515,37 @@ def closed_port_url() -> str:
     port = s.getsockname()[1]
     s.close()
     return f"http://127.0.0.1:{port}"
+
+
+
+def keeps_the_gil(call, times: int = 20_000, within_s: float = 0.3) -> bool:
+    """Whether ``call()``, up to ``times`` over in ``within_s``, never lets go of the GIL. A thread beside the
+    calls waits for the GIL with a long switch interval, so it runs only if a call lets go; a call that lets go
+    loses the race for it back now and then (os.urandom within about a hundred calls), hence the many calls."""
+    interval = 1.0
+    spins = [0]
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            spins[0] += 1
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(interval)
+    spinner = threading.Thread(target=spin, daemon=True)
+    try:
+        spinner.start()
+        while spins[0] == 0:
+            time.sleep(0.01)  # the spinner runs; this thread has the GIL back only after the switch interval
+        before, started = spins[0], time.monotonic()
+        n = 0
+        while n < times and spins[0] == before and time.monotonic() - started < within_s:
+            call()
+            n += 1
+        after, took = spins[0], time.monotonic() - started
+    finally:
+        stop.set()
+        sys.setswitchinterval(old)
+        spinner.join()
+    assert took < interval / 2 or after != before, "the calls outlasted the switch interval: no answer"
+    return after == before
