@@ -59,6 +59,7 @@ FOLLOWER = "follower"
 PRE_CANDIDATE = "pre_candidate"
 CANDIDATE = "candidate"
 LEADER = "leader"
+_EARLY_TYPES = frozenset({"AppendEntries", "Heartbeat"})
 
 # Replication state of one follower, seen from the leader (etcd's Progress).
 PROBE = "probe"          # one append in flight, until the follower says where its log matches
@@ -154,7 +155,8 @@ def check_message(msg: object) -> dict:
 
 @dataclass(frozen=True)
 class HardState:
-    """What must be on disk before any message of the same Ready leaves (§5.1 Figure 2, persistent state)."""
+    """What must be on disk before any message of the same Ready leaves, but a leader's early appends (§5.1 Figure 2,
+    persistent state; ``Ready.early``)."""
 
     term: int = 0
     vote: str | None = None
@@ -201,7 +203,8 @@ class ReadState:
 
 @dataclass
 class Ready:
-    """One batch of work for the driver, in the order: persist, send, apply, then ``advance(ready)``.
+    """One batch of work for the driver, in the order: send ``early``, persist, send ``messages``, apply, then
+    ``advance(ready)``.
 
     ``entries`` replace every stored entry from ``entries[0]["index"]`` on;
     ``snapshot`` (received from the leader) replaces the stored snapshot and the whole stored log.
@@ -213,6 +216,11 @@ class Ready:
     messages: list[dict]
     committed_entries: list[dict]
     read_states: list[ReadState]
+    early: list[dict] = field(default_factory=list)
+    """Messages that may leave before this Ready is persisted (``messages`` leave after): a leader's appends
+    and heartbeats while its term and vote are already on disk (thesis §10.2.1), so followers write while the
+    leader does. The leader counts its own copy toward a commit only when a follower's answer is stepped,
+    which a driver does after persisting this Ready."""
 
 
 @dataclass
@@ -625,15 +633,20 @@ class RaftNode:
             raise RuntimeError("raft: call advance() with the previous Ready before asking for another")
         hs = HardState(self.term, self.vote, self.commit)
         first_commit = max(self.applied, self._pending_snapshot.index if self._pending_snapshot else 0) + 1
+        early, late = [], self._msgs
+        if self.role == LEADER and (hs.term, hs.vote) == (self._persisted.term, self._persisted.vote):
+            early = [m for m in late if m["type"] in _EARLY_TYPES]
+            late = [m for m in late if m["type"] not in _EARLY_TYPES] if early else late
         rd = Ready(
             hard_state=hs if hs != self._persisted else None,
             entries=[dict(e) for e in self.entries(self._unstable, self.last_index() + 1)],
             snapshot=self._pending_snapshot,
-            messages=self._msgs,
+            messages=late,
             committed_entries=[dict(e) for e in self.entries(first_commit, self.commit + 1)],
             read_states=self._read_states,
+            early=early,
         )
-        if not (rd.hard_state or rd.entries or rd.snapshot or rd.messages or rd.committed_entries
+        if not (rd.hard_state or rd.entries or rd.snapshot or rd.messages or rd.early or rd.committed_entries
                 or rd.read_states):
             return None
         self._msgs, self._read_states = [], []

@@ -1,7 +1,7 @@
 """Replication of the queue over a Raft group: the driver of ``raft.RaftNode`` inside ``serve``.
 
-Shell. Owns the Raft driver thread (ticks, inbound messages, persist -> send ->
-apply -> answer), one sender thread per peer (JSON batches over kept-alive
+Shell. Owns the Raft driver thread (ticks, inbound messages, a leader's early
+appends -> persist -> send -> apply -> answer), one sender thread per peer (JSON batches over kept-alive
 HTTP to ``POST /v1/raft/messages``), proposals and their waiters, ReadIndex
 barriers, log compaction and the install of a snapshot downloaded from the
 leader. Never decides a job transition: committed commands go to
@@ -692,6 +692,10 @@ class Replicator:
             rd = self.node.ready()
             if rd is None:
                 break
+            for msg in rd.early:
+                sender = self._sender(msg["to"])
+                if sender is not None:
+                    sender.offer(msg)
             self.raft_store.save(rd.hard_state, rd.entries, rd.snapshot)
             self._sync_members()
             for msg in rd.messages:

@@ -176,8 +176,10 @@ class Sim:
             rd = node.ready()
             if rd is None:
                 return
+            for msg in rd.early:
+                self.send(msg)
             if crash_at == "before_persist":
-                return self.crash(m, "before persisting a Ready")
+                return self.crash(m, "before persisting a Ready (its early messages sent)")
             self.check_persist(m, rd)
             self.check_lost(m, rd)
             m.store.save(rd.hard_state, rd.entries, rd.snapshot)

@@ -20,6 +20,8 @@ otherwise), so every step is also checked against the safety invariants:
     crash 1 / restart 1           restart from what node 1 persisted
     propose 1 TEXT [-> not_leader L|none]
     propose_many 1 TEXT TEXT ...  leader 1 proposes several commands at once (``RaftNode.propose_many``)
+    propose_then_crash 1 TEXT     leader 1 proposes, sends what may leave early (``Ready.early``), and crashes
+                                  before persisting the rest
     read 1 CTX / transfer 1 3 / compact 1
     expect role 1 leader [term 2] [leader 1]
     expect leader 1 term 2        (short for: expect role 1 leader term 2)
@@ -212,6 +214,11 @@ class Transcript:
         if outcome is not None:
             raise TranscriptError(f"propose was accepted at index {index}, expected {outcome}")
         self.sim.settle(m)
+
+    def do_propose_then_crash(self, name: str, value: str) -> None:
+        m = self.member(name)
+        self.node(name).propose({"op": "put", "value": value})
+        self.sim.settle(m, crash_at="before_persist")
 
     def do_propose_many(self, name: str, *values: str) -> None:
         m = self.member(name)
@@ -440,6 +447,50 @@ def test_commands_proposed_together_travel_in_one_append_per_follower():
     propose 1 e
     expect inflight AppendEntries 4
     """)
+
+
+def test_a_leader_sends_appends_before_its_own_copy_is_on_disk_and_a_crash_then_loses_nothing_committed():
+    """Thesis §10.2.1: the leader's appends leave while it writes its own copy. Crashing before that write,
+    it never counted the entry; the followers hold it, and the next leader commits it."""
+    run("""
+    nodes 3
+    campaign 1
+    stabilize
+    propose 1 a
+    stabilize
+    elapse 1
+    expect data 1 a
+    propose_then_crash 1 b   # the AppendEntries are out; node 1's log never held b on disk
+    expect inflight AppendEntries 2
+    stabilize
+    expect log 2 1/1 2/1 3/1
+    restart 1
+    expect log 1 1/1 2/1
+    elapse 40
+    expect data 1 a b
+    expect data 2 a b
+    expect data 3 a b
+    """)
+
+
+def test_only_a_leader_whose_term_and_vote_are_on_disk_sends_before_persisting():
+    leader, follower = _node("n1", pre_vote=False), _node("n2", pre_vote=False)
+    leader.campaign()
+    leader.step({"type": "RequestVoteResp", "term": 1, "from": "n2", "to": "n1", "reject": False,
+                 "pre_vote": False})
+    rd = leader.ready()  # a leader before the Ready with its new term and vote was written
+    assert leader.status()["role"] == "leader" and rd.hard_state.term == 1
+    assert rd.early == [] and "AppendEntries" in {m["type"] for m in rd.messages}
+    leader.advance(rd)
+    follower.step(next(m for m in rd.messages if m["to"] == "n2" and m["type"] == "AppendEntries"))
+    answer = follower.ready()  # an answer vouches for what the follower wrote: it waits for the write
+    assert answer.early == [] and [m["type"] for m in answer.messages] == ["AppendEntriesResp"]
+    follower.advance(answer)
+    leader.step(answer.messages[0])
+    leader.advance(leader.ready())
+    leader.propose({"op": "put", "value": "a"})
+    rd = leader.ready()
+    assert [(m["type"], m["to"]) for m in rd.early] == [("AppendEntries", "n2")] and rd.messages == []
 
 
 def test_log_repair_after_divergence():
