@@ -50,7 +50,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
-from cis490fleet import commands, edge_json, errors, raft, signing, tokens
+from cis490fleet import commands, edge_json, errors, peer_post, raft, signing, tokens
 from cis490fleet.copy_fetcher import CopyFetcher
 from cis490fleet.raftstore import SqliteRaftStore
 
@@ -150,7 +150,7 @@ class _Sender:
         self.held_back = 0  # messages with entries that flow control did not queue
         self.entry_bytes = 256.0  # running estimate of one entry's encoded size
         self._lock = threading.Lock()
-        self.conn: http.client.HTTPConnection | None = None
+        self.conn = peer_post.PeerConnection(url, owner.ssl_context, SEND_TIMEOUT_S)
         self.thread = threading.Thread(target=self._run, name=f"raft-send-{peer}", daemon=True)
         self.failing = False
         self.thread.start()
@@ -183,8 +183,7 @@ class _Sender:
                     return
                 batch.append(item)
             self._send([m for m, _ in batch], sum(c for _, c in batch))
-        if self.conn is not None:
-            self.conn.close()
+        self.conn.close()
 
     def _send(self, messages: list[dict], cost: int) -> None:
         try:
@@ -205,29 +204,21 @@ class _Sender:
                           separators=(",", ":")).encode()
         for attempt in (1, 2):
             try:
-                if self.conn is None:
-                    self.conn = _connect(self.url, self.owner.ssl_context, SEND_TIMEOUT_S)
                 headers = self.owner.peer_headers("POST", MESSAGES_PATH, signing.body_sha256(body), {
                     "content-type": "application/json", "x-forwarded-by": self.owner.node_id,
                     ANSWER_HEADER: "inline"})
-                self.conn.request("POST", MESSAGES_PATH, body, headers)
-                resp = self.conn.getresponse()
-                data = resp.read()
+                resp = self.conn.post(MESSAGES_PATH, body, headers)
                 if resp.status != 200:
-                    log.warning("raft peer %s refused messages: %s %s", self.peer, resp.status, data[:200])
+                    log.warning("raft peer %s refused messages: %s %s", self.peer, resp.status, resp.body[:200])
                     self.conn.close()
-                    self.conn = None
                     self.failing = True
                     return len(body)
                 if self.failing:
                     log.info("raft peer %s is reachable again", self.peer)
                 self.failing = False
-                self._take_answers(resp, data, headers.get(signing.H_NONCE))
+                self._take_answers(resp, headers.get(signing.H_NONCE))
                 return len(body)
-            except (OSError, http.client.HTTPException) as err:
-                if self.conn is not None:
-                    self.conn.close()
-                    self.conn = None
+            except OSError as err:
                 if attempt == 2:
                     if not self.failing:
                         log.info("raft peer %s at %s unreachable: %s", self.peer, self.url, err)
@@ -235,19 +226,19 @@ class _Sender:
                     time.sleep(0.05)
         return len(body)
 
-    def _take_answers(self, resp: http.client.HTTPResponse, data: bytes, nonce: str | None) -> None:
+    def _take_answers(self, resp: peer_post.Answer, nonce: str | None) -> None:
         """Step the peer's answers from the response: signed with the cluster key for this request when the
         group has one (under TLS the connection itself is the peer's, verified against the peer CA).
         A refused answer is dropped and logged: Raft resends what is not acknowledged."""
         owner = self.owner
         try:
             if owner.cluster_key is not None:
-                signed = signing.parse(resp.getheader)
+                signed = signing.parse(resp.header)
                 if signed is None or signed.signer != f"peer/{self.peer}":
                     raise errors.Unauthorized(f"the answer is not signed by peer/{self.peer}")
                 signing.verify(owner.cluster_key, signed, ANSWER_METHOD, answer_target(nonce),
-                               signing.body_sha256(data), time.time())
-            body = edge_json.parse(data, what="a raft answer")
+                               signing.body_sha256(resp.body), time.time())
+            body = edge_json.parse(resp.body, what="a raft answer")
             msgs = body.get("messages") if isinstance(body, dict) else None
             if not msgs:
                 return

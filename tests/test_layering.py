@@ -17,7 +17,7 @@ LAYERS = {
     "db": 1, "jobstore": 1, "raftstore": 1, "artifacts": 1, "bundle": 1, "capability": 1,
     "checkpoint_records": 1,
     "client": 1, "tls": 1, "zipbuild": 1, "bytecode_cache": 1, "openapi": 1, "metrics": 1, "dashboard": 1,
-    "connection_guard": 1, "tokens": 1,
+    "connection_guard": 1, "tokens": 1, "peer_post": 1,
     "manifest_source": 1,
     "http_api": 2, "coordinator": 2, "worker": 2, "ops": 2, "manifest_cmd": 2, "enroll": 2, "trainer": 2, "trainer_ddp": 2,
     "progress": 1, "notifier": 1, "metric_history": 1, "job_inputs": 2, "replication": 2, "worker_config": 1, "worker_view": 1,
