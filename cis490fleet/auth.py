@@ -106,13 +106,19 @@ def signed_body_sha(req) -> str:
     return signing.body_sha256(req.body_bytes(limit=req.signed_body_limit))
 
 
+_FIRST_SIGNED = len(signing.SIGNATURE_HEADERS)
+_CLIENT_ID = signing.SIGNATURE_AND_SIGNED.index("x-client-id")
+_CLIENT_SERIAL = signing.SIGNATURE_AND_SIGNED.index("x-client-serial")
+
+
 def _signed_headers(req) -> dict[str, str]:
     return {name: req.header(name) or "" for name in signing.SIGNED_HEADERS}
 
 
 def _verify_signature(req, trust: Trust, key_of) -> Identity | None:
     """The signer of a signed request (host or peer), checked: signature, time window, then nonce."""
-    signed = signing.parse_values(req.headers.stripped(signing.SIGNATURE_HEADERS))
+    values = req.headers.stripped(signing.SIGNATURE_AND_SIGNED)
+    signed = signing.parse_values(values)
     if signed is None:
         return None
     now = time.time()
@@ -125,8 +131,8 @@ def _verify_signature(req, trust: Trust, key_of) -> Identity | None:
                                + ADD_HOST_HINT.format(host=signed.name))
     host = signed.kind == "host"
     signing.verify(key, signed, req.method, req.handler.path, signed_body_sha(req), now,
-                   values=req.headers.stripped(signing.SIGNED_HEADERS), ahead=signing.HOST_AHEAD_S if host else None)
-    if host and _replay_would_act(req):
+                   values=values[_FIRST_SIGNED:], ahead=signing.HOST_AHEAD_S if host else None)
+    if host and req.method == "POST" and not (values[_CLIENT_ID] and values[_CLIENT_SERIAL]):  # _replay_would_act
         signing.check_not_before(signed.signer, signed.timestamp, trust.host_not_before(getattr(req.app, "replicator", None)))
     trust.remember(signed.signer, signed.nonce, signed.timestamp, now)
     return Identity(signed.kind, signed.name)

@@ -42,6 +42,9 @@ SIGNATURE_HEADERS = (H_SIGNER, H_TIME, H_NONCE, H_SIGNATURE)
 SIGNED_HEADERS = ("x-lab-host", "x-lease", "x-client-id", "x-client-serial", "x-fleet-identity",
                   "x-fleet-client-nonce", "x-artifact")
 """Headers whose values the signature covers (absent ones as empty), besides method, target and body."""
+SIGNATURE_AND_SIGNED = SIGNATURE_HEADERS + SIGNED_HEADERS
+"""What a receiver reads in one pass: ``parse_values`` takes the first four, ``canonical_of_values`` the rest."""
+_SIGNED_PREFIXES = tuple(f"\n{name}:" for name in SIGNED_HEADERS)
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _NONCE_RE = re.compile(r"[0-9a-f]{32}")
@@ -86,8 +89,8 @@ def canonical_of_values(method: str, target: str, timestamp: int, nonce: str, bo
                         values: list[str]) -> bytes:
     """``canonical`` from the ``SIGNED_HEADERS`` values in order, already stripped (absent ones empty): what
     a receiver has at hand, without building a dict per request."""
-    signed = "\n".join(map("{}:{}".format, SIGNED_HEADERS, values))
-    return (f"{VERSION}\n{signer}\n{method.upper()}\n{target}\n{int(timestamp)}\n{nonce}\n{body_sha}\n"
+    signed = "".join([prefix + value for prefix, value in zip(_SIGNED_PREFIXES, values)])
+    return (f"{VERSION}\n{signer}\n{method.upper()}\n{target}\n{int(timestamp)}\n{nonce}\n{body_sha}"
             f"{signed}").encode("utf-8", "surrogateescape")
 
 
@@ -112,8 +115,9 @@ def parse(get) -> Signed | None:
 
 
 def parse_values(values: list[str]) -> Signed | None:
-    """``parse`` from the ``SIGNATURE_HEADERS`` values in order, stripped, "" for an absent one."""
-    signer, timestamp, nonce, signature = values
+    """``parse`` from the ``SIGNATURE_HEADERS`` values in order, stripped, "" for an absent one (more values
+    after them, as ``SIGNATURE_AND_SIGNED`` reads, are left alone)."""
+    signer, timestamp, nonce, signature = values[0], values[1], values[2], values[3]
     if not (signer or timestamp or nonce or signature):
         return None
     if not (signer and timestamp and nonce and signature):
