@@ -325,6 +325,7 @@ class Coordinator:
         self._wake = threading.Condition()
         self._generation = 0
         self._zipapp: tuple[bytes, str] | None = None
+        self._install_script: tuple[bytes, str] | None = None
         self._zipapp_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.server = None
@@ -602,7 +603,7 @@ class Coordinator:
             from cis490fleet import bootstrap
         except ImportError:
             return None
-        return bootstrap.enroll_commands(receiver, host, key, self.zipapp()[1])
+        return bootstrap.enroll_commands(receiver, host, key, self.zipapp()[1], self.install_script()[1])
 
     # -- reads ---------------------------------------------------------------------------------------
 
@@ -726,6 +727,16 @@ class Coordinator:
                     data = zipbuild.build()
                 self._zipapp = (data, hashlib.sha256(data).hexdigest())
             return self._zipapp
+
+    def install_script(self) -> tuple[bytes, str]:
+        """install-worker.ps1 as this build ships it (in the zipapp too), and its sha256: what Windows hosts
+        download, pinned, from ``GET /v1/install-worker.ps1``."""
+        if self._install_script is None:
+            import importlib.resources
+
+            data = (importlib.resources.files("cis490fleet") / "windows" / "install-worker.ps1").read_bytes()
+            self._install_script = (data, hashlib.sha256(data).hexdigest())
+        return self._install_script
 
     # -- the manifest ------------------------------------------------------------------------------
 

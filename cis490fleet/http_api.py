@@ -703,6 +703,13 @@ def h_zipapp(req: Request):
                              "content-disposition": 'attachment; filename="cis490fleet.pyz"'})
 
 
+def h_install_script(req: Request):
+    data, sha = req.app.install_script()
+    return Response(status=200, body=data, content_type="text/plain; charset=utf-8",
+                    headers={"x-content-sha256": sha,
+                             "content-disposition": 'attachment; filename="install-worker.ps1"'})
+
+
 _PLACEHOLDER_PAGE = b"""<!doctype html>
 <html><head><meta charset="utf-8"><title>cis490fleet</title></head>
 <body><h1>cis490fleet coordinator</h1>
@@ -912,6 +919,7 @@ def make_router() -> Router:
         ("PUT", "/v1/model/{job_id}", h_upload),
         ("GET", "/v1/artifact/{sha256}", h_artifact),
         ("GET", "/v1/zipapp", h_zipapp),
+        ("GET", "/v1/install-worker.ps1", h_install_script),
         ("POST", "/v1/manifest/reload", h_reload),
         ("GET", "/v1/hosts", h_hosts),
         ("POST", "/v1/hosts", h_hosts_add),

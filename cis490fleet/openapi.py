@@ -381,6 +381,10 @@ PATHS = {
         "responses": {"200": {"description": "the zipapp; header x-content-sha256 is its sha256",
                               "content": {"application/zip": {"schema": {
                                   "type": "string", "contentMediaType": "application/zip"}}}}}}},
+    "/v1/install-worker.ps1": {"get": {
+        "summary": "the Windows worker installer of this build, for the pinned one-liner `jobs hosts add` prints",
+        "responses": {"200": {"description": "the PowerShell script; header x-content-sha256 is its sha256",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
     "/v1/manifest/reload": {"post": _operator_op(
         "put a manifest in force (the text sent, else the receiving peer's --manifest file) and sync the queue "
         "(idempotent); the group keeps its text and sha256",

@@ -31,7 +31,9 @@ ENTRY_POINT = (b'"""Entry point of the cis490fleet zipapp."""\n\nfrom cis490flee
                b'bytecode_cache.install()\n\nfrom cis490fleet.cli import main  # noqa: E402\n\n'
                b'raise SystemExit(main())\n')
 BUILD_MODULE = "_build.py"
-ASSET_DIRS = ("static", "data")  # the dashboard's files; the tables the built-in trainer ships (data/README.md)
+ASSET_DIRS = ("static", "data", "windows")
+"""The dashboard's files; the tables the built-in trainer ships (data/README.md); install-worker.ps1, which
+coordinators serve to Windows hosts."""
 UNIX = 3
 
 

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KEY = "0123456789abcdef" * 4  # what `jobs hosts add` prints: 64 hex digits
 PYZ = b"PK\x03\x04 pretend zipapp bytes " * 100
 SHA = hashlib.sha256(PYZ).hexdigest()
+SCRIPT_SHA = hashlib.sha256(b"pretend install-worker.ps1").hexdigest()
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def run_linux_line(line: str, tmp_path: Path) -> tuple[subprocess.CompletedProce
 
 @pytest.mark.skipif(not (shutil.which("curl") and shutil.which("sha256sum")), reason="needs curl and sha256sum")
 def test_linux_line_downloads_checks_the_pin_and_passes_the_key_on_stdin(zipapp_server, tmp_path):
-    line = enroll_commands(zipapp_server, "ws1", KEY, SHA)["linux"]
+    line = enroll_commands(zipapp_server, "ws1", KEY, SHA, SCRIPT_SHA)["linux"]
     proc, record = run_linux_line(line, tmp_path)
     assert proc.returncode == 0, proc.stderr
     argv = Path(f"{record}.argv").read_text().splitlines()
@@ -76,23 +77,28 @@ def test_linux_line_downloads_checks_the_pin_and_passes_the_key_on_stdin(zipapp_
 
 @pytest.mark.skipif(not (shutil.which("curl") and shutil.which("sha256sum")), reason="needs curl and sha256sum")
 def test_linux_line_runs_nothing_when_the_download_differs_from_the_pin(zipapp_server, tmp_path):
-    line = enroll_commands(zipapp_server, "ws1", KEY, hashlib.sha256(b"another build").hexdigest())["linux"]
+    line = enroll_commands(zipapp_server, "ws1", KEY, hashlib.sha256(b"another build").hexdigest(), SCRIPT_SHA)["linux"]
     proc, record = run_linux_line(line, tmp_path)
     assert proc.returncode != 0
     assert not Path(f"{record}.argv").exists(), "sudo must not run a zipapp that fails the pin"
     assert [p.name for p in tmp_path.iterdir()] == ["bin"], "the download is not left behind"
 
 
-def test_https_receiver_restricts_curl_to_https_and_windows_line_uses_the_script_parameters():
-    lines = enroll_commands("https://coord.lab:8445/", "ws-2", KEY, SHA)
+def test_https_receiver_restricts_curl_to_https_and_windows_line_runs_the_pinned_served_script():
+    lines = enroll_commands("https://coord.lab:8445/", "ws-2", KEY, SHA, SCRIPT_SHA)
     assert "--proto =https" in lines["linux"] and "https://coord.lab:8445/v1/zipapp" in lines["linux"]
-    assert lines["windows"] == (f"'{KEY}' | & .\\install-worker.ps1 -Receiver 'https://coord.lab:8445' "
-                                f"-HostId 'ws-2' -HostKeyFile - -ZipappSha256 {SHA}")
-    script = (ROOT / "windows" / "install-worker.ps1").read_text()
+    windows = lines["windows"]
+    assert "-Uri 'https://coord.lab:8445/v1/install-worker.ps1' -OutFile $s" in windows
+    # The script's pin is checked before anything runs it; the key is piped, never an argument.
+    assert windows.index(f"-ne '{SCRIPT_SHA}'") < windows.index("| & $s")
+    assert f"'{KEY}' | & $s -Receiver 'https://coord.lab:8445' -HostId 'ws-2' -HostKeyFile - " \
+           f"-ZipappSha256 {SHA} }}" in windows and windows.count(KEY) == 1
+    assert "-Scope Process" in windows and "finally { Remove-Item -LiteralPath $s" in windows
+    script = (ROOT / "cis490fleet" / "windows" / "install-worker.ps1").read_text()
     for param in ("$Receiver", "$HostId", "$HostKeyFile", "$ZipappSha256", "[switch]$Insecure"):
         assert param in script, param
-    plain = enroll_commands("http://coord.lab:8445", "ws-2", KEY, SHA)
-    assert plain["windows"].endswith(" -Insecure") and "--proto" not in plain["linux"]
+    plain = enroll_commands("http://coord.lab:8445", "ws-2", KEY, SHA, SCRIPT_SHA)
+    assert " -Insecure }" in plain["windows"] and "--proto" not in plain["linux"]
 
 
 @pytest.mark.parametrize("receiver, host, key, sha, says", [
@@ -103,13 +109,16 @@ def test_https_receiver_restricts_curl_to_https_and_windows_line_uses_the_script
     ("https://c:1", "ws1", KEY.upper(), SHA, "host key"),
     ("https://c:1", "ws1", KEY + "'$(id)'", SHA, "host key"),
     ("https://c:1", "ws1", KEY, SHA.upper(), "sha256"),
+    ("https://c:1", "ws1", KEY, SHA + "'; iex", "sha256"),
 ])
 def test_values_a_shell_would_misread_are_refused(receiver, host, key, sha, says):
     with pytest.raises(errors.BadRequest, match=says):
-        enroll_commands(receiver, host, key, sha)
+        enroll_commands(receiver, host, key, sha, SCRIPT_SHA)
+    with pytest.raises(errors.BadRequest, match=says):
+        enroll_commands(receiver, host, key, SHA, sha)
 
 
 def test_linux_line_never_puts_the_key_in_an_argument_vector():
-    line = enroll_commands("https://coord.lab:8445", "ws1", KEY, SHA)["linux"]
+    line = enroll_commands("https://coord.lab:8445", "ws1", KEY, SHA, SCRIPT_SHA)["linux"]
     # The only place the key appears is the argument of the shell's built-in printf.
     assert line.count(KEY) == 1 and f"printf '%s\\n' {KEY} | sudo " in line

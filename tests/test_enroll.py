@@ -431,7 +431,7 @@ def test_windows_layout_staged_from_linux(tmp_path, pyz, capsys):
 
 
 def test_install_script_has_the_documented_parameters():
-    text = (ROOT / "windows" / "install-worker.ps1").read_text()
+    text = (ROOT / "cis490fleet" / "windows" / "install-worker.ps1").read_text()
     for needle in ("[string[]]$Receiver", "[string]$HostId", "[string]$Account", "[switch]$Uninstall",
                    "-RestartCount", "-RestartInterval", "-AtStartup", "Register-ScheduledTask",
                    "Unregister-ScheduledTask", "'cis490fleet-worker'", "work --config"):
@@ -440,7 +440,7 @@ def test_install_script_has_the_documented_parameters():
 
 @pytest.mark.skipif(not shutil.which("pwsh"), reason="PowerShell (pwsh) is not installed on this host")
 def test_install_script_parses_in_powershell():
-    script = ROOT / "windows" / "install-worker.ps1"
+    script = ROOT / "cis490fleet" / "windows" / "install-worker.ps1"
     command = ("$errs = $null; [System.Management.Automation.Language.Parser]::ParseFile("
                f"'{script}', [ref]$null, [ref]$errs) | Out-Null; "
                "if ($errs) { $errs | ForEach-Object { $_.ToString() }; exit 1 }")
@@ -806,7 +806,7 @@ def test_windows_secrets_get_their_acl_before_a_byte_is_written(tmp_path, pyz, c
 
 
 def test_install_script_pins_the_zipapp_and_restricts_the_key_before_writing_it():
-    text = (ROOT / "windows" / "install-worker.ps1").read_text()
+    text = (ROOT / "cis490fleet" / "windows" / "install-worker.ps1").read_text()
     assert "x-content-sha256" not in text  # a header of the same response proves nothing
     assert "$actual -ne $ZipappSha256.ToLowerInvariant()" in text
     assert "-not $Insecure" in text and "^http://" in text

@@ -16,9 +16,11 @@ import socket
 import threading
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 
+import cis490fleet
 from cis490fleet import errors, http_api, model, openapi
 from conftest import OPERATOR_TOKEN, Conn, http_call, manifest_toml, signed
 
@@ -520,6 +522,17 @@ def test_zipapp_built_from_the_sources_is_served_with_its_sha(srv):
         names = zf.namelist()
     assert "__main__.py" in names and "cis490fleet/http_api.py" in names
     assert srv.call("GET", "/v1/zipapp")[2] == body  # built once, then the same bytes
+
+
+def test_the_windows_installer_is_served_with_its_sha_and_pinned_in_the_enroll_commands(srv):
+    status, headers, body = srv.call("GET", "/v1/install-worker.ps1")
+    shipped = (Path(cis490fleet.__file__).parent / "windows" / "install-worker.ps1").read_bytes()
+    assert status == 200 and body == shipped and headers["content-type"].startswith("text/plain")
+    assert headers["x-content-sha256"] == hashlib.sha256(shipped).hexdigest()
+    status, _, added = srv.call("POST", "/v1/hosts", {"host": "ws9"}, {"x-operator-token": OPERATOR_TOKEN})
+    assert status == 201, added
+    assert f"-ne '{headers['x-content-sha256']}'" in added["enroll"]["windows"]
+    assert "/v1/install-worker.ps1" in added["enroll"]["windows"]
 
 
 # -- operator endpoints ----------------------------------------------------------------------------

@@ -66,11 +66,11 @@ def test_only_package_sources_and_assets_inside(pyz):
         assert name == "__main__.py" or name.startswith("cis490fleet/"), name
         assert "__pycache__" not in name and not name.endswith((".pyc", ".pyo")), name
         assert not name.split("/")[-1].startswith("test_") and "/tests/" not in name, name
-        if not name.startswith(("cis490fleet/static/", "cis490fleet/data/")):
+        if not name.startswith(tuple(f"cis490fleet/{folder}/" for folder in zipbuild.ASSET_DIRS)):
             assert name.endswith(".py"), name
     expected = {f"cis490fleet/{p.name}" for p in package.glob("*.py") if p.name != "_build.py"}
     assert expected <= names
-    for folder in ("static", "data"):
+    for folder in zipbuild.ASSET_DIRS:
         assets = {f"cis490fleet/{folder}/{p.relative_to(package / folder).as_posix()}"
                   for p in (package / folder).rglob("*")
                   if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")}
