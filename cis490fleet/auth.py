@@ -132,23 +132,25 @@ def _verify_signature(req, trust: Trust, key_of) -> Identity | None:
     host = signed.kind == "host"
     signing.verify(key, signed, req.method, req.handler.path, signed_body_sha(req), now,
                    values=values[_FIRST_SIGNED:], ahead=signing.HOST_AHEAD_S if host else None)
-    if host and req.method == "POST" and not (values[_CLIENT_ID] and values[_CLIENT_SERIAL]):  # _replay_would_act
+    if host and _replay_would_act(req.method, bool(values[_CLIENT_ID] and values[_CLIENT_SERIAL])):
         signing.check_not_before(signed.signer, signed.timestamp, trust.host_not_before(getattr(req.app, "replicator", None)))
     trust.remember(signed.signer, signed.nonce, signed.timestamp, now)
     return Identity(signed.kind, signed.name)
 
 
-def _has_session(req) -> bool:
+def has_session(req) -> bool:
+    """Whether the request carries a client session (x-client-id + x-client-serial), which the queue applies once
+    and answers alike when repeated."""
     return bool(req.header("x-client-id") and req.header("x-client-serial"))
 
 
-def _replay_would_act(req) -> bool:
+def _replay_would_act(method: str, session: bool) -> bool:
     """Whether a replay of this request, if accepted, could change anything: a POST without a client session.
     A read changes nothing, an upload stores the same bytes under their sha256 again, and the queue applies a
     session's serial once and answers a repeat as the first time, in a record that survives restarts and
     leader changes; so only these need the time floor (``Trust.host_not_before``) once the in-memory nonces
     are gone."""
-    return req.method == "POST" and not _has_session(req)
+    return method == "POST" and not session
 
 
 def _peer_cert_names(app) -> set[str]:
@@ -176,8 +178,10 @@ def identify(req) -> Identity:
     if from_peer:
         asserted = req.header(H_IDENTITY)
         if asserted:
-            floor = trust.host_not_before(getattr(app, "replicator", None)) if _replay_would_act(req) else None
-            return _forwarded_identity(trust, asserted, req.header(H_CLIENT_NONCE), _has_session(req), floor)
+            session = has_session(req)
+            floor = trust.host_not_before(getattr(app, "replicator", None)) \
+                if _replay_would_act(req.method, session) else None
+            return _forwarded_identity(trust, asserted, req.header(H_CLIENT_NONCE), session, floor)
         return signer or Identity("peer", req.peer_host)
     if signer is not None:
         if req.peer_host is not None and req.peer_host != signer.name:

@@ -781,7 +781,7 @@ _upstreams = threading.local()  # per handler thread: leader URL -> kept-alive c
 def _repeatable(req: Request) -> bool:
     """A request the leader may see twice without harm: a read, or a write of a client session
     (x-client-id + x-client-serial), which the queue applies once and answers alike."""
-    return req.method in ("GET", "HEAD") or bool(req.header("x-client-id") and req.header("x-client-serial"))
+    return req.method in ("GET", "HEAD") or auth.has_session(req)
 
 
 def _upstream_conn(url: str, context, reuse: bool) -> tuple[http.client.HTTPConnection, bool]:

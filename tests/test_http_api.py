@@ -73,6 +73,8 @@ def test_health_reports_role_counts_and_version(srv):
     assert body["leader"] == body["node_id"] == "test-node"
     assert body["jobs"]["pending"] == 3 and body["peers"] == []
     assert body["version"]
+    schema = openapi.document()["paths"]["/v1/health"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert set(body) <= set(schema["properties"]) and set(schema["required"]) <= set(body)
 
 
 def test_openapi_lists_every_route_and_nothing_else(srv):

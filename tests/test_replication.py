@@ -24,7 +24,7 @@ from test_e2e import manifest as e2e_manifest
 import test_e2e
 from test_e2e import jobs_cli, slow_job, wait_for
 
-from cis490fleet import auth, errors
+from cis490fleet import auth, errors, openapi
 from cis490fleet.coordinator import Coordinator
 from cis490fleet.replication import cluster_id, parse_peer
 
@@ -161,6 +161,10 @@ def test_health_shows_role_term_leader_and_each_peer_s_lag(group):
     assert set(rows) == {"a", "b", "c"}
     for pid in set(rows) - {leader}:
         assert rows[pid]["lag"] >= 0 and rows[pid]["match"] <= lh["last_index"]
+    schema = openapi.document()["paths"]["/v1/health"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    for answer in (h, lh):
+        assert set(answer) <= set(schema["properties"]), "health says more than /v1/openapi.json documents"
+        assert set(schema["required"]) <= set(answer)
 
 
 def test_an_upload_through_a_follower_lands_on_a_majority_before_it_is_acknowledged(group):
