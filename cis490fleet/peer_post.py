@@ -75,12 +75,12 @@ class PeerConnection:
 
     def post(self, path: str, body: bytes, headers: dict[str, str]) -> Answer:
         """Send one POST and read its answer; PeerHTTPError (the connection is then closed) on any failure."""
-        if self._sock is None:
-            self._open()
         lines = [f"POST {path} HTTP/1.1", f"Host: {self._host_header}", f"Content-Length: {len(body)}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         try:
+            head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+            if self._sock is None:
+                self._open()
             self._sock.sendall(head + body)
             return self._read_answer()
         except (OSError, ValueError) as err:

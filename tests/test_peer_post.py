@@ -113,3 +113,10 @@ def test_a_silent_peer_times_out(server):
         assert not conn.connected
     finally:
         listener.close()
+
+
+def test_a_header_that_cannot_go_on_the_wire_is_an_error_not_a_crash(server):
+    conn = peer_post.PeerConnection(server, None, 5.0)
+    with pytest.raises(peer_post.PeerHTTPError, match="UnicodeEncodeError"):
+        conn.post("/p", b"x", {"x-name": "\u2603"})
+    assert conn.post("/p", b"fine", {}).body == b"echo:fine"
