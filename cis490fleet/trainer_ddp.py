@@ -76,6 +76,9 @@ def _rank(rank: int, world: int, port: int, job: "trainer.Job", cuda: bool, done
         code = _fit(torch, dist, rank, world, job, device, stop)
         if rank == 0:
             done.put(code)
+        # Every rank leaves the group together: a rank that tore its gloo context down while rank 0 was still
+        # saving was seen to abort ("terminate called without an active exception") on a busy host.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
