@@ -580,7 +580,9 @@ def test_the_results_view_ranks_completed_jobs_and_downloads_its_csv(browser, li
     assert "lr" in results.locator("thead").inner_text()
 
     results.locator('th[data-metric="val_accuracy"] button').click()
-    wait_for("ranked by accuracy, higher first", lambda: names() == api_names("sort=val_accuracy") == ["lr-1", "lr-0"])
+    # The order is the same as by val_loss: wait for the header too, or the next click can land on the old one.
+    wait_for("ranked by accuracy, higher first", lambda: names() == api_names("sort=val_accuracy") == ["lr-1", "lr-0"]
+             and results.locator('th[data-metric="val_accuracy"]').get_attribute("aria-sort") == "descending")
     results.locator('th[data-metric="val_accuracy"] button').click()
     wait_for("the other way round", lambda: names() == api_names("sort=val_accuracy&order=min") == ["lr-0", "lr-1"])
     assert results.locator('th[data-metric="val_accuracy"]').get_attribute("aria-sort") == "ascending"
