@@ -111,10 +111,6 @@ _CLIENT_ID = signing.SIGNATURE_AND_SIGNED.index("x-client-id")
 _CLIENT_SERIAL = signing.SIGNATURE_AND_SIGNED.index("x-client-serial")
 
 
-def _signed_headers(req) -> dict[str, str]:
-    return {name: req.header(name) or "" for name in signing.SIGNED_HEADERS}
-
-
 def _verify_signature(req, trust: Trust, key_of) -> Identity | None:
     """The signer of a signed request (host or peer), checked: signature, time window, then nonce."""
     values = req.headers.stripped(signing.SIGNATURE_AND_SIGNED)
@@ -231,12 +227,13 @@ def forward_headers(req, identity: Identity, node_id: str, body_sha: str | None 
     (the leader checks it before believing the identity)."""
     out = {"x-lab-host": identity.name} if identity.kind == "host" else {}
     out[H_IDENTITY] = str(identity)
-    signed = signing.parse(req.header) if identity.kind == "host" else None
+    values = req.headers.stripped(signing.SIGNATURE_AND_SIGNED)
+    signed = signing.parse_values(values) if identity.kind == "host" else None
     if signed is not None:
         out[H_CLIENT_NONCE] = f"{signed.nonce} {signed.timestamp}"
     key = req.app.trust.cluster_key
     if key is not None:
-        headers = {**_signed_headers(req), "x-lab-host": "", **out}
+        headers = {**dict(zip(signing.SIGNED_HEADERS, values[_FIRST_SIGNED:])), "x-lab-host": "", **out}
         body_sha = body_sha or signed_body_sha(req)
         out.update(signing.signature_headers(key, f"peer/{node_id}", req.method, req.handler.path, body_sha,
                                              time.time(), tokens.token_hex(16), headers))

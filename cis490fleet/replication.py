@@ -684,9 +684,7 @@ class Replicator:
             if rd is None:
                 break
             for msg in rd.early:
-                sender = self._sender(msg["to"])
-                if sender is not None:
-                    sender.offer(msg)
+                self._offer(msg)
             self.raft_store.save(rd.hard_state, rd.entries, rd.snapshot)
             self._sync_members()
             for msg in rd.messages:
@@ -694,9 +692,7 @@ class Replicator:
                 if ans is not None:
                     ans.messages.append(msg)
                     continue
-                sender = self._sender(msg["to"])
-                if sender is not None:
-                    sender.offer(msg)
+                self._offer(msg)
             if rd.snapshot is not None:
                 self._begin_install(rd.snapshot)
             if rd.committed_entries:
@@ -746,9 +742,7 @@ class Replicator:
                     ans.done.set()
                     continue
             for msg in ans.messages:
-                sender = self._sender(msg["to"])
-                if sender is not None:
-                    sender.offer(msg)
+                self._offer(msg)
 
     def _sync_members(self) -> None:
         """Driver thread: follow the configuration in effect (its URLs, ``peers``, ``cluster``), stop the senders
@@ -770,11 +764,14 @@ class Replicator:
         for pid in [p for p in self._senders if p not in members]:
             self._senders.pop(pid).box.put(None)
 
-    def _sender(self, pid: str) -> _Sender | None:
+    def _offer(self, msg: dict) -> None:
+        """Hand ``msg`` to its peer's sender, started on first use (none while stopped or the peer has no URL)."""
+        pid = msg["to"]
         sender = self._senders.get(pid)
         if sender is None and self._started and not self._closed and self.urls.get(pid):
             sender = self._senders[pid] = _Sender(self, pid, self.urls[pid])
-        return sender
+        if sender is not None:
+            sender.offer(msg)
 
     def change_membership(self, change, what: str) -> dict:
         """Run ``change(node) -> index`` (``add_learner`` or ``remove_member``) on the leader's driver, then
