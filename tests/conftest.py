@@ -20,7 +20,9 @@ signing ``Client``; ``host_key_for(url, host)`` gives a worker its key.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import http.server
 import json
 import os
 import signal
@@ -549,3 +551,16 @@ def keeps_the_gil(call, times: int = 20_000, within_s: float = 0.3) -> bool:
         spinner.join()
     assert took < interval / 2 or after != before, "the calls outlasted the switch interval: no answer"
     return after == before
+
+
+@contextlib.contextmanager
+def loopback_http(handler: type):
+    """A real ``http.server`` with ``handler`` on 127.0.0.1, serving on a thread: yields its URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

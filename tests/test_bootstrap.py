@@ -6,13 +6,13 @@ import hashlib
 import http.server
 import shutil
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 
 from cis490fleet import errors
 from cis490fleet.bootstrap import enroll_commands
+from conftest import loopback_http
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "0123456789abcdef" * 4  # what `jobs hosts add` prints: 64 hex digits
@@ -36,12 +36,8 @@ def zipapp_server():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with loopback_http(Handler) as url:
+        yield url
 
 
 def run_linux_line(line: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import http.server
 import socket
-import threading
 
 import pytest
 
 from cis490fleet import peer_post
+from conftest import loopback_http
 
 
 class Recorder(http.server.BaseHTTPRequestHandler):
@@ -52,12 +52,8 @@ class Recorder(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     Recorder.connections, Recorder.requests, Recorder.mode = [], [], "echo"
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with loopback_http(Recorder) as url:
+        yield url
 
 
 def test_posts_travel_on_one_kept_alive_connection_with_their_headers(server):
