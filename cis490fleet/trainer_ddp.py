@@ -81,6 +81,11 @@ def _rank(rank: int, world: int, port: int, job: "trainer.Job", cuda: bool, done
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown: gloo's threads can still be joinable when C++ destroys its
+    # statics, and the process then aborts ("terminate called without an active exception") after finishing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _fit(torch, dist, rank: int, world: int, job: "trainer.Job", device, stop) -> int:
